@@ -1,0 +1,47 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= $(HOME)/.cache/cellray-data
+FETCH := ../shared/data/fetch_real.sh
+DEMO_STORE ?= data/demo.store
+PYTEST_ARGS ?=
+
+.PHONY: env test demo bench peers clean
+
+env: $(VENV)/.installed
+
+# torch first, so the project's `torch>=...` is already met and pip pulls no other build:
+# a CPU-only machine gets the CPU wheel (from the local wheel cache, else PyTorch's CPU index);
+# a machine with an NVIDIA driver gets the default (CUDA) wheel from PyPI.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	     $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+test: env
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# annbatch needs Python >= 3.12 (cellray runs on 3.10+): the peers get their own venv, used by bench/ only.
+peers: $(VENV)-peers/.installed
+$(VENV)-peers/.installed:
+	$$(command -v python3.13 || command -v python3.12) -m venv $(VENV)-peers
+	$(VENV)-peers/bin/pip install -q annbatch zarrs psutil
+	touch $@
+
+demo: env
+	@mkdir -p data
+	@if [ -x $(FETCH) ] || [ -f $(FETCH) ]; then bash $(FETCH) $(DATA); \
+	 else $(BIN)/cellray synth --out $(DATA)/synthetic.h5ad; fi
+	@inputs=$$(ls $(DATA)/kang_ctrl.h5ad $(DATA)/kang_stim.h5ad 2>/dev/null || ls $(DATA)/synthetic.h5ad); \
+	 $(BIN)/cellray ingest $$inputs --out $(DEMO_STORE) --overwrite
+	$(BIN)/cellray verify $(DEMO_STORE)
+	$(BIN)/cellray info $(DEMO_STORE)
+
+clean:
+	rm -rf data runs bench/out

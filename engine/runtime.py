@@ -1,0 +1,68 @@
+"""Where cellray's Ray work runs: the cluster at `address`, or an embedded local Ray started on demand."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
+    """Connect to Ray unless already connected. Returns True when this call started/connected it.
+
+    `address=None` starts a fresh embedded Ray bound to 127.0.0.1 (``address="local"`` never attaches to a
+    stale cluster left in /tmp/ray). Any other address connects there and ships this project as the
+    job's working_dir so every node imports the same engine/models/jobs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",  # bind nothing beyond loopback unless the user points at a cluster
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            object_store_memory=_local_object_store_bytes(),
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(
+            address=address,
+            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": [".venv*", "data", "runs", ".git", "bench/out"]},
+            logging_level=logging.WARNING,
+        )
+    log.info("ray ready: %s", ray.cluster_resources())
+    return True
+
+
+def _local_object_store_bytes() -> int:
+    """A modest object store for an embedded Ray: cellray streams, so it never needs 30% of RAM."""
+    import psutil
+
+    env = os.environ.get("CELLRAY_OBJECT_STORE_MB")
+    if env:
+        return int(env) * 2**20
+    return int(min(2 * 2**30, max(512 * 2**20, psutil.virtual_memory().total * 0.1)))
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Use Ray for the duration of a command; shut it down afterwards only if this started it."""
+    import ray
+
+    started = init_ray(address, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,78 @@
+"""Shared fixtures: one embedded Ray for the whole session, tiny inputs and stores in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+# Ray Train's controller polls workers; a short interval keeps 2-worker tests fast.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+SHARED_DATA_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fetch_real.sh"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 4 logical CPUs (readers and 2 trainers must fit on 2 cores at once)."""
+    import ray
+
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        logging_level="WARNING",
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory) -> Path:
+    """The real datasets of ../shared/data/fetch_real.sh (Kang PBMC, pbmc68k_reduced), fetched once."""
+    dest = Path(os.environ.get("CELLRAY_DATA", Path.home() / ".cache" / "cellray-data"))
+    if not SHARED_DATA_SCRIPT.exists():
+        pytest.skip(f"{SHARED_DATA_SCRIPT} not found: real datasets unavailable on this machine")
+    subprocess.run(["bash", str(SHARED_DATA_SCRIPT), str(dest)], check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_h5ads(tmp_path_factory) -> list[Path]:
+    """Three small h5ad files with overlapping vocabularies and obs columns, as real inputs would have."""
+    from engine.synthetic import synthetic_counts
+
+    d = tmp_path_factory.mktemp("inputs")
+    paths = []
+    for i, (n_cells, n_genes) in enumerate([(700, 300), (450, 280), (333, 300)]):
+        a = synthetic_counts(n_cells, n_genes, nnz_per_cell=40, seed=i, dataset=f"ds{i}")
+        a.var_names = [f"ENSG{g + 10 * i:011d}" for g in range(n_genes)]  # shifted: partial overlap
+        if i == 2:
+            del a.obs["batch"]  # a column missing from one input
+        p = d / f"ds{i}.h5ad"
+        a.write_h5ad(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
+    """The three tiny inputs ingested (union vocabulary, shuffled, 4+ shards)."""
+    from engine.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("stores") / "tiny.store"
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch")))
+    return out
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
