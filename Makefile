@@ -39,7 +39,7 @@ demo: env
 	@if [ -x $(FETCH) ] || [ -f $(FETCH) ]; then bash $(FETCH) $(DATA); \
 	 else $(BIN)/cellray synth --out $(DATA)/synthetic.h5ad; fi
 	@inputs=$$(ls $(DATA)/kang_ctrl.h5ad $(DATA)/kang_stim.h5ad 2>/dev/null || ls $(DATA)/synthetic.h5ad); \
-	 $(BIN)/cellray ingest $$inputs --out $(DEMO_STORE) --overwrite
+	 $(BIN)/cellray ingest $$inputs --out $(DEMO_STORE) --shard-size 4000 --overwrite
 	$(BIN)/cellray verify $(DEMO_STORE)
 	$(BIN)/cellray info $(DEMO_STORE)
 

@@ -14,6 +14,7 @@ ingest leaves nothing at `out`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -55,13 +56,17 @@ class IngestConfig:
     shuffle: bool = True
     seed: int = 0
     shard_cells: int | None = None  # cells per shard; default derived from shard_bytes
-    shard_bytes: int = 256 * 2**20  # uncompressed bytes of X per shard (data + indices)
+    shard_bytes: int = 128 * 2**20  # uncompressed bytes of X per shard (data + indices)
     read_cells: int = 8192  # cells per read in the scatter pass
     allow_non_integer: bool = False
     overwrite: bool = False
     codec: Codec = field(default_factory=Codec)
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     address: str | None = None  # Ray cluster; None = embedded local Ray
+    # "ray": tasks on Ray; "local": the same tasks one after another in this process (no Ray start-up);
+    # "auto": local for inputs under local_max_bytes of X unless Ray is already running or an address is given
+    executor: str = "auto"
+    local_max_bytes: int = 512 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -416,7 +421,6 @@ def ingest(
     progress=None,
 ) -> Store:
     """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring."""
-    import ray
     import zarr
 
     from engine.runtime import ray_session
@@ -460,37 +464,38 @@ def ingest(
         s.close()
     log.info("ingest %d cells x %d genes from %d input(s) into %d shard(s)", n_total, len(gene_ids), len(sources), n_shards)
 
+    executor = config.executor
+    if executor == "auto":
+        import ray
+
+        small = nnz_est * (4 + index_dtype.itemsize) < config.local_max_bytes
+        executor = "local" if small and config.address is None and not ray.is_initialized() else "ray"
+    if executor not in ("ray", "local"):
+        raise InputError(f"executor {config.executor!r}: expected auto, ray or local")
+    log.info("executor: %s", executor)
+
     tmp = temporary_sibling(out.resolve())
     scatter_dir = tmp / "_scatter"
     scatter_dir.mkdir(parents=True)
     try:
-        with ray_session(config.address):
+        with ray_session(config.address) if executor == "ray" else contextlib.nullcontext():
             # one scatter task per ~shard of input rows: enough parallelism, few bucket files
-            scatter = ray.remote(num_cpus=1, max_retries=0)(scatter_range)
-            refs, offset = [], 0
+            calls, offset = [], 0
             for i, s in enumerate(sources):
                 for a in range(0, s.n_obs, shard_cells):
                     b = min(s.n_obs, a + shard_cells)
-                    refs.append(
-                        scatter.remote(
-                            str(s.path), config.layer, i, a, b, offset, obs_frames[i].iloc[a:b],
-                            gene_maps[i], len(gene_ids), n_total, shard_cells, str(scatter_dir), cfg,
-                        )
-                    )
+                    calls.append((str(s.path), config.layer, i, a, b, offset, obs_frames[i].iloc[a:b],
+                                  gene_maps[i], len(gene_ids), n_total, shard_cells, str(scatter_dir), cfg))
                 offset += s.n_obs
-            results = _gather(refs, "scatter", progress)
+            results = _run_all(scatter_range, calls, "scatter", progress, executor)
             integer = all(r["integer"] for r in results)
             max_value = max(r["max_value"] for r in results)
             count_dtype = (smallest_uint(int(max_value)) if integer else np.dtype(np.float32))
             if count_dtype.itemsize < 2:
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-            write = ray.remote(num_cpus=1, max_retries=0)(write_bucket)
-            wrefs = [
-                write.remote(str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg)
-                for k in range(n_shards)
-            ]
-            written = _gather(wrefs, "write", progress)
+            calls = [(str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg) for k in range(n_shards)]
+            written = _run_all(write_bucket, calls, "write", progress, executor)
         shutil.rmtree(scatter_dir, ignore_errors=True)
         shards: list[ShardInfo] = [w["info"] for w in written]
         manifest = Manifest(
@@ -521,13 +526,24 @@ def ingest(
     return store
 
 
-def _gather(refs: list, stage: str, progress) -> list:
-    """Wait for Ray tasks in order, reporting progress; unwrap the first error so it reads as the user's error."""
+def _run_all(fn, calls: list[tuple], stage: str, progress, executor: str) -> list:
+    """Run fn(*args) for each call, as Ray tasks or in this process, reporting progress; results in call order.
+
+    A task's InputError is re-raised as itself, so the user reads the message, not a Ray traceback.
+    """
+    progress(stage, 0, len(calls))
+    if executor == "local":
+        out = []
+        for args in calls:
+            out.append(fn(*args))
+            progress(stage, len(out), len(calls))
+        return out
     import ray
 
+    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+    refs = [remote.remote(*args) for args in calls]
     done: dict = {}
     pending = list(refs)
-    progress(stage, 0, len(refs))
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for r in ready:
@@ -536,9 +552,8 @@ def _gather(refs: list, stage: str, progress) -> list:
             except ray.exceptions.RayTaskError as e:
                 for p in pending:
                     ray.cancel(p)
-                cause = e.cause
-                if isinstance(cause, InputError):
-                    raise InputError(cause.args[0]) from None
+                if isinstance(e.cause, InputError):
+                    raise InputError(e.cause.args[0]) from None
                 raise
         progress(stage, len(done), len(refs))
     return [done[r] for r in refs]

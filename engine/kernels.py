@@ -383,6 +383,9 @@ def normalized_log_bins(indptr, indices, data, target, log_width, out_keys):
         f = _row_factor(indptr, indices, data, indices, False, False, i, target)
         for j in range(indptr[i], indptr[i + 1]):
             v = np.float32(np.float64(np.float32(data[j])) / f)
+            if v <= 0:  # an explicitly stored zero is not a non-zero value
+                out_keys[j] = -1
+                continue
             b = np.int64(np.floor(np.log(np.float64(v)) / log_width)) + 2147483648
             out_keys[j] = (np.int64(indices[j]) << 32) | b
     return out_keys

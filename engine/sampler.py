@@ -29,6 +29,7 @@ cumulative sum over blocks.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -147,6 +148,7 @@ class BufferPlan:
     split: str
     val_fraction: float
     balance: dict[str, Any] | None = None  # {"key": obs column, "weights": float64 array indexed by code}
+    remainder: str = "drop"
 
     @property
     def n_cells(self) -> int:
@@ -193,6 +195,14 @@ class Sampler:
         self.batches_done = 0
         self._cache: dict[int, _Epoch] = {}
 
+    def for_rank(self, rank: int) -> Sampler:
+        """The same plan seen by another rank, sharing the O(blocks) tables and the epoch cache."""
+        if not 0 <= rank < self.world_size:
+            raise SamplerError(f"rank {rank} is outside world_size {self.world_size}")
+        other = copy.copy(self)
+        other.rank, other.epoch, other.batches_done = rank, 0, 0
+        return other
+
     # -- blocks
     def blocks(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Block ids -> (shard, start, stop) cell ranges within the shard."""
@@ -222,7 +232,8 @@ class Sampler:
             order = order[self.block_counts[order] > 0]
             cum = np.zeros(len(order) + 1, dtype=np.int64)
             np.cumsum(self.block_counts[order], out=cum[1:])
-            self._cache = {epoch: _Epoch(order, cum)}  # keep one epoch: O(blocks)
+            self._cache.clear()  # keep one epoch: O(blocks); shared with for_rank() views
+            self._cache[epoch] = _Epoch(order, cum)
         return self._cache[epoch]
 
     def rank_range(self, rank: int | None = None) -> tuple[int, int]:
@@ -277,6 +288,7 @@ class Sampler:
             split=c.split,
             val_fraction=c.val_fraction,
             balance=self.balance,
+            remainder=c.remainder,
         )
 
     def _pieces(self, ep: _Epoch, x0: int, x1: int, pad: bool) -> list[tuple[int, ...]]:

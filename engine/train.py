@@ -65,9 +65,12 @@ class TrainResult:
 
 
 def resolve_model_config(spec, store) -> dict[str, Any]:
-    """The spec's model config with the data-dependent sizes filled in from the store (and the transforms)."""
+    """The spec's model config with the data-dependent sizes filled in from the store and the transforms."""
+    from jobs.spec import build_pipeline
+
     name, cfg = spec.model.name, dict(spec.model.config)
-    width = output_width(spec, store)
+    pipeline = build_pipeline(spec, store)
+    width = pipeline.n_genes_out if pipeline is not None else store.n_genes
     schema = store.manifest.obs_schema
 
     def n_categories(key: str, where: str) -> int:
@@ -75,27 +78,24 @@ def resolve_model_config(spec, store) -> dict[str, Any]:
             raise TrainError(f"{spec.where(where)}: obs column {key!r} is not categorical in {store.path}")
         return len(schema[key]["categories"]) + 1  # +1: a slot for missing values
 
-    if name in ("vae", "transformer") and not cfg.get("n_genes"):
-        cfg["n_genes"] = width
-    if name == "vae" and cfg.get("batch_key") and not cfg.get("n_batch"):
-        cfg["n_batch"] = n_categories(cfg["batch_key"], "model.config.batch_key")
+    if name == "vae":
+        cfg["n_genes"] = cfg.get("n_genes") or width
+        if cfg.get("batch_key") and not cfg.get("n_batch"):
+            cfg["n_batch"] = n_categories(cfg["batch_key"], "model.config.batch_key")
+    if name == "transformer":
+        tokeniser = pipeline and (pipeline.binning or pipeline.rank)
+        offset = int(tokeniser.params["offset"]) if tokeniser else 0
+        cfg["n_genes"] = cfg.get("n_genes") or width + offset  # token ids are vocabulary positions + the tokeniser's offset
+        if pipeline is not None and pipeline.binning is not None:
+            cfg.setdefault("n_bins", int(pipeline.binning.params["n_bins"]))
+            cfg.setdefault("input", "binned")
+        if pipeline is not None and pipeline.rank is not None:
+            cfg.setdefault("input", "rank")
     if name == "probe":
-        cfg.setdefault("n_input", width)
+        cfg["n_input"] = cfg.get("n_input") or width
         if not cfg.get("n_classes"):
             cfg["n_classes"] = n_categories(cfg.get("label_key", "cell_type"), "model.config.label_key")
     return dataclasses.asdict(models.make_config(name, cfg))
-
-
-def output_width(spec, store) -> int:
-    """Genes per cell after the transforms (the store's vocabulary when they keep every gene)."""
-    from jobs.spec import build_pipeline
-
-    pipeline = build_pipeline(spec, store)
-    for attr in ("n_genes_out", "n_out", "n_genes"):
-        n = getattr(pipeline, attr, None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return store.n_genes
 
 
 def check_resources(spec) -> None:
@@ -366,10 +366,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _make_loader(cfg: dict, rank: int, world: int, split: str, mode: str):
+def _make_loader(cfg: dict, rank: int, world: int, split: str, ray_readers: bool):
+    """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
     from engine.loader import Loader
 
-    d = cfg["spec"]["data"]
+    d, r = cfg["spec"]["data"], cfg["spec"]["resources"]
+    readers = r["readers_per_worker"]
     return Loader(
         cfg["store"],
         batch_size=d["batch_size"],
@@ -377,7 +379,9 @@ def _make_loader(cfg: dict, rank: int, world: int, split: str, mode: str):
         seed=d["seed"],
         rank=rank,
         world_size=world,
-        mode=mode,
+        mode="ray" if ray_readers and readers > 0 else "local",
+        num_workers=max(1, readers),
+        reader_cpus=r["cpus_per_reader"],
         obs_keys=tuple(d["obs_keys"]),
         split=split,
         val_fraction=d["val_fraction"],
@@ -395,7 +399,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     spec, t = cfg["spec"], cfg["spec"]["train"]
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     use_bf16 = device.type == "cuda" and t["precision"] in ("auto", "bf16")
-    mode = "ray" if world > 1 and ray.is_initialized() else "local"
+    ray_readers = ray.is_initialized() and ctx.get_world_size() >= 1 and not _local_mode(ctx)
 
     torch.manual_seed(t["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     name = spec["model"]["name"]
@@ -409,8 +413,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t["lr"], fused=device.type == "cuda",
     )
-    loader = _make_loader(cfg, rank, world, "train", mode)
-    val_loader = _make_loader(cfg, rank, world, "val", "local") if spec["data"]["val_fraction"] > 0 else None
+    loader = _make_loader(cfg, rank, world, "train", ray_readers)
+    # validation is small: read it with threads, not another set of reader actors
+    val_loader = _make_loader(cfg, rank, world, "val", False) if spec["data"]["val_fraction"] > 0 else None
     accum = t["grad_accum"]
     total_steps = t["max_steps"]
     if t["epochs"]:
@@ -435,7 +440,11 @@ def train_loop_per_worker(cfg: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(own["loader"])
         _set_rng_state(own["rng"])
-        step, epoch, resumed_in_epoch = state["step"], own["epoch"], True
+        pos = loader.state_dict()
+        step, epoch = state["step"], pos["epoch"]
+        resumed_in_epoch = pos["batches_done"] < len(loader)
+        if not resumed_in_epoch:  # the checkpoint closed an epoch
+            epoch += 1
         log.info("rank %d resumed at step %d (epoch %d)", rank, step, epoch)
 
     trace = _Trace(cfg.get("trace_dir"), rank)
@@ -491,7 +500,15 @@ def train_loop_per_worker(cfg: dict) -> None:
             # the epochs ran out before max_steps: report and checkpoint where training stopped
             metrics = window.summary(world, step, epoch, scheduler.get_last_lr()[0])
             _report(cfg, rank, metrics, True, model, optimizer, scheduler, loader, step, epoch)
+    loader.close()
+    if val_loader is not None:
+        val_loader.close()
     trace.final(model)
+
+
+def _local_mode(ctx) -> bool:
+    """Ray Train local mode (resources.workers == 0) runs the loop in the driver process."""
+    return type(ctx).__name__.lower().startswith("local")
 
 
 class _Window:

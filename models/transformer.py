@@ -2,7 +2,8 @@
 
 A cell is a set of (gene token, value) pairs. The batch carries them as the loader's kernels produce them:
 
-- ``genes``: int64 (B, L) gene ids in the model vocabulary, negative = padding;
+- ``genes``: int64 (B, L) gene ids in the model vocabulary; padding is a negative id, or every position past
+  ``lengths`` (B,) when the batch has it (engine.transforms rank_tokens);
 - ``values``: (B, L) value bins in [0, n_bins) (bin 0 = zero), used when ``input == "binned"``;
 - ``mask``: bool (B, L), True where the value (binned) or the gene token (rank) is hidden and predicted.
   When the batch has no mask, one is drawn here with ``mask_ratio`` (torch RNG, so seeded runs repeat).
@@ -96,21 +97,33 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model)
 
     # -- inputs
-    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(genes, values) truncated to max_len; genes < 0 are padding."""
+    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(genes, values, mask) of at most max_len tokens per cell; genes < 0 are padding."""
+        c = self.config
+        mask = batch.get("mask")
         if "genes" in batch:
-            genes = batch["genes"].long()[:, : self.config.max_len]
+            genes = batch["genes"].long()
             values = batch.get("values")
-            values = None if values is None else values[:, : self.config.max_len]
-            return genes, values
+            if "lengths" in batch:  # kernel tokens pad with pad_id past each cell's length
+                pos = torch.arange(genes.shape[1], device=genes.device)[None, :]
+                genes = torch.where(pos < batch["lengths"][:, None], genes, torch.full_like(genes, -1))
+            if genes.shape[1] > c.max_len:
+                if c.input == "binned" and values is not None:
+                    # full-width bins (every gene of the vocabulary): keep each cell's highest bins
+                    score = torch.where(genes >= 0, values.float(), torch.full_like(values, -1, dtype=torch.float))
+                    keep = torch.topk(score, c.max_len, dim=1).indices.sort(dim=1).values
+                else:  # rank tokens are already in descending order
+                    keep = torch.arange(c.max_len, device=genes.device).expand(genes.shape[0], -1)
+                genes = genes.gather(1, keep)
+                values = None if values is None else values.gather(1, keep)
+                mask = None if mask is None else mask.gather(1, keep)
+            return genes, values, mask
         x = dense_x(batch)
-        k = min(self.config.max_len, x.shape[1])
+        k = min(c.max_len, x.shape[1])
         top, genes = torch.topk(x, k, dim=1)  # descending: rank order
         genes = torch.where(top > 0, genes, torch.full_like(genes, -1))
-        values = None
-        if self.config.input == "binned":
-            values = self._bin(top)
-        return genes, values
+        values = self._bin(top) if c.input == "binned" else None
+        return genes, values, None
 
     def _bin(self, top: torch.Tensor) -> torch.Tensor:
         """Per-cell quantile bins of non-zero values (bin 0 = zero), for dense input without kernel-made bins."""
@@ -148,15 +161,12 @@ class Transformer(nn.Module):
 
     def loss(self, batch: dict, step: int | None = None) -> Loss:
         c = self.config
-        genes, values = self.tokens(batch)
+        genes, values, mask = self.tokens(batch)
         if c.input == "binned" and values is None:
             raise KeyError("input='binned' needs 'values' in the batch (a binning transform) or a dense 'X'")
-        mask = batch.get("mask")
         if mask is None:
             mask = torch.rand(genes.shape, device=genes.device) < c.mask_ratio
-        else:
-            mask = mask[:, : c.max_len].bool()
-        mask = mask & (genes >= 0)
+        mask = mask.bool() & (genes >= 0)
         h, _ = self._encode(genes, values, mask)
         h = h[:, 1:][mask]
         n_masked = int(mask.sum())
@@ -165,7 +175,7 @@ class Transformer(nn.Module):
             return Loss(loss, {"masked": 0.0}, n_cells=genes.shape[0])
         if c.input == "binned":
             pred = self.head(h).squeeze(-1).float()
-            loss = F.mse_loss(pred, values[:, : c.max_len][mask].float())
+            loss = F.mse_loss(pred, values[mask].float())
         else:
             loss = F.cross_entropy(self.head(h).float(), genes[mask])
         # Unused-branch guard: DDP without find_unused_parameters needs every parameter in the graph.
@@ -175,7 +185,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         """A pooled cell embedding: the CLS token or the mean over real tokens."""
-        genes, values = self.tokens(batch)
+        genes, values, _ = self.tokens(batch)
         h, keep = self._encode(genes, values, None)
         if self.config.pooling == "cls":
             return h[:, 0].float()

@@ -19,11 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", default=None, help="take counts from this layer instead of X")
     p.add_argument("--no-shuffle", action="store_true", help="keep input order (default: pre-shuffle all cells)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle")
-    p.add_argument("--shard-size", default="256MB", help="cells per shard (e.g. 100000) or bytes (e.g. 256MB)")
+    p.add_argument("--shard-size", default="128MB", help="cells per shard (e.g. 100000) or uncompressed bytes of X (e.g. 128MB)")
     p.add_argument("--codec", default="blosc-lz4", choices=["blosc-lz4", "blosc-zstd", "zstd"])
     p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values (e.g. normalised data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"],
+                   help="ray tasks, or in-process (local); auto = local for inputs under 512 MB of X")
     p.set_defaults(func=run_ingest)
 
     p = sub.add_parser("info", help="print a store's manifest summary")
@@ -74,6 +76,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         codec=Codec(name=args.codec),
         address=args.address,
+        executor=args.executor,
     )
     with progress_bar() as progress:
         store = ingest(args.inputs, args.out, config, progress=progress)

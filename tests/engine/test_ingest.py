@@ -58,6 +58,14 @@ def test_round_trip_every_cell_exactly_once(tmp_path, tiny_h5ads, ray_local, shu
     assert store.n_genes == (n_union if vocab == "union" else 270)
 
 
+def test_local_and_ray_executors_write_the_same_store(tmp_path, tiny_h5ads, ray_local):
+    cfg = dict(shard_cells=300, seed=9, obs_keys=("cell_type",))
+    a = ingest(tiny_h5ads, tmp_path / "ray.store", IngestConfig(executor="ray", **cfg))
+    b = ingest(tiny_h5ads, tmp_path / "local.store", IngestConfig(executor="local", **cfg))
+    assert [s.checksum for s in a.manifest.shards] == [s.checksum for s in b.manifest.shards]
+    pd.testing.assert_frame_equal(a.read_obs(1), b.read_obs(1))
+
+
 def test_vocabulary_file_layer_dense_and_zarr_inputs(tmp_path, ray_local):
     a = synthetic_counts(300, 50, nnz_per_cell=20, seed=1)
     a.layers["counts"] = a.X.copy()
@@ -130,7 +138,7 @@ def test_bad_counts_are_refused_naming_file_and_field(tmp_path, ray_local, mutat
 def test_non_integer_is_accepted_when_allowed(tmp_path, ray_local):
     X = _counts()
     X.data[:] = X.data / 3
-    store = ingest([_write(tmp_path, "norm.h5ad", X)], tmp_path / "s.store", IngestConfig(allow_non_integer=True))
+    store = ingest([_write(tmp_path, "norm.h5ad", X)], tmp_path / "s.store", IngestConfig(allow_non_integer=True, executor="local"))
     assert store.manifest.count_dtype == "float32"
 
 

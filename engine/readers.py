@@ -1,0 +1,199 @@
+"""Execute a rank's read plan: fetch a buffer's blocks, shuffle, cut batches, run the transform pipeline.
+
+`BufferReader.read(plan)` is the one implementation; the Loader runs it either in threads of its own
+process (mode="local") or inside `ReaderActor`s (mode="ray"), so both modes give identical batches. A batch
+is a dict of numpy arrays (and, for CSR, a `CSRBlock`): Ray ships it through the object store without
+copies, and the Loader turns it into torch tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.blockio import StoreBlocks, gather_csr, gather_dense
+from engine.errors import CellrayError
+from engine.sampler import BufferPlan, split_mask
+from engine.store import CSRBlock, Store
+
+log = logging.getLogger(__name__)
+
+
+def build_pipeline(transforms: Any, store: Store):
+    """None -> no pipeline; a spec (list/dict) -> `engine.transforms.Pipeline.from_spec`; a callable as is."""
+    if transforms is None:
+        return None
+    if callable(transforms):
+        return transforms
+    from engine.transforms import Pipeline
+
+    return Pipeline.from_spec(transforms, store)
+
+
+class BufferReader:
+    """Reads buffers of one store. Thread-safe: the Loader's local mode shares one across threads."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike,
+        transforms: Any = None,
+        output: str = "dense",
+        obs_keys: Sequence[str] = (),
+        direct_io: bool = True,
+    ):
+        if output not in ("dense", "csr"):
+            raise CellrayError(f"output is {output!r}: expected 'dense' or 'csr'")
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.blocks = StoreBlocks(self.store, direct=direct_io)
+        self.pipeline = build_pipeline(transforms, self.store)
+        self.output = output
+        self.obs_keys = tuple(obs_keys)
+        missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
+        if missing:
+            raise CellrayError(
+                f"{self.store.path}: obs_keys {missing} are not in the store; it has {list(self.store.manifest.obs_schema)}"
+            )
+
+    def close(self) -> None:
+        self.blocks.close()
+
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order."""
+        segs = plan.segments
+        offsets = self.store.cell_offsets
+        indptr, indices, data = self.blocks.read(segs[:, :3])
+        # rows of the concatenated read that belong to the buffer, in stream order, with their global index
+        rows, gidx, pad, obs = [], [], [], {k: [] for k in self._obs_needed(plan)}
+        base = 0
+        for shard, start, stop, skip, take, is_pad in segs:
+            first = int(offsets[shard] + start)
+            local = np.arange(stop - start, dtype=np.int64)
+            if plan.filtered:
+                local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
+            local = local[skip : skip + take]
+            if len(local) != take:
+                raise CellrayError(f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}")
+            rows.append(base + local)
+            gidx.append(first + local)
+            pad.append(np.full(take, bool(is_pad)))
+            for k in obs:
+                obs[k].append(self.blocks.obs_codes(int(shard), k)[start:stop][local])
+            base += stop - start
+        rows_a = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        gidx_a = np.concatenate(gidx) if gidx else np.empty(0, np.int64)
+        pad_a = np.concatenate(pad) if pad else np.empty(0, bool)
+        obs_a = {k: np.concatenate(v) for k, v in obs.items()}
+        n = plan.n_cells
+        if len(rows_a) != n:
+            raise CellrayError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
+
+        rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
+        if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
+            p = np.asarray(plan.balance["weights"], dtype=np.float64)[obs_a[plan.balance["key"]]]
+            pick = rng.choice(n, size=n, replace=True, p=p / p.sum())
+        elif plan.shuffle:
+            pick = rng.permutation(n)
+        else:
+            pick = np.arange(n)
+
+        batches = []
+        want_pad = plan.remainder == "pad"
+        for b in range(plan.n_batches):
+            sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
+            r = rows_a[sel]
+            batch: dict[str, Any] = {"index": gidx_a[sel]}
+            for k in self.obs_keys:
+                batch[k] = obs_a[k][sel]
+            if want_pad:
+                batch["pad"] = pad_a[sel]
+            if self.pipeline is None:
+                batch["X"] = self._raw_x(indptr, indices, data, r)
+            else:
+                ip, ix, dx = gather_csr(indptr, indices, data, r, data_dtype=np.float32, index_dtype=np.int32)
+                out = self.pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
+                for key, value in out.items():
+                    batch[key] = self._finish_x(value) if key == "X" else value
+            batches.append(batch)
+        return batches
+
+    def _obs_needed(self, plan: BufferPlan) -> list[str]:
+        keys = list(self.obs_keys)
+        if plan.balance is not None and plan.balance["key"] not in keys:
+            keys.append(plan.balance["key"])
+        return keys
+
+    def _raw_x(self, indptr, indices, data, rows):
+        if self.output == "dense":
+            return gather_dense(indptr, indices, data, rows, self.store.n_genes)
+        ip, ix, dx = gather_csr(indptr, indices, data, rows, data_dtype=np.float32, index_dtype=_index_dtype(indptr, rows))
+        return CSRBlock(ip.astype(ix.dtype), ix, dx, self.store.n_genes)
+
+    def _finish_x(self, x):
+        if isinstance(x, CSRBlock) and self.output == "dense":
+            return gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
+        return x
+
+
+def _index_dtype(indptr: np.ndarray, rows: np.ndarray):
+    """int32 indices (half the bytes) unless a batch could hold 2^31 non-zeros."""
+    return np.int32 if indptr[-1] < 2**31 - 1 else np.int64
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+def reader_actor_class():
+    """The Ray actor class, made on first use so importing this module does not import Ray."""
+    import ray
+
+    @ray.remote
+    class ReaderActor:
+        """One reader of a rank. Stateless between calls, so a restarted actor can redo any buffer."""
+
+        def __init__(self, store_path: str, transforms: Any, output: str, obs_keys: Sequence[str], direct_io: bool):
+            self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
+
+        def read(self, plan: BufferPlan):
+            batches = self.reader.read(plan)
+            return batches[0] if len(batches) == 1 else tuple(batches)  # one object per batch (num_returns)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    return ReaderActor
+
+
+_ACTOR_CLASS = None
+
+
+def make_reader_actor(
+    store_path: str,
+    transforms: Any,
+    output: str,
+    obs_keys: Sequence[str],
+    direct_io: bool = True,
+    num_cpus: float = 0.5,
+    node_id: str | None = None,
+    max_restarts: int = 3,
+):
+    """A reader actor placed on `node_id` (the node of the rank it feeds; soft, so it still starts elsewhere
+    if that node is gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads."""
+    global _ACTOR_CLASS
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = reader_actor_class()
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return _ACTOR_CLASS.options(
+        num_cpus=num_cpus,
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=True),
+    ).remote(str(store_path), transforms, output, tuple(obs_keys), direct_io)
