@@ -30,7 +30,10 @@ test: env
 # annbatch needs Python >= 3.12 (cellray runs on 3.10+): the peers get their own venv, used by bench/ only.
 peers: $(VENV)-peers/.installed
 $(VENV)-peers/.installed:
-	$$(command -v python3.13 || command -v python3.12) -m venv $(VENV)-peers
+	@py=""; for c in python3.13 python3.12 $$(ls -d $$HOME/.pyenv/versions/3.1[2-9]*/bin/python 2>/dev/null); do \
+	   if $$c -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null; then py=$$c; break; fi; done; \
+	 test -n "$$py" || { echo "make peers: no Python >= 3.12 found (annbatch needs it)"; exit 1; }; \
+	 $$py -m venv $(VENV)-peers
 	$(VENV)-peers/bin/pip install -q annbatch zarrs psutil
 	touch $@
 

@@ -16,8 +16,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Connect to Ray unless already connected. Returns True when this call started/connected it.
 
-    `address=None` starts a fresh embedded Ray bound to 127.0.0.1 (``address="local"`` never attaches to a
-    stale cluster left in /tmp/ray). Any other address connects there and ships this project as the
+    `address=None` starts a fresh embedded Ray (``address="local"`` never attaches to a stale cluster left in
+    /tmp/ray) with its dashboard, if any, on 127.0.0.1 and Ray's token auth on (the default for clusters that
+    ray.init starts; Ray 2.60 binds its core gRPC ports on the node address and refuses to pin them to loopback). Any other address connects there and ships this project as the
     job's working_dir so every node imports the same engine/models/jobs.
     """
     import ray
@@ -27,7 +28,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if address is None:
         ray.init(
             address="local",
-            _node_ip_address="127.0.0.1",  # bind nothing beyond loopback unless the user points at a cluster
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",

@@ -10,7 +10,7 @@ import sys
 from engine.errors import CellrayError
 
 # Modules under jobs.commands, each with `register(subparsers)` adding its subcommands.
-COMMAND_MODULES = ["store", "stats"]
+COMMAND_MODULES = ["store", "stats", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CellrayError as e:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2
 
 

@@ -23,7 +23,6 @@ def ray_local():
 
     ray.init(
         address="local",
-        _node_ip_address="127.0.0.1",
         num_cpus=4,
         include_dashboard=False,
         object_store_memory=512 * 2**20,
