@@ -45,6 +45,13 @@ demo: env
 	 $(BIN)/cellray ingest $$inputs --out $(DEMO_STORE) --shard-size 4000 --overwrite
 	$(BIN)/cellray verify $(DEMO_STORE)
 	$(BIN)/cellray info $(DEMO_STORE)
+	$(BIN)/cellray stats $(DEMO_STORE) --hvg 1000
+	@rm -rf runs/vae-demo  # a fresh run: the store was just re-ingested (a rerun of a spec otherwise resumes)
+	$(BIN)/cellray run jobs/pretrain_vae.yaml
+	$(BIN)/cellray embed --checkpoint runs/vae-demo --store $(DEMO_STORE) --out runs/vae-demo/embeddings.h5ad \
+	  --label-key dataset --overwrite
+	@echo "demo done: embeddings runs/vae-demo/embeddings.h5ad (obsm['X_cellray']), loss curve runs/vae-demo/loss.png," \
+	  "metrics runs/vae-demo/metrics.jsonl"
 
 clean:
 	rm -rf data runs bench/out

@@ -3,9 +3,10 @@
 zarr-python pays a fixed cost per request (async machinery, selection objects) that dominates when a loader
 reads many small random blocks. The store's arrays are plain zarr v3 with a fixed, simple layout (1-D,
 `sharding_indexed` with the index at the end, inner codecs `bytes` + blosc or zstd), so this module reads
-them directly: `pread` of the shard file's index once, then one `pread` per run of neighbouring chunks and
-one decompress per chunk (blosc and zstd release the GIL, so reader threads overlap). Any other layout, or
-a remote store, falls back to zarr-python, which stays the reference (tests compare the two).
+them directly: each shard file is memory-mapped and its index checked (crc32c) once, then every needed chunk
+is decompressed straight from the page cache into a reused per-thread buffer (blosc and zstd release the
+GIL, so reader threads overlap). Any other layout, or a remote store, falls back to zarr-python, which
+stays the reference (tests compare the two).
 
 It also holds the numba kernels that gather shuffled rows of a buffer into batches (CSR or dense).
 """
@@ -19,7 +20,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numba
 import numpy as np
@@ -101,27 +102,33 @@ def _parse_layout(path: Path) -> _Layout | None:
         return None
 
 
-def _decompress(codec: str, raw: bytes) -> bytes:
+def _decompress(codec: str, raw: bytes, dest: np.ndarray | None = None):
+    """Decode one inner chunk, into `dest` when given (no intermediate copy)."""
     if codec == "blosc":
         from numcodecs import blosc
 
-        return blosc.decompress(raw)
+        return blosc.decompress(raw, dest)
     if codec == "zstd":
         from numcodecs import zstd
 
-        return zstd.decompress(raw)
+        return zstd.decompress(raw, dest)
+    if dest is not None:
+        dest.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+        return dest
     return raw
 
 
 class ArrayReader:
-    """Element ranges of one 1-D sharded zarr v3 array on a local filesystem."""
+    """Element ranges of one 1-D sharded zarr v3 array on a local filesystem.
+
+    Shard files are memory-mapped (read-only), so a chunk is decompressed straight from the page cache into
+    its destination: no read() copy and no intermediate buffer."""
 
     def __init__(self, path: Path, layout: _Layout, max_open_files: int = 64):
         self.path = path
         self.layout = layout
-        self._fds: _LRU = _LRU(max_open_files)
-        self._index: _LRU = _LRU(1024)
-        self._lock = threading.Lock()  # the LRUs are shared by reader threads
+        self._files: _LRU = _LRU(max_open_files)  # file id -> (mmap or None, index)
+        self._lock = threading.Lock()  # the LRU is shared by reader threads
 
     @classmethod
     def open(cls, path: Path) -> ArrayReader | None:
@@ -130,93 +137,69 @@ class ArrayReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._files.clear()  # maps close when the last view into them is gone
 
-    def _fd_and_index(self, file_id: int) -> tuple[int, np.ndarray]:
+    def _file(self, file_id: int) -> tuple[Any, np.ndarray]:
         with self._lock:
-            file = self.path / f"{self.layout.key_prefix}{file_id}"
-            if not file.exists():  # zarr writes no file when every chunk in it equals the fill value
-                return -1, np.full((self.layout.file_elems // self.layout.chunk_elems, 2), _MISSING, dtype=np.uint64)
-            fd = self._fds.get_or(file_id, lambda: os.open(file, os.O_RDONLY))
-            return fd, self._index.get_or(file_id, lambda: self._read_index(fd, file_id))
+            return self._files.get_or(file_id, lambda: self._open_file(file_id))
 
-    def _read_index(self, fd: int, file_id: int) -> np.ndarray:
+    def _open_file(self, file_id: int) -> tuple[Any, np.ndarray]:
+        import mmap
+
         n_inner = self.layout.file_elems // self.layout.chunk_elems
-        size = os.fstat(fd).st_size
-        nbytes = n_inner * 16 + 4
-        if size < nbytes:
-            raise StoreError(f"{self.path}/c/{file_id}: {size} bytes, shorter than its shard index ({nbytes} bytes): truncated")
-        raw = os.pread(fd, nbytes, size - nbytes)
+        file = self.path / f"{self.layout.key_prefix}{file_id}"
+        if not file.exists():  # zarr writes no file when every chunk in it equals the fill value
+            return None, np.full((n_inner, 2), _MISSING, dtype=np.uint64)
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            nbytes = n_inner * 16 + 4
+            if size < nbytes:
+                raise StoreError(f"{file}: {size} bytes, shorter than its shard index ({nbytes} bytes): truncated")
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = mm[size - nbytes :]
         import google_crc32c
 
-        expected = int.from_bytes(raw[-4:], "little")
-        if google_crc32c.value(raw[:-4]) != expected:
-            raise StoreError(f"{self.path}/c/{file_id}: shard index checksum mismatch (corrupted or truncated file)")
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise StoreError(f"{file}: shard index checksum mismatch (corrupted or truncated file)")
         index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
-        ok = index[:, 0] == _MISSING
-        ends = index[~ok, 0] + index[~ok, 1]
-        if ends.size and int(ends.max()) > size - nbytes:
-            raise StoreError(f"{self.path}/c/{file_id}: shard index points past the end of the file (truncated)")
-        return index
+        present = index[:, 0] != _MISSING
+        if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
+            raise StoreError(f"{file}: shard index points past the end of the file (truncated)")
+        return mm, index
 
-    def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Elements [lo, hi) for each range; each needed chunk is read and decoded once for all ranges."""
+    def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
+        """Decode inner chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
         lay = self.layout
         chunk = lay.chunk_elems
         per_file = lay.file_elems // chunk
-        needed = sorted({c for lo, hi in ranges if hi > lo for c in range(lo // chunk, (hi - 1) // chunk + 1)})
-        decoded: dict[int, np.ndarray] = {}
-        i = 0
-        while i < len(needed):
-            file_id = needed[i] // per_file
-            fd, index = self._fd_and_index(file_id)
-            # a run of chunks in this file that are neighbours on disk: one pread
-            j = i
-            while j + 1 < len(needed) and needed[j + 1] // per_file == file_id:
-                a, b = index[needed[j] % per_file], index[needed[j + 1] % per_file]
-                if a[0] == _MISSING or b[0] == _MISSING or b[0] != a[0] + a[1]:
-                    break
-                j += 1
-            first = index[needed[i] % per_file]
-            if first[0] == _MISSING:  # an inner chunk never written: all fill value
-                decoded[needed[i]] = np.full(chunk, lay.fill_value, dtype=lay.dtype)
-                i += 1
-                continue
-            last = index[needed[j] % per_file]
-            start, stop = int(first[0]), int(last[0] + last[1])
-            raw = os.pread(fd, stop - start, start)
-            if len(raw) != stop - start:
-                raise StoreError(f"{self.path}/c/{file_id}: short read at byte {start} (truncated file)")
-            for c in needed[i : j + 1]:
-                off, n = (int(v) for v in index[c % per_file])
+        for (c0, c1), base in zip(runs, bases):
+            for c in range(c0, c1 + 1):
+                file_id, k = divmod(c, per_file)
+                mm, index = self._file(file_id)
+                dest = pool[base + (c - c0) * chunk : base + (c - c0 + 1) * chunk]
+                off, n = int(index[k, 0]), int(index[k, 1])
+                if off == int(_MISSING):  # never written: all fill value
+                    dest[:] = lay.fill_value
+                    continue
                 try:
-                    buf = _decompress(lay.codec, raw[off - start : off - start + n])
-                except Exception as e:  # numcodecs raises RuntimeError/ValueError on corrupt input
-                    raise StoreError(f"{self.path}/c/{file_id}: chunk {c % per_file} does not decode ({e})") from e
-                arr = np.frombuffer(buf, dtype=lay.dtype)
-                if arr.size != chunk:
-                    raise StoreError(f"{self.path}/c/{file_id}: chunk {c % per_file} has {arr.size} elements, expected {chunk}")
-                decoded[c] = arr
-            i = j + 1
-        out = []
-        for lo, hi in ranges:
-            if hi <= lo:
-                out.append(np.empty(0, dtype=lay.dtype))
-                continue
-            c0, c1 = lo // chunk, (hi - 1) // chunk
-            if c0 == c1:
-                out.append(decoded[c0][lo - c0 * chunk : hi - c0 * chunk])
-            else:
-                res = np.empty(hi - lo, dtype=lay.dtype)
-                pos = 0
-                for c in range(c0, c1 + 1):
-                    a, b = max(lo, c * chunk) - c * chunk, min(hi, (c + 1) * chunk) - c * chunk
-                    res[pos : pos + b - a] = decoded[c][a:b]
-                    pos += b - a
-                out.append(res)
-        return out
+                    with memoryview(mm) as view:
+                        _decompress(lay.codec, view[off : off + n], dest)
+                except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
+                    raise StoreError(f"{self.path}/c/{file_id}: chunk {k} does not decode ({e})") from e
+
+
+@dataclass
+class Pool:
+    """A buffer's cells as decoded chunks plus, per cell, where its non-zeros start in them and how many."""
+
+    indices: np.ndarray
+    data: np.ndarray
+    row_start: np.ndarray  # int64, per cell
+    row_len: np.ndarray  # int64, per cell
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.row_start)
 
 
 class StoreBlocks:
@@ -226,13 +209,14 @@ class StoreBlocks:
     shards touched recently, not by the store size.
     """
 
-    def __init__(self, store: Store, direct: bool = True, cache_shards: int = 256):
+    def __init__(self, store: Store, direct: bool = True, cache_shards: int = 64):
         self.store = store
         self.direct = direct and _local(store.path)
         self._arrays: dict[tuple[int, str], ArrayReader | None] = {}
         self._indptr: _LRU = _LRU(cache_shards)
         self._obs: _LRU = _LRU(cache_shards)
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # per-thread decode buffers, reused: no page faults per buffer
 
     def close(self) -> None:
         for r in self._arrays.values():
@@ -251,6 +235,17 @@ class StoreBlocks:
         with self._lock:
             return self._indptr.get_or(shard, lambda: self.store.shard_x(shard)["indptr"][:])
 
+    def indptr_range(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """indptr[start : stop + 1] of a shard. A one-chunk indptr is read whole once and cached; a chunked one
+        is read by range, so random blocks over many shards never pull whole indptrs through the cache."""
+        with self._lock:
+            if shard in self._indptr:
+                return self._indptr.get_or(shard, None)[start : stop + 1]
+        arr = self.store.shard_x(shard)["indptr"]
+        if arr.chunks[0] >= arr.shape[0]:
+            return self.indptr(shard)[start : stop + 1]
+        return arr[start : stop + 1]
+
     def obs_codes(self, shard: int, key: str) -> np.ndarray:
         """Integer codes of a categorical obs column (or the values of a numeric one) for a whole shard."""
         def load():
@@ -267,36 +262,71 @@ class StoreBlocks:
         with self._lock:
             return self._obs.get_or((shard, key), load)
 
-    def read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cells of `segments` (rows of shard, start, stop), concatenated: (indptr int64, indices, data)."""
-        lengths, nnz_ranges = [], []
+    def read_pool(self, segments: np.ndarray) -> Pool:
+        """Cells of `segments` (rows of shard, start, stop) in order, as a `Pool`: each segment's chunks are
+        decoded back to back, so every cell's non-zeros are contiguous in it, and nothing is copied after."""
+        n_seg = segments.shape[0]
+        nnz_lo, nnz_hi, starts, lens = [], [], [], []
         for shard, start, stop in segments:
-            ip = self.indptr(int(shard))
-            lengths.append(np.diff(ip[start : stop + 1]))
-            nnz_ranges.append((int(ip[start]), int(ip[stop])))
-        indptr = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
-        if len(lengths):
-            np.cumsum(np.concatenate(lengths), out=indptr[1:])
-        by_shard: dict[int, list[int]] = {}
-        for i, (shard, _, _) in enumerate(segments):
-            by_shard.setdefault(int(shard), []).append(i)
-        parts = {"indices": [None] * len(segments), "data": [None] * len(segments)}
-        for shard, rows in by_shard.items():
-            ranges = [nnz_ranges[i] for i in rows]
-            for name in ("indices", "data"):
-                reader = self._array(shard, name)
-                if reader is not None:
-                    arrays = reader.read_many(ranges)
-                else:  # zarr-python: the reference path
-                    arr = self.store.shard_x(shard)[name]
-                    arrays = [arr[lo:hi] for lo, hi in ranges]
-                for i, a in zip(rows, arrays):
-                    parts[name][i] = a
+            ip = self.indptr_range(int(shard), int(start), int(stop))
+            nnz_lo.append(int(ip[0]))
+            nnz_hi.append(int(ip[-1]))
+            starts.append(ip[:-1])
+            lens.append(np.diff(ip))
         dt_i = np.dtype(self.store.manifest.index_dtype)
         dt_d = np.dtype(self.store.manifest.count_dtype)
-        indices = np.concatenate(parts["indices"]) if segments.shape[0] else np.empty(0, dt_i)
-        data = np.concatenate(parts["data"]) if segments.shape[0] else np.empty(0, dt_d)
-        return indptr, indices, data
+        readers = [(self._array(int(sh), "indices"), self._array(int(sh), "data")) for sh, _, _ in segments]
+        if n_seg and all(ri is not None and rd is not None for ri, rd in readers):
+            chunk = readers[0][0].layout.chunk_elems
+            if any(ri.layout.chunk_elems != chunk or rd.layout.chunk_elems != chunk for ri, rd in readers):
+                return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
+            runs = [(lo // chunk, max(lo, hi - 1) // chunk) for lo, hi in zip(nnz_lo, nnz_hi)]
+            sizes = np.array([(c1 - c0 + 1) * chunk for c0, c1 in runs], dtype=np.int64)
+            bases = np.zeros(n_seg + 1, dtype=np.int64)
+            np.cumsum(sizes, out=bases[1:])
+            pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
+            pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
+            for s_i, (ri, rd) in enumerate(readers):
+                ri.decode_runs([runs[s_i]], pool_i, [bases[s_i]])
+                rd.decode_runs([runs[s_i]], pool_d, [bases[s_i]])
+            shift = [bases[i] - runs[i][0] * chunk for i in range(n_seg)]
+        else:
+            return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
+        row_start = np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64)
+        return Pool(pool_i.astype(dt_i, copy=False), pool_d.astype(dt_d, copy=False), row_start, np.concatenate(lens).astype(np.int64))
+
+    def _buffer(self, name: str, n: int, dtype: np.dtype) -> np.ndarray:
+        """A reused array of at least n elements for this thread. The Pool built on it is only valid until
+        this thread's next read_pool (BufferReader copies every batch out before that)."""
+        buf = getattr(self._scratch, name, None)
+        if buf is None or buf.dtype != dtype or len(buf) < n:
+            buf = np.empty(max(n, int(1.25 * len(buf)) if buf is not None else n), dtype=dtype)
+            setattr(self._scratch, name, buf)
+        return buf[:n]
+
+    def _read_pool_zarr(self, segments, nnz_lo, nnz_hi, starts, lens) -> Pool:
+        """The reference path through zarr-python: one read per segment and array, concatenated."""
+        parts_i, parts_d, shift, pos = [], [], [], 0
+        for (shard, _, _), lo, hi in zip(segments, nnz_lo, nnz_hi):
+            x = self.store.shard_x(int(shard))
+            parts_i.append(x["indices"][lo:hi])
+            parts_d.append(x["data"][lo:hi])
+            shift.append(pos - lo)
+            pos += hi - lo
+        dt_i = np.dtype(self.store.manifest.index_dtype)
+        dt_d = np.dtype(self.store.manifest.count_dtype)
+        return Pool(
+            np.concatenate(parts_i) if parts_i else np.empty(0, dt_i),
+            np.concatenate(parts_d) if parts_d else np.empty(0, dt_d),
+            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64) if starts else np.empty(0, np.int64),
+            np.concatenate(lens).astype(np.int64) if lens else np.empty(0, np.int64),
+        )
+
+    def read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells of `segments` concatenated as plain CSR arrays: (indptr int64, indices, data)."""
+        pool = self.read_pool(segments)
+        rows = np.arange(pool.n_cells, dtype=np.int64)
+        return gather_pool_csr(pool, rows, data_dtype=pool.data.dtype, index_dtype=pool.indices.dtype)
 
 
 def _local(path: Path) -> bool:
@@ -307,48 +337,105 @@ def _local(path: Path) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather_counts(indptr, rows, out_indptr):
+def _pool_counts(row_len, rows, out_indptr):
     out_indptr[0] = 0
     for i in range(rows.shape[0]):
-        r = rows[i]
-        out_indptr[i + 1] = out_indptr[i] + indptr[r + 1] - indptr[r]
+        out_indptr[i + 1] = out_indptr[i] + row_len[rows[i]]
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather_fill(indptr, indices, data, rows, out_indptr, out_indices, out_data):
+def _pool_fill(indices, data, row_start, rows, out_indptr, out_indices, out_data):
     for i in range(rows.shape[0]):
-        r = rows[i]
-        a = indptr[r]
+        a = row_start[rows[i]]
         o = out_indptr[i]
-        for k in range(indptr[r + 1] - a):
-            out_indices[o + k] = indices[a + k]
-            out_data[o + k] = data[a + k]
+        n = out_indptr[i + 1] - o
+        # per-row views and one loop per array: numba vectorises these (5x faster than one fused loop)
+        src_i, src_d = indices[a : a + n], data[a : a + n]
+        dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
+        for k in range(n):
+            dst_i[k] = src_i[k]
+        for k in range(n):
+            dst_d[k] = src_d[k]
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather_dense(indptr, indices, data, rows, out):
+def _pool_dense(indices, data, row_start, row_len, rows, out, clear):
     for i in range(rows.shape[0]):
+        if clear:  # a reused buffer: clear the row just before filling it (it is in cache then)
+            out[i, :] = 0
         r = rows[i]
-        for k in range(indptr[r], indptr[r + 1]):
+        a = row_start[r]
+        for k in range(a, a + row_len[r]):
             out[i, indices[k]] = data[k]
 
 
-def gather_csr(
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, data_dtype=np.float32, index_dtype=np.int32
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows `rows` of a CSR matrix as a new CSR (indptr int64), casting data and indices on the way."""
+class DenseBuffers:
+    """Reusable float32 batch arrays. A batch handed out returns its memory here once nothing references it
+    any more (the consumer's tensor included), so a steady stream of dense batches stops paying a fresh
+    mapping and its page faults per batch (a 32 MB batch allocated in a thread is always a new mmap)."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+        """(array, fresh): fresh arrays are zero-filled, reused ones hold an old batch."""
+        import weakref
+
+        n = shape[0] * shape[1]
+        base = None
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.size >= n:
+                    base = self._free.pop(i)
+                    break
+        fresh = base is None
+        if fresh:
+            base = np.zeros(n, dtype=np.float32)
+        arr = base[:n].reshape(shape)  # a view: its death (not base's) returns base to the pool
+        weakref.finalize(arr, self._put, base)
+        return arr, fresh
+
+    def _put(self, base: np.ndarray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(base)
+
+
+def gather_pool_csr(pool: Pool, rows: np.ndarray, data_dtype=np.float32, index_dtype=np.int32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells `rows` of a pool as CSR arrays (indptr int64), casting data and indices on the way."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     out_indptr = np.empty(len(rows) + 1, dtype=np.int64)
-    _gather_counts(indptr, rows, out_indptr)
+    _pool_counts(pool.row_len, rows, out_indptr)
     nnz = int(out_indptr[-1])
     out_indices = np.empty(nnz, dtype=index_dtype)
     out_data = np.empty(nnz, dtype=data_dtype)
-    _gather_fill(indptr, indices, data, rows, out_indptr, out_indices, out_data)
+    _pool_fill(pool.indices, pool.data, pool.row_start, rows, out_indptr, out_indices, out_data)
     return out_indptr, out_indices, out_data
 
 
-def gather_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, n_genes: int) -> np.ndarray:
-    """Rows `rows` of a CSR matrix as a dense float32 (len(rows), n_genes) array."""
-    out = np.zeros((len(rows), n_genes), dtype=np.float32)
-    _gather_dense(indptr, indices, data, np.ascontiguousarray(rows, dtype=np.int64), out)
+def gather_pool_dense(pool: Pool, rows: np.ndarray, n_genes: int, buffers: DenseBuffers | None = None) -> np.ndarray:
+    """Cells `rows` of a pool as a dense float32 (len(rows), n_genes) array (from `buffers` when given)."""
+    if buffers is None:
+        out, fresh = np.zeros((len(rows), n_genes), dtype=np.float32), True
+    else:
+        out, fresh = buffers.get((len(rows), n_genes))
+    _pool_dense(pool.indices, pool.data, pool.row_start, pool.row_len, np.ascontiguousarray(rows, dtype=np.int64), out, not fresh)
     return out
+
+
+def csr_pool(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> Pool:
+    """A plain CSR matrix seen as a pool."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    return Pool(indices, data, indptr[:-1].copy(), np.diff(indptr))
+
+
+def gather_csr(indptr, indices, data, rows, data_dtype=np.float32, index_dtype=np.int32):
+    """Rows `rows` of a CSR matrix as a new CSR (indptr int64), casting data and indices on the way."""
+    return gather_pool_csr(csr_pool(indptr, indices, data), rows, data_dtype, index_dtype)
+
+
+def gather_dense(indptr, indices, data, rows, n_genes: int) -> np.ndarray:
+    """Rows `rows` of a CSR matrix as a dense float32 (len(rows), n_genes) array."""
+    return gather_pool_dense(csr_pool(indptr, indices, data), rows, n_genes)

@@ -8,6 +8,7 @@ The output (.h5ad or .zarr) is written under a temporary name and renamed into p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -148,8 +149,6 @@ def embed(
     if emb.shape[0] != st.n_cells:
         raise EmbedError(f"{st.path}: embedded {emb.shape[0]} cells, the manifest says {st.n_cells}")
     obs = pd.concat([st.read_obs(s) for s in range(st.n_shards)])
-    import json
-
     meta = json.loads((ckpt / "meta.json").read_text())
     adata = ad.AnnData(obs=obs, obsm={OBSM_KEY: emb})
     adata.uns["cellray"] = {
@@ -169,7 +168,14 @@ def _write_atomically(adata, out: Path, overwrite: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out).with_suffix(out.suffix)
     if out.suffix == ".zarr":
-        adata.write_zarr(tmp)
+        import anndata as ad
+
+        import warnings
+
+        # zarr v3 with sharding: the format of cellray stores, and anndata's next defaults
+        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            adata.write_zarr(tmp)
         replace_atomically(tmp, out, overwrite)
     else:
         adata.write_h5ad(tmp)

@@ -98,36 +98,58 @@ def _scaled(v, mean, std, max_value, zero_center):
     return np.float32(w)
 
 
+TABLE = 256  # integer counts below this take their per-cell value from a small table (one log1p per distinct count)
+
+
+@njit(cache=True, inline="always")
+def _value_cached(x, factor, do_norm, do_log, table):
+    """`_value`, memoised per cell for small integral counts: a cell of 2,000 non-zeros holds a few dozen distinct
+    counts, so this replaces most log1p calls (the kernel's main cost) with a table read. Same numbers."""
+    xf = np.float32(x)
+    if xf >= 0 and xf < TABLE:
+        c = np.int64(xf)
+        if np.float32(c) == xf:
+            v = table[c]
+            if v != v:  # NaN: not computed yet in this cell
+                v = _value(xf, factor, do_norm, do_log)
+                table[c] = v
+            return v
+    return _value(xf, factor, do_norm, do_log)
+
+
 @njit(cache=True, parallel=True)
 def transform_dense(
     indptr, indices, data, gene_map, has_map, lib_selected, do_norm, target, do_log,
-    do_scale, mean, std, max_value, zero_center, out,
+    do_scale, mean, std, max_value, zero_center, out, zeroed=False,
 ):  # fmt: skip
     """The fused value pipeline into a dense float32 `out` (n_cells, n_out), zeroed or filled here.
 
     gene_map[g] is the output column of store gene g, or -1 to drop it (`has_map` False: identity).
     `lib_selected`: library sizes count only kept genes (select_genes ran before normalize_total).
     `mean`/`std` are indexed by output column. `max_value <= 0` disables clipping.
+    `zeroed`: `out` is known to be all zeros (fresh np.zeros), so rows need no clearing.
     """
     n = len(indptr) - 1
     n_out = out.shape[1]
+    memo = do_norm or do_log
     for i in prange(n):
         row = out[i]
         if do_scale:
             for c in range(n_out):
                 row[c] = _scaled(np.float32(0.0), mean[c], std[c], max_value, zero_center)
-        else:
+        elif not zeroed:
             row[:] = 0
         factor = 1.0
         if do_norm:
             factor = _row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
+        table = np.full(TABLE if memo else 1, np.nan, dtype=np.float32)
         for j in range(indptr[i], indptr[i + 1]):
             c = np.int64(indices[j])
             if has_map:
                 c = gene_map[c]
                 if c < 0:
                     continue
-            v = _value(data[j], factor, do_norm, do_log)
+            v = _value_cached(data[j], factor, do_norm, do_log, table) if memo else np.float32(data[j])
             if do_scale:
                 v = _scaled(v, mean[c], std[c], max_value, zero_center)
             row[c] = v
@@ -159,6 +181,7 @@ def transform_csr(
         if do_norm:
             factor = _row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
         k = out_indptr[i]
+        table = np.full(TABLE, np.nan, dtype=np.float32)
         for j in range(indptr[i], indptr[i + 1]):
             c = np.int64(indices[j])
             if has_map:
@@ -166,7 +189,7 @@ def transform_csr(
                 if c < 0:
                     continue
             out_indices[k] = c
-            out_data[k] = _value(data[j], factor, do_norm, do_log)
+            out_data[k] = _value_cached(data[j], factor, do_norm, do_log, table)
             k += 1
         if sort_rows:
             lo, hi = out_indptr[i], out_indptr[i + 1]
@@ -319,54 +342,102 @@ def random_mask(cell_ids, lengths, fraction, seed, out):
 
 # ----------------------------------------------------------------------------------------------- statistics
 
+# Medians of normalized non-zeros come from two dense histograms per gene over u = log(target / v): a coarse one
+# in the first pass locates the bin of each middle element, a fine one inside that bin in the second pass.
+MED_SPAN = 32.0  # u in [0, 32): values down to target * e^-32 (libraries up to ~8e13)
+MED_COARSE = 256
+MED_FINE = 256
+MED_W1 = MED_SPAN / MED_COARSE
+MED_W2 = MED_W1 / MED_FINE
+MEDIAN_REL_ERROR = float(np.expm1(MED_W2 / 2))  # bound on |estimate / exact median - 1|
+
+
+@njit(cache=True, inline="always")
+def _med_u(v, log_target):
+    u = log_target - np.log(np.float64(v))
+    if u < 0:
+        u = 0.0
+    if u >= MED_SPAN:
+        u = MED_SPAN * (1 - 1e-12)
+    return u
+
+
+@njit(cache=True, inline="always")
+def _norm_log_u(x, f, log_target, table_v, table_l, table_u):
+    """(normalized, its log1p, its median-histogram coordinate u) of a value in a cell with size factor f,
+    memoised per cell for small integral counts (most of a cell's non-zeros share a few dozen count values)."""
+    xf = np.float32(x)
+    if xf >= 0 and xf < TABLE:
+        c = np.int64(xf)
+        if np.float32(c) == xf:
+            if table_v[c] != table_v[c]:  # NaN: first time in this cell
+                v = np.float32(np.float64(xf) / f)
+                table_v[c] = v
+                table_l[c] = np.float32(np.log1p(np.float64(v)))
+                table_u[c] = _med_u(v, log_target) if v > 0 else -1.0
+            return table_v[c], table_l[c], table_u[c]
+    v = np.float32(np.float64(xf) / f)
+    return v, np.float32(np.log1p(np.float64(v))), (_med_u(v, log_target) if v > 0 else -1.0)
+
 
 @njit(cache=True)
-def accumulate_moments(indptr, indices, data, groups, n_groups, target, layers, sums, nnz):
-    """First pass of one block's statistics: per (layer, group, gene) sums of values and per (group, gene) nnz.
+def accumulate_moments(indptr, indices, data, groups, target, layers, sums, nnz, med_coarse):
+    """First pass of one block's statistics: per (layer, group, gene) sums of values, per (group, gene) nnz, and
+    the coarse histogram (gene, bin) of normalized non-zeros for the medians.
 
     layers (selected by the flags in `layers`, a bool[4]): 0 counts, 1 normalized (normalize_total `target`),
     2 log1p of normalized, 3 expm1 of that log (what scanpy's seurat flavor computes from log data).
     Serial on purpose: statistics parallelise over blocks (Ray tasks), and a serial sum is reproducible.
     """
     n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
     for i in range(n):
         gr = groups[i]
         f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
         for j in range(indptr[i], indptr[i + 1]):
             g = indices[j]
             x = np.float32(data[j])
             nnz[gr, g] += 1
             if layers[0]:
                 sums[0, gr, g] += np.float64(x)
-            v = np.float32(np.float64(x) / f)
+            v, lv, u = _norm_log_u(x, f, log_target, table_v, table_l, table_u)
             if layers[1]:
                 sums[1, gr, g] += np.float64(v)
-            lv = np.float32(np.log1p(np.float64(v)))
             if layers[2]:
                 sums[2, gr, g] += np.float64(lv)
             if layers[3]:
                 sums[3, gr, g] += np.float64(np.float32(np.expm1(np.float64(lv))))
+            if u >= 0:
+                med_coarse[g, np.int64(u / MED_W1)] += 1
 
 
 @njit(cache=True)
 def accumulate_m2(indptr, indices, data, groups, target, layers, means, m2):
-    """Second pass over the same block: per (layer, group, gene) sum of squared deviations from the block
+    """Second sweep over the same block: per (layer, group, gene) sum of squared deviations from the block
     means over the non-zeros. The zeros' share, (n - nnz) * mean^2, is added by the caller."""
     n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
     for i in range(n):
         gr = groups[i]
         f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
         for j in range(indptr[i], indptr[i + 1]):
             g = indices[j]
             x = np.float32(data[j])
             if layers[0]:
                 d = np.float64(x) - means[0, gr, g]
                 m2[0, gr, g] += d * d
-            v = np.float32(np.float64(x) / f)
+            v, lv, _ = _norm_log_u(x, f, log_target, table_v, table_l, table_u)
             if layers[1]:
                 d = np.float64(v) - means[1, gr, g]
                 m2[1, gr, g] += d * d
-            lv = np.float32(np.log1p(np.float64(v)))
             if layers[2]:
                 d = np.float64(lv) - means[2, gr, g]
                 m2[2, gr, g] += d * d
@@ -376,29 +447,35 @@ def accumulate_m2(indptr, indices, data, groups, target, layers, means, m2):
 
 
 @njit(cache=True)
-def normalized_log_bins(indptr, indices, data, target, log_width, out_keys):
-    """For the per-gene median of normalized non-zeros: key = gene << 32 | (floor(log(v) / log_width) + 2^31)."""
+def second_pass(indptr, indices, data, groups, target, do_clip, clip_val, sums, sq_sums, med_bins, med_fine):
+    """The second pass over a block: seurat_v3's per (group, gene) sum and sum of squares of min(x, clip_val)
+    (when `do_clip`), and the fine median histograms inside each gene's two selected coarse bins
+    (med_bins[g] = coarse bins of the lower and upper middle elements)."""
     n = len(indptr) - 1
-    for i in range(n):
-        f = _row_factor(indptr, indices, data, indices, False, False, i, target)
-        for j in range(indptr[i], indptr[i + 1]):
-            v = np.float32(np.float64(np.float32(data[j])) / f)
-            if v <= 0:  # an explicitly stored zero is not a non-zero value
-                out_keys[j] = -1
-                continue
-            b = np.int64(np.floor(np.log(np.float64(v)) / log_width)) + 2147483648
-            out_keys[j] = (np.int64(indices[j]) << 32) | b
-    return out_keys
-
-
-@njit(cache=True)
-def clipped_sums(indptr, indices, data, groups, clip_val, sums, sq_sums):
-    """seurat_v3's second pass: per (group, gene) sum and sum of squares of min(x, clip_val[group, gene])."""
-    n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
     for i in range(n):
         gr = groups[i]
+        f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
         for j in range(indptr[i], indptr[i + 1]):
             g = indices[j]
-            e = min(np.float64(data[j]), clip_val[gr, g])
-            sums[gr, g] += e
-            sq_sums[gr, g] += e * e
+            if do_clip:
+                e = min(np.float64(data[j]), clip_val[gr, g])
+                sums[gr, g] += e
+                sq_sums[gr, g] += e * e
+            b0 = med_bins[g, 0]
+            if b0 < 0:
+                continue
+            _, _, u = _norm_log_u(data[j], f, log_target, table_v, table_l, table_u)
+            if u < 0:
+                continue
+            b = np.int64(u / MED_W1)
+            if b == b0 or b == med_bins[g, 1]:
+                k = min(np.int64((u - b * MED_W1) / MED_W2), MED_FINE - 1)
+                if b == b0:
+                    med_fine[g, 0, k] += 1
+                if b == med_bins[g, 1]:
+                    med_fine[g, 1, k] += 1

@@ -43,6 +43,7 @@ class LoaderMetrics:
     started: float = field(default_factory=time.perf_counter)
     queue_depth: int = 0  # batches read ahead of the consumer right now
     max_queue_depth: int = 0
+    reissued: int = 0  # buffers re-read after their reader died
 
     def snapshot(self) -> dict[str, float]:
         elapsed = max(1e-9, time.perf_counter() - self.started)
@@ -54,6 +55,7 @@ class LoaderMetrics:
             "mean_batch_wait_ms": 1e3 * self.wait_s / max(1, self.batches),
             "queue_depth": self.queue_depth,
             "max_queue_depth": self.max_queue_depth,
+            "reissued": self.reissued,
         }
 
 
@@ -133,6 +135,7 @@ class Loader:
         self._reader = BufferReader(self.store, transforms, output, self.obs_keys, direct_io)  # validates options
         self._pool: ThreadPoolExecutor | None = None
         self._actors: list = []
+        self._carry: list = []
         self._ray_metrics = None
 
     # -- public API
@@ -160,6 +163,7 @@ class Loader:
         return self.metrics.snapshot()
 
     def close(self) -> None:
+        self._carry = []
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -182,21 +186,28 @@ class Loader:
         if s.batches_done >= len(s):  # the saved position is an epoch's end: start the next one
             s.set_epoch(s.epoch + 1)
         epoch, start = s.epoch, s.batches_done
-        k = self.config.buffer_batches
-        j0, skip = divmod(start, k)
-        next_j, n_buffers = j0, s.n_buffers
+        j0, skip = divmod(start, self.config.buffer_batches)
+        n_buffers = s.n_buffers
         pending: collections.deque = collections.deque()  # (plan, handle), oldest first
-        in_flight = 0  # batches submitted and not yet handed to the consumer
+        carry, self._carry = self._carry, []
+        if carry and skip == 0 and (carry[0][0].epoch, carry[0][0].index) == (epoch, j0):
+            pending.extend(carry)  # the previous pass already started reading this epoch's first buffers
+        next_e, next_j = epoch, j0 + len(pending)
+        in_flight = sum(p.n_batches for p, _ in pending)  # batches submitted and not yet handed out
         self.metrics = LoaderMetrics()
         while True:
-            while next_j < n_buffers:  # read ahead while the bound allows
-                plan = s.buffer(epoch, next_j)
+            while True:  # read ahead while the bound allows, into the next epoch's first buffers too
+                if next_j >= n_buffers:
+                    if next_e != epoch or n_buffers == 0:
+                        break
+                    next_e, next_j = epoch + 1, 0
+                plan = s.buffer(next_e, next_j)
                 if pending and in_flight + plan.n_batches > self.prefetch:
                     break
                 pending.append((plan, self._submit(plan)))
                 in_flight += plan.n_batches
                 next_j += 1
-            if not pending:
+            if not pending or pending[0][0].epoch != epoch:
                 break
             plan, handle = pending.popleft()
             first = skip if plan.index == j0 else 0
@@ -214,6 +225,7 @@ class Loader:
                 s.batches_done = plan.first_batch + b + 1
                 self._report()
                 yield out
+        self._carry = list(pending)  # next epoch's first buffers, kept only if the next pass starts there
         s.set_epoch(epoch + 1)
 
     # -- reading, local or Ray
@@ -233,8 +245,8 @@ class Loader:
                 for _ in range(self.num_workers)
             ]
         actor = self._actors[plan.index % len(self._actors)]
-        refs = actor.read.options(num_returns=plan.n_batches).remote(plan)
-        return [refs] if plan.n_batches == 1 else list(refs)
+        # one object per buffer: a ray.get costs ~1 ms, so fetch a buffer's batches at once
+        return {"ref": actor.read.remote(plan), "batches": None}
 
     def _result(self, plan: BufferPlan, handle, b: int) -> dict[str, Any]:
         if self.mode == "local":
@@ -245,8 +257,9 @@ class Loader:
 
         for attempt in range(3):
             try:
-                out = ray.get(handle[b])
-                handle[b] = None
+                if handle["batches"] is None:
+                    handle["batches"] = list(ray.get(handle.pop("ref")))
+                out, handle["batches"][b] = handle["batches"][b], None
                 return out
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 # Ray's own retries are spent (or the actor is gone for good): replace it and re-issue the buffer
@@ -255,7 +268,9 @@ class Loader:
                 self._actors[i] = make_reader_actor(
                     str(self.store.path), self.transforms, self.output, self.obs_keys, self.direct_io, self.reader_cpus
                 )
-                handle[:] = self._submit_ray(plan)
+                handle.clear()
+                handle.update(self._submit_ray(plan))
+                self.metrics.reissued += 1
         raise CellrayError(f"buffer {plan.index} of epoch {plan.epoch} failed on 3 fresh readers")
 
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +281,7 @@ class Loader:
         with warnings.catch_warnings():
             # Ray hands out read-only views of the object store; the tensors never write to them in place.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            warnings.filterwarnings("ignore", message="Sparse (invariant checks|CSR tensor support)")
             for key, value in batch.items():
                 if isinstance(value, CSRBlock):
                     t = torch.sparse_csr_tensor(

@@ -14,12 +14,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.blockio import StoreBlocks, gather_csr, gather_dense
+from engine.blockio import DenseBuffers, StoreBlocks, gather_dense, gather_pool_csr, gather_pool_dense
 from engine.errors import CellrayError
 from engine.sampler import BufferPlan, split_mask
 from engine.store import CSRBlock, Store
 
 log = logging.getLogger(__name__)
+
+
+def single_threaded_kernels() -> None:
+    """Run numba's parallel kernels on one thread in this reader thread: readers already work in parallel
+    (one buffer each), and a parallel kernel's barrier stalls whenever a core is busy elsewhere (measured:
+    normalize+log1p+densify of 4,096 cells took 12-100 ms with 2 numba threads on a busy 2-core machine)."""
+    import numba
+
+    if numba.get_num_threads() != 1:
+        numba.set_num_threads(1)
 
 
 def build_pipeline(transforms: Any, store: Store):
@@ -50,6 +60,7 @@ class BufferReader:
         self.blocks = StoreBlocks(self.store, direct=direct_io)
         self.pipeline = build_pipeline(transforms, self.store)
         self.output = output
+        self.dense_buffers = DenseBuffers()
         self.obs_keys = tuple(obs_keys)
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
@@ -62,9 +73,10 @@ class BufferReader:
 
     def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
         """The plan's batches, in order."""
+        single_threaded_kernels()
         segs = plan.segments
         offsets = self.store.cell_offsets
-        indptr, indices, data = self.blocks.read(segs[:, :3])
+        pool = self.blocks.read_pool(segs[:, :3])
         # rows of the concatenated read that belong to the buffer, in stream order, with their global index
         rows, gidx, pad, obs = [], [], [], {k: [] for k in self._obs_needed(plan)}
         base = 0
@@ -93,6 +105,9 @@ class BufferReader:
         rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
         if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
             p = np.asarray(plan.balance["weights"], dtype=np.float64)[obs_a[plan.balance["key"]]]
+            if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
+                log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
+                p = np.ones(n)
             pick = rng.choice(n, size=n, replace=True, p=p / p.sum())
         elif plan.shuffle:
             pick = rng.permutation(n)
@@ -110,14 +125,25 @@ class BufferReader:
             if want_pad:
                 batch["pad"] = pad_a[sel]
             if self.pipeline is None:
-                batch["X"] = self._raw_x(indptr, indices, data, r)
+                batch["X"] = self._raw_x(pool, r)
             else:
-                ip, ix, dx = gather_csr(indptr, indices, data, r, data_dtype=np.float32, index_dtype=np.int32)
-                out = self.pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
+                ip, ix, dx = gather_pool_csr(pool, r, data_dtype=np.float32, index_dtype=np.int32)
+                out = self._run_pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
                 for key, value in out.items():
                     batch[key] = self._finish_x(value) if key == "X" else value
             batches.append(batch)
         return batches
+
+    def _run_pipeline(self, block: CSRBlock, index: np.ndarray) -> dict[str, Any]:
+        """The pipeline, writing a dense X into a reused buffer when it can (`Pipeline(..., out=)`)."""
+        import inspect
+
+        dense = getattr(self.pipeline, "dense", False) and "out" in inspect.signature(self.pipeline).parameters
+        if not dense:
+            return self.pipeline(block, index)
+        n_out = self.pipeline.n_genes_out
+        out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself
+        return self.pipeline(block, index, out=out)
 
     def _obs_needed(self, plan: BufferPlan) -> list[str]:
         keys = list(self.obs_keys)
@@ -125,19 +151,23 @@ class BufferReader:
             keys.append(plan.balance["key"])
         return keys
 
-    def _raw_x(self, indptr, indices, data, rows):
+    def _raw_x(self, pool, rows):
         if self.output == "dense":
-            return gather_dense(indptr, indices, data, rows, self.store.n_genes)
-        ip, ix, dx = gather_csr(indptr, indices, data, rows, data_dtype=np.float32, index_dtype=_index_dtype(indptr, rows))
-        return CSRBlock(ip.astype(ix.dtype), ix, dx, self.store.n_genes)
+            return gather_pool_dense(pool, rows, self.store.n_genes, self.dense_buffers)
+        ip, ix, dx = gather_pool_csr(pool, rows, data_dtype=np.float32, index_dtype=np.int32)
+        dt = _index_dtype(ip)  # torch wants indptr and indices of one signed dtype
+        return CSRBlock(ip.astype(dt), ix.astype(dt, copy=False), dx, self.store.n_genes)
 
     def _finish_x(self, x):
-        if isinstance(x, CSRBlock) and self.output == "dense":
+        if not isinstance(x, CSRBlock):
+            return x
+        if self.output == "dense":
             return gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
-        return x
+        dt = _index_dtype(x.indptr)  # torch wants indptr and indices of one signed dtype
+        return CSRBlock(x.indptr.astype(dt, copy=False), x.indices.astype(dt, copy=False), x.data.astype(np.float32, copy=False), x.n_genes)
 
 
-def _index_dtype(indptr: np.ndarray, rows: np.ndarray):
+def _index_dtype(indptr: np.ndarray):
     """int32 indices (half the bytes) unless a batch could hold 2^31 non-zeros."""
     return np.int32 if indptr[-1] < 2**31 - 1 else np.int64
 
@@ -156,9 +186,8 @@ def reader_actor_class():
         def __init__(self, store_path: str, transforms: Any, output: str, obs_keys: Sequence[str], direct_io: bool):
             self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
 
-        def read(self, plan: BufferPlan):
-            batches = self.reader.read(plan)
-            return batches[0] if len(batches) == 1 else tuple(batches)  # one object per batch (num_returns)
+        def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+            return self.reader.read(plan)
 
         def pid(self) -> int:
             return os.getpid()

@@ -13,12 +13,14 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> bool:
     """Connect to Ray unless already connected. Returns True when this call started/connected it.
 
     `address=None` starts a fresh embedded Ray (``address="local"`` never attaches to a stale cluster left in
-    /tmp/ray) with its dashboard, if any, on 127.0.0.1 and Ray's token auth on (the default for clusters that
-    ray.init starts; Ray 2.60 binds its core gRPC ports on the node address and refuses to pin them to loopback). Any other address connects there and ships this project as the
+    /tmp/ray) with Ray's token auth on (the default for clusters ray.init starts) and the dashboard on
+    127.0.0.1. The dashboard is on by default: it also serves the state API that Ray Train's placement-group
+    cleaner polls every second. (Ray 2.60 binds its core gRPC ports on the node address and will not pin them
+    to loopback; token auth guards them.) Any other address connects there and ships this project as the
     job's working_dir so every node imports the same engine/models/jobs.
     """
     import ray
@@ -26,7 +28,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(
+        ctx = ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=dashboard,
@@ -36,12 +38,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             log_to_driver=True,
         )
     else:
-        ray.init(
+        ctx = ray.init(
             address=address,
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": [".venv*", "data", "runs", ".git", "bench/out"]},
             logging_level=logging.WARNING,
         )
-    log.info("ray ready: %s", ray.cluster_resources())
+    url = getattr(ctx, "dashboard_url", None)
+    log.info("ray ready: %s%s", ray.cluster_resources(), f"; dashboard http://{url}" if url else "")
     return True
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numba
@@ -232,7 +232,8 @@ class Sampler:
             order = order[self.block_counts[order] > 0]
             cum = np.zeros(len(order) + 1, dtype=np.int64)
             np.cumsum(self.block_counts[order], out=cum[1:])
-            self._cache.clear()  # keep one epoch: O(blocks); shared with for_rank() views
+            while len(self._cache) >= 2:  # this epoch and the next (the Loader reads ahead): O(blocks)
+                self._cache.pop(next(iter(self._cache)))
             self._cache[epoch] = _Epoch(order, cum)
         return self._cache[epoch]
 

@@ -13,6 +13,7 @@ under a temporary name and renamed into place. `load_stats(store)` reads it back
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ import time
 import warnings
 import zlib
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,6 +40,8 @@ STATS_KEY = "cellray_stats"
 STATS_VERSION = 1
 LAYERS = ("counts", "norm", "lognorm", "seurat")  # seurat: expm1(lognorm), what scanpy's seurat flavor reads
 FLAVORS = ("seurat_v3", "seurat", "cell_ranger")
+# Below this many non-zeros a store is done in-process faster than Ray can start workers and import the engine.
+LOCAL_MAX_NNZ = 5_000_000
 
 
 class StatsError(CellrayError):
@@ -53,8 +56,8 @@ class StatsConfig:
     batch_key: str | None = None  # obs column: HVG per batch, combined as scanpy does
     span: float = 0.3  # seurat_v3 loess span
     n_bins: int = 20  # seurat / cell_ranger mean bins
-    median_rel_error: float = 1e-3  # bound on |median estimate / exact median - 1|
-    block_cells: int = 32768  # cells per Ray task
+    block_cells: int = 32768  # at most this many cells per task (fewer, so that every CPU gets work)
+    executor: str = "auto"  # ray | local (in this process) | auto: local below LOCAL_MAX_NNZ non-zeros
     address: str | None = None  # Ray cluster; None = embedded local Ray
 
     def validate(self) -> None:
@@ -64,8 +67,8 @@ class StatsConfig:
             raise StatsError(f"stats: unknown HVG flavor {self.flavor!r}; expected one of {', '.join(FLAVORS)}")
         if self.hvg is not None and self.hvg < 1:
             raise StatsError(f"stats: --hvg must be a positive number of genes, got {self.hvg}")
-        if not 0 < self.median_rel_error < 0.5:
-            raise StatsError(f"stats: median_rel_error must be in (0, 0.5), got {self.median_rel_error}")
+        if self.executor not in ("auto", "ray", "local"):
+            raise StatsError(f"stats: executor must be auto, ray or local, got {self.executor!r}")
 
 
 @dataclass
@@ -125,34 +128,42 @@ class GeneStats:
 
 @dataclass
 class Moments:
-    """Per (layer, group, gene) count, mean and M2; merged with Chan's formula."""
+    """Per (layer, group, gene) count, sum, mean and M2. M2 merges with Chan's formula; the reported mean is
+    sum / n, which for integer counts is exact and so bitwise equal to scanpy's (genes with equal totals tie
+    exactly, which seurat_v3's loess fit is sensitive to)."""
 
     n: np.ndarray  # (groups,) int64 cells
-    mean: np.ndarray  # (layers, groups, genes) float64
+    sum: np.ndarray  # (layers, groups, genes) float64
+    mean: np.ndarray  # (layers, groups, genes) float64, Chan's running mean (for merging M2)
     m2: np.ndarray  # (layers, groups, genes) float64
 
     def merge(self, other: Moments) -> Moments:
         na = self.n[None, :, None].astype(np.float64)
         nb = other.n[None, :, None].astype(np.float64)
         n = na + nb
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delta = other.mean - self.mean
-            w = np.where(n > 0, nb / np.where(n > 0, n, 1), 0.0)
-            mean = self.mean + delta * w
-            m2 = self.m2 + other.m2 + delta * delta * np.where(n > 0, na * nb / np.where(n > 0, n, 1), 0.0)
-        return Moments(self.n + other.n, mean, m2)
+        safe = np.where(n > 0, n, 1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * np.where(n > 0, nb / safe, 0.0)
+        m2 = self.m2 + other.m2 + delta * delta * np.where(n > 0, na * nb / safe, 0.0)
+        return Moments(self.n + other.n, self.sum + other.sum, mean, m2)
 
     def total(self) -> Moments:
         """All groups merged into one (in group order)."""
-        out = Moments(self.n[:1], self.mean[:, :1], self.m2[:, :1])
+        out = self.group(0)
         for g in range(1, len(self.n)):
-            out = out.merge(Moments(self.n[g : g + 1], self.mean[:, g : g + 1], self.m2[:, g : g + 1]))
+            out = out.merge(self.group(g))
         return out
+
+    def group(self, g: int) -> Moments:
+        sl = slice(g, g + 1)
+        return Moments(self.n[sl], self.sum[:, sl], self.mean[:, sl], self.m2[:, sl])
+
+    def means(self) -> np.ndarray:
+        return self.sum / np.maximum(self.n, 1)[None, :, None]
 
     def var(self) -> np.ndarray:
         d = (self.n - 1).astype(np.float64)[None, :, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(d > 0, self.m2 / np.where(d > 0, d, 1), 0.0)
+        return np.where(d > 0, self.m2 / np.where(d > 0, d, 1), 0.0)
 
 
 def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -185,8 +196,8 @@ def _group_codes(store: Store, shard: int, start: int, stop: int, batch_key: str
     return codes, len(cats)
 
 
-def _pass1(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, layers: np.ndarray, log_width: float) -> dict[str, Any]:
-    """Moments, nnz, median-histogram keys and library sizes of one block of cells."""
+def _pass1(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, layers: np.ndarray) -> dict[str, Any]:
+    """Moments, nnz, coarse median histograms and library sizes of one block of cells."""
     store = Store.open(store_path)
     block = store.read_csr(shard, start, stop)
     groups, n_groups = _group_codes(store, shard, start, stop, batch_key)
@@ -194,32 +205,36 @@ def _pass1(store_path: str, shard: int, start: int, stop: int, batch_key: str | 
     t32 = float(np.float32(target))
     sums = np.zeros((len(LAYERS), n_groups, G))
     nnz = np.zeros((n_groups, G), dtype=np.int64)
-    kernels.accumulate_moments(block.indptr, block.indices, block.data, groups, n_groups, t32, layers, sums, nnz)
+    coarse = np.zeros((G, kernels.MED_COARSE), dtype=np.uint16)  # a block has < 2^16 cells
+    kernels.accumulate_moments(block.indptr, block.indices, block.data, groups, t32, layers, sums, nnz, coarse)
     n = np.bincount(groups, minlength=n_groups).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n[None, :, None] > 0, sums / np.maximum(n, 1)[None, :, None], 0.0)
+    mean = sums / np.maximum(n, 1)[None, :, None]
     m2 = np.zeros_like(mean)
     kernels.accumulate_m2(block.indptr, block.indices, block.data, groups, t32, layers, mean, m2)
     m2 += (n[None, :, None] - nnz[None]) * mean * mean  # the zeros' share
-    keys = kernels.normalized_log_bins(block.indptr, block.indices, block.data, t32, log_width, np.empty(len(block.data), dtype=np.int64))
-    med = np.unique(keys[keys >= 0], return_counts=True)
     lib = kernels.library_sizes(block.indptr, block.data, np.empty(block.n_cells))
     libs = [np.unique(lib[groups == g], return_counts=True) for g in range(n_groups)]
-    return {"moments": Moments(n, mean, m2), "nnz": nnz, "median": med, "library": libs}
+    return {"moments": Moments(n, sums, mean, m2), "nnz": nnz, "coarse": coarse, "library": libs}
 
 
-def _pass2(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, clip_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """seurat_v3: per (group, gene) sums and squared sums of counts clipped at clip_val."""
+def _pass2(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, clip_val: np.ndarray | None, med_bins: np.ndarray) -> tuple:
+    """Fine median histograms in each gene's selected coarse bins, and for seurat_v3 the per (group, gene) sums
+    and squared sums of counts clipped at clip_val."""
     store = Store.open(store_path)
     block = store.read_csr(shard, start, stop)
-    groups, _ = _group_codes(store, shard, start, stop, batch_key)
-    sums = np.zeros_like(clip_val)
-    sq = np.zeros_like(clip_val)
-    kernels.clipped_sums(block.indptr, block.indices, block.data, groups, clip_val, sums, sq)
-    return sums, sq
+    groups, n_groups = _group_codes(store, shard, start, stop, batch_key)
+    do_clip = clip_val is not None
+    clip = clip_val if do_clip else np.zeros((1, 1))
+    sums = np.zeros_like(clip)
+    sq = np.zeros_like(clip)
+    fine = np.zeros((store.n_genes, 2, kernels.MED_FINE), dtype=np.uint16)
+    kernels.second_pass(block.indptr, block.indices, block.data, groups, float(np.float32(target)), do_clip, clip, sums, sq, med_bins, fine)
+    return sums, sq, fine
 
 
-def _blocks(store: Store, block_cells: int) -> list[tuple[int, int, int]]:
+def _blocks(store: Store, block_cells: int, n_workers: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) cell ranges: at most block_cells each, and at least ~2 per worker when cells allow."""
+    block_cells = max(1, min(block_cells, 65535, -(-store.n_cells // (2 * n_workers))))
     out = []
     for s, info in enumerate(store.manifest.shards):
         for start in range(0, info.n_cells, block_cells):
@@ -228,8 +243,14 @@ def _blocks(store: Store, block_cells: int) -> list[tuple[int, int, int]]:
 
 
 def _run_ordered(fn: Callable, args_list: list[tuple], stage: str, progress: Callable | None, window: int) -> Any:
-    """Run `fn` as Ray tasks over args_list with at most `window` in flight; yield results in submission order
-    (merging in a fixed order keeps the result reproducible)."""
+    """Run `fn` as Ray tasks over args_list with at most `window` in flight (window 0: in this process); yield
+    results in submission order (merging in a fixed order keeps the result reproducible)."""
+    if window == 0:
+        for done, args in enumerate(args_list, 1):
+            yield fn(*args)
+            if progress:
+                progress(stage, done, len(args_list))
+        return
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
@@ -297,14 +318,14 @@ def _hvg_dispersion(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: int,
 
 def hvg_dispersion(mom: Moments, layer: int, nnz: np.ndarray, cfg: StatsConfig, index: pd.Index) -> pd.DataFrame:
     """seurat / cell_ranger HVG, batched as scanpy's `_highly_variable_genes_batched` when groups > 1."""
-    var = mom.var()
+    var, means = mom.var(), mom.means()
     if cfg.batch_key is None:
         tot = mom.total()
-        return _hvg_dispersion(tot.mean[layer, 0], tot.var()[layer, 0], cfg.flavor, cfg.n_bins, cfg.hvg, index)
+        return _hvg_dispersion(tot.means()[layer, 0], tot.var()[layer, 0], cfg.flavor, cfg.n_bins, cfg.hvg, index)
     dfs = []
     for g in np.flatnonzero(mom.n > 0):
         expressed = nnz[g] > 0
-        df = _hvg_dispersion(mom.mean[layer, g, expressed], var[layer, g, expressed], cfg.flavor, cfg.n_bins, cfg.hvg, index[expressed])
+        df = _hvg_dispersion(means[layer, g, expressed], var[layer, g, expressed], cfg.flavor, cfg.n_bins, cfg.hvg, index[expressed])
         if (~expressed).any():
             missing = pd.DataFrame(np.zeros(((~expressed).sum(), len(df.columns))), columns=df.columns, index=index[~expressed])
             missing["highly_variable"] = missing["highly_variable"].astype(bool)
@@ -332,25 +353,25 @@ def _loess_reg_std(mean: np.ndarray, var: np.ndarray, span: float) -> np.ndarray
     return np.sqrt(10**est)
 
 
-def hvg_seurat_v3(mom: Moments, blocks: list, store: Store, cfg: StatsConfig, progress: Callable | None, window: int) -> pd.DataFrame:
-    """scanpy's seurat_v3: loess fit of log variance on log mean per batch, then a second pass summing counts
-    clipped at mean + sqrt(n) * regularized std, giving the normalized variance; ranks combined over batches."""
-    var = mom.var()
-    present = np.flatnonzero(mom.n > 0)
-    reg_std = np.ones((len(mom.n), store.n_genes))
-    clip_val = np.zeros((len(mom.n), store.n_genes))
-    for g in present:
-        reg_std[g] = _loess_reg_std(mom.mean[0, g], var[0, g], cfg.span)
-        clip_val[g] = reg_std[g] * np.sqrt(mom.n[g]) + mom.mean[0, g]
-    sums = np.zeros_like(clip_val)
-    sq = np.zeros_like(clip_val)
-    args = [(str(store.path), s, a, b, cfg.batch_key, clip_val) for s, a, b in blocks]
-    for s1, s2 in _run_ordered(_pass2, args, "hvg pass", progress, window):
-        sums += s1
-        sq += s2
+def seurat_v3_clip(mom: Moments, cfg: StatsConfig, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    """seurat_v3, before its second pass: per batch, a loess fit of log variance on log mean gives a regularized
+    std; counts are clipped at mean + sqrt(n) * std. Returns (reg_std, clip_val), each (groups, genes)."""
+    var, means = mom.var(), mom.means()
+    reg_std = np.ones((len(mom.n), n_genes))
+    clip_val = np.zeros((len(mom.n), n_genes))
+    for g in np.flatnonzero(mom.n > 0):
+        reg_std[g] = _loess_reg_std(means[0, g], var[0, g], cfg.span)
+        clip_val[g] = reg_std[g] * np.sqrt(mom.n[g]) + means[0, g]
+    return reg_std, clip_val
+
+
+def seurat_v3_select(mom: Moments, reg_std: np.ndarray, sums: np.ndarray, sq: np.ndarray, cfg: StatsConfig, index: pd.Index) -> pd.DataFrame:
+    """seurat_v3, after its second pass: normalized variances from the clipped sums, ranks combined over batches
+    (median rank, then number of batches) exactly as scanpy does."""
+    means = mom.means()
     norm_vars = []
-    for g in present:
-        n, m = float(mom.n[g]), mom.mean[0, g]
+    for g in np.flatnonzero(mom.n > 0):
+        n, m = float(mom.n[g]), means[0, g]
         norm_vars.append((1 / ((n - 1) * np.square(reg_std[g]))) * ((n * np.square(m)) + sq[g] - 2 * sums[g] * m))
     norm_vars = np.stack(norm_vars)
     ranked = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
@@ -358,8 +379,8 @@ def hvg_seurat_v3(mom: Moments, blocks: list, store: Store, cfg: StatsConfig, pr
     ranked[ranked >= cfg.hvg] = np.nan
     median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
     tot = mom.total()
-    df = pd.DataFrame(index=store.gene_ids)
-    df["means"] = tot.mean[0, 0]
+    df = pd.DataFrame(index=index)
+    df["means"] = tot.means()[0, 0]
     df["variances"] = tot.var()[0, 0]
     df["highly_variable_nbatches"] = nbatches
     df["highly_variable_rank"] = median_ranked
@@ -377,22 +398,30 @@ def hvg_seurat_v3(mom: Moments, blocks: list, store: Store, cfg: StatsConfig, pr
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _medians(keys: np.ndarray, counts: np.ndarray, n_genes: int, log_width: float) -> np.ndarray:
-    """Per-gene median from (gene, log-bin) histograms: the bin of each middle element, at its geometric centre."""
-    gene = (keys >> 32).astype(np.int64)
-    b = (keys & 0xFFFFFFFF) - 2147483648
-    centre = np.exp((b + 0.5) * log_width)
-    out = np.zeros(n_genes)
-    starts = np.searchsorted(gene, np.arange(n_genes + 1))
-    cum = np.cumsum(counts)
-    for g in np.flatnonzero(np.diff(starts)):
-        lo, hi = starts[g], starts[g + 1]
-        before = cum[lo - 1] if lo > 0 else 0
-        c = cum[lo:hi] - before
-        total = int(c[-1])
-        i1 = np.searchsorted(c, (total - 1) // 2, side="right")  # bins holding ranks (n-1)//2 and n//2
-        i2 = np.searchsorted(c, total // 2, side="right")
-        out[g] = 0.5 * (centre[lo + i1] + centre[lo + i2])
+def _median_bins(coarse: np.ndarray, nnz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From the coarse histograms: per gene the coarse bins holding the lower and upper middle non-zeros
+    (ranks (n-1)//2 and n//2; -1 for genes never seen) and those ranks counted from the start of their bin."""
+    cum = np.cumsum(coarse, axis=1)
+    ranks = np.stack([(nnz - 1) // 2, nnz // 2], axis=1)
+    bins = np.stack([(cum <= ranks[:, k : k + 1]).sum(axis=1) for k in (0, 1)], axis=1)
+    bins = np.minimum(bins, coarse.shape[1] - 1)
+    before = np.where(bins > 0, np.take_along_axis(cum, np.maximum(bins - 1, 0), axis=1), 0)
+    bins[nnz == 0] = -1
+    return bins.astype(np.int64), ranks - before
+
+
+def _medians(fine: np.ndarray, bins: np.ndarray, rank_in_bin: np.ndarray, target: float) -> np.ndarray:
+    """Median of each gene's normalized non-zeros: the centres of the fine bins holding the two middle elements,
+    averaged (numpy's median of an even count). Within kernels.MEDIAN_REL_ERROR of the exact value."""
+    out = np.zeros(len(bins))
+    est = []
+    for k in (0, 1):
+        cum = np.cumsum(fine[:, k, :], axis=1)
+        idx = np.minimum((cum <= rank_in_bin[:, k : k + 1]).sum(axis=1), fine.shape[2] - 1)
+        u = bins[:, k] * kernels.MED_W1 + (idx + 0.5) * kernels.MED_W2
+        est.append(target * np.exp(-u))
+    seen = bins[:, 0] >= 0
+    out[seen] = 0.5 * (est[0][seen] + est[1][seen])
     return out
 
 
@@ -434,37 +463,43 @@ def _library_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     }
 
 
-def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True) -> GeneStats:
-    """Compute a store's statistics on Ray (the cluster at config.address, else an embedded one or the one
-    already running), write them into the store atomically (unless `write` is False) and return them."""
+@contextlib.contextmanager
+def _executor(local: bool, address: str | None) -> Iterator[int]:
+    """Yields the number of workers: 0 in-process, else Ray's CPUs (Ray started here only if not running)."""
+    if local:
+        yield 0
+        return
     import ray
 
     from engine.runtime import ray_session
 
+    with ray_session(address):
+        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True) -> GeneStats:
+    """Compute a store's statistics on Ray (the cluster at config.address, else an embedded one or the one
+    already running), write them into the store atomically (unless `write` is False) and return them."""
     config.validate()
     store = store if isinstance(store, Store) else Store.open(store)
     if config.batch_key is not None and config.batch_key not in store.manifest.obs_schema:
         raise StatsError(f"{store.path}: --batch-key {config.batch_key!r} is not an obs column; columns: {list(store.manifest.obs_schema)}")
     t0 = time.perf_counter()
-    log_width = 2.0 * math.log1p(config.median_rel_error)
     layers = np.array([True, True, True, config.hvg is not None and config.flavor == "seurat"])
-    blocks = _blocks(store, config.block_cells)
-    with ray_session(config.address):
-        window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-        args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, layers, log_width) for s, a, b in blocks]
+    nnz_total = sum(s.nnz for s in store.manifest.shards)
+    local = config.executor == "local" or (config.executor == "auto" and config.address is None and nnz_total < LOCAL_MAX_NNZ)
+    with _executor(local, config.address) as n_workers:
+        window = 0 if local else 2 * n_workers
+        blocks = _blocks(store, config.block_cells, max(1, n_workers))
+        args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, layers) for s, a, b in blocks]
         mom: Moments | None = None
         nnz = None
-        med_parts: list = []
-        med_len = 0
+        coarse = np.zeros((store.n_genes, kernels.MED_COARSE), dtype=np.int64)
         lib_parts: list[list] = []
-        for r in _run_ordered(_pass1, args, "stats pass", progress, window):
+        for r in _run_ordered(_pass1, args, "stats pass 1", progress, window):
             mom = r["moments"] if mom is None else mom.merge(r["moments"])
             nnz = r["nnz"] if nnz is None else nnz + r["nnz"]
-            med_parts.append(r["median"])
-            med_len += len(r["median"][0])
-            if len(med_parts) > 8 and med_len > 4 * len(med_parts[0][0]):  # compact now and then
-                med_parts = [_merge_counts(med_parts)]
-                med_len = len(med_parts[0][0])
+            coarse += r["coarse"]
             if not lib_parts:
                 lib_parts = [[] for _ in r["library"]]
             for g, part in enumerate(r["library"]):
@@ -473,20 +508,30 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
             raise StatsError(f"{store.path}: the store has no cells")
         index = store.gene_ids
         tot = mom.total()
-        tvar = tot.var()
+        tvar, tmean = tot.var(), tot.means()
         genes = pd.DataFrame(index=pd.Index(index.astype(str), name=None))
         genes["n"] = np.int64(tot.n[0])
-        genes["mean"], genes["var"] = tot.mean[0, 0], tvar[0, 0]
+        genes["mean"], genes["var"] = tmean[0, 0], tvar[0, 0]
         genes["nnz"] = nnz.sum(axis=0)
         for li, name in ((1, "norm"), (2, "lognorm")):
-            genes[f"{name}_mean"], genes[f"{name}_var"] = tot.mean[li, 0], tvar[li, 0]
-        mk, mc = _merge_counts(med_parts)
-        genes["median"] = _medians(mk, mc, store.n_genes, log_width)
+            genes[f"{name}_mean"], genes[f"{name}_var"] = tmean[li, 0], tvar[li, 0]
+
+        # pass 2: fine median histograms, and seurat_v3's clipped sums
+        v3 = config.hvg is not None and config.flavor == "seurat_v3"
+        reg_std, clip_val = seurat_v3_clip(mom, config, store.n_genes) if v3 else (None, None)
+        med_bins, rank_in_bin = _median_bins(coarse, genes["nnz"].to_numpy())
+        args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, clip_val, med_bins) for s, a, b in blocks]
+        fine = np.zeros((store.n_genes, 2, kernels.MED_FINE), dtype=np.int64)
+        csum = csq = 0.0
+        for s1, s2, f in _run_ordered(_pass2, args, "stats pass 2", progress, window):
+            fine += f
+            csum, csq = csum + s1, csq + s2
+        genes["median"] = _medians(fine, med_bins, rank_in_bin, float(np.float32(config.target_sum)))
 
         hvg_info = None
         if config.hvg is not None:
-            if config.flavor == "seurat_v3":
-                hv = hvg_seurat_v3(mom, blocks, store, config, progress, window)
+            if v3:
+                hv = seurat_v3_select(mom, reg_std, csum, csq, config, index)
             else:
                 hv = hvg_dispersion(mom, 3 if config.flavor == "seurat" else 1, nnz, config, index)
             hv.index = genes.index
@@ -506,7 +551,7 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
         genes=genes,
         library=library,
         hvg=hvg_info,
-        median_rel_error=config.median_rel_error,
+        median_rel_error=kernels.MEDIAN_REL_ERROR,
         fingerprint=_fingerprint(store),
     )
     log.info("stats of %s: %d cells x %d genes in %.1f s", store.path, stats.n_cells, store.n_genes, time.perf_counter() - t0)

@@ -178,7 +178,8 @@ def write_shard(
             compressors=[codec.zarr_compressor()],
         )
     indptr = np.asarray(indptr, dtype=np.int64)
-    x.create_array("indptr", data=indptr, chunks=(max(1, len(indptr)),), compressors=[ZstdCodec(level=3)])
+    # chunked too, so a reader of a few blocks of a big shard does not fetch the whole indptr
+    x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 16),), compressors=[ZstdCodec(level=3)])
     with warnings.catch_warnings():  # anndata's note on zarr autosharding concerns its own chunking, not ours
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):

@@ -10,9 +10,11 @@ Every `checkpoint_every` optimizer steps all ranks report one checkpoint directo
     rank{r}.pt       every rank: its loader position and RNG states
 
 A restarted worker group (FailureConfig(max_failures)) or a rerun of the same spec resumes from the latest
-checkpoint under `train.output` and continues at the next unseen batch. Metrics go to Ray Train every
-`report_every` steps (report() is a barrier that the controller drains every few seconds) and to a small
-actor the driver polls for the progress bar and the loss curve (metrics.jsonl, loss.png in `train.output`).
+complete checkpoint under `train.output` (a local folder, or a pyarrow filesystem URI such as s3://... on a
+cluster) and continues at the next unseen batch. Metrics (loss, cells/s, the data-wait fraction of each step)
+go every `report_every` steps to a small actor the driver polls for the progress bar and the loss curve
+(metrics.jsonl and loss.png in the output folder), and with every checkpoint to Ray Train: report() is a
+barrier that the controller drains every few seconds, so it is called at checkpoints only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -56,7 +59,7 @@ class TrainError(CellrayError):
 @dataclass
 class TrainResult:
     output: Path  # train.output: checkpoints, metrics.jsonl, loss.png
-    checkpoint: Path | None  # the latest checkpoint directory
+    checkpoint: Path | str | None  # the latest checkpoint directory (a URI string when train.output is one)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per report, by step
 
     @property
@@ -136,7 +139,7 @@ def pretrain(
     `fault={"rank": r, "step": s}` makes rank r exit hard once, at step s (a fault-tolerance drill).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from engine.runtime import ray_session
@@ -146,9 +149,17 @@ def pretrain(
     check_data_section(spec)
     store = Store.open(spec.data.store)
     model_config = resolve_model_config(spec, store)
-    output = Path(spec.train.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
     r = spec.resources
+    uri = "://" in spec.train.output  # a pyarrow filesystem URI (s3://, gs://, ...): checkpoints go there
+    if uri:
+        storage_path, name = spec.train.output.rstrip("/").rsplit("/", 1)
+        output = Path("runs", name).resolve()  # this machine keeps metrics.jsonl and loss.png
+        if r.workers == 0:
+            raise TrainError(f"{spec.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder")
+    else:
+        output = Path(spec.train.output).resolve()
+        storage_path, name = str(output.parent), output.name
+    output.mkdir(parents=True, exist_ok=True)
     with ray_session(address):
         check_resources(spec)
         sink = RunLog.options(num_cpus=0).remote()
@@ -159,6 +170,9 @@ def pretrain(
             "sink": sink,
             "trace_dir": str(Path(trace_dir).resolve()) if trace_dir else None,
             "fault": dict(fault) if fault else None,
+            "local_mode": r.workers == 0,  # Ray Train runs the loop in this process
+            "output": str(output),
+            "output_is_local": not uri,  # only then can workers look for checkpoints on disk
         }
         if fault:
             loop_config["fault"]["marker"] = str(output / f".fault-{fault['rank']}-{fault['step']}")
@@ -172,11 +186,12 @@ def pretrain(
                 num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker if r.workers else None
             ),
             run_config=RunConfig(
-                name=output.name,
-                storage_path=str(output.parent),
+                name=name,
+                storage_path=storage_path,
                 failure_config=FailureConfig(max_failures=spec.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-                worker_runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+                # Ray Train logs a line per report() per worker at INFO; the driver prints its own summary.
+                logging_config=LoggingConfig(log_level="DEBUG" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
             ),
         )
         outcome: dict[str, Any] = {}
@@ -200,16 +215,13 @@ def pretrain(
         e = outcome["error"]
         raise TrainError(f"{spec.where('train')}: training failed: {e}") from e
     result = outcome["result"]
-    history = _by_step(history)
+    history = _by_step(_read_metrics(output) + history)  # a resumed run adds to the earlier steps
     write_metrics(output, history)
-    ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else latest_checkpoint(output, required=False)
+    if result.checkpoint is not None:
+        ckpt = result.checkpoint.path if uri else Path(result.checkpoint.path)
+    else:
+        ckpt = None if uri else latest_checkpoint(output, required=False)
     return TrainResult(output=output, checkpoint=ckpt, history=history)
-
-
-def _pythonpath() -> str:
-    from engine.runtime import PROJECT_ROOT
-
-    return os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def _drain(sink, seen: int, progress, total: int) -> int:
@@ -232,6 +244,11 @@ def _by_step(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per step: after a restart the redone steps replace the first attempt's."""
     by = {int(m["step"]): m for m in history}
     return [by[s] for s in sorted(by)]
+
+
+def _read_metrics(output: Path) -> list[dict[str, Any]]:
+    path = output / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
@@ -269,13 +286,25 @@ def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     os.replace(tmp, dest)
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Every file of every rank is there (a rank that died while writing leaves an incomplete directory)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    names = [MODEL_FILE, STATE_FILE] + [f"rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
+    return all((path / n).is_file() and (path / n).stat().st_size > 0 for n in names)
+
+
 def latest_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | None:
-    """`path` itself when it is a checkpoint, else the checkpoint with the highest step under it."""
+    """`path` itself when it is a checkpoint, else the complete checkpoint with the highest step under it."""
     path = Path(path)
     if (path / META_FILE).exists():
         return path
     best: tuple[int, Path] | None = None
     for meta in path.glob(f"checkpoint_*/{META_FILE}") if path.is_dir() else ():
+        if not checkpoint_complete(meta.parent):
+            continue
         step = json.loads(meta.read_text())["step"]
         if best is None or step > best[0]:
             best = (step, meta.parent)
@@ -366,12 +395,38 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _resume_point(cfg: dict):
+    """The newest complete checkpoint: Ray Train's latest registered one, or a newer one on disk.
+
+    Ray registers a checkpoint when its controller next polls the workers, so a worker lost right after
+    report() can leave a complete checkpoint on disk that Ray does not know yet; local mode keeps none.
+    """
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    if not cfg.get("output_is_local", True):
+        return registered
+    on_disk = latest_checkpoint(cfg["output"], required=False)
+    if on_disk is None:
+        return registered
+    if registered is not None:
+        with registered.as_directory() as d:
+            if (Path(d) / META_FILE).exists() and json.loads((Path(d) / META_FILE).read_text())["step"] >= json.loads(
+                (on_disk / META_FILE).read_text()
+            )["step"]:
+                return registered
+    return ray.train.Checkpoint.from_directory(str(on_disk))
+
+
 def _make_loader(cfg: dict, rank: int, world: int, split: str, ray_readers: bool):
     """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
     from engine.loader import Loader
 
     d, r = cfg["spec"]["data"], cfg["spec"]["resources"]
     readers = r["readers_per_worker"]
+    extra = dict(d["loader"])
+    if split == "val":
+        extra.setdefault("remainder", "pad")  # a small split must still give every rank a batch
     return Loader(
         cfg["store"],
         batch_size=d["batch_size"],
@@ -385,7 +440,7 @@ def _make_loader(cfg: dict, rank: int, world: int, split: str, ray_readers: bool
         obs_keys=tuple(d["obs_keys"]),
         split=split,
         val_fraction=d["val_fraction"],
-        **d["loader"],
+        **extra,
     )
 
 
@@ -394,12 +449,13 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec, t = cfg["spec"], cfg["spec"]["train"]
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     use_bf16 = device.type == "cuda" and t["precision"] in ("auto", "bf16")
-    ray_readers = ray.is_initialized() and ctx.get_world_size() >= 1 and not _local_mode(ctx)
+    ray_readers = ray.is_initialized() and not cfg.get("local_mode")
 
     torch.manual_seed(t["seed"])  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     name = spec["model"]["name"]
@@ -426,7 +482,8 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     step, epoch, resumed_in_epoch = 0, 0, False
     torch.manual_seed(t["seed"] * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
-    checkpoint = ray.train.get_checkpoint()
+    cfg["world_size"] = world
+    checkpoint = _resume_point(cfg)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             d = Path(d)
@@ -472,14 +529,15 @@ def train_loop_per_worker(cfg: dict) -> None:
                 loss, terms, n_cells = objective(batch, step)
             (loss / accum).backward()
             trace.cells(batch["index"])
+            if sync:
+                if t["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             window.add(float(loss.detach()), terms, n_cells, t_data, time.perf_counter() - t0)
             if not sync:
                 continue
-            if t["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             step += 1
             trace.step(step, epoch)
             if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["marker"]):
@@ -506,9 +564,17 @@ def train_loop_per_worker(cfg: dict) -> None:
     trace.final(model)
 
 
-def _local_mode(ctx) -> bool:
-    """Ray Train local mode (resources.workers == 0) runs the loop in the driver process."""
-    return type(ctx).__name__.lower().startswith("local")
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs one INFO line per report() per worker from a logger named after its file (outside
+    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead."""
+    if log.isEnabledFor(logging.DEBUG):
+        return
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Window:
@@ -583,7 +649,7 @@ def _validate(objective, loader, step: int, device, use_bf16: bool, world: int) 
         stats = stats.to(_dist_device())
         dist.all_reduce(stats)
         stats = stats.cpu()
-    return float(stats[0] / max(1.0, float(stats[1])))
+    return float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -594,30 +660,51 @@ def _report(cfg, rank, metrics, do_ckpt, model, optimizer, scheduler, loader, st
     import ray.train
 
     if rank == 0:
-        cfg["sink"].add.remote(metrics)
+        cfg["sink"].add.remote(metrics)  # fire and forget: the progress bar and the loss curve
     if not do_ckpt:
-        ray.train.report(metrics)
+        # ray.train.report() is a barrier the controller drains every few seconds, and Ray keeps only the
+        # metrics of checkpoints anyway: between checkpoints, metrics go to the driver's RunLog alone.
+        return
+    if cfg.get("local_mode"):
+        # Ray Train's local mode does not persist checkpoints: write them to output/ ourselves, atomically.
+        from engine.store import temporary_sibling
+
+        final = Path(cfg["output"]) / f"checkpoint_step{step:09d}"
+        tmp = temporary_sibling(final)
+        tmp.mkdir(parents=True)
+        _write_checkpoint(tmp, cfg, rank, metrics, model, optimizer, scheduler, loader, step, epoch)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        keep = cfg["spec"]["train"]["keep_checkpoints"]
+        for old in sorted(Path(cfg["output"]).glob("checkpoint_step*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
         return
     with tempfile.TemporaryDirectory(prefix="cellray-ckpt-") as d:
-        d = Path(d)
-        if rank == 0:
-            spec = cfg["spec"]
-            torch.save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                d / STATE_FILE,
-            )
-            torch.save(model.state_dict(), d / MODEL_FILE)
-            meta = {
-                "step": step,
-                "epoch": epoch,
-                "job": spec["name"],
-                "model": {"name": spec["model"]["name"], "config": cfg["model_config"]},
-                "data": spec["data"],
-                "metrics": metrics,
-            }
-            (d / META_FILE).write_text(json.dumps(meta, indent=1))
-        torch.save({"loader": loader.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step}, d / f"rank{rank}.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+        _write_checkpoint(Path(d), cfg, rank, metrics, model, optimizer, scheduler, loader, step, epoch)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _write_checkpoint(d: Path, cfg, rank, metrics, model, optimizer, scheduler, loader, step, epoch) -> None:
+    if rank == 0:
+        spec = cfg["spec"]
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+            d / STATE_FILE,
+        )
+        torch.save(model.state_dict(), d / MODEL_FILE)
+        meta = {
+            "step": step,
+            "epoch": epoch,
+            "job": spec["name"],
+            "world_size": cfg["world_size"],
+            "model": {"name": spec["model"]["name"], "config": cfg["model_config"]},
+            "data": spec["data"],
+            "metrics": metrics,
+        }
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+    torch.save({"loader": loader.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step}, d / f"rank{rank}.pt")
 
 
 class _Trace:

@@ -12,7 +12,13 @@ A spec is a list of steps, each a bare name or a one-key mapping ``{name: params
     - mask: {fraction: 0.15, seed: 0}
 
 Value steps (select_genes, normalize_total, log1p, scale) run in one fused kernel over the batch; a tokeniser
-and the mask are one kernel each. `Pipeline(block, cell_index)` returns {"X": ..., and tokeniser outputs}.
+and the mask are one kernel each. `pipeline(block, cell_index)` returns:
+  X       float32 dense (cells, n_genes_out) when densify/scale/binning is in the spec, else a float32 CSRBlock
+  values  binning: int64 bins (cells, n_genes_out); rank_tokens: float32 x / gene median (cells, max_len)
+  genes   int64 gene tokens = output column + offset (offset 0: the model's vocabulary is the output columns and
+          its special tokens come after it); rank_tokens pads with pad_id (-1)
+  lengths rank_tokens: int64 number of real tokens per cell
+  mask    bool, same shape as `genes` (or X): exactly int(length * fraction) positions per cell
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "scale": {"max_value": None, "zero_center": True},
     "densify": {},
     "binning": {"n_bins": 51, "offset": 0},
-    "rank_tokens": {"max_len": 2048, "offset": 2, "pad_id": 0},
+    "rank_tokens": {"max_len": 2048, "offset": 0, "pad_id": -1},
     "mask": {"fraction": 0.15, "seed": 0},
 }
 
@@ -166,8 +172,7 @@ class Pipeline:
         self._n_out: int | None = self._n_in
         self._sort_rows = False
         if "select_genes" in names:
-            self.gene_map = self._gene_map(names["select_genes"].params, store)
-            self._n_out = int(self.gene_map.max()) + 1 if self._n_out_explicit is None else self._n_out_explicit
+            self.gene_map, self._n_out = self._gene_map(names["select_genes"].params, store)
             kept = np.flatnonzero(self.gene_map >= 0)
             self._sort_rows = bool(np.any(np.diff(self.gene_map[kept]) < 0))
         order = [s.name for s in steps]
@@ -201,8 +206,6 @@ class Pipeline:
             self.medians = self._to_out_order(med)
         self.mask = names.get("mask")
 
-    _n_out_explicit: int | None = None
-
     @classmethod
     def from_spec(cls, spec: list, store: Store | None = None) -> Pipeline:
         return cls(parse_spec(spec), store)
@@ -218,7 +221,8 @@ class Pipeline:
 
     # -- binding to the store
 
-    def _gene_map(self, p: dict[str, Any], store: Store | None) -> np.ndarray:
+    def _gene_map(self, p: dict[str, Any], store: Store | None) -> tuple[np.ndarray, int]:
+        """(store gene -> output column or -1, number of output columns)."""
         if store is None:
             raise TransformError("transform spec: select_genes needs the store's gene vocabulary; build the pipeline with a store")
         vocab = store.gene_ids
@@ -229,7 +233,7 @@ class Pipeline:
             keep = np.flatnonzero(hv)
             gmap = np.full(len(vocab), -1, dtype=np.int64)
             gmap[keep] = np.arange(len(keep))
-            return gmap
+            return gmap, len(keep)
         if p["file"] is not None:
             path = Path(p["file"])
             if not path.exists():
@@ -251,8 +255,7 @@ class Pipeline:
             log.warning("%s: %d of %d genes are not in the vocabulary of %s; they stay zero", where, missing, len(genes), store.path)
         gmap = np.full(len(vocab), -1, dtype=np.int64)
         gmap[pos[pos >= 0]] = np.flatnonzero(pos >= 0)
-        self._n_out_explicit = len(genes)
-        return gmap
+        return gmap, len(genes)
 
     def _to_out_order(self, per_store_gene: np.ndarray) -> np.ndarray:
         """A per-store-gene array reindexed to output columns (genes the store lacks get 0)."""
@@ -285,7 +288,9 @@ class Pipeline:
 
     # -- running
 
-    def __call__(self, block: CSRBlock, cell_index: np.ndarray) -> dict[str, np.ndarray | CSRBlock]:
+    def __call__(self, block: CSRBlock, cell_index: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray | CSRBlock]:
+        """Transform one batch. `out`: an optional reusable float32 (n_cells, n_genes_out) buffer for the dense X
+        (saves the page faults of a fresh array; the caller must not still hold the previous batch in it)."""
         if self._n_in is None:
             self._n_in = self._n_out = block.n_genes
         if block.n_genes != self._n_in:
@@ -298,14 +303,20 @@ class Pipeline:
         has_map = self.gene_map is not None
         gmap = self.gene_map if has_map else np.zeros(1, dtype=np.int64)
         n = block.n_cells
-        out: dict[str, Any] = {}
+        res: dict[str, Any] = {}
         if self.dense:
-            X = np.empty((n, self.n_genes_out), dtype=np.float32)
+            fresh = out is None
+            if fresh:
+                X = np.zeros((n, self.n_genes_out), dtype=np.float32)  # fresh zero pages: the kernel skips clearing rows
+            elif out.shape != (n, self.n_genes_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise TransformError(f"out buffer: expected C-contiguous float32 {(n, self.n_genes_out)}, got {out.dtype} {out.shape}")
+            else:
+                X = out
             kernels.transform_dense(
                 block.indptr, block.indices, block.data, gmap, has_map, self._lib_selected, self.do_norm, self.target,
-                self.do_log, self.do_scale, self.mean, self.std, self.max_value, self.zero_center, X,
+                self.do_log, self.do_scale, self.mean, self.std, self.max_value, self.zero_center, X, fresh,
             )  # fmt: skip
-            out["X"] = X
+            res["X"] = X
         else:
             if has_map:
                 counts = kernels.kept_per_row(block.indptr, block.indices, gmap, np.empty(n, dtype=np.int64))
@@ -321,25 +332,25 @@ class Pipeline:
                 block.indptr, block.indices, block.data, gmap, has_map, self._sort_rows, self._lib_selected,
                 self.do_norm, self.target, self.do_log, indptr, indices, data,
             )  # fmt: skip
-            out["X"] = CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.n_genes_out)
+            res["X"] = CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.n_genes_out)
         if self.binning is not None:
             p = self.binning.params
-            out["values"] = kernels.bin_values(out["X"], int(p["n_bins"]), np.empty(out["X"].shape, dtype=np.int64))
-            out["genes"] = np.broadcast_to(np.arange(self.n_genes_out, dtype=np.int64) + int(p["offset"]), out["values"].shape).copy()
+            res["values"] = kernels.bin_values(res["X"], int(p["n_bins"]), np.empty(res["X"].shape, dtype=np.int64))
+            res["genes"] = np.broadcast_to(np.arange(self.n_genes_out, dtype=np.int64) + int(p["offset"]), res["values"].shape).copy()
             lengths = np.full(n, self.n_genes_out, dtype=np.int64)
         elif self.rank is not None:
             p = self.rank.params
             L = int(p["max_len"])
-            x = out["X"]
+            x = res["X"]
             genes = np.empty((n, L), dtype=np.int64)
             values = np.empty((n, L), dtype=np.float32)
             lengths = np.empty(n, dtype=np.int64)
             kernels.rank_tokens(x.indptr, x.indices, x.data, self.medians, L, int(p["offset"]), int(p["pad_id"]), genes, values, lengths)
-            out.update(genes=genes, values=values, lengths=lengths)
+            res.update(genes=genes, values=values, lengths=lengths)
         else:
             lengths = np.full(n, self.n_genes_out, dtype=np.int64)
         if self.mask is not None:
-            width = out["genes"].shape[1] if "genes" in out else self.n_genes_out
+            width = res["genes"].shape[1] if "genes" in res else self.n_genes_out
             p = self.mask.params
-            out["mask"] = kernels.random_mask(cell_index, lengths, float(p["fraction"]), int(p["seed"]), np.empty((n, width), dtype=np.bool_))
-        return out
+            res["mask"] = kernels.random_mask(cell_index, lengths, float(p["fraction"]), int(p["seed"]), np.empty((n, width), dtype=np.bool_))
+        return res

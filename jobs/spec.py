@@ -73,7 +73,7 @@ class TrainSpec(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
-    report_every: int = Field(10, gt=0)  # Ray Train report() is a barrier: not every step
+    report_every: int = Field(10, gt=0)  # metrics to the driver (Ray Train gets them with each checkpoint)
     val_every: int = Field(0, ge=0)  # 0: validate only at the end (when data.val_fraction > 0)
     max_failures: int = Field(2, ge=0)
     seed: int = 0

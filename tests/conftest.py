@@ -24,7 +24,8 @@ def ray_local():
     ray.init(
         address="local",
         num_cpus=4,
-        include_dashboard=False,
+        include_dashboard=True,  # serves the state API Ray Train polls; bound to 127.0.0.1
+        dashboard_host="127.0.0.1",
         object_store_memory=512 * 2**20,
         logging_level="WARNING",
     )

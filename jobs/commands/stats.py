@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target of the normalized layers and medians")
     p.add_argument("--n-bins", type=int, default=20, help="mean bins of the seurat / cell_ranger flavors")
     p.add_argument("--span", type=float, default=0.3, help="loess span of seurat_v3")
-    p.add_argument("--block-cells", type=int, default=32768, help="cells per Ray task")
+    p.add_argument("--block-cells", type=int, default=32768, help="at most this many cells per task")
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"],
+                   help="Ray tasks, or in this process (local); auto = local below 5M non-zeros")
     p.add_argument("--export", type=Path, default=None, metavar="PATH", help="also write the per-gene table (.csv or .parquet)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(func=run_stats)
@@ -36,6 +38,7 @@ def run_stats(args: argparse.Namespace) -> int:
         span=args.span,
         n_bins=args.n_bins,
         block_cells=args.block_cells,
+        executor=args.executor,
         address=args.address,
     )
     with progress_bar() as progress:

@@ -79,7 +79,7 @@ def test_model_trains_and_embeds(name, kw):
         out = model.loss(batch, step=step)
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     # a fixed batch: the objective must go down (VAE includes the KL warm-up, so compare NLL-dominated ends)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     model.eval()
@@ -124,3 +124,31 @@ def test_registry_and_config_errors():
     cfg = models.make_config("vae", {"n_latent": 3, "n_genes": 10})
     with pytest.raises(Exception):
         cfg.n_latent = 4  # frozen
+
+
+def test_transformer_reads_engine_transform_outputs(tiny_store):
+    """The kernels' own outputs: full-width bins (kept to max_len highest), and rank tokens padded past `lengths`."""
+    from engine.store import Store
+    from engine.transforms import Pipeline
+
+    store = Store.open(tiny_store)
+    block = store.read_csr(0, 0, 32)
+    index = np.arange(32)
+    binned = Pipeline.from_spec([{"normalize_total": {"target_sum": 1e4}}, "log1p", {"binning": {"n_bins": 11}}, "mask"], store)
+    out = {k: torch.from_numpy(np.asarray(v)) for k, v in binned(block, index).items()}
+    model = models.build("transformer", models.get("transformer").Config.debug(n_genes=store.n_genes, max_len=16))
+    genes, values, mask = model.tokens(out)
+    assert genes.shape == values.shape == mask.shape == (32, 16)
+    # every kept token is among the cell's highest bins
+    kth = out["values"].topk(16, dim=1).values[:, -1:]
+    assert (values >= kth).all()
+    assert np.isfinite(model.loss(out).loss.item()) and model.embed(out).shape == (32, 32)
+
+    lengths = torch.tensor([3, 0, 5])
+    genes = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 0, 0, 0], [1, 2, 3, 4, 9]])
+    rank = models.build("transformer", models.get("transformer").Config.debug(n_genes=12, input="rank", max_len=8))
+    g, _, _ = rank.tokens({"genes": genes, "lengths": lengths})
+    assert (g >= 0).sum(1).tolist() == [3, 0, 5]
+    e = rank.embed({"genes": genes, "lengths": lengths})
+    e2 = rank.embed({"genes": torch.where(g < 0, 11, genes), "lengths": lengths})  # padded ids do not matter
+    assert torch.allclose(e, e2, atol=1e-6)
