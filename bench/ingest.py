@@ -3,7 +3,8 @@
     python bench/ingest.py [--quick] [--repeats N]
 
 Inputs: the real Kang PBMC pair (13,999 cells x 14,053 genes) when ../shared/data/fetch_real.sh has fetched
-them, plus two synthetic h5ad files (2 x 50k cells x 2,000 genes, ~100 non-zeros/cell; 2 x 10k with --quick).
+them, plus pairs of synthetic h5ad files (2,000 genes, ~100 non-zeros/cell): 2 x 50k cells and 2 x 150k cells, to
+show how peak memory grows with the input (2 x 10k with --quick).
 Both tools shuffle across inputs and write sharded zarr. Each tool runs as its own process; we time it from
 outside (Ray start-up included for cellray) and sample the peak RSS of its whole process tree.
 Last line: one JSON object.
@@ -25,14 +26,14 @@ from bench.procs import ROOT, median, peer_python, run_measured  # noqa: E402
 def make_inputs(work: Path, quick: bool) -> dict[str, list[Path]]:
     from engine.synthetic import synthetic_counts
 
-    n = 10_000 if quick else 50_000
-    synth = []
-    for i in range(2):
-        p = work / f"synth{i}.h5ad"
-        a = synthetic_counts(n, 2_000, nnz_per_cell=100, seed=i, dataset=f"synth{i}")
-        a.write_h5ad(p)
-        synth.append(p)
-    sets = {"synthetic": synth}
+    sizes = {"synthetic": 10_000} if quick else {"synthetic": 50_000, "synthetic_x3": 150_000}
+    sets = {}
+    for name, n in sizes.items():
+        sets[name] = []
+        for i in range(2):
+            p = work / f"{name}{i}.h5ad"
+            synthetic_counts(n, 2_000, nnz_per_cell=100, seed=i, dataset=f"{name}{i}").write_h5ad(p)
+            sets[name].append(p)
     data = Path.home() / ".cache" / "cellray-data"
     kang = [data / "kang_ctrl.h5ad", data / "kang_stim.h5ad"]
     if all(p.exists() for p in kang) and not quick:

@@ -341,10 +341,8 @@ def hvg_dispersion(mom: Moments, layer: int, nnz: np.ndarray, cfg: StatsConfig, 
 
 
 def _loess_reg_std(mean: np.ndarray, var: np.ndarray, span: float) -> np.ndarray:
-    try:
-        from skmisc.loess import loess
-    except ImportError as e:  # pragma: no cover - scikit-misc is a dependency
-        raise StatsError("flavor seurat_v3 needs scikit-misc (pip install scikit-misc)") from e
+    from skmisc.loess import loess
+
     not_const = var > 0
     est = np.zeros(len(mean), dtype=np.float64)
     model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)

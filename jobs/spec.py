@@ -166,10 +166,8 @@ def build_pipeline(spec: PretrainSpec, store):
     """The data.transforms pipeline for `store` (None when empty), errors naming data.transforms."""
     if not spec.data.transforms:
         return None
-    try:
-        from engine.transforms import Pipeline
-    except ImportError as e:  # the kernels are an optional part of an install only while they are being built
-        raise SpecError(f"{spec.where('data.transforms')}: transforms are unavailable ({e})") from None
+    from engine.transforms import Pipeline
+
     try:
         return Pipeline.from_spec(spec.data.transforms, store)
     except CellrayError as e:

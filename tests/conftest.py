@@ -46,6 +46,27 @@ def real_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kang_sample(real_data_dir, tmp_path_factory):
+    """A factory: `kang_sample(n, seed)` writes n random real Kang cells of each of ctrl and stim to h5ad files."""
+
+    def make(n_per_dataset: int, seed: int) -> list[Path]:
+        import anndata as ad
+        import numpy as np
+
+        d = tmp_path_factory.mktemp(f"kang_{n_per_dataset}_{seed}")
+        rng = np.random.default_rng(seed)
+        paths = []
+        for name in ("kang_ctrl", "kang_stim"):
+            a = ad.read_h5ad(real_data_dir / f"{name}.h5ad")
+            a = a[np.sort(rng.choice(a.n_obs, n_per_dataset, replace=False))].copy()
+            a.write_h5ad(d / f"{name}.h5ad")
+            paths.append(d / f"{name}.h5ad")
+        return paths
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_h5ads(tmp_path_factory) -> list[Path]:
     """Three small h5ad files with overlapping vocabularies and obs columns, as real inputs would have."""
     from engine.synthetic import synthetic_counts

@@ -34,17 +34,10 @@ def tiny_copy(tiny_store, tmp_path_factory) -> Store:
 
 
 @pytest.fixture(scope="module")
-def kang_store(real_data_dir, tmp_path_factory, ray_local) -> Store:
+def kang_store(kang_sample, tmp_path_factory, ray_local) -> Store:
     """1,000 + 1,000 real Kang cells (control and stimulated: `dataset` is the batch) in 3 shards."""
-    d = tmp_path_factory.mktemp("kang_stats")
-    rng = np.random.default_rng(1)
-    paths = []
-    for name in ("kang_ctrl", "kang_stim"):
-        a = ad.read_h5ad(real_data_dir / f"{name}.h5ad")
-        a = a[np.sort(rng.choice(a.n_obs, 1000, replace=False))].copy()
-        a.write_h5ad(d / f"{name}.h5ad")
-        paths.append(d / f"{name}.h5ad")
-    return ingest(paths, d / "kang.store", IngestConfig(shard_cells=700))
+    out = tmp_path_factory.mktemp("kang_stats") / "kang.store"
+    return ingest(kang_sample(1000, seed=1), out, IngestConfig(shard_cells=700))
 
 
 @pytest.fixture(scope="module")

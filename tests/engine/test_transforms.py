@@ -20,17 +20,10 @@ N_HVG = 400
 
 
 @pytest.fixture(scope="module")
-def kang_store(real_data_dir, tmp_path_factory, ray_local) -> Store:
+def kang_store(kang_sample, tmp_path_factory, ray_local) -> Store:
     """1,200 + 1,200 real Kang cells ingested into 3 shards, with seurat_v3 statistics."""
-    d = tmp_path_factory.mktemp("kang_tf")
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in ("kang_ctrl", "kang_stim"):
-        a = ad.read_h5ad(real_data_dir / f"{name}.h5ad")
-        a = a[np.sort(rng.choice(a.n_obs, 1200, replace=False))].copy()
-        a.write_h5ad(d / f"{name}.h5ad")
-        paths.append(d / f"{name}.h5ad")
-    store = ingest(paths, d / "kang.store", IngestConfig(shard_cells=1000))
+    out = tmp_path_factory.mktemp("kang_tf") / "kang.store"
+    store = ingest(kang_sample(1200, seed=0), out, IngestConfig(shard_cells=1000))
     compute_stats(store, StatsConfig(hvg=N_HVG, flavor="seurat_v3"))
     return Store.open(store.path)
 
