@@ -61,6 +61,7 @@ class BufferReader:
         self.pipeline = build_pipeline(transforms, self.store)
         self.output = output
         self.dense_buffers = DenseBuffers()
+        self.csr_buffers = DenseBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
         self.obs_keys = tuple(obs_keys)
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
@@ -127,7 +128,7 @@ class BufferReader:
             if self.pipeline is None:
                 batch["X"] = self._raw_x(pool, r)
             else:
-                ip, ix, dx = gather_pool_csr(pool, r, data_dtype=np.float32, index_dtype=np.int32)
+                ip, ix, dx = gather_pool_csr(pool, r, np.float32, np.int32, self.csr_buffers)
                 out = self._run_pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
                 for key, value in out.items():
                     batch[key] = self._finish_x(value) if key == "X" else value
@@ -154,7 +155,7 @@ class BufferReader:
     def _raw_x(self, pool, rows):
         if self.output == "dense":
             return gather_pool_dense(pool, rows, self.store.n_genes, self.dense_buffers)
-        ip, ix, dx = gather_pool_csr(pool, rows, data_dtype=np.float32, index_dtype=np.int32)
+        ip, ix, dx = gather_pool_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
         dt = _index_dtype(ip)  # torch wants indptr and indices of one signed dtype
         return CSRBlock(ip.astype(dt), ix.astype(dt, copy=False), dx, self.store.n_genes)
 
