@@ -82,7 +82,6 @@ def in_memory_run(store: Path, model: str, steps: int) -> dict:
     from engine.loader import Loader
     from engine.store import Store
     from engine.train import resolve_model_config
-    from jobs.spec import parse_spec
 
     spec = spec_for(store, Path("unused"), model, steps, 0, False)
     config = resolve_model_config(spec, Store.open(store))

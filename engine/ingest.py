@@ -77,24 +77,27 @@ class IngestConfig:
 class Source:
     """One input file: its obs/var in memory, its count matrix read lazily by row range."""
 
-    def __init__(self, path: Path, layer: str | None):
+    def __init__(self, path: Path, layer: str | None, annotations: bool = True):
+        """`annotations=False` (the scatter tasks) opens the count matrix only: obs and var are read once, by
+        the driver, not again by every task."""
         import anndata as ad
 
         self.path = path
         self.field = "X" if layer is None else f"layers/{layer}"
         self._file = self._open(path)
-        try:
-            self.obs = ad.io.read_elem(self._file["obs"])
-            self.var = ad.io.read_elem(self._file["var"])
-        except Exception:  # pre-0.7 h5ad (structured arrays): let anndata convert it
-            backed = ad.read_h5ad(path, backed="r")
-            self.obs, self.var = backed.obs, backed.var
-            backed.file.close()
+        if annotations:
+            try:
+                self.obs = ad.io.read_elem(self._file["obs"])
+                self.var = ad.io.read_elem(self._file["var"])
+            except Exception:  # pre-0.7 h5ad (structured arrays): let anndata convert it
+                backed = ad.read_h5ad(path, backed="r")
+                self.obs, self.var = backed.obs, backed.var
+                backed.file.close()
+            self.n_obs = len(self.obs)
         if self.field not in self._file:
             have = list(self._file["layers"].keys()) if "layers" in self._file else []
             raise InputError(f"{path}: field '{self.field}' not found (layers present: {have})")
         self._element = self._file[self.field]
-        self.n_obs = len(self.obs)
 
     @staticmethod
     def _open(path: Path):
@@ -112,9 +115,11 @@ class Source:
             raise InputError(f"{path}: cannot be read as .h5ad or AnnData .zarr (truncated or corrupt?): {e}") from e
 
     @property
-    def is_sparse(self) -> bool:
-        attrs = dict(self._element.attrs)
-        return "indptr" in self._element if hasattr(self._element, "keys") else bool(attrs.get("h5sparse_format"))
+    def nnz_estimate(self) -> int:
+        """Stored values of a sparse matrix; every entry of a dense one."""
+        if hasattr(self._element, "keys"):
+            return int(self._element["data"].shape[0])
+        return int(np.prod(self._element.shape))
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         import anndata as ad
@@ -254,7 +259,7 @@ def scatter_range(
     config: IngestConfig,
 ) -> dict[str, Any]:
     """Pass 1 for rows [start, stop) of one input: validate, remap, and append cells to their shard buckets."""
-    source = Source(Path(path), field_layer)
+    source = Source(Path(path), field_layer, annotations=False)
     rss = _peak_rss_sampler()  # after opening: measures the working set, not imports and obs/var
     permute = FeistelPermutation(n_cells_total, config.seed) if config.shuffle else None
     files: dict[int, Any] = {}
@@ -419,7 +424,7 @@ def ingest(
     """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring."""
     import zarr
 
-    from engine.runtime import ray_session
+    from engine.runtime import map_tasks, ray_session
 
     progress = progress or (lambda stage, done, total: None)
     out = Path(out)
@@ -446,7 +451,7 @@ def ingest(
     obs_frames = [_obs_for(s, n, config.obs_keys) for s, n in zip(sources, names)]
     schema = _obs_schema(obs_frames, config.obs_keys)
     n_total = sum(s.n_obs for s in sources)
-    nnz_est = sum(int(s._element["data"].shape[0]) if s.is_sparse and hasattr(s._element, "keys") else s.n_obs * len(s.var) for s in sources)
+    nnz_est = sum(s.nnz_estimate for s in sources)
     index_dtype = smallest_uint(max(len(gene_ids) - 1, 0))
     if index_dtype.itemsize < 2:
         index_dtype = np.dtype(np.uint16)
@@ -482,7 +487,7 @@ def ingest(
                     calls.append((str(s.path), config.layer, i, a, b, offset, obs_frames[i].iloc[a:b],
                                   gene_maps[i], len(gene_ids), n_total, shard_cells, str(scatter_dir), cfg))
                 offset += s.n_obs
-            results = _run_all(scatter_range, calls, "scatter", progress, executor)
+            results = list(map_tasks(scatter_range, calls, local=executor == "local", stage="scatter", progress=progress))
             integer = all(r["integer"] for r in results)
             max_value = max(r["max_value"] for r in results)
             count_dtype = (smallest_uint(int(max_value)) if integer else np.dtype(np.float32))
@@ -490,7 +495,7 @@ def ingest(
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             calls = [(str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg) for k in range(n_shards)]
-            written = _run_all(write_bucket, calls, "write", progress, executor)
+            written = list(map_tasks(write_bucket, calls, local=executor == "local", stage="write", progress=progress))
         shutil.rmtree(scatter_dir, ignore_errors=True)
         shards: list[ShardInfo] = [w["info"] for w in written]
         manifest = Manifest(
@@ -519,36 +524,3 @@ def ingest(
     store = Store.open(out)
     store.ingest_report = {"seconds": elapsed, "peak_task_rss_growth": peak, "tasks": results + written}
     return store
-
-
-def _run_all(fn, calls: list[tuple], stage: str, progress, executor: str) -> list:
-    """Run fn(*args) for each call, as Ray tasks or in this process, reporting progress; results in call order.
-
-    A task's InputError is re-raised as itself, so the user reads the message, not a Ray traceback.
-    """
-    progress(stage, 0, len(calls))
-    if executor == "local":
-        out = []
-        for args in calls:
-            out.append(fn(*args))
-            progress(stage, len(out), len(calls))
-        return out
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
-    refs = [remote.remote(*args) for args in calls]
-    done: dict = {}
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for r in ready:
-            try:
-                done[r] = ray.get(r)
-            except ray.exceptions.RayTaskError as e:
-                for p in pending:
-                    ray.cancel(p)
-                if isinstance(e.cause, InputError):
-                    raise InputError(e.cause.args[0]) from None
-                raise
-        progress(stage, len(done), len(refs))
-    return [done[r] for r in refs]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +71,61 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+
+
+def ray_cpus() -> int:
+    """Logical CPUs of the connected Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def map_tasks(
+    fn: Callable,
+    calls: Sequence[tuple],
+    *,
+    local: bool,
+    stage: str = "",
+    progress: Callable[[str, int, int], None] | None = None,
+    window: int | None = None,
+    max_retries: int = 0,
+) -> Iterator[Any]:
+    """fn(*args) for each args in `calls`, in this process (`local`) or as Ray tasks with at most `window`
+    in flight (default: twice the cluster's CPUs); yields results in call order, reporting progress.
+
+    Results in call order keep merges reproducible. A CellrayError raised inside a task is re-raised as
+    itself, so the user reads the message rather than a Ray traceback; the tasks not yet done are cancelled.
+    """
+    from engine.errors import CellrayError
+
+    report = progress or (lambda stage, done, total: None)
+    report(stage, 0, len(calls))
+    if local:
+        for done, args in enumerate(calls, 1):
+            yield fn(*args)
+            report(stage, done, len(calls))
+        return
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=max_retries)(fn)
+    window = window or 2 * ray_cpus()
+    pending: collections.deque = collections.deque()
+    todo = iter(calls)
+    for args in itertools.islice(todo, window):
+        pending.append(remote.remote(*args))
+    done = 0
+    while pending:
+        try:
+            result = ray.get(pending.popleft())
+        except ray.exceptions.RayTaskError as e:
+            for ref in pending:
+                ray.cancel(ref)
+            if isinstance(e.cause, CellrayError):
+                raise e.cause from None
+            raise
+        done += 1
+        report(stage, done, len(calls))
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(remote.remote(*nxt))
+        yield result

@@ -14,23 +14,24 @@ under a temporary name and renamed into place. `load_stats(store)` reads it back
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
 import warnings
 import zlib
-from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from engine import kernels
 from engine.errors import CellrayError
+from engine.runtime import map_tasks, ray_cpus, ray_session
 from engine.store import Store, replace_atomically, temporary_sibling
 
 log = logging.getLogger(__name__)
@@ -242,35 +243,6 @@ def _blocks(store: Store, block_cells: int, n_workers: int) -> list[tuple[int, i
     return out
 
 
-def _run_ordered(fn: Callable, args_list: list[tuple], stage: str, progress: Callable | None, window: int) -> Any:
-    """Run `fn` as Ray tasks over args_list with at most `window` in flight (window 0: in this process); yield
-    results in submission order (merging in a fixed order keeps the result reproducible)."""
-    if window == 0:
-        for done, args in enumerate(args_list, 1):
-            yield fn(*args)
-            if progress:
-                progress(stage, done, len(args_list))
-        return
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-    pending: deque = deque()
-    it = iter(args_list)
-    done = 0
-    for args in it:
-        pending.append(remote.remote(*args))
-        if len(pending) >= window:
-            break
-    while pending:
-        yield ray.get(pending.popleft())
-        done += 1
-        if progress:
-            progress(stage, done, len(args_list))
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(remote.remote(*nxt))
-
-
 # ----------------------------------------------------------------------------------------------- HVG
 
 
@@ -461,20 +433,6 @@ def _library_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _executor(local: bool, address: str | None) -> Iterator[int]:
-    """Yields the number of workers: 0 in-process, else Ray's CPUs (Ray started here only if not running)."""
-    if local:
-        yield 0
-        return
-    import ray
-
-    from engine.runtime import ray_session
-
-    with ray_session(address):
-        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True) -> GeneStats:
     """Compute a store's statistics on Ray (the cluster at config.address, else an embedded one or the one
     already running), write them into the store atomically (unless `write` is False) and return them."""
@@ -486,15 +444,15 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
     layers = np.array([True, True, True, config.hvg is not None and config.flavor == "seurat"])
     nnz_total = sum(s.nnz for s in store.manifest.shards)
     local = config.executor == "local" or (config.executor == "auto" and config.address is None and nnz_total < LOCAL_MAX_NNZ)
-    with _executor(local, config.address) as n_workers:
-        window = 0 if local else 2 * n_workers
-        blocks = _blocks(store, config.block_cells, max(1, n_workers))
+    with contextlib.nullcontext() if local else ray_session(config.address):
+        blocks = _blocks(store, config.block_cells, 1 if local else ray_cpus())
+        run = functools.partial(map_tasks, local=local, progress=progress, max_retries=2)
         args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, layers) for s, a, b in blocks]
         mom: Moments | None = None
         nnz = None
         coarse = np.zeros((store.n_genes, kernels.MED_COARSE), dtype=np.int64)
         lib_parts: list[list] = []
-        for r in _run_ordered(_pass1, args, "stats pass 1", progress, window):
+        for r in run(_pass1, args, stage="stats pass 1"):
             mom = r["moments"] if mom is None else mom.merge(r["moments"])
             nnz = r["nnz"] if nnz is None else nnz + r["nnz"]
             coarse += r["coarse"]
@@ -521,7 +479,7 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
         args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, clip_val, med_bins) for s, a, b in blocks]
         fine = np.zeros((store.n_genes, 2, kernels.MED_FINE), dtype=np.int64)
         csum = csq = 0.0
-        for s1, s2, f in _run_ordered(_pass2, args, "stats pass 2", progress, window):
+        for s1, s2, f in run(_pass2, args, stage="stats pass 2"):
             fine += f
             csum, csq = csum + s1, csq + s2
         genes["median"] = _medians(fine, med_bins, rank_in_bin, float(np.float32(config.target_sum)))
