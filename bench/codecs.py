@@ -29,7 +29,7 @@ def load_counts(quick: bool):
         a = ad.read_h5ad(p)
         name = "kang_ctrl"
     else:
-        from engine.synthetic import synthetic_counts
+        from engine.store.synthetic import synthetic_counts
 
         a = synthetic_counts(5000, 14000, 700)
         name = "synthetic"

@@ -24,7 +24,7 @@ from bench.procs import ROOT, median, peer_python, run_measured  # noqa: E402
 
 
 def make_inputs(work: Path, quick: bool) -> dict[str, list[Path]]:
-    from engine.synthetic import synthetic_counts
+    from engine.store.synthetic import synthetic_counts
 
     sizes = {"synthetic": 10_000} if quick else {"synthetic": 50_000, "synthetic_x3": 150_000}
     sets = {}

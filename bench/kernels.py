@@ -76,9 +76,9 @@ def main() -> None:
     import numba
     import scanpy as sc
 
-    from engine import kernels
-    from engine.store import CSRBlock
-    from engine.transforms import Pipeline
+    from engine.preprocess import kernels
+    from engine.store.format import CSRBlock
+    from engine.preprocess.transforms import Pipeline
 
     all_threads = numba.config.NUMBA_NUM_THREADS
     thread_counts = sorted({1, all_threads})

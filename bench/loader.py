@@ -44,7 +44,7 @@ def real_kang() -> list[Path] | None:
 
 def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int) -> tuple[Path, list[Path]]:
     """The dataset's input h5ad(s) and its cellray store, built once and kept under bench/out/loader."""
-    from engine.ingest import IngestConfig, ingest
+    from engine.store.ingest import IngestConfig, ingest
 
     OUT.mkdir(parents=True, exist_ok=True)
     store = OUT / f"{name}-c{chunk_elements}.store"
@@ -53,7 +53,7 @@ def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int
     else:
         inputs = [OUT / f"{name}.h5ad"]
         if not inputs[0].exists():
-            from engine.synthetic import synthetic_counts
+            from engine.store.synthetic import synthetic_counts
 
             tmp = inputs[0].with_suffix(".tmp.h5ad")
             synthetic_counts(n_cells, n_genes, nnz_per_cell=nnz, seed=0, dataset=name).write_h5ad(tmp)
@@ -79,7 +79,7 @@ def time_cellray(store: Path, mode: str, epochs: int, **kw) -> tuple[list[float]
 
 
 def _time_loader(store: Path, mode: str, epochs: int, group: int = 1, **kw) -> tuple[list[float], list[float]]:
-    from engine.loader import Loader
+    from engine.loading.loader import Loader
 
     loader = Loader(store, BATCH, mode=mode, **kw)
     rates, cpu = [], []
@@ -132,8 +132,8 @@ def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float
 
 def decode_limit(store: Path, passes: int = 3) -> float:
     """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass)."""
-    from engine.blockio import _MISSING, ArrayReader, _decompress
-    from engine.store import Store
+    from engine.loading.chunks import _MISSING, ArrayReader, _decompress
+    from engine.store.format import Store
 
     s = Store.open(store)
     raws = []
@@ -177,9 +177,9 @@ def main() -> None:
 
     import inspect
 
-    from engine.loader import Loader
+    from engine.loading.loader import Loader
     from engine.runtime import init_ray
-    from engine.store import DEFAULT_CHUNK_ELEMENTS, Store
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     chunk_elements = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
     defaults = inspect.signature(Loader).parameters

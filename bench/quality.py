@@ -54,8 +54,8 @@ def pca_knn(store_path: Path, label: str) -> tuple[float, float]:
     import scanpy as sc
     import scipy.sparse as sp
 
-    from engine.embed import knn_accuracy
-    from engine.store import Store
+    from engine.infer.evaluate import knn_accuracy
+    from engine.store.format import Store
 
     store = Store.open(store_path)
     X = sp.vstack([store.read_csr(s).to_scipy() for s in range(store.n_shards)]).tocsr().astype(np.float32)
@@ -72,9 +72,10 @@ def pca_knn(store_path: Path, label: str) -> tuple[float, float]:
 def run_dataset(name: str, inputs: list[Path], label: str, work: Path, steps: int, batch: int, workers: int, n_hidden: int) -> dict:
     import anndata as ad
 
-    from engine.embed import OBSM_KEY, embed, knn_accuracy
-    from engine.ingest import IngestConfig, ingest
-    from engine.train import pretrain
+    from engine.infer.embed import OBSM_KEY, embed
+    from engine.infer.evaluate import knn_accuracy
+    from engine.store.ingest import IngestConfig, ingest
+    from engine.train.driver import pretrain
     from jobs.spec import parse_spec
 
     store = work / f"{name}.store"

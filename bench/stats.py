@@ -40,8 +40,8 @@ def worker(side: str, store_path: str) -> None:
     t0 = time.perf_counter()
     if side == "cellray":
         from engine.runtime import init_ray
-        from engine.stats import LOCAL_MAX_NNZ, StatsConfig, compute_stats
-        from engine.store import Store
+        from engine.preprocess.stats import LOCAL_MAX_NNZ, StatsConfig, compute_stats
+        from engine.store.format import Store
 
         if sum(s.nnz for s in Store.open(store_path).manifest.shards) >= LOCAL_MAX_NNZ:
             init_ray()  # compute_stats would start it; started here so that its start-up is reported apart
@@ -57,7 +57,7 @@ def worker(side: str, store_path: str) -> None:
         import scanpy as sc
         import scipy.sparse as sp
 
-        from engine.store import Store
+        from engine.store.format import Store
 
         store = Store.open(store_path)
         X = sp.vstack([store.read_csr(k).to_scipy() for k in range(store.n_shards)]).tocsr().astype(np.float32)
@@ -73,9 +73,9 @@ def worker(side: str, store_path: str) -> None:
 
 
 def prepare(work: Path, quick: bool) -> dict[str, Path]:
-    from engine.ingest import IngestConfig, ingest
+    from engine.store.ingest import IngestConfig, ingest
     from engine.runtime import ray_session
-    from engine.synthetic import synthetic_counts
+    from engine.store.synthetic import synthetic_counts
 
     inputs: dict[str, list[Path]] = {}
     n_cells, n_genes, nnz = (10_000, 5_000, 300) if quick else (60_000, 20_000, 800)

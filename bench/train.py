@@ -57,7 +57,7 @@ def spec_for(store: Path, out: Path, model: str, steps: int, workers: int, gpu: 
 
 
 def cellray_run(store: Path, work: Path, model: str, steps: int, workers: int, gpu: bool) -> dict:
-    from engine.train import pretrain
+    from engine.train.driver import pretrain
 
     out = work / f"{model}-w{workers}-{int(time.time() * 1e3)}"
     t0 = time.perf_counter()
@@ -79,12 +79,11 @@ def in_memory_run(store: Path, model: str, steps: int) -> dict:
     import torch
 
     import models
-    from engine.loader import Loader
-    from engine.store import Store
-    from engine.train import resolve_model_config
+    from engine.loading.loader import Loader
+    from engine.train.data import open_run_data
 
     spec = spec_for(store, Path("unused"), model, steps, 0, False)
-    config = resolve_model_config(spec, Store.open(store))
+    config = open_run_data(spec).model_config
     _, transforms = MODELS[model]
     with Loader(store, batch_size=BATCH, transforms=transforms or None, mode="local", obs_keys=("cell_type",)) as loader:
         batches = [b for _, b in zip(range(20), loader)]
@@ -116,9 +115,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    from engine.ingest import IngestConfig, ingest
+    from engine.store.ingest import IngestConfig, ingest
     from engine.runtime import ray_session
-    from engine.synthetic import synthetic_counts
+    from engine.store.synthetic import synthetic_counts
 
     gpu = torch.cuda.is_available()
     # One intra-op thread everywhere: Ray gives each fractional-CPU worker OMP_NUM_THREADS=1, and on 2 busy

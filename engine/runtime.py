@@ -8,9 +8,26 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+from engine.errors import CellrayError
+from engine.progress import Progress, silent
 
 log = logging.getLogger(__name__)
+
+Executor = Literal["auto", "ray", "local"]
+# Below this many bytes of count data, work runs faster in this process than Ray can start workers and
+# import the engine (~3-5 s on a laptop); above it, Ray tasks spread it over every CPU of the cluster.
+LOCAL_MAX_BYTES = 256 * 2**20
+
+
+def choose_local(executor: Executor, address: str | None, work_bytes: int) -> bool:
+    """Whether a stage's tasks run in this process (True) or as Ray tasks: the one rule for every stage."""
+    if executor == "local":
+        return True
+    if executor == "ray" or address is not None:
+        return False
+    return work_bytes < LOCAL_MAX_BYTES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +103,7 @@ def map_tasks(
     *,
     local: bool,
     stage: str = "",
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     window: int | None = None,
     max_retries: int = 0,
 ) -> Iterator[Any]:
@@ -96,9 +113,7 @@ def map_tasks(
     Results in call order keep merges reproducible. A CellrayError raised inside a task is re-raised as
     itself, so the user reads the message rather than a Ray traceback; the tasks not yet done are cancelled.
     """
-    from engine.errors import CellrayError
-
-    report = progress or (lambda stage, done, total: None)
+    report = progress or silent
     report(stage, 0, len(calls))
     if local:
         for done, args in enumerate(calls, 1):

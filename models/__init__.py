@@ -5,7 +5,10 @@ Every model is an ``nn.Module`` built from a frozen config dataclass (``Model.Co
 - ``loss(batch, step=None) -> Loss``: the training objective and its named terms, from a loader batch dict;
 - ``embed(batch) -> Tensor``: one row per cell.
 
-No Ray, DDP or device code lives here: engine/train.py and engine/embed.py wrap these.
+- ``Config.resolve(DataSummary) -> Config``: the sizes that come from the data filled in;
+- ``Config.obs_keys()``: the obs columns the model reads from a batch.
+
+No Ray, DDP or device code lives here: engine/train/ and engine/infer/ wrap these.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from models.base import Loss
+from models.base import DataSummary, Loss
 from models.probe import Probe
 from models.transformer import Transformer
 from models.vae import VAE
@@ -61,4 +64,4 @@ def build(name: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
     return cls(config)
 
 
-__all__ = ["Loss", "ModelError", "REGISTRY", "build", "get", "make_config", "names", "VAE", "Transformer", "Probe"]
+__all__ = ["DataSummary", "Loss", "ModelError", "REGISTRY", "build", "get", "make_config", "names", "VAE", "Transformer", "Probe"]

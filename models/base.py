@@ -7,6 +7,25 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """What a model may know about its data to size itself (`Config.resolve`): the engine fills it in."""
+
+    n_genes: int  # width of the expression input after the transforms (genes the model sees)
+    obs_categories: dict[str, int | None] = field(default_factory=dict)  # obs key -> categories (None: not categorical)
+    tokeniser: str | None = None  # "binning" | "rank" | None: what the transforms turn values into
+    n_bins: int | None = None  # value bins of the binning tokeniser
+    token_offset: int = 0  # token ids = vocabulary positions + offset
+
+    def n_categories(self, key: str, field_name: str) -> int:
+        """Categories of obs column `key` plus one slot for missing values; `field_name` names the config field."""
+        n = self.obs_categories.get(key)
+        if n is None:
+            known = sorted(k for k, v in self.obs_categories.items() if v is not None)
+            raise ValueError(f"{field_name}: obs column {key!r} is not a categorical column of the data (categorical: {known})")
+        return n + 1
+
+
 @dataclass
 class Loss:
     """The objective to minimise (`loss`, a scalar tensor), its named terms (detached floats) and cells seen."""

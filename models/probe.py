@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Loss, dense_x, obs_codes
+from models.base import DataSummary, Loss, dense_x, obs_codes
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,17 @@ class ProbeConfig:
     n_hidden: int = 0  # 0: linear probe
     dropout: float = 0.0
     log1p: bool = True  # log1p the input first (raw counts in X)
+
+    def resolve(self, data: DataSummary) -> ProbeConfig:
+        """Fill in the input width and the label's categories from the data."""
+        return dataclasses.replace(
+            self,
+            n_input=self.n_input or data.n_genes,
+            n_classes=self.n_classes or data.n_categories(self.label_key, "label_key"),
+        )
+
+    def obs_keys(self) -> tuple[str, ...]:
+        return (self.label_key,)
 
     @classmethod
     def debug(cls, n_input: int = 64, n_classes: int = 4, **kw) -> ProbeConfig:

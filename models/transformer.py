@@ -3,7 +3,7 @@
 A cell is a set of (gene token, value) pairs. The batch carries them as the loader's kernels produce them:
 
 - ``genes``: int64 (B, L) gene ids in the model vocabulary; padding is a negative id, or every position past
-  ``lengths`` (B,) when the batch has it (engine.transforms rank_tokens);
+  ``lengths`` (B,) when the batch has it (engine.preprocess.transforms rank_tokens);
 - ``values``: (B, L) value bins in [0, n_bins) (bin 0 = zero), used when ``input == "binned"``;
 - ``mask``: bool (B, L), True where the value (binned) or the gene token (rank) is hidden and predicted.
   When the batch has no mask, one is drawn here with ``mask_ratio`` (torch RNG, so seeded runs repeat).
@@ -18,13 +18,14 @@ Attention is torch's scaled_dot_product_attention (flash/memory-efficient kernel
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Loss, dense_x
+from models.base import DataSummary, Loss, dense_x
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,19 @@ class TransformerConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio is {self.mask_ratio}, expected within (0, 1)")
+
+    def resolve(self, data: DataSummary) -> TransformerConfig:
+        """Vocabulary size (token ids are vocabulary positions + the tokeniser's offset), bins and input kind."""
+        updates: dict = {"n_genes": self.n_genes or data.n_genes + data.token_offset}
+        if data.tokeniser == "binning":
+            updates["input"] = "binned"
+            updates["n_bins"] = data.n_bins or self.n_bins
+        elif data.tokeniser == "rank":
+            updates["input"] = "rank"
+        return dataclasses.replace(self, **updates)
+
+    def obs_keys(self) -> tuple[str, ...]:
+        return ()
 
     @classmethod
     def debug(cls, n_genes: int = 64, **kw) -> TransformerConfig:

@@ -8,13 +8,14 @@ per gene, or a zero-inflated NB; loss = NLL + kl_weight * KL(q(z|x) || N(0, I)),
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Loss, dense_x, obs_codes
+from models.base import DataSummary, Loss, dense_x, obs_codes
 
 EPS = 1e-8
 
@@ -87,6 +88,14 @@ class VAEConfig:
             raise ValueError(f"batch_representation is {self.batch_representation!r}, expected 'one-hot' or 'embedding'")
         if self.n_latent < 1 or self.n_hidden < 1 or self.n_layers < 1:
             raise ValueError("n_latent, n_hidden and n_layers must be >= 1")
+
+    def resolve(self, data: DataSummary) -> VAEConfig:
+        """Fill in the sizes that come from the data: genes and batch categories."""
+        n_batch = self.n_batch or (data.n_categories(self.batch_key, "batch_key") if self.batch_key else 0)
+        return dataclasses.replace(self, n_genes=self.n_genes or data.n_genes, n_batch=n_batch)
+
+    def obs_keys(self) -> tuple[str, ...]:
+        return (self.batch_key,) if self.batch_key else ()
 
     @classmethod
     def debug(cls, n_genes: int = 64, **kw) -> VAEConfig:

@@ -69,7 +69,7 @@ def kang_sample(real_data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_h5ads(tmp_path_factory) -> list[Path]:
     """Three small h5ad files with overlapping vocabularies and obs columns, as real inputs would have."""
-    from engine.synthetic import synthetic_counts
+    from engine.store.synthetic import synthetic_counts
 
     d = tmp_path_factory.mktemp("inputs")
     paths = []
@@ -87,7 +87,7 @@ def tiny_h5ads(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
     """The three tiny inputs ingested (union vocabulary, shuffled, 4+ shards)."""
-    from engine.ingest import IngestConfig, ingest
+    from engine.store.ingest import IngestConfig, ingest
 
     out = tmp_path_factory.mktemp("stores") / "tiny.store"
     ingest(tiny_h5ads, out, IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch")))

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from engine.stats import StatsConfig, StatsError, compute_stats, export_table
+    from engine.errors import StatsError
+    from engine.preprocess.stats import StatsConfig, compute_stats, export_table
     from jobs.progress import progress_bar
 
     if args.export is not None and args.export.suffix not in (".csv", ".parquet"):

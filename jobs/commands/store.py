@@ -59,8 +59,8 @@ def parse_size(text: str) -> tuple[int | None, int | None]:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from engine.ingest import IngestConfig, ingest
-    from engine.store import Codec
+    from engine.store.ingest import IngestConfig, ingest
+    from engine.store.format import Codec
     from jobs.progress import progress_bar
 
     cells, nbytes = parse_size(args.shard_size)
@@ -90,7 +90,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from engine.store import Store
+    from engine.store.format import Store
 
     store = Store.open(args.store)
     m = store.manifest
@@ -115,7 +115,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from engine.store import verify_store
+    from engine.store.verify import verify_store
     from jobs.progress import progress_bar
 
     with progress_bar() as progress:
@@ -129,7 +129,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from engine.synthetic import synthetic_counts
+    from engine.store.synthetic import synthetic_counts
 
     adata = synthetic_counts(args.cells, args.genes, args.nnz_per_cell, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

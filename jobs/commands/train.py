@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from engine.train import pretrain
+    from engine.train.driver import pretrain
     from jobs.progress import progress_bar
     from jobs.spec import load_spec
 
@@ -65,7 +65,8 @@ def run_job(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from engine.embed import OBSM_KEY, embed, knn_accuracy
+    from engine.infer.embed import OBSM_KEY, embed
+    from engine.infer.evaluate import knn_accuracy
     from jobs.progress import progress_bar
 
     with progress_bar() as progress:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from engine.synthetic import synthetic_counts
+from engine.store.synthetic import synthetic_counts
 from models.vae import log_nb, log_zinb
 
 
@@ -128,8 +128,8 @@ def test_registry_and_config_errors():
 
 def test_transformer_reads_engine_transform_outputs(tiny_store):
     """The kernels' own outputs: full-width bins (kept to max_len highest), and rank tokens padded past `lengths`."""
-    from engine.store import Store
-    from engine.transforms import Pipeline
+    from engine.store.format import Store
+    from engine.preprocess.transforms import Pipeline
 
     store = Store.open(tiny_store)
     block = store.read_csr(0, 0, 32)

@@ -1,0 +1,27 @@
+"""How good an embedding is: label transfer by k nearest neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 15, max_cells: int = 20_000, seed: int = 0) -> float:
+    """Leave-one-out kNN label accuracy (majority of the k nearest neighbours, Euclidean) on up to max_cells."""
+    import torch
+
+    labels = np.asarray(labels)
+    keep = np.flatnonzero(np.asarray(pd.notna(labels)))
+    if len(keep) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_cells, replace=False))
+    codes, y = np.unique(labels[keep], return_inverse=True)
+    x = torch.from_numpy(np.ascontiguousarray(emb[keep], dtype=np.float32))
+    y = torch.from_numpy(y)
+    correct = 0
+    for start in range(0, len(x), 2048):
+        d = torch.cdist(x[start : start + 2048], x)
+        d[torch.arange(d.shape[0]), torch.arange(start, start + d.shape[0])] = float("inf")  # leave self out
+        nn = d.topk(min(k, len(x) - 1), largest=False).indices
+        votes = torch.nn.functional.one_hot(y[nn], len(codes)).sum(1)
+        correct += int((votes.argmax(1) == y[start : start + 2048]).sum())
+    return correct / max(1, len(x))

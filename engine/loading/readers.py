@@ -1,0 +1,231 @@
+"""Execute a rank's read plan: fetch a buffer's blocks, shuffle, cut batches, run the transform pipeline.
+
+`BufferReader.read(plan)` is the one implementation; the Loader runs it either in threads of its own
+process (mode="local") or inside `ReaderActor`s (mode="ray"), so both modes give identical batches. A batch
+is a dict of numpy arrays (and, for CSR, a `CSRBlock`): Ray ships it through the object store without
+copies, and the Loader turns it into torch tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.loading.buffers import BatchBuffers
+from engine.loading.chunks import StoreBlocks
+from engine.store.csr import gather_dense, gather_rows_csr, gather_rows_dense
+from engine.errors import CellrayError
+from engine.loading.sampler import BufferPlan, split_mask
+from engine.store.format import CSRBlock, Store
+
+log = logging.getLogger(__name__)
+
+
+def single_threaded_kernels() -> None:
+    """Run numba's parallel kernels on one thread in this reader thread: readers already work in parallel
+    (one buffer each), and a parallel kernel's barrier stalls whenever a core is busy elsewhere (measured:
+    normalize+log1p+densify of 4,096 cells took 12-100 ms with 2 numba threads on a busy 2-core machine)."""
+    import numba
+
+    if numba.get_num_threads() != 1:
+        numba.set_num_threads(1)
+
+
+def build_pipeline(transforms: Any, store: Store):
+    """None -> no pipeline; a spec (list/dict) -> `engine.transforms.Pipeline.from_spec`; a callable as is."""
+    if transforms is None:
+        return None
+    if callable(transforms):
+        return transforms
+    from engine.preprocess.transforms import Pipeline
+
+    return Pipeline.from_spec(transforms, store)
+
+
+class BufferReader:
+    """Reads buffers of one store. Thread-safe: the Loader's local mode shares one across threads."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike,
+        transforms: Any = None,
+        output: str = "dense",
+        obs_keys: Sequence[str] = (),
+        direct_io: bool = True,
+    ):
+        if output not in ("dense", "csr"):
+            raise CellrayError(f"output is {output!r}: expected 'dense' or 'csr'")
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.blocks = StoreBlocks(self.store, direct=direct_io)
+        self.pipeline = build_pipeline(transforms, self.store)
+        self.output = output
+        self.dense_buffers = BatchBuffers()
+        self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
+        self.obs_keys = tuple(obs_keys)
+        missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
+        if missing:
+            raise CellrayError(
+                f"{self.store.path}: obs_keys {missing} are not in the store; it has {list(self.store.manifest.obs_schema)}"
+            )
+
+    def close(self) -> None:
+        self.blocks.close()
+
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order."""
+        single_threaded_kernels()
+        segs = plan.segments
+        offsets = self.store.cell_offsets
+        pool = self.blocks.read_pool(segs[:, :3])
+        # rows of the concatenated read that belong to the buffer, in stream order, with their global index
+        rows, gidx, pad, obs = [], [], [], {k: [] for k in self._obs_needed(plan)}
+        base = 0
+        for shard, start, stop, skip, take, is_pad in segs:
+            first = int(offsets[shard] + start)
+            local = np.arange(stop - start, dtype=np.int64)
+            if plan.filtered:
+                local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
+            local = local[skip : skip + take]
+            if len(local) != take:
+                raise CellrayError(f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}")
+            rows.append(base + local)
+            gidx.append(first + local)
+            pad.append(np.full(take, bool(is_pad)))
+            for k in obs:
+                obs[k].append(self.blocks.obs_codes(int(shard), k)[start:stop][local])
+            base += stop - start
+        rows_a = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        gidx_a = np.concatenate(gidx) if gidx else np.empty(0, np.int64)
+        pad_a = np.concatenate(pad) if pad else np.empty(0, bool)
+        obs_a = {k: np.concatenate(v) for k, v in obs.items()}
+        n = plan.n_cells
+        if len(rows_a) != n:
+            raise CellrayError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
+
+        rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
+        if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
+            p = np.asarray(plan.balance["weights"], dtype=np.float64)[obs_a[plan.balance["key"]]]
+            if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
+                log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
+                p = np.ones(n)
+            pick = rng.choice(n, size=n, replace=True, p=p / p.sum())
+        elif plan.shuffle:
+            pick = rng.permutation(n)
+        else:
+            pick = np.arange(n)
+
+        batches = []
+        want_pad = plan.remainder == "pad"
+        for b in range(plan.n_batches):
+            sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
+            r = rows_a[sel]
+            batch: dict[str, Any] = {"index": gidx_a[sel]}
+            for k in self.obs_keys:
+                batch[k] = obs_a[k][sel]
+            if want_pad:
+                batch["pad"] = pad_a[sel]
+            if self.pipeline is None:
+                batch["X"] = self._raw_x(pool, r)
+            else:
+                ip, ix, dx = gather_rows_csr(pool, r, np.float32, np.int32, self.csr_buffers)
+                out = self._run_pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
+                for key, value in out.items():
+                    batch[key] = self._finish_x(value) if key == "X" else value
+            batches.append(batch)
+        return batches
+
+    def _run_pipeline(self, block: CSRBlock, index: np.ndarray) -> dict[str, Any]:
+        """The pipeline, writing a dense X into a reused buffer when it can (`Pipeline(..., out=)`)."""
+        import inspect
+
+        dense = getattr(self.pipeline, "dense", False) and "out" in inspect.signature(self.pipeline).parameters
+        if not dense:
+            return self.pipeline(block, index)
+        n_out = self.pipeline.n_genes_out
+        out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself
+        return self.pipeline(block, index, out=out)
+
+    def _obs_needed(self, plan: BufferPlan) -> list[str]:
+        keys = list(self.obs_keys)
+        if plan.balance is not None and plan.balance["key"] not in keys:
+            keys.append(plan.balance["key"])
+        return keys
+
+    def _raw_x(self, pool, rows):
+        if self.output == "dense":
+            return gather_rows_dense(pool, rows, self.store.n_genes, self.dense_buffers)
+        ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
+        dt = _index_dtype(ip)  # torch wants indptr and indices of one signed dtype
+        return CSRBlock(ip.astype(dt), ix.astype(dt, copy=False), dx, self.store.n_genes)
+
+    def _finish_x(self, x):
+        if not isinstance(x, CSRBlock):
+            return x
+        if self.output == "dense":
+            return gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
+        dt = _index_dtype(x.indptr)  # torch wants indptr and indices of one signed dtype
+        return CSRBlock(x.indptr.astype(dt, copy=False), x.indices.astype(dt, copy=False), x.data.astype(np.float32, copy=False), x.n_genes)
+
+
+def _index_dtype(indptr: np.ndarray):
+    """int32 indices (half the bytes) unless a batch could hold 2^31 non-zeros."""
+    return np.int32 if indptr[-1] < 2**31 - 1 else np.int64
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+def reader_actor_class():
+    """The Ray actor class, made on first use so importing this module does not import Ray."""
+    import ray
+
+    @ray.remote
+    class ReaderActor:
+        """One reader of a rank. Stateless between calls, so a restarted actor can redo any buffer."""
+
+        def __init__(self, store_path: str, transforms: Any, output: str, obs_keys: Sequence[str], direct_io: bool):
+            self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
+
+        def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+            return self.reader.read(plan)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    return ReaderActor
+
+
+_ACTOR_CLASS = None
+
+
+def make_reader_actor(
+    store_path: str,
+    transforms: Any,
+    output: str,
+    obs_keys: Sequence[str],
+    direct_io: bool = True,
+    num_cpus: float = 0.5,
+    node_id: str | None = None,
+    max_restarts: int = 3,
+):
+    """A reader actor placed on `node_id` (the node of the rank it feeds; soft, so it still starts elsewhere
+    if that node is gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads."""
+    global _ACTOR_CLASS
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = reader_actor_class()
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return _ACTOR_CLASS.options(
+        num_cpus=num_cpus,
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=True),
+    ).remote(str(store_path), transforms, output, tuple(obs_keys), direct_io)

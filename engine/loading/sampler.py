@@ -1,0 +1,330 @@
+"""The read plan: which cells each rank reads, in which order, as a pure function of the settings.
+
+Cells are read in *blocks* of contiguous cells within a shard (`block_size` cells; the last block of a shard
+is shorter). Every epoch:
+
+1. the blocks of the whole store are permuted (seed, epoch) — a global shuffle across shards without
+   re-writing the store;
+2. the permuted blocks, restricted to the split's cells, form one stream of N positions; rank r takes the
+   contiguous range [r*N//W, (r+1)*N//W) of it, so ranks differ by at most one cell and a block may be split
+   between two neighbouring ranks;
+3. a rank's range is cut into *buffers* of `buffer_cells` (a whole number of batches, about `buffer_blocks`
+   blocks); the cells of a buffer are shuffled again (seed, epoch, rank, buffer) and cut into batches.
+
+Remainder policy, so all ranks yield the same number of batches (DDP lockstep):
+- ``remainder="drop"`` (default): every rank yields floor(N//W / batch_size) full batches; the few cells past
+  that (< batch_size + 1 per rank) are skipped this epoch. Because the block order changes every epoch, it
+  is different cells each epoch. Every cell reaches at most one rank at most once per epoch.
+- ``remainder="pad"``: every rank yields ceil(ceil(N/W) / batch_size) batches; a rank short of cells wraps
+  around to the start of its own range, and those repeated rows are flagged (`pad` is True) so a metric can
+  ignore them. Every cell is seen at least once per epoch; only flagged rows repeat.
+
+Validation split: a cell is in "val" when splitmix64(global index ^ salt) < val_fraction * 2^64: stable for a
+given store and the same on every machine, and training never reads a val cell. Counting the split per
+block is one numba pass over cell *indices* (no data, ~1 ns per cell) done once per Sampler.
+
+Everything here is O(blocks) (never O(cells)) in memory, and per-epoch work is one permutation and one
+cumulative sum over blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Sequence
+
+import numba
+import numpy as np
+from pydantic import Field, model_validator
+
+from engine.config import Config
+from engine.errors import CellrayError, SamplerError
+from engine.hashing import mix64
+
+SPLIT_SALT = 0x5EED_CE11_0000_0001  # fixed: the split must not move when the shuffle seed does
+
+
+
+class SamplerConfig(Config):
+    error: ClassVar[type[Exception]] = SamplerError
+
+    batch_size: int = Field(gt=0)
+    block_size: int = Field(1024, gt=0)  # contiguous cells per read; see `auto_block_size`
+    buffer_blocks: int = Field(16, gt=0)  # blocks shuffled together in memory
+    seed: int = 0
+    shuffle: bool = True
+    split: Literal["train", "val", "all"] = "train"
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    remainder: Literal["drop", "pad"] = "drop"
+
+    @model_validator(mode="after")
+    def _val_split_not_empty(self) -> SamplerConfig:
+        if self.split == "val" and self.val_fraction == 0.0:
+            raise ValueError("split='val' with val_fraction=0: the validation split is empty (set val_fraction)")
+        return self
+
+    @property
+    def buffer_batches(self) -> int:
+        return max(1, math.ceil(self.buffer_blocks * self.block_size / self.batch_size))
+
+    @property
+    def buffer_cells(self) -> int:
+        return self.buffer_batches * self.batch_size
+
+
+def auto_block_size(n_cells: int, nnz: int, chunk_elements: int) -> int:
+    """Cells per block so that a block spans about one compressed chunk (a power of two in [32, 4096])."""
+    per_cell = max(1.0, nnz / max(1, n_cells))
+    cells = chunk_elements / per_cell
+    return int(min(4096, max(32, 2 ** round(math.log2(max(1.0, cells))))))
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _split_hash(x):
+    return mix64(x ^ np.uint64(SPLIT_SALT))
+
+
+@numba.njit(nogil=True, cache=True)
+def _split_mask(first, n, threshold, want_val, out):
+    for i in range(n):
+        out[i] = (_split_hash(np.uint64(first + i)) < threshold) == want_val
+
+
+@numba.njit(nogil=True, cache=True)
+def _split_counts(block_first, block_len, threshold, want_val, out):
+    for b in range(block_first.shape[0]):
+        c = 0
+        f = block_first[b]
+        for i in range(block_len[b]):
+            c += (_split_hash(np.uint64(f + i)) < threshold) == want_val
+        out[b] = c
+
+
+def _threshold(val_fraction: float) -> np.uint64:
+    return np.uint64(min(2**64 - 1, int(val_fraction * 2**64)))
+
+
+def split_mask(first_global: int, n: int, split: str, val_fraction: float) -> np.ndarray:
+    """Which of the cells [first_global, first_global + n) belong to `split` (bool array)."""
+    if split == "all" or val_fraction == 0.0:
+        return np.full(n, split != "val", dtype=bool)
+    out = np.empty(n, dtype=np.bool_)
+    _split_mask(np.uint64(first_global), n, _threshold(val_fraction), split == "val", out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class BufferPlan:
+    """One buffer of one rank: what to read, then how to shuffle and cut it. Small and picklable."""
+
+    epoch: int
+    rank: int
+    index: int  # buffer number within the rank's epoch
+    first_batch: int  # batch number (within the rank's epoch) of this buffer's first batch
+    n_batches: int
+    batch_size: int
+    # One row per piece of a block: shard, start, stop (the cells to read), skip, take (which of the split's
+    # cells among them, in order), pad (1 when these rows repeat cells to pad the rank).
+    segments: np.ndarray
+    shuffle_seed: tuple[int, ...]
+    shuffle: bool
+    split: str
+    val_fraction: float
+    balance: dict[str, Any] | None = None  # {"key": obs column, "weights": float64 array indexed by code}
+    remainder: str = "drop"
+
+    @property
+    def n_cells(self) -> int:
+        return self.n_batches * self.batch_size
+
+    @property
+    def filtered(self) -> bool:
+        return self.split != "all" and self.val_fraction > 0.0
+
+
+@dataclass
+class _Epoch:
+    order: np.ndarray  # block ids in stream order (blocks with no split cells removed)
+    cum: np.ndarray  # cum[k] = stream position of the first cell of order[k]; cum[-1] = N
+
+
+class Sampler:
+    """Plans epochs for one rank. `shard_cells` is the manifest's cell count per shard."""
+
+    def __init__(
+        self,
+        shard_cells: Sequence[int],
+        config: SamplerConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        balance: dict[str, Any] | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise SamplerError(f"rank {rank} is outside world_size {world_size}")
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.balance = balance
+        bs = config.block_size
+        self.shard_cells = np.asarray(shard_cells, dtype=np.int64)
+        self.cell_offsets = np.concatenate([[0], np.cumsum(self.shard_cells)]).astype(np.int64)
+        per_shard = -(-self.shard_cells // bs)
+        self.block_offsets = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+        self.n_blocks = int(self.block_offsets[-1])
+        self.block_counts = self._count_split()
+        self.n_split_cells = int(self.block_counts.sum())
+        if self.n_split_cells == 0:
+            raise SamplerError(f"the {config.split!r} split has no cells (store of {int(self.cell_offsets[-1])} cells)")
+        self.epoch = 0
+        self.batches_done = 0
+        self._cache: dict[int, _Epoch] = {}
+
+    def for_rank(self, rank: int) -> Sampler:
+        """The same plan seen by another rank, sharing the O(blocks) tables and the epoch cache."""
+        if not 0 <= rank < self.world_size:
+            raise SamplerError(f"rank {rank} is outside world_size {self.world_size}")
+        other = copy.copy(self)
+        other.rank, other.epoch, other.batches_done = rank, 0, 0
+        return other
+
+    # -- blocks
+    def blocks(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block ids -> (shard, start, stop) cell ranges within the shard."""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard = np.searchsorted(self.block_offsets, ids, side="right") - 1
+        start = (ids - self.block_offsets[shard]) * self.config.block_size
+        stop = np.minimum(start + self.config.block_size, self.shard_cells[shard])
+        return shard, start, stop
+
+    def _count_split(self) -> np.ndarray:
+        shard, start, stop = self.blocks(np.arange(self.n_blocks))
+        sizes = stop - start
+        c = self.config
+        if c.split == "all" or c.val_fraction == 0.0:
+            return sizes
+        out = np.empty(self.n_blocks, dtype=np.int64)
+        _split_counts(self.cell_offsets[shard] + start, sizes, _threshold(c.val_fraction), c.split == "val", out)
+        return out
+
+    # -- epochs
+    def _epoch(self, epoch: int) -> _Epoch:
+        if epoch not in self._cache:
+            if self.config.shuffle:
+                order = np.random.Generator(np.random.PCG64([self.config.seed, epoch])).permutation(self.n_blocks)
+            else:
+                order = np.arange(self.n_blocks, dtype=np.int64)
+            order = order[self.block_counts[order] > 0]
+            cum = np.zeros(len(order) + 1, dtype=np.int64)
+            np.cumsum(self.block_counts[order], out=cum[1:])
+            while len(self._cache) >= 2:  # this epoch and the next (the Loader reads ahead): O(blocks)
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[epoch] = _Epoch(order, cum)
+        return self._cache[epoch]
+
+    def rank_range(self, rank: int | None = None) -> tuple[int, int]:
+        """The rank's [lo, hi) positions in the epoch stream (the same for every epoch)."""
+        r = self.rank if rank is None else rank
+        n, w = self.n_split_cells, self.world_size
+        return r * n // w, (r + 1) * n // w
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch: the same on every rank."""
+        n, w, b = self.n_split_cells, self.world_size, self.config.batch_size
+        if self.config.remainder == "drop":
+            return (n // w) // b
+        if n // w == 0:
+            raise SamplerError(
+                f"remainder='pad' with {n} cells over {w} ranks leaves a rank with no cells to pad from"
+            )
+        return -(-(-(-n // w)) // b)
+
+    @property
+    def n_buffers(self) -> int:
+        return -(-len(self) // self.config.buffer_batches)
+
+    def buffer(self, epoch: int, j: int) -> BufferPlan:
+        """The plan of this rank's buffer `j` in `epoch`."""
+        c = self.config
+        if not 0 <= j < self.n_buffers:
+            raise IndexError(f"buffer {j} outside [0, {self.n_buffers})")
+        ep = self._epoch(epoch)
+        lo, hi = self.rank_range()
+        count = hi - lo
+        k0 = j * c.buffer_batches
+        n_batches = min(c.buffer_batches, len(self) - k0)
+        p0, p1 = k0 * c.batch_size, (k0 + n_batches) * c.batch_size
+        rows = []
+        while p0 < p1:  # positions past the rank's count wrap around (pad policy only)
+            wrap, a = divmod(p0, count)
+            b = min(count, a + p1 - p0)
+            rows.extend(self._pieces(ep, lo + a, lo + b, pad=wrap > 0))
+            p0 += b - a
+        segments = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        return BufferPlan(
+            epoch=epoch,
+            rank=self.rank,
+            index=j,
+            first_batch=k0,
+            n_batches=n_batches,
+            batch_size=c.batch_size,
+            segments=segments,
+            shuffle_seed=(c.seed, epoch, self.rank, j),
+            shuffle=c.shuffle,
+            split=c.split,
+            val_fraction=c.val_fraction,
+            balance=self.balance,
+            remainder=c.remainder,
+        )
+
+    def _pieces(self, ep: _Epoch, x0: int, x1: int, pad: bool) -> list[tuple[int, ...]]:
+        k0 = int(np.searchsorted(ep.cum, x0, side="right")) - 1
+        k1 = int(np.searchsorted(ep.cum, x1, side="left"))
+        ks = np.arange(k0, k1)
+        shard, start, stop = self.blocks(ep.order[ks])
+        filtered = self.config.split != "all" and self.config.val_fraction > 0.0
+        out = []
+        for i, k in enumerate(ks):
+            skip = max(x0, ep.cum[k]) - ep.cum[k]
+            take = min(x1, ep.cum[k + 1]) - ep.cum[k] - skip
+            s, a, b = int(shard[i]), int(start[i]), int(stop[i])
+            if not filtered:  # every cell of the block is in the split: read only the part needed
+                a, b, skip = a + int(skip), a + int(skip) + int(take), 0
+            out.append((s, a, b, int(skip), int(take), int(pad)))
+        return out
+
+    def plan(self, epoch: int) -> list[BufferPlan]:
+        return [self.buffer(epoch, j) for j in range(self.n_buffers)]
+
+    # -- position
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done = int(epoch), 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            **self.config.model_dump(),
+            "world_size": self.world_size,
+            "n_cells": int(self.cell_offsets[-1]),
+            "n_shards": len(self.shard_cells),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "rank": self.rank, "plan": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the next unseen batch. Mid-epoch this needs the same plan settings and world size."""
+        batches_done = int(state["batches_done"])
+        if batches_done and state.get("plan") != self.fingerprint():
+            diff = {k: (v, self.fingerprint().get(k)) for k, v in state.get("plan", {}).items() if self.fingerprint().get(k) != v}
+            raise SamplerError(
+                f"loader state is mid-epoch ({batches_done} batches done) but the plan settings differ "
+                f"(saved, now): {diff}; resume with the same settings, or from an epoch boundary"
+            )
+        if not 0 <= batches_done <= len(self):
+            raise SamplerError(f"loader state: batches_done={batches_done} outside [0, {len(self)}]")
+        self.epoch, self.batches_done = int(state["epoch"]), batches_done

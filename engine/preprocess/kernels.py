@@ -1,0 +1,474 @@
+"""Numba kernels for per-cell preprocessing: fused normalize/log1p/select/scale/densify, binning, rank tokens, masks.
+
+Every kernel works on the CSR arrays of a batch (indptr, indices, data) in whatever dtype the store holds
+(uint16/uint32 indices; uint16/uint32 counts or float32 data), writes into preallocated outputs, and runs
+parallel over cells. Arithmetic follows scanpy exactly where there is a scanpy counterpart:
+
+- normalize_total: library = float32(sum of float32 values, accumulated in float64); factor =
+  float32(library / target) (1 where the library is 0); value = float32(x / factor).
+- log1p: float32(log1p(x)) computed in float64 (within one ulp of numpy's float32 log1p).
+- scale: (x - mean) / std in float64 with std = 1 where it is 0, clipped to [-max_value, max_value]
+  (only above when not zero-centred), then float32.
+
+Compiled kernels are cached on disk (`cache=True`), so a fresh Ray worker loads them instead of compiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from engine.hashing import splitmix64_next
+
+log = logging.getLogger(__name__)
+
+
+def _configure_threading() -> None:
+    """Prefer the OpenMP layer: unlike `workqueue` it is safe when several threads (a Ray actor's reader threads)
+    launch kernels at once; Ray workers are spawned, not forked, so its fork caveat does not bite."""
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401
+
+        numba.config.THREADING_LAYER = "omp"
+    except ImportError:  # no libgomp: numba falls back to its default choice
+        log.debug("numba OpenMP threading layer unavailable; using numba's default")
+
+
+_configure_threading()
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run kernels with `n` threads inside the block (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------- value steps
+
+
+@njit(cache=True, inline="always")
+def _row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target):
+    """scanpy's size factor of row i: float32(float32(library) / target), 1 for an empty row."""
+    s = 0.0
+    for j in range(indptr[i], indptr[i + 1]):
+        if has_map and lib_selected and gene_map[indices[j]] < 0:
+            continue
+        s += np.float64(np.float32(data[j]))
+    f = np.float32(np.float64(np.float32(s)) / target)
+    if f == 0:
+        f = np.float32(1.0)
+    return np.float64(f)
+
+
+@njit(cache=True, inline="always")
+def _value(x, factor, do_norm, do_log):
+    v = np.float32(x)
+    if do_norm:
+        v = np.float32(np.float64(v) / factor)
+    if do_log:
+        v = np.float32(np.log1p(np.float64(v)))
+    return v
+
+
+@njit(cache=True, inline="always")
+def _scaled(v, mean, std, max_value, zero_center):
+    w = np.float64(v)
+    if zero_center:
+        w -= mean
+    w /= std
+    if max_value > 0:
+        if w > max_value:
+            w = max_value
+        elif zero_center and w < -max_value:
+            w = -max_value
+    return np.float32(w)
+
+
+TABLE = 256  # integer counts below this take their per-cell value from a small table (one log1p per distinct count)
+
+
+@njit(cache=True, inline="always")
+def _value_cached(x, factor, do_norm, do_log, table):
+    """`_value`, memoised per cell for small integral counts: a cell of 2,000 non-zeros holds a few dozen distinct
+    counts, so this replaces most log1p calls (the kernel's main cost) with a table read. Same numbers."""
+    xf = np.float32(x)
+    if xf >= 0 and xf < TABLE:
+        c = np.int64(xf)
+        if np.float32(c) == xf:
+            v = table[c]
+            if v != v:  # NaN: not computed yet in this cell
+                v = _value(xf, factor, do_norm, do_log)
+                table[c] = v
+            return v
+    return _value(xf, factor, do_norm, do_log)
+
+
+@njit(cache=True, parallel=True)
+def transform_dense(
+    indptr, indices, data, gene_map, has_map, lib_selected, do_norm, target, do_log,
+    do_scale, mean, std, max_value, zero_center, out, zeroed=False,
+):  # fmt: skip
+    """The fused value pipeline into a dense float32 `out` (n_cells, n_out), zeroed or filled here.
+
+    gene_map[g] is the output column of store gene g, or -1 to drop it (`has_map` False: identity).
+    `lib_selected`: library sizes count only kept genes (select_genes ran before normalize_total).
+    `mean`/`std` are indexed by output column. `max_value <= 0` disables clipping.
+    `zeroed`: `out` is known to be all zeros (fresh np.zeros), so rows need no clearing.
+    """
+    n = len(indptr) - 1
+    n_out = out.shape[1]
+    memo = do_norm or do_log
+    for i in prange(n):
+        row = out[i]
+        if do_scale:
+            for c in range(n_out):
+                row[c] = _scaled(np.float32(0.0), mean[c], std[c], max_value, zero_center)
+        elif not zeroed:
+            row[:] = 0
+        factor = 1.0
+        if do_norm:
+            factor = _row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
+        table = np.full(TABLE if memo else 1, np.nan, dtype=np.float32)
+        for j in range(indptr[i], indptr[i + 1]):
+            c = np.int64(indices[j])
+            if has_map:
+                c = gene_map[c]
+                if c < 0:
+                    continue
+            v = _value_cached(data[j], factor, do_norm, do_log, table) if memo else np.float32(data[j])
+            if do_scale:
+                v = _scaled(v, mean[c], std[c], max_value, zero_center)
+            row[c] = v
+    return out
+
+
+@njit(cache=True, parallel=True)
+def kept_per_row(indptr, indices, gene_map, out):
+    """out[i] = number of non-zeros of row i whose gene is kept by gene_map."""
+    for i in prange(len(indptr) - 1):
+        k = 0
+        for j in range(indptr[i], indptr[i + 1]):
+            if gene_map[indices[j]] >= 0:
+                k += 1
+        out[i] = k
+    return out
+
+
+@njit(cache=True, parallel=True)
+def transform_csr(
+    indptr, indices, data, gene_map, has_map, sort_rows, lib_selected, do_norm, target, do_log,
+    out_indptr, out_indices, out_data,
+):  # fmt: skip
+    """The fused value pipeline into CSR outputs (out_indptr precomputed from `kept_per_row`); same sparsity
+    as the input restricted to kept genes. `sort_rows`: the map reorders columns, so sort each row's indices."""
+    n = len(indptr) - 1
+    for i in prange(n):
+        factor = 1.0
+        if do_norm:
+            factor = _row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
+        k = out_indptr[i]
+        table = np.full(TABLE, np.nan, dtype=np.float32)
+        for j in range(indptr[i], indptr[i + 1]):
+            c = np.int64(indices[j])
+            if has_map:
+                c = gene_map[c]
+                if c < 0:
+                    continue
+            out_indices[k] = c
+            out_data[k] = _value_cached(data[j], factor, do_norm, do_log, table)
+            k += 1
+        if sort_rows:
+            lo, hi = out_indptr[i], out_indptr[i + 1]
+            order = np.argsort(out_indices[lo:hi])
+            out_indices[lo:hi] = out_indices[lo:hi][order]
+            out_data[lo:hi] = out_data[lo:hi][order]
+    return out_indptr
+
+
+@njit(cache=True, parallel=True)
+def library_sizes(indptr, data, out):
+    """Per-cell sum of values (float64 accumulation)."""
+    for i in prange(len(indptr) - 1):
+        s = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            s += np.float64(data[j])
+        out[i] = s
+    return out
+
+
+@njit(cache=True, parallel=True)
+def any_negative(data) -> bool:
+    n = len(data)
+    chunks = 64
+    flags = np.zeros(chunks, dtype=np.bool_)
+    step = (n + chunks - 1) // chunks
+    for t in prange(chunks):
+        for j in range(t * step, min(n, (t + 1) * step)):
+            if data[j] < 0:
+                flags[t] = True
+                break
+    return flags.any()
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+@njit(cache=True, parallel=True)
+def bin_values(X, n_bins, out):
+    """scGPT value binning: per row, edges = np.quantile(non-zeros, linspace(0, 1, n_bins - 1)) (numpy's linear
+    method, reproduced bit for bit), bin = np.digitize(x, edges) in 1..n_bins-1 for non-zeros, 0 for zeros."""
+    n, g = X.shape
+    q = np.linspace(0.0, 1.0, n_bins - 1)
+    for i in prange(n):
+        row = X[i]
+        m = 0
+        for c in range(g):
+            if row[c] != 0:
+                m += 1
+        out[i, :] = 0
+        if m == 0:
+            continue
+        nz = np.empty(m, dtype=X.dtype)
+        k = 0
+        for c in range(g):
+            if row[c] != 0:
+                nz[k] = row[c]
+                k += 1
+        s = np.sort(nz)
+        edges = np.empty(n_bins - 1, dtype=np.float64)
+        for b in range(n_bins - 1):
+            vi = np.float64(m - 1) * q[b]
+            lo = np.int64(np.floor(vi))
+            hi = min(lo + 1, m - 1)
+            t = vi - np.float64(lo)
+            a = s[lo]
+            d = np.float64(s[hi] - a)  # numpy subtracts in the array dtype
+            if t >= 0.5:
+                edges[b] = np.float64(s[hi]) - d * (1.0 - t)
+            else:
+                edges[b] = np.float64(a) + d * t
+        for c in range(g):
+            v = row[c]
+            if v != 0:
+                out[i, c] = np.searchsorted(edges, np.float64(v), side="right")
+    return out
+
+
+@njit(cache=True, parallel=True)
+def rank_tokens(indptr, indices, data, medians, max_len, offset, pad_id, out_genes, out_values, out_len):
+    """Geneformer rank-value tokens of CSR rows (columns already in model order): r = x / medians[col] for
+    x > 0, sorted by r descending (ties: lower column first), top `max_len`; token = col + offset; padded."""
+    n = len(indptr) - 1
+    for i in prange(n):
+        lo, hi = indptr[i], indptr[i + 1]
+        m = 0
+        for j in range(lo, hi):
+            if data[j] > 0 and medians[indices[j]] > 0:
+                m += 1
+        cols = np.empty(m, dtype=np.int64)
+        vals = np.empty(m, dtype=np.float64)
+        k = 0
+        for j in range(lo, hi):
+            c = np.int64(indices[j])
+            if data[j] > 0 and medians[c] > 0:
+                cols[k] = c
+                vals[k] = np.float64(data[j]) / medians[c]
+                k += 1
+        by_col = np.argsort(cols, kind="mergesort")
+        cols = cols[by_col]
+        vals = vals[by_col]
+        order = np.argsort(-vals, kind="mergesort")
+        L = min(m, max_len)
+        for t in range(L):
+            out_genes[i, t] = cols[order[t]] + offset
+            out_values[i, t] = np.float32(vals[order[t]])
+        for t in range(L, max_len):
+            out_genes[i, t] = pad_id
+            out_values[i, t] = 0
+        out_len[i] = L
+    return out_len
+
+
+# ----------------------------------------------------------------------------------------------- masking
+
+
+@njit(cache=True, parallel=True)
+def random_mask(cell_ids, lengths, fraction, seed, out):
+    """For each cell, mask exactly int(lengths[i] * fraction) of its first lengths[i] positions, chosen by a
+    partial Fisher-Yates shuffle driven by splitmix64(seed, cell id): the same seed and cell id give the same
+    mask in any process, batch or order."""
+    n, width = out.shape
+    for i in prange(n):
+        out[i, :] = False
+        L = min(np.int64(lengths[i]), width)
+        k = np.int64(np.float64(L) * fraction)
+        if k <= 0:
+            continue
+        state = np.uint64(seed) * np.uint64(0xD1B54A32D192ED03) ^ np.uint64(cell_ids[i])
+        state, _ = splitmix64_next(state)
+        pos = np.arange(L)
+        for t in range(k):
+            state, r = splitmix64_next(state)
+            j = t + np.int64(r % np.uint64(L - t))
+            tmp = pos[t]
+            pos[t] = pos[j]
+            pos[j] = tmp
+            out[i, pos[t]] = True
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+# Medians of normalized non-zeros come from two dense histograms per gene over u = log(target / v): a coarse one
+# in the first pass locates the bin of each middle element, a fine one inside that bin in the second pass.
+MED_SPAN = 32.0  # u in [0, 32): values down to target * e^-32 (libraries up to ~8e13)
+MED_COARSE = 256
+MED_FINE = 256
+MED_W1 = MED_SPAN / MED_COARSE
+MED_W2 = MED_W1 / MED_FINE
+MEDIAN_REL_ERROR = float(np.expm1(MED_W2 / 2))  # bound on |estimate / exact median - 1|
+
+
+@njit(cache=True, inline="always")
+def _med_u(v, log_target):
+    u = log_target - np.log(np.float64(v))
+    if u < 0:
+        u = 0.0
+    if u >= MED_SPAN:
+        u = MED_SPAN * (1 - 1e-12)
+    return u
+
+
+@njit(cache=True, inline="always")
+def _norm_log_u(x, f, log_target, table_v, table_l, table_u):
+    """(normalized, its log1p, its median-histogram coordinate u) of a value in a cell with size factor f,
+    memoised per cell for small integral counts (most of a cell's non-zeros share a few dozen count values)."""
+    xf = np.float32(x)
+    if xf >= 0 and xf < TABLE:
+        c = np.int64(xf)
+        if np.float32(c) == xf:
+            if table_v[c] != table_v[c]:  # NaN: first time in this cell
+                v = np.float32(np.float64(xf) / f)
+                table_v[c] = v
+                table_l[c] = np.float32(np.log1p(np.float64(v)))
+                table_u[c] = _med_u(v, log_target) if v > 0 else -1.0
+            return table_v[c], table_l[c], table_u[c]
+    v = np.float32(np.float64(xf) / f)
+    return v, np.float32(np.log1p(np.float64(v))), (_med_u(v, log_target) if v > 0 else -1.0)
+
+
+@njit(cache=True)
+def accumulate_moments(indptr, indices, data, groups, target, layers, sums, nnz, med_coarse):
+    """First pass of one block's statistics: per (layer, group, gene) sums of values, per (group, gene) nnz, and
+    the coarse histogram (gene, bin) of normalized non-zeros for the medians.
+
+    layers (selected by the flags in `layers`, a bool[4]): 0 counts, 1 normalized (normalize_total `target`),
+    2 log1p of normalized, 3 expm1 of that log (what scanpy's seurat flavor computes from log data).
+    Serial on purpose: statistics parallelise over blocks (Ray tasks), and a serial sum is reproducible.
+    """
+    n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
+    for i in range(n):
+        gr = groups[i]
+        f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            x = np.float32(data[j])
+            nnz[gr, g] += 1
+            if layers[0]:
+                sums[0, gr, g] += np.float64(x)
+            v, lv, u = _norm_log_u(x, f, log_target, table_v, table_l, table_u)
+            if layers[1]:
+                sums[1, gr, g] += np.float64(v)
+            if layers[2]:
+                sums[2, gr, g] += np.float64(lv)
+            if layers[3]:
+                sums[3, gr, g] += np.float64(np.float32(np.expm1(np.float64(lv))))
+            if u >= 0:
+                med_coarse[g, np.int64(u / MED_W1)] += 1
+
+
+@njit(cache=True)
+def accumulate_m2(indptr, indices, data, groups, target, layers, means, m2):
+    """Second sweep over the same block: per (layer, group, gene) sum of squared deviations from the block
+    means over the non-zeros. The zeros' share, (n - nnz) * mean^2, is added by the caller."""
+    n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
+    for i in range(n):
+        gr = groups[i]
+        f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            x = np.float32(data[j])
+            if layers[0]:
+                d = np.float64(x) - means[0, gr, g]
+                m2[0, gr, g] += d * d
+            v, lv, _ = _norm_log_u(x, f, log_target, table_v, table_l, table_u)
+            if layers[1]:
+                d = np.float64(v) - means[1, gr, g]
+                m2[1, gr, g] += d * d
+            if layers[2]:
+                d = np.float64(lv) - means[2, gr, g]
+                m2[2, gr, g] += d * d
+            if layers[3]:
+                d = np.float64(np.float32(np.expm1(np.float64(lv)))) - means[3, gr, g]
+                m2[3, gr, g] += d * d
+
+
+@njit(cache=True)
+def second_pass(indptr, indices, data, groups, target, do_clip, clip_val, sums, sq_sums, med_bins, med_fine):
+    """The second pass over a block: seurat_v3's per (group, gene) sum and sum of squares of min(x, clip_val)
+    (when `do_clip`), and the fine median histograms inside each gene's two selected coarse bins
+    (med_bins[g] = coarse bins of the lower and upper middle elements)."""
+    n = len(indptr) - 1
+    log_target = np.log(target)
+    table_v = np.empty(TABLE, dtype=np.float32)
+    table_l = np.empty(TABLE, dtype=np.float32)
+    table_u = np.empty(TABLE, dtype=np.float64)
+    for i in range(n):
+        gr = groups[i]
+        f = _row_factor(indptr, indices, data, indices, False, False, i, target)
+        table_v[:] = np.nan
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            if do_clip:
+                e = min(np.float64(data[j]), clip_val[gr, g])
+                sums[gr, g] += e
+                sq_sums[gr, g] += e * e
+            b0 = med_bins[g, 0]
+            if b0 < 0:
+                continue
+            _, _, u = _norm_log_u(data[j], f, log_target, table_v, table_l, table_u)
+            if u < 0:
+                continue
+            b = np.int64(u / MED_W1)
+            if b == b0 or b == med_bins[g, 1]:
+                k = min(np.int64((u - b * MED_W1) / MED_W2), MED_FINE - 1)
+                if b == b0:
+                    med_fine[g, 0, k] += 1
+                if b == med_bins[g, 1]:
+                    med_fine[g, 1, k] += 1

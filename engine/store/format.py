@@ -1,0 +1,333 @@
+"""The cellray store, format v1: a zarr v3 group of AnnData shards plus a manifest.
+
+Layout (every path is plain zarr v3, readable without cellray)::
+
+    STORE/                    zarr group; attrs["cellray"] holds the manifest (see `Manifest`)
+      var/                    the gene vocabulary once, an AnnData dataframe (index: gene ids; `gene_symbols`)
+      shards/00000/           a complete AnnData zarr group: `anndata.read_zarr("STORE/shards/00000")`
+        X/                    csr_matrix: data (counts, smallest fitting dtype), indices (smallest uint), indptr (int64)
+        obs/                  the kept obs columns, with categories unified across the store
+        var/                  gene ids only (AnnData needs a var; symbols and the rest live in STORE/var)
+      stats/                  written later by `cellray stats`
+
+X/data and X/indices are chunked along the non-zeros, so a contiguous run of cells is one or a few chunk
+reads, and grouped into zarr shards so a store shard is a handful of files. `Store.read_csr` reads a cell
+range with two array reads and no per-row indexing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from engine.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "cellray.store"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "cellray"
+# Elements per compressed chunk of X/data and X/indices, and chunks per file (zarr sharding).
+DEFAULT_CHUNK_ELEMENTS = 1 << 16
+DEFAULT_CHUNKS_PER_FILE = 64
+
+
+@dataclass(frozen=True)
+class Codec:
+    """The compressor of X/data and X/indices. See bench/codecs.py for the measurement behind the default."""
+
+    name: str = "blosc-lz4"  # blosc-lz4 | blosc-zstd | zstd
+    level: int = 5
+    shuffle: str = "bitshuffle"  # blosc only: noshuffle | shuffle | bitshuffle
+
+    def zarr_compressor(self) -> Any:
+        if self.name == "zstd":
+            return ZstdCodec(level=self.level)
+        if self.name.startswith("blosc-"):
+            return BloscCodec(cname=self.name.removeprefix("blosc-"), clevel=self.level, shuffle=self.shuffle)
+        raise StoreError(f"unknown codec {self.name!r}: expected blosc-lz4, blosc-zstd or zstd")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the store root, e.g. "shards/00000"
+    n_cells: int
+    nnz: int
+    checksum: str  # "crc32:<hex>" over indptr, indices and data as stored
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs before touching a shard. O(shards) in size, never O(cells)."""
+
+    n_cells: int
+    n_genes: int
+    count_dtype: str
+    index_dtype: str
+    codec: Codec
+    chunk_elements: int
+    shards: list[ShardInfo]
+    obs_schema: dict[str, dict[str, Any]]  # column -> {"dtype": ..., "categories": [...] for categoricals}
+    provenance: list[dict[str, Any]]  # one entry per source file
+    shuffle: dict[str, Any] = field(default_factory=dict)  # {"shuffled": bool, "seed": int}
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        if d.get("format") != FORMAT_NAME:
+            raise StoreError(f"{where}: field 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+        if d.get("version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{where}: field 'version' is {d.get('version')!r}; this cellray reads format version {FORMAT_VERSION}"
+            )
+        d = dict(d)
+        d["codec"] = Codec(**d["codec"])
+        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+@dataclass
+class CSRBlock:
+    """A contiguous run of cells as CSR arrays; indptr starts at 0."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    n_genes: int
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1
+
+    def to_scipy(self):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n_cells, self.n_genes))
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def checksum_arrays(*arrays: np.ndarray) -> str:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8), crc)
+    return f"crc32:{crc:08x}"
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_shard(
+    root: zarr.Group,
+    shard_id: int,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    obs: pd.DataFrame,
+    gene_ids: pd.Index,
+    codec: Codec,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> ShardInfo:
+    """Write one shard as a complete AnnData zarr group under `root/shards/NNNNN`; return its manifest entry."""
+    import anndata as ad
+
+    path = f"shards/{shard_id:05d}"
+    n_cells, n_genes = len(indptr) - 1, len(gene_ids)
+    if len(obs) != n_cells:
+        raise StoreError(f"{path}: obs has {len(obs)} rows, expected {n_cells} (one per cell)")
+    group = root.require_group(path)
+    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    x = group.create_group("X")
+    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
+    nnz = len(data)
+    chunk = max(1, min(chunk_elements, nnz))
+    n_chunks = -(-max(nnz, 1) // chunk)
+    file_elems = chunk * min(n_chunks, DEFAULT_CHUNKS_PER_FILE)
+    for name, arr in (("data", data), ("indices", indices)):
+        x.create_array(
+            name,
+            data=np.ascontiguousarray(arr),
+            chunks=(chunk,),
+            shards=(file_elems,),
+            compressors=[codec.zarr_compressor()],
+        )
+    indptr = np.asarray(indptr, dtype=np.int64)
+    # chunked too, so a reader of a few blocks of a big shard does not fetch the whole indptr
+    x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 16),), compressors=[ZstdCodec(level=3)])
+    with warnings.catch_warnings():  # anndata's note on zarr autosharding concerns its own chunking, not ours
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+            ad.io.write_elem(group, key, {})
+        ad.io.write_elem(group, "obs", obs)
+        ad.io.write_elem(group, "var", pd.DataFrame(index=gene_ids))
+    return ShardInfo(path=path, n_cells=int(n_cells), nnz=int(nnz), checksum=checksum_arrays(indptr, indices, data))
+
+
+def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
+    """Write the vocabulary and, last, the manifest: a store without a manifest is incomplete."""
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        ad.io.write_elem(root, "var", var)
+    root.attrs[MANIFEST_KEY] = manifest.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class Store:
+    """An opened store: the manifest, the vocabulary, and fast cell-range reads of shards."""
+
+    def __init__(self, path: Path, manifest: Manifest, root: zarr.Group):
+        self.path = path
+        self.manifest = manifest
+        self.root = root
+        self._indptr: dict[int, np.ndarray] = {}
+        self._x: dict[int, zarr.Group] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Store:
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"{path}: no such store")
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # zarr raises several types for a non-group
+            raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
+        raw = root.attrs.get(MANIFEST_KEY)
+        if raw is None:
+            raise StoreError(f"{path}: no '{MANIFEST_KEY}' manifest in the root attributes (not a cellray store, or incomplete)")
+        return cls(path, Manifest.from_dict(dict(raw), where=f"{path}: manifest"), root)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Store({str(self.path)!r}, n_cells={m.n_cells}, n_genes={m.n_genes}, shards={len(m.shards)})"
+
+    # -- shape
+    @property
+    def n_cells(self) -> int:
+        return self.manifest.n_cells
+
+    @property
+    def n_genes(self) -> int:
+        return self.manifest.n_genes
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
+    def x_bytes(self) -> int:
+        """Uncompressed bytes of the count matrix (data + indices): the size of the work over the whole store."""
+        m = self.manifest
+        per_value = np.dtype(m.count_dtype).itemsize + np.dtype(m.index_dtype).itemsize
+        return sum(s.nnz for s in m.shards) * per_value
+
+    @cached_property
+    def cell_offsets(self) -> np.ndarray:
+        """offsets[i] is the global index of shard i's first cell; offsets[-1] == n_cells."""
+        return np.concatenate([[0], np.cumsum([s.n_cells for s in self.manifest.shards])]).astype(np.int64)
+
+    def locate(self, global_index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """Global cell index (store order) -> (shard id, index within shard)."""
+        g = np.asarray(global_index, dtype=np.int64)
+        if g.size and (g.min() < 0 or g.max() >= self.n_cells):
+            raise IndexError(f"{self.path}: cell index out of range [0, {self.n_cells})")
+        shard = np.searchsorted(self.cell_offsets, g, side="right") - 1
+        return shard, g - self.cell_offsets[shard]
+
+    @cached_property
+    def var(self) -> pd.DataFrame:
+        import anndata as ad
+
+        return ad.io.read_elem(self.root["var"])
+
+    @property
+    def gene_ids(self) -> pd.Index:
+        return self.var.index
+
+    # -- shards
+    def shard_x(self, shard: int) -> zarr.Group:
+        if shard not in self._x:
+            self._x[shard] = self.root[f"{self.manifest.shards[shard].path}/X"]
+        return self._x[shard]
+
+    def shard_indptr(self, shard: int) -> np.ndarray:
+        """The shard's whole indptr (n_cells + 1 int64), read once and cached."""
+        if shard not in self._indptr:
+            self._indptr[shard] = self.shard_x(shard)["indptr"][:]
+        return self._indptr[shard]
+
+    def read_csr(self, shard: int, start: int = 0, stop: int | None = None) -> CSRBlock:
+        """Cells [start, stop) of one shard: one read of X/data and one of X/indices."""
+        indptr = self.shard_indptr(shard)
+        stop = len(indptr) - 1 if stop is None else stop
+        if not 0 <= start <= stop <= len(indptr) - 1:
+            raise IndexError(f"{self.path}/shards/{shard:05d}: cell range [{start}, {stop}) outside [0, {len(indptr) - 1})")
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        x = self.shard_x(shard)
+        return CSRBlock(
+            indptr=indptr[start : stop + 1] - lo,
+            indices=x["indices"][lo:hi],
+            data=x["data"][lo:hi],
+            n_genes=self.n_genes,
+        )
+
+    def read_obs(self, shard: int, columns: Iterable[str] | None = None) -> pd.DataFrame:
+        import anndata as ad
+
+        group = self.root[f"{self.manifest.shards[shard].path}/obs"]
+        if columns is None:
+            return ad.io.read_elem(group)
+        columns = list(columns)
+        missing = [c for c in columns if c not in self.manifest.obs_schema]
+        if missing:
+            raise StoreError(f"{self.path}: obs has no column(s) {missing}; it has {list(self.manifest.obs_schema)}")
+        index = ad.io.read_elem(group[group.attrs["_index"]])
+        return pd.DataFrame({c: ad.io.read_elem(group[c]) for c in columns}, index=pd.Index(index, name=None))
+
+    def obs_codes(self, shard: int, key: str) -> np.ndarray:
+        """A whole shard's integer codes (int64, -1 = missing) of a categorical obs column, or the values of a
+        numeric one. Categories are unified across shards at ingest, so codes mean the same in every shard."""
+        import anndata as ad
+
+        group = self.root[f"{self.manifest.shards[shard].path}/obs"]
+        if key not in group:
+            raise StoreError(f"{self.path}: obs has no column {key!r}; it has {list(self.manifest.obs_schema)}")
+        elem = group[key]
+        if elem.attrs.get("encoding-type") == "categorical":
+            return np.asarray(elem["codes"][:]).astype(np.int64)
+        return np.asarray(ad.io.read_elem(elem))
+
+    def read_shard(self, shard: int):
+        """The whole shard as an in-memory AnnData (through anndata itself, as any user would)."""
+        import anndata as ad
+
+        return ad.read_zarr(str(self.path / self.manifest.shards[shard].path))

@@ -1,0 +1,521 @@
+"""Out-of-core ingest of .h5ad / AnnData .zarr inputs into a cellray store.
+
+Two passes, both Ray tasks, peak memory bounded by the shard size rather than the input size:
+
+1. scatter: each task reads a contiguous range of one input in blocks of `read_cells` cells, validates the
+   counts, remaps genes onto the store vocabulary, gives every cell its position in the store (a seeded
+   Feistel permutation of all cells, or the input order with `shuffle=False`) and appends the cells to the
+   bucket file of the shard that position falls in;
+2. write: each task loads one bucket (one shard's cells), orders it by position and writes the shard.
+
+The store is built under a temporary name beside `out` and renamed into place when complete, so a failed
+ingest leaves nothing at `out`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import Field
+
+from engine.atomic import replace_atomically, temporary_sibling
+from engine.config import Config
+from engine.errors import InputError
+from engine.runtime import Executor, choose_local, map_tasks, ray_session
+from engine.store.csr import gather_csr
+from engine.store.permutation import FeistelPermutation
+from engine.store.format import (
+    DEFAULT_CHUNK_ELEMENTS,
+    Codec,
+    Manifest,
+    ShardInfo,
+    Store,
+    smallest_uint,
+    write_root,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+SYMBOL_COLUMNS = ("gene_symbols", "feature_name", "gene_symbol", "symbol", "gene_name")
+
+
+class IngestConfig(Config):
+    error: ClassVar[type[Exception]] = InputError
+
+    vocab: str = "union"  # union | intersection | path of a file of gene ids (one per line, or first CSV column)
+    obs_keys: tuple[str, ...] = ()  # obs columns to keep; `dataset` and `obs_name` are always added
+    layer: str | None = None  # take counts from adata.layers[layer] instead of X
+    shuffle: bool = True
+    seed: int = 0
+    shard_cells: int | None = None  # cells per shard; default derived from shard_bytes
+    shard_bytes: int = 128 * 2**20  # uncompressed bytes of X per shard (data + indices)
+    read_cells: int = 8192  # cells per read in the scatter pass
+    allow_non_integer: bool = False
+    overwrite: bool = False
+    codec: Codec = Field(default_factory=Codec)
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    address: str | None = None  # Ray cluster; None = embedded local Ray
+    # "ray": tasks on Ray; "local": the same tasks one after another in this process (no Ray start-up);
+    # "auto": engine.runtime.choose_executor on the inputs' bytes of X
+    executor: Executor = "auto"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+class Source:
+    """One input file: its obs/var in memory, its count matrix read lazily by row range."""
+
+    def __init__(self, path: Path, layer: str | None, annotations: bool = True):
+        """`annotations=False` (the scatter tasks) opens the count matrix only: obs and var are read once, by
+        the driver, not again by every task."""
+        import anndata as ad
+
+        self.path = path
+        self.field = "X" if layer is None else f"layers/{layer}"
+        self._file = self._open(path)
+        if annotations:
+            try:
+                self.obs = ad.io.read_elem(self._file["obs"])
+                self.var = ad.io.read_elem(self._file["var"])
+            except Exception:  # pre-0.7 h5ad (structured arrays): let anndata convert it
+                backed = ad.read_h5ad(path, backed="r")
+                self.obs, self.var = backed.obs, backed.var
+                backed.file.close()
+            self.n_obs = len(self.obs)
+        if self.field not in self._file:
+            have = list(self._file["layers"].keys()) if "layers" in self._file else []
+            raise InputError(f"{path}: field '{self.field}' not found (layers present: {have})")
+        self._element = self._file[self.field]
+
+    @staticmethod
+    def _open(path: Path):
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        try:
+            if path.suffix == ".h5ad" or path.is_file():
+                import h5py
+
+                return h5py.File(path, "r")
+            import zarr
+
+            return zarr.open_group(str(path), mode="r")
+        except Exception as e:
+            raise InputError(f"{path}: cannot be read as .h5ad or AnnData .zarr (truncated or corrupt?): {e}") from e
+
+    @property
+    def nnz_estimate(self) -> int:
+        """Stored values of a sparse matrix; every entry of a dense one."""
+        if hasattr(self._element, "keys"):
+            return int(self._element["data"].shape[0])
+        return int(np.prod(self._element.shape))
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        import anndata as ad
+
+        try:
+            if hasattr(self._element, "keys"):  # sparse group (csr or csc)
+                block = ad.io.sparse_dataset(self._element)[start:stop]
+            else:  # dense array
+                block = np.asarray(self._element[start:stop])
+        except Exception as e:
+            raise InputError(f"{self.path}: field '{self.field}' rows [{start}, {stop}) could not be read: {e}") from e
+        return sp.csr_matrix(block)
+
+    def close(self) -> None:
+        if hasattr(self._file, "close"):
+            self._file.close()
+
+
+def gene_symbols(var: pd.DataFrame) -> pd.Series:
+    for c in SYMBOL_COLUMNS:
+        if c in var.columns:
+            return var[c].astype(str)
+    return pd.Series(var.index.astype(str), index=var.index)
+
+
+def build_vocabulary(sources: list[Source], vocab: str) -> pd.DataFrame:
+    """The store's var: index = gene ids, column gene_symbols."""
+    if vocab in ("union", "intersection"):
+        ids = pd.Index(sources[0].var.index.astype(str))
+        for s in sources[1:]:
+            other = pd.Index(s.var.index.astype(str))
+            ids = ids.append(other.difference(ids, sort=False)) if vocab == "union" else ids.intersection(other, sort=False)
+        if len(ids) == 0:
+            raise InputError(f"inputs {[str(s.path) for s in sources]}: the intersection of their var indexes is empty")
+    else:
+        path = Path(vocab)
+        if not path.exists():
+            raise InputError(f"{path}: vocabulary file not found (expected 'union', 'intersection' or a file of gene ids)")
+        if path.suffix in (".csv", ".tsv"):
+            ids = pd.Index(pd.read_csv(path, sep="," if path.suffix == ".csv" else "\t").iloc[:, 0].astype(str))
+        else:
+            ids = pd.Index([line.strip() for line in path.read_text().splitlines() if line.strip()])
+        if ids.has_duplicates:
+            raise InputError(f"{path}: vocabulary has duplicate gene ids, e.g. {list(ids[ids.duplicated()][:5])}")
+    symbols = pd.Series(ids, index=ids, dtype=object)
+    for s in reversed(sources):
+        sym = gene_symbols(s.var)
+        sym.index = sym.index.astype(str)
+        common = ids.intersection(sym.index)
+        symbols.loc[common] = sym.loc[common].values
+    return pd.DataFrame({"gene_symbols": symbols.astype(str).values}, index=pd.Index(ids, name=None))
+
+
+def check_source(source: Source, vocabulary: pd.Index, obs_keys: Sequence[str]) -> np.ndarray:
+    """Validate one input's vocabulary and obs; return its gene map (input column -> store gene, -1 = dropped)."""
+    var_ids = pd.Index(source.var.index.astype(str))
+    if var_ids.has_duplicates:
+        dups = list(var_ids[var_ids.duplicated()].unique()[:5])
+        raise InputError(f"{source.path}: var index has duplicate gene ids, e.g. {dups}: gene ids must be unique")
+    if pd.Index(source.obs.index).has_duplicates:
+        dups = list(source.obs.index[source.obs.index.duplicated()][:5])
+        raise InputError(f"{source.path}: obs index has duplicate cell names, e.g. {dups}: cell names must be unique")
+    gene_map = vocabulary.get_indexer(var_ids)
+    if (gene_map < 0).all():
+        raise InputError(
+            f"{source.path}: none of its {len(var_ids)} var ids (e.g. {list(var_ids[:3])}) is in the store vocabulary"
+            f" (e.g. {list(vocabulary[:3])})"
+        )
+    for key in obs_keys:
+        if key in ("dataset", "obs_name"):
+            raise InputError(f"--obs {key}: this column is added by cellray itself; drop it from --obs")
+    return gene_map.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ pass 1
+
+
+def validate_counts(block: sp.csr_matrix, source: str, fld: str, row0: int, allow_non_integer: bool) -> None:
+    data = block.data
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+            raise InputError(f"{source}: field '{fld}' has NaN or inf (first at row {row}): counts must be finite")
+    if data.size and data.min() < 0:
+        row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(data < 0)[0], side="right") - 1)
+        raise InputError(f"{source}: field '{fld}' has negative values (first at row {row}): counts must be >= 0")
+    if not allow_non_integer and data.dtype.kind == "f":
+        frac = data != np.floor(data)
+        if frac.any():
+            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(frac)[0], side="right") - 1)
+            raise InputError(
+                f"{source}: field '{fld}' has non-integer values (first at row {row}, e.g. {data[frac][0]:g}): raw integer"
+                " counts expected (choose a counts layer with --layer, or pass --allow-non-integer)"
+            )
+
+
+def _peak_rss_sampler():
+    """Start a thread sampling this process's RSS; returns a function giving the peak growth in bytes."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+
+    def finish() -> int:
+        stop.set()
+        t.join()
+        return max(peak[0], proc.memory_info().rss) - base
+
+    return finish
+
+
+def scatter_range(
+    path: str,
+    field_layer: str | None,
+    input_id: int,
+    start: int,
+    stop: int,
+    global_offset: int,
+    obs: pd.DataFrame,
+    gene_map: np.ndarray,
+    n_genes: int,
+    n_cells_total: int,
+    shard_cells: int,
+    scatter_dir: str,
+    config: IngestConfig,
+) -> dict[str, Any]:
+    """Pass 1 for rows [start, stop) of one input: validate, remap, and append cells to their shard buckets."""
+    source = Source(Path(path), field_layer, annotations=False)
+    rss = _peak_rss_sampler()  # after opening: measures the working set, not imports and obs/var
+    permute = FeistelPermutation(n_cells_total, config.seed) if config.shuffle else None
+    files: dict[int, Any] = {}
+    max_value, nnz, integer = 0.0, 0, True
+    try:
+        for a in range(start, stop, config.read_cells):
+            b = min(stop, a + config.read_cells)
+            block = source.read_rows(a, b)
+            block.sum_duplicates()
+            validate_counts(block, path, source.field, a, config.allow_non_integer)
+            # remap genes onto the vocabulary; drop genes it lacks; restore sorted indices within rows
+            new_idx = gene_map[block.indices]
+            keep = new_idx >= 0
+            rows_of = np.repeat(np.arange(b - a), np.diff(block.indptr))
+            counts = np.bincount(rows_of[keep], minlength=b - a)
+            remapped = sp.csr_matrix(
+                (block.data[keep], new_idx[keep], np.concatenate([[0], np.cumsum(counts)])), shape=(b - a, n_genes)
+            )
+            remapped.has_sorted_indices = False
+            remapped.sort_indices()
+            remapped.eliminate_zeros()
+            if remapped.nnz:
+                max_value = max(max_value, float(remapped.data.max()))
+                integer = integer and bool(np.all(remapped.data == np.floor(remapped.data)))
+            nnz += remapped.nnz
+            gid = np.arange(global_offset + a, global_offset + b, dtype=np.int64)
+            pos = permute(gid) if permute is not None else gid
+            bucket = pos // shard_cells
+            obs_block = obs.iloc[a - start : b - start]
+            order = np.argsort(bucket, kind="stable")
+            cuts = np.flatnonzero(np.diff(bucket[order])) + 1
+            for rows in np.split(order, cuts):
+                k = int(bucket[rows[0]])
+                part = remapped[rows]
+                if k not in files:
+                    d = Path(scatter_dir) / f"{k:05d}"
+                    d.mkdir(parents=True, exist_ok=True)
+                    files[k] = open(d / f"{input_id:05d}_{start:012d}.pkl", "wb")
+                pickle.dump(
+                    {
+                        "pos": pos[rows],
+                        "indptr": part.indptr.astype(np.int64),
+                        "indices": part.indices.astype(np.uint32),
+                        "data": part.data.astype(np.float32),
+                        "obs": obs_block.iloc[rows],
+                    },
+                    files[k],
+                    protocol=5,
+                )
+    finally:
+        for f in files.values():
+            f.close()
+        source.close()
+    return {"n_cells": stop - start, "nnz": nnz, "max_value": max_value, "integer": integer, "peak_rss": rss()}
+
+
+# ------------------------------------------------------------------------------------------------ pass 2
+
+
+def write_bucket(
+    tmp_store: str,
+    scatter_dir: str,
+    shard_id: int,
+    gene_ids: pd.Index,
+    obs_columns: dict[str, Any],
+    count_dtype: str,
+    index_dtype: str,
+    config: IngestConfig,
+) -> dict[str, Any]:
+    """Pass 2 for one shard: load its bucket, order by position, write the AnnData shard."""
+    import zarr
+
+    # load the gather kernel for these dtypes first, so the sampler measures data, not the JIT's one-time cost
+    gather_csr(np.zeros(1, np.int64), np.empty(0, np.uint32), np.empty(0, np.float32), np.empty(0, np.int64),
+               np.dtype(count_dtype), np.dtype(index_dtype))
+    rss = _peak_rss_sampler()
+    bucket = Path(scatter_dir) / f"{shard_id:05d}"
+    parts = []
+    for f in sorted(bucket.iterdir()):
+        with open(f, "rb") as fh:
+            while True:
+                try:
+                    parts.append(pickle.load(fh))
+                except EOFError:
+                    break
+    # Move the fragments into one flat CSR, dropping each as it is copied (memory stays ~1x the bucket),
+    # then gather the rows in store order straight into the stored dtypes.
+    nnz = sum(len(p["data"]) for p in parts)
+    data, indices = np.empty(nnz, dtype=np.float32), np.empty(nnz, dtype=np.uint32)
+    o = 0
+    for p in parts:
+        k = len(p["data"])
+        data[o : o + k], indices[o : o + k] = p.pop("data"), p.pop("indices")
+        o += k
+    lengths = np.concatenate([np.diff(p["indptr"]) for p in parts])
+    order = np.argsort(np.concatenate([p["pos"] for p in parts]), kind="stable")
+    indptr, indices, data = gather_csr(
+        np.concatenate([[0], np.cumsum(lengths)]), indices, data, order, np.dtype(count_dtype), np.dtype(index_dtype)
+    )
+    obs_df = pd.concat([p["obs"] for p in parts], axis=0).iloc[order]
+    del parts
+    for col, schema in obs_columns.items():
+        if "categories" in schema:
+            obs_df[col] = pd.Categorical(obs_df[col].astype(object), categories=schema["categories"])
+    obs_df.index = obs_df.index.astype(str)
+    root = zarr.open_group(tmp_store, mode="a")
+    info = write_shard(root, shard_id, indptr, indices, data, obs_df, gene_ids, config.codec, config.chunk_elements)
+    shutil.rmtree(bucket, ignore_errors=True)
+    return {"info": info, "peak_rss": rss()}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _obs_for(source: Source, dataset: str, obs_keys: Sequence[str]) -> pd.DataFrame:
+    obs = pd.DataFrame(index=source.obs.index.astype(str))
+    obs["dataset"] = dataset
+    obs["obs_name"] = obs.index.values
+    for key in obs_keys:
+        obs[key] = source.obs[key].values if key in source.obs.columns else pd.NA
+    obs.index = [f"{dataset}:{name}" for name in obs.index]
+    return obs
+
+
+def _obs_schema(obs_frames: list[pd.DataFrame], obs_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Unified dtypes and categories of the kept obs columns across inputs."""
+    schema: dict[str, dict[str, Any]] = {"dataset": {}, "obs_name": {"dtype": "string"}}
+    for col in ["dataset", *obs_keys]:
+        values = [f[col] for f in obs_frames]
+        present = [v for v in values if not v.isna().all()]
+        numeric = present and all(pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in present)
+        if numeric and col != "dataset":
+            schema[col] = {"dtype": "float64" if any(v.isna().any() for v in values) or any(v.dtype.kind == "f" for v in present) else str(present[0].dtype)}
+        else:
+            cats: list[str] = []
+            seen: set[str] = set()
+            for v in present:
+                uniq = v.cat.categories if isinstance(v.dtype, pd.CategoricalDtype) else pd.unique(v.dropna())
+                for c in map(str, uniq):
+                    if c not in seen:
+                        seen.add(c)
+                        cats.append(c)
+            schema[col] = {"dtype": "category", "categories": cats}
+    return schema
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        stem = p.name.removesuffix(".h5ad").removesuffix(".zarr")
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def ingest(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: IngestConfig = IngestConfig(),
+    progress=None,
+) -> Store:
+    """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring."""
+    import zarr
+
+
+    progress = progress or (lambda stage, done, total: None)
+    out = Path(out)
+    if out.exists() and not config.overwrite:
+        raise InputError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if not inputs:
+        raise InputError("no inputs given")
+    t0 = time.perf_counter()
+    paths = [Path(p) for p in inputs]
+    sources: list[Source] = []
+    for p in paths:
+        s = Source(p, config.layer)
+        if s.n_obs == 0:
+            log.warning("%s: has zero cells; skipped", p)
+            s.close()
+            continue
+        sources.append(s)
+    if not sources:
+        raise InputError(f"inputs {[str(p) for p in paths]}: every input has zero cells")
+    names = _unique_names([s.path for s in sources])
+    var = build_vocabulary(sources, config.vocab)
+    gene_ids = var.index
+    gene_maps = [check_source(s, gene_ids, config.obs_keys) for s in sources]
+    obs_frames = [_obs_for(s, n, config.obs_keys) for s, n in zip(sources, names)]
+    schema = _obs_schema(obs_frames, config.obs_keys)
+    n_total = sum(s.n_obs for s in sources)
+    nnz_est = sum(s.nnz_estimate for s in sources)
+    index_dtype = smallest_uint(max(len(gene_ids) - 1, 0))
+    if index_dtype.itemsize < 2:
+        index_dtype = np.dtype(np.uint16)
+    bytes_per_cell = max(1.0, nnz_est / n_total * (4 + index_dtype.itemsize))
+    shard_cells = config.shard_cells or max(1024, int(config.shard_bytes / bytes_per_cell))
+    shard_cells = min(shard_cells, n_total)
+    n_shards = -(-n_total // shard_cells)
+    read_cells = max(64, min(config.read_cells, shard_cells))
+    cfg = config.model_copy(update={"read_cells": read_cells})
+    for s in sources:
+        s.close()
+    log.info("ingest %d cells x %d genes from %d input(s) into %d shard(s)", n_total, len(gene_ids), len(sources), n_shards)
+
+    executor = "local" if choose_local(config.executor, config.address, nnz_est * (4 + index_dtype.itemsize)) else "ray"
+    log.info("executor: %s", executor)
+
+    tmp = temporary_sibling(out.resolve())
+    scatter_dir = tmp / "_scatter"
+    scatter_dir.mkdir(parents=True)
+    try:
+        with ray_session(config.address) if executor == "ray" else contextlib.nullcontext():
+            # one scatter task per ~shard of input rows: enough parallelism, few bucket files
+            calls, offset = [], 0
+            for i, s in enumerate(sources):
+                for a in range(0, s.n_obs, shard_cells):
+                    b = min(s.n_obs, a + shard_cells)
+                    calls.append((str(s.path), config.layer, i, a, b, offset, obs_frames[i].iloc[a:b],
+                                  gene_maps[i], len(gene_ids), n_total, shard_cells, str(scatter_dir), cfg))
+                offset += s.n_obs
+            results = list(map_tasks(scatter_range, calls, local=executor == "local", stage="scatter", progress=progress))
+            integer = all(r["integer"] for r in results)
+            max_value = max(r["max_value"] for r in results)
+            count_dtype = (smallest_uint(int(max_value)) if integer else np.dtype(np.float32))
+            if count_dtype.itemsize < 2:
+                count_dtype = np.dtype(np.uint16)
+            root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
+            calls = [(str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg) for k in range(n_shards)]
+            written = list(map_tasks(write_bucket, calls, local=executor == "local", stage="write", progress=progress))
+        shutil.rmtree(scatter_dir, ignore_errors=True)
+        shards: list[ShardInfo] = [w["info"] for w in written]
+        manifest = Manifest(
+            n_cells=n_total,
+            n_genes=len(gene_ids),
+            count_dtype=count_dtype.name,
+            index_dtype=index_dtype.name,
+            codec=config.codec,
+            chunk_elements=config.chunk_elements,
+            shards=shards,
+            obs_schema=schema,
+            provenance=[
+                {"path": str(s.path.resolve()), "dataset": n, "n_cells": s.n_obs, "field": s.field}
+                for s, n in zip(sources, names)
+            ],
+            shuffle={"shuffled": config.shuffle, "seed": config.seed},
+        )
+        write_root(root, manifest, var)
+        replace_atomically(tmp, out, overwrite=config.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    elapsed = time.perf_counter() - t0
+    peak = max(r["peak_rss"] for r in results + written)
+    log.info("ingested %d cells in %.1f s (%.0f cells/s); peak task RSS growth %.0f MB", n_total, elapsed, n_total / elapsed, peak / 2**20)
+    store = Store.open(out)
+    store.ingest_report = {"seconds": elapsed, "peak_task_rss_growth": peak, "tasks": results + written}
+    return store

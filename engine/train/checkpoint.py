@@ -1,0 +1,192 @@
+"""The checkpoint format, and its one owner: `Checkpointer` saves and restores a run; `load_checkpoint` reads a
+model back for inference.
+
+A checkpoint is a directory that every rank writes a part of (Ray Train merges the parts):
+
+    state.pt         rank 0: model, optimizer, scheduler, step (torch.save)
+    model.pt         rank 0: the bare model state_dict (weights_only; what inference loads)
+    meta.json        rank 0: step, epoch, world size, job name, model name + resolved config, the data section
+    rank{r}.pt       every rank: its loader position and RNG states
+
+A checkpoint is complete when every one of these files is there; readers skip incomplete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import models
+from engine.atomic import temporary_sibling
+from engine.errors import TrainError
+
+META_FILE = "meta.json"
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+LOCAL_PREFIX = "checkpoint_step"  # names of checkpoints written in local mode (Ray Train's are checkpoint_*)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves of one rank."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any  # engine.loading.Loader
+    step: int = 0
+    epoch: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves a rank's part of each checkpoint (reported to Ray Train) and restores the newest complete one."""
+
+    def __init__(self, output: str, *, rank: int, world_size: int, meta: dict[str, Any], keep: int,
+                 local_mode: bool, output_is_local: bool):
+        self.output = Path(output)
+        self.rank = rank
+        self.world_size = world_size
+        self.meta = meta  # job name, model name + resolved config, data section
+        self.keep = keep
+        self.local_mode = local_mode  # Ray Train's local mode persists nothing: write to output/ ourselves
+        self.output_is_local = output_is_local  # only then can workers look for checkpoints on disk
+
+    def write(self, d: Path, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.rank == 0:
+            torch.save(
+                {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                 "scheduler": state.scheduler.state_dict(), "step": state.step},
+                d / STATE_FILE,
+            )
+            torch.save(state.model.state_dict(), d / MODEL_FILE)
+            meta = {"step": state.step, "epoch": state.epoch, "world_size": self.world_size, **self.meta, "metrics": metrics}
+            (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        torch.save({"loader": state.loader.state_dict(), "rng": rng_state(), "epoch": state.epoch, "step": state.step},
+                   d / f"rank{self.rank}.pt")
+
+    def save(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        """Write this rank's part and report it with `metrics` to Ray Train (a barrier across ranks)."""
+        import ray.train
+
+        if self.local_mode:
+            final = self.output / f"{LOCAL_PREFIX}{state.step:09d}"
+            tmp = temporary_sibling(final)
+            tmp.mkdir(parents=True)
+            self.write(tmp, state, metrics)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in sorted(self.output.glob(f"{LOCAL_PREFIX}*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+            return
+        with tempfile.TemporaryDirectory(prefix="cellray-ckpt-") as d:
+            self.write(Path(d), state, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def restore(self, state: TrainState) -> bool:
+        """Load the newest complete checkpoint into `state` (model, optimizer, scheduler, loader, RNG, step,
+        epoch); False when there is none."""
+        checkpoint = self._resume_point()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            saved = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+            mine = d / f"rank{self.rank}.pt"
+            if not mine.exists():
+                raise TrainError(f"{d}: no {mine.name}: the checkpoint was written by another number of workers")
+            own = torch.load(mine, map_location="cpu", weights_only=False)
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.loader.load_state_dict(own["loader"])
+        set_rng_state(own["rng"])
+        state.step, state.epoch = saved["step"], state.loader.state_dict()["epoch"]
+        return True
+
+    def _resume_point(self):
+        """The newest complete checkpoint: Ray Train's latest registered one, or a newer one on disk.
+
+        Ray registers a checkpoint when its controller next polls the workers, so a worker lost right after
+        report() can leave a complete checkpoint on disk that Ray does not know yet.
+        """
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        if not self.output_is_local:
+            return registered
+        on_disk = latest_checkpoint(self.output, required=False)
+        if on_disk is None:
+            return registered
+        if registered is not None:
+            with registered.as_directory() as d:
+                if (Path(d) / META_FILE).exists() and read_meta(Path(d))["step"] >= read_meta(on_disk)["step"]:
+                    return registered
+        return ray.train.Checkpoint.from_directory(str(on_disk))
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / META_FILE).read_text())
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Every file of every rank is there (a rank that died while writing leaves an incomplete directory)."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError):
+        return False
+    names = [MODEL_FILE, STATE_FILE] + [f"rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
+    return all((path / n).is_file() and (path / n).stat().st_size > 0 for n in names)
+
+
+def latest_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | None:
+    """`path` itself when it is a checkpoint, else the complete checkpoint with the highest step under it."""
+    path = Path(path)
+    if (path / META_FILE).exists():
+        return path
+    best: tuple[int, Path] | None = None
+    for meta in path.glob(f"checkpoint_*/{META_FILE}") if path.is_dir() else ():
+        if not checkpoint_complete(meta.parent):
+            continue
+        step = read_meta(meta.parent)["step"]
+        if best is None or step > best[0]:
+            best = (step, meta.parent)
+    if best is None and required:
+        raise TrainError(f"{path}: no checkpoint here (expected a run's train.output folder or a checkpoint_* directory)")
+    return best[1] if best else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a checkpoint (or of a run folder's latest one), in eval mode on CPU, and its meta."""
+    ckpt = latest_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = models.build(meta["model"]["name"], meta["model"]["config"])
+    model.load_state_dict(torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True))
+    model.eval()
+    meta["path"] = str(ckpt)
+    return model, meta

@@ -1,0 +1,116 @@
+"""The typed configuration of a pretraining run: what `cellray run SPEC.yaml` parses a spec into.
+
+    kind: pretrain
+    name: vae-demo
+    data: {store: data/demo.store, batch_size: 512, transforms: [], obs_keys: [dataset]}
+    model: {name: vae, config: {n_latent: 16}}
+    train: {max_steps: 200, lr: 1.0e-3, checkpoint_every: 50, output: runs/vae-demo}
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+    debug: {trace_dir: null, fault: null}
+
+Every section refuses unknown fields; an error names the file and the field path. Relative paths are relative
+to the directory the command runs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+import models
+from engine.config import Config, Section
+from engine.errors import SpecError
+
+
+class _Section(Section):
+    error: ClassVar[type[Exception]] = SpecError
+
+
+class DataConfig(_Section):
+    store: str
+    batch_size: int = Field(512, gt=0)
+    transforms: list[Any] = Field(default_factory=list)  # engine.preprocess.transforms pipeline steps
+    obs_keys: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    loader: dict[str, Any] = Field(default_factory=dict)  # extra engine.loading.Loader keyword arguments
+
+
+class ModelChoice(_Section):
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in models.REGISTRY:
+            raise ValueError(f"unknown model {v!r}: expected one of {models.names()}")
+        return v
+
+    @model_validator(mode="after")
+    def _config(self) -> ModelChoice:
+        try:
+            models.make_config(self.name, self.config)
+        except models.ModelError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def obs_keys(self) -> tuple[str, ...]:
+        """The obs columns this model reads from a batch (the model's config says which)."""
+        return models.make_config(self.name, self.config).obs_keys()
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(200, gt=0)  # optimizer steps; the run ends at max_steps or after `epochs`
+    epochs: int | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    report_every: int = Field(10, gt=0)  # metrics to the driver (Ray Train gets them with each checkpoint)
+    val_every: int = Field(0, ge=0)  # 0: validate only at the end (when data.val_fraction > 0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    output: str = "runs/run"
+
+
+class ResourcesConfig(_Section):
+    workers: int = Field(1, ge=0)  # 0: the loop runs in this process (Ray Train local mode)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    readers_per_worker: int = Field(1, ge=0)
+    cpus_per_reader: float = Field(0.5, ge=0)
+
+
+class FaultConfig(_Section):
+    rank: int = Field(ge=0)
+    step: int = Field(gt=0)
+
+
+class DebugConfig(_Section):
+    """Drills and traces for tests and debugging; off by default."""
+
+    trace_dir: str | None = None  # every rank logs the cell ids of each step and its final parameters here
+    fault: FaultConfig | None = None  # rank `rank` exits hard once, at optimizer step `step`
+
+
+class PretrainConfig(Config):
+    error: ClassVar[type[Exception]] = SpecError
+
+    kind: Literal["pretrain"] = "pretrain"
+    name: str = Field(min_length=1)
+    data: DataConfig
+    model: ModelChoice
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+    source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
+
+    def where(self, field: str) -> str:
+        return f"{self.source or 'spec'}: {field}"

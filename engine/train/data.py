@@ -1,0 +1,77 @@
+"""What a run reads: its store, its transform pipeline, and the data summary each model sizes itself from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import models
+from engine.errors import CellrayError, SpecError
+from engine.preprocess.transforms import Pipeline
+from engine.store.format import Store
+from engine.train.config import PretrainConfig
+
+
+@dataclass
+class RunData:
+    store: Store
+    pipeline: Pipeline | None
+    model_config: dict[str, Any]  # the model's config with the data-dependent sizes filled in
+
+
+def open_run_data(config: PretrainConfig) -> RunData:
+    """Check the data section against its store (store, obs keys, transforms) and size the model from it."""
+    store_path = Path(config.data.store)
+    if not store_path.exists():
+        raise SpecError(f"{config.where('data.store')}: no such store {str(store_path)!r} (run `cellray ingest` first)")
+    try:
+        store = Store.open(store_path)
+    except CellrayError as e:
+        raise SpecError(f"{config.where('data.store')}: {e}") from None
+    schema = store.manifest.obs_schema
+    missing = [k for k in config.data.obs_keys if k not in schema]
+    if missing:
+        raise SpecError(f"{config.where('data.obs_keys')}: the store has no obs column(s) {missing}; it has {list(schema)}")
+    for key in config.model.obs_keys():
+        if key not in config.data.obs_keys:
+            raise SpecError(f"{config.where('model.config')}: the model reads obs column {key!r}: list it in data.obs_keys too")
+    pipeline = build_pipeline(config, store)
+    return RunData(store=store, pipeline=pipeline, model_config=resolve_model_config(config, store, pipeline))
+
+
+def build_pipeline(config: PretrainConfig, store: Store) -> Pipeline | None:
+    """The data.transforms pipeline for `store` (None when empty), errors naming data.transforms."""
+    if not config.data.transforms:
+        return None
+    try:
+        return Pipeline.from_spec(config.data.transforms, store)
+    except CellrayError as e:
+        raise SpecError(f"{config.where('data.transforms')}: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{config.where('data.transforms')}: {e}") from None
+
+
+def data_summary(store: Store, pipeline: Pipeline | None) -> models.DataSummary:
+    """What a model may know of its data: input width, obs categories, the tokeniser's parameters."""
+    schema = store.manifest.obs_schema
+    categories = {k: len(v["categories"]) if "categories" in v else None for k, v in schema.items()}
+    tokeniser, n_bins, offset = None, None, 0
+    if pipeline is not None and pipeline.binning is not None:
+        tokeniser, n_bins = "binning", int(pipeline.binning.params["n_bins"])
+        offset = int(pipeline.binning.params["offset"])
+    elif pipeline is not None and pipeline.rank is not None:
+        tokeniser, offset = "rank", int(pipeline.rank.params["offset"])
+    width = pipeline.n_genes_out if pipeline is not None else store.n_genes
+    return models.DataSummary(n_genes=width, obs_categories=categories, tokeniser=tokeniser, n_bins=n_bins, token_offset=offset)
+
+
+def resolve_model_config(config: PretrainConfig, store: Store, pipeline: Pipeline | None) -> dict[str, Any]:
+    """The model's config with the sizes that come from the data filled in (each model knows which)."""
+    import dataclasses
+
+    try:
+        resolved = models.make_config(config.model.name, config.model.config).resolve(data_summary(store, pipeline))
+    except (ValueError, models.ModelError) as e:
+        raise SpecError(f"{config.where('model.config')}: {e}") from None
+    return dataclasses.asdict(resolved)

@@ -1,0 +1,55 @@
+"""Debug hooks of a run (the spec's `debug:` section): a per-step trace of cells and a fault drill."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.train.config import DebugConfig
+
+
+class StepTrace:
+    """Per-rank log of the cells each optimizer step consumed, and the final parameters (tests of exactly-once
+    delivery and of resume). Does nothing without `debug.trace_dir`."""
+
+    def __init__(self, trace_dir: str | None, rank: int):
+        self.dir = Path(trace_dir) if trace_dir else None
+        self.rank = rank
+        self.pending: list[np.ndarray] = []
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def cells(self, index: torch.Tensor) -> None:
+        if self.dir:
+            self.pending.append(index.detach().cpu().numpy())
+
+    def step(self, step: int, epoch: int) -> None:
+        if not self.dir:
+            return
+        cells = np.concatenate(self.pending).tolist() if self.pending else []
+        self.pending = []
+        with open(self.dir / f"rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "pid": os.getpid(), "cells": cells}) + "\n")
+
+    def final(self, model: torch.nn.Module) -> None:
+        if self.dir:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / f"final-rank{self.rank}.pt")
+
+
+class FaultDrill:
+    """`debug.fault: {rank, step}`: that rank exits hard once, at that step, as a lost worker would. A marker
+    file in the output folder makes it fire once per run, not again after Ray Train restarts the group."""
+
+    def __init__(self, debug: DebugConfig, output: str, rank: int):
+        fault = debug.fault
+        self.step = fault.step if fault is not None and fault.rank == rank else None
+        self.marker = Path(output) / f".fault-{rank}-{self.step}"
+
+    def maybe_fail(self, step: int) -> None:
+        if self.step is not None and step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)  # a worker lost mid-run: Ray Train restarts the group from the last checkpoint

@@ -1,0 +1,249 @@
+"""The training loop every Ray Train worker runs, top to bottom (in-process when resources.workers == 0).
+
+Build this rank's Loader (reader actors beside the worker), the model (DDP-wrapped across ranks), AdamW with
+linear warm-up + cosine decay; restore the newest checkpoint if there is one; then step: read a batch, forward
+under bf16 autocast on GPU, backward (accumulating micro-batches without DDP's allreduce), clip, step. Every
+`report_every` steps rank 0 sends metrics to the driver; every `checkpoint_every` steps all ranks save a
+checkpoint; validation runs every `val_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import models
+from engine.errors import TrainError
+from engine.loading.loader import Loader
+from engine.train.checkpoint import Checkpointer, TrainState
+from engine.train.config import PretrainConfig
+from engine.train.debug import FaultDrill, StepTrace
+from engine.train.metrics import MetricsWindow, allreduce_sum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopContext:
+    """What the driver hands every worker: the typed config plus what it resolved from the data."""
+
+    config: PretrainConfig
+    store: str  # absolute store path
+    model_config: dict[str, Any]  # the model config with data-dependent sizes filled in
+    output: str  # absolute local output folder (metrics, local-mode checkpoints)
+    output_is_local: bool  # False when train.output is a URI: workers cannot look for checkpoints on disk
+    local_mode: bool  # resources.workers == 0: Ray Train runs the loop in the driver's process
+    run_log: Any  # the driver's RunLog actor
+
+
+def train_loop_per_worker(ctx: LoopContext) -> None:
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_train_reports()
+    cfg, t = ctx.config, ctx.config.train
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    use_bf16 = device.type == "cuda" and t.precision in ("auto", "bf16")
+
+    # model and optimizer: the same initial weights on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(t.seed)
+    model = models.build(cfg.model.name, ctx.model_config)
+    objective = _Objective(model)
+    if world > 1 or device.type == "cuda":
+        objective = ray.train.torch.prepare_model(objective)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, fused=device.type == "cuda",
+    )
+
+    # data: this rank's slice of every epoch; validation is small, so it reads with threads
+    ray_readers = ray.is_initialized() and not ctx.local_mode
+    loader = _make_loader(ctx, rank, world, "train", ray_readers)
+    val_loader = _make_loader(ctx, rank, world, "val", False) if cfg.data.val_fraction > 0 else None
+    if len(loader) == 0:
+        raise TrainError(
+            f"{cfg.where('data.batch_size')}: rank {rank} of {world} gets no full batch of {cfg.data.batch_size} "
+            "cells per epoch: lower data.batch_size or resources.workers"
+        )
+    total_steps = t.max_steps
+    if t.epochs:
+        total_steps = min(total_steps, max(1, t.epochs * len(loader) // t.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(t.warmup_steps, total_steps), total_steps, t.min_lr_ratio)
+    )
+
+    # resume from the newest complete checkpoint, at the next unseen batch
+    torch.manual_seed(t.seed * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
+    state = TrainState(model, optimizer, scheduler, loader)
+    checkpointer = Checkpointer(
+        ctx.output, rank=rank, world_size=world, keep=t.keep_checkpoints,
+        local_mode=ctx.local_mode, output_is_local=ctx.output_is_local,
+        meta={"job": cfg.name, "model": {"name": cfg.model.name, "config": ctx.model_config},
+              "data": cfg.data.model_dump(mode="json")},
+    )
+    resumed_in_epoch = False
+    if checkpointer.restore(state):
+        resumed_in_epoch = loader.state_dict()["batches_done"] < len(loader)
+        if not resumed_in_epoch:  # the checkpoint closed an epoch
+            state.epoch += 1
+        log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+
+    trace = StepTrace(cfg.debug.trace_dir, rank)
+    drill = FaultDrill(cfg.debug, ctx.output, rank)
+    window = MetricsWindow()
+    micro = 0
+    objective.train()
+    while state.step < total_steps and (not t.epochs or state.epoch < t.epochs):
+        if not resumed_in_epoch:  # a restored loader already stands at its next unseen batch
+            loader.set_epoch(state.epoch)
+        resumed_in_epoch = False
+        batches = iter(loader)
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break  # the epoch is over
+            batch = _to_device(batch, device)
+            t_data = time.perf_counter() - t0
+            micro += 1
+            sync = micro % t.grad_accum == 0
+            # Accumulating micro-batches skip DDP's allreduce; the last one syncs the summed gradients.
+            no_sync = objective.no_sync() if (not sync and hasattr(objective, "no_sync")) else contextlib.nullcontext()
+            with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, terms, n_cells = objective(batch, state.step)
+            (loss / t.grad_accum).backward()
+            trace.cells(batch["index"])
+            if sync:
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            window.add(float(loss.detach()), terms, n_cells, t_data, time.perf_counter() - t0)
+            if not sync:
+                continue
+            state.step += 1
+            trace.step(state.step, state.epoch)
+            drill.maybe_fail(state.step)
+            last = state.step == total_steps
+            do_ckpt = state.step % t.checkpoint_every == 0 or last
+            do_val = val_loader is not None and (bool(t.val_every) and state.step % t.val_every == 0 or last)
+            if do_ckpt or do_val or state.step % t.report_every == 0:
+                metrics = window.summary(world, state.step, state.epoch, scheduler.get_last_lr()[0])
+                if do_val:
+                    metrics["val_loss"] = _validate(objective, val_loader, state.step, device, use_bf16, world)
+                _report(ctx, rank, metrics, checkpointer if do_ckpt else None, state)
+        else:
+            break  # max_steps reached mid-epoch
+        state.epoch += 1
+        if t.epochs and state.epoch >= t.epochs and state.step < total_steps:
+            # the epochs ran out before max_steps: report and checkpoint where training stopped
+            metrics = window.summary(world, state.step, state.epoch, scheduler.get_last_lr()[0])
+            _report(ctx, rank, metrics, checkpointer, state)
+    loader.close()
+    if val_loader is not None:
+        val_loader.close()
+    trace.final(model)
+
+
+class _Objective(torch.nn.Module):
+    """DDP syncs gradients through forward(): route the model's loss() through it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, step: int):
+        out = self.model.loss(batch, step=step)
+        return out.loss, out.terms, out.n_cells
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` of the peak at `total`."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _report(ctx: LoopContext, rank: int, metrics: dict[str, Any], checkpointer: Checkpointer | None,
+            state: TrainState) -> None:
+    """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints, a checkpoint to Ray Train.
+    report() is a barrier the controller drains every few seconds, so it is called at checkpoints only."""
+    if rank == 0:
+        ctx.run_log.add.remote(metrics)
+    if checkpointer is not None:
+        checkpointer.save(state, metrics)
+
+
+def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_readers: bool) -> Loader:
+    """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
+    d, r = ctx.config.data, ctx.config.resources
+    extra = dict(d.loader)
+    if split == "val":
+        extra.setdefault("remainder", "pad")  # a small split must still give every rank a batch
+    return Loader(
+        ctx.store,
+        batch_size=d.batch_size,
+        transforms=d.transforms or None,
+        seed=d.seed,
+        rank=rank,
+        world_size=world,
+        mode="ray" if ray_readers and r.readers_per_worker > 0 else "local",
+        num_workers=max(1, r.readers_per_worker),
+        reader_cpus=r.cpus_per_reader,
+        obs_keys=tuple(d.obs_keys),
+        split=split,
+        val_fraction=d.val_fraction,
+        **extra,
+    )
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _validate(objective, loader: Loader, step: int, device, use_bf16: bool, world: int) -> float:
+    """Mean loss over this epoch's validation split, averaged over ranks; the training RNG stream is untouched."""
+    objective.eval()
+    model = getattr(objective, "module", objective).model
+    total, n = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step)
+        for batch in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model.loss(_to_device(batch, device), step=None)
+            total += float(out.loss) * out.n_cells
+            n += out.n_cells
+    objective.train()
+    s = allreduce_sum([total, n], world)
+    return float(s[0] / s[1]) if s[1] > 0 else float("nan")
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs one INFO line per report() per worker from a logger named after its file (outside
+    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead."""
+    if log.isEnabledFor(logging.DEBUG):
+        return
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)

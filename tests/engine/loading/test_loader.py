@@ -1,0 +1,251 @@
+"""The Loader on real stores, in both modes: exactly once, determinism, resume, reader faults, backpressure,
+shuffle quality, validation split, class balance and the transform pipeline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import CellrayError
+from engine.loading.loader import Loader
+from engine.store.format import Store
+
+SMALL = dict(block_size=64, buffer_blocks=4)  # tiny store: several blocks per shard, several buffers per rank
+
+
+def epoch_indices(loader: Loader) -> list[np.ndarray]:
+    return [b["index"].numpy().copy() for b in loader]
+
+
+@pytest.fixture(scope="module")
+def unshuffled_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
+    """The three inputs one after another (no ingest shuffle): the loader alone must mix them."""
+    from engine.store.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("loader") / "unshuffled.store"
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=300, obs_keys=("cell_type",), shuffle=False, chunk_elements=1024))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_exactly_once_over_ranks_with_equal_batch_counts(tiny_store, world_size):
+    store = Store.open(tiny_store)
+    assert store.n_cells % 2 == 1  # odd cell count
+    per_rank = []
+    for rank in range(world_size):
+        loader = Loader(store, 32, rank=rank, world_size=world_size, mode="local", output="csr", **SMALL)
+        batches = epoch_indices(loader)
+        assert len(batches) == len(loader) and all(len(b) == 32 for b in batches)
+        per_rank.append(np.concatenate(batches))
+        loader.close()
+    assert len({len(c) for c in per_rank}) == 1  # lockstep
+    union = np.concatenate(per_rank)
+    assert len(np.unique(union)) == len(union)
+    assert store.n_cells - len(union) < world_size * 33  # documented drop: < batch_size + 1 per rank
+
+
+def test_batches_hold_the_stores_counts_labels_and_types(tiny_store):
+    store = Store.open(tiny_store)
+    loader = Loader(store, 50, mode="local", output="csr", obs_keys=("cell_type", "dataset"), **SMALL)
+    batch = next(iter(loader))
+    assert batch["X"].layout == torch.sparse_csr and batch["X"].dtype == torch.float32
+    assert batch["X"].shape == (50, store.n_genes)
+    assert batch["index"].dtype == torch.int64 and batch["cell_type"].dtype == torch.int64
+    shard, local = store.locate(batch["index"].numpy())
+    dense = batch["X"].to_dense().numpy()
+    for i in range(0, 50, 7):
+        want = store.read_csr(int(shard[i]), int(local[i]), int(local[i]) + 1).to_scipy().toarray()[0]
+        assert np.array_equal(dense[i], want)
+        obs = store.read_obs(int(shard[i]), ["dataset"])["dataset"]
+        assert batch["dataset"][i].item() == obs.cat.codes.iloc[local[i]]
+    loader.close()
+
+
+def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
+    store = Store.open(tiny_store)
+    kept = list(Loader(store, 32, mode="local", output="dense", prefetch=4, block_size=16, buffer_blocks=2))
+    for batch in (kept[0], kept[len(kept) // 2], kept[-1]):  # later batches did not reuse earlier memory
+        shard, local = store.locate(batch["index"].numpy())
+        for i in (0, 31):
+            want = store.read_csr(int(shard[i]), int(local[i]), int(local[i]) + 1).to_scipy().toarray()[0]
+            assert np.array_equal(batch["X"][i].numpy(), want)
+    # batches dropped by the consumer give their memory back; reused memory is fully cleared first
+    loader = Loader(store, 32, mode="local", output="dense", prefetch=4, block_size=16, buffer_blocks=2)
+    for batch in loader:
+        shard, local = store.locate(batch["index"][:2].numpy())
+        block = store.read_csr(int(shard[1]), int(local[1]), int(local[1]) + 1).to_scipy().toarray()[0]
+        assert np.array_equal(batch["X"][1].numpy(), block)
+    assert not loader._reader.dense_buffers.get((32, store.n_genes))[1]  # the pool was really used
+
+
+def test_modes_give_identical_batches_and_epochs_differ(tiny_store, ray_local):
+    kw = dict(batch_size=40, seed=5, rank=1, world_size=2, obs_keys=("cell_type",), output="csr", **SMALL)
+    local = Loader(tiny_store, mode="local", **kw)
+    remote = Loader(tiny_store, mode="ray", **kw)
+    try:
+        a, b = list(local), list(remote)
+        assert len(a) == len(b) == len(local)
+        for x, y in zip(a, b):
+            assert torch.equal(x["index"], y["index"]) and torch.equal(x["cell_type"], y["cell_type"])
+            assert torch.equal(x["X"].to_dense(), y["X"].to_dense())
+        # the next pass is the next epoch: same cells for this rank's share, another order
+        c = epoch_indices(local)
+        first = np.concatenate([x["index"].numpy() for x in a])
+        assert not np.array_equal(first, np.concatenate(c))
+        local.set_epoch(0)
+        assert np.array_equal(first, np.concatenate(epoch_indices(local)))
+    finally:
+        local.close()
+        remote.close()
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_resume_mid_epoch_continues_with_the_next_unseen_batch(tiny_store, ray_local, mode):
+    kw = dict(batch_size=32, seed=1, mode=mode, **SMALL)
+    full = Loader(tiny_store, **kw)
+    full.set_epoch(2)
+    reference = epoch_indices(full)
+    full.close()
+
+    first = Loader(tiny_store, **kw)
+    first.set_epoch(2)
+    seen = []
+    for i, batch in enumerate(first):
+        seen.append(batch["index"].numpy().copy())
+        if i == 6:  # stop after k = 7 batches, mid-buffer
+            break
+    state = first.state_dict()
+    first.close()
+    assert state["epoch"] == 2 and state["batches_done"] == 7
+
+    resumed = Loader(tiny_store, **kw)
+    resumed.load_state_dict(state)
+    rest = epoch_indices(resumed)
+    assert len(seen) + len(rest) == len(reference)
+    for x, y in zip(seen + rest, reference):
+        assert np.array_equal(x, y)
+    assert resumed.state_dict()["epoch"] == 3 and resumed.state_dict()["batches_done"] == 0
+    resumed.close()
+
+
+def test_resume_with_other_settings_is_refused(tiny_store):
+    a = Loader(tiny_store, 32, mode="local", **SMALL)
+    next(iter(a))
+    with pytest.raises(CellrayError, match="batch_size"):
+        Loader(tiny_store, 16, mode="local", **SMALL).load_state_dict(a.state_dict())
+    a.close()
+
+
+def test_killed_reader_mid_epoch_still_delivers_every_batch_once(tiny_store, ray_local):
+    import ray
+
+    kw = dict(batch_size=32, seed=4, output="csr", num_workers=2, block_size=32, buffer_blocks=2)
+    reference = epoch_indices(Loader(tiny_store, mode="local", **kw))
+    loader = Loader(tiny_store, mode="ray", prefetch=8, **kw)  # 2 batches per buffer: 4 buffers in flight
+    got = []
+    for i, batch in enumerate(loader):
+        got.append(batch["index"].numpy().copy())
+        if i == 2:  # readers are busy with read-ahead buffers now: kill one of them outright
+            ray.kill(loader._actors[0], no_restart=False)
+        if i == 9:  # and the other, permanently: the loader replaces it and re-issues its buffers
+            ray.kill(loader._actors[1], no_restart=True)
+    assert loader.stats()["reissued"] >= 1
+    loader.close()
+    assert len(got) == len(reference)
+    for x, y in zip(got, reference):
+        assert np.array_equal(x, y)
+    union = np.concatenate(got)
+    assert len(np.unique(union)) == len(union)
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_local, mode):
+    loader = Loader(tiny_store, 16, mode=mode, prefetch=6, block_size=16, buffer_blocks=2)  # 2 batches per buffer
+    assert loader.config.buffer_batches == 2
+    depths = []
+    for i, _ in enumerate(loader):
+        time.sleep(0.02)
+        depths.append(loader.stats()["queue_depth"])
+        if i == 30:
+            break
+    assert max(depths) <= 6  # never more than `prefetch` batches read ahead of the consumer
+    assert max(depths) >= 5  # and the bound is used, so a slow consumer never waits for reads
+    assert loader.stats()["max_queue_depth"] <= 6
+    loader.close()
+
+
+def distinct_per_batch(loader: Loader, key: str) -> float:
+    return float(np.mean([len(torch.unique(b[key])) for b in loader]))
+
+
+def random_expectation(store: Store, key: str, batch_size: int) -> float:
+    codes = np.concatenate([store.read_obs(s, [key])[key].cat.codes.to_numpy() for s in range(store.n_shards)])
+    p = np.bincount(codes) / len(codes)
+    return float(np.sum(1 - (1 - p) ** batch_size))
+
+
+def test_shuffle_mixes_datasets_as_well_as_a_full_random_shuffle(unshuffled_store, tiny_store):
+    store = Store.open(unshuffled_store)
+    first = store.read_obs(0, ["dataset"])["dataset"]
+    assert first.nunique() == 1  # the store really is in input order
+    ideal = random_expectation(store, "dataset", 64)
+    got = distinct_per_batch(Loader(store, 64, mode="local", obs_keys=("dataset",), block_size=16, buffer_blocks=8), "dataset")
+    assert got >= 0.93 * ideal, (got, ideal)
+    # an ingest-shuffled store with the default block and buffer sizes
+    shuffled = Store.open(tiny_store)
+    got = distinct_per_batch(Loader(shuffled, 64, mode="local", obs_keys=("dataset",)), "dataset")
+    assert got >= 0.97 * random_expectation(shuffled, "dataset", 64)
+
+
+def test_validation_split_never_reaches_training(tiny_store):
+    kw = dict(batch_size=16, mode="local", val_fraction=0.25, output="csr", **SMALL)
+    train = np.concatenate(epoch_indices(Loader(tiny_store, **kw)))
+    val_loader = Loader(tiny_store, split="val", remainder="pad", **kw)
+    batches = list(val_loader)
+    val = np.concatenate([b["index"].numpy() for b in batches])
+    pad = np.concatenate([b["pad"].numpy() for b in batches])
+    assert len(np.intersect1d(train, val)) == 0
+    n = Store.open(tiny_store).n_cells
+    assert 0.2 < len(np.unique(val)) / n < 0.3
+    assert len(np.unique(val[~pad])) == len(val[~pad])  # unpadded val rows: each cell once
+    # every cell is in exactly one split: train + val cover the store up to the documented drop
+    assert n - len(np.union1d(train, val)) < 17
+
+
+def test_balanced_sampling_equalises_datasets(tiny_store):
+    store = Store.open(tiny_store)
+    loader = Loader(store, 64, mode="local", obs_keys=("dataset",), balance_by="dataset", **SMALL)
+    codes = np.concatenate([b["dataset"].numpy() for b in loader])
+    share = np.bincount(codes, minlength=3) / len(codes)
+    assert np.all(np.abs(share - 1 / 3) < 0.06), share  # inputs are 700 / 450 / 333 cells
+    with pytest.raises(CellrayError, match="categorical"):
+        Loader(store, 64, mode="local", balance_by="no_such_column")
+
+
+def test_transform_pipeline_runs_in_the_readers(tiny_store, ray_local):
+    spec = [{"normalize_total": {"target_sum": 1.0e4}}, "log1p", "densify"]
+    store = Store.open(tiny_store)
+    for mode in ("local", "ray"):
+        loader = Loader(store, 32, transforms=spec, mode=mode, **SMALL)
+        batch = next(iter(loader))
+        loader.close()
+        assert batch["X"].dtype == torch.float32 and batch["X"].layout == torch.strided
+        shard, local = store.locate(batch["index"].numpy())
+        row = store.read_csr(int(shard[3]), int(local[3]), int(local[3]) + 1).to_scipy().toarray()[0].astype(np.float64)
+        want = np.log1p(row / row.sum() * 1e4)
+        np.testing.assert_allclose(batch["X"][3].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_get_clear_errors(tiny_store):
+    with pytest.raises(CellrayError, match="output"):
+        Loader(tiny_store, 8, output="coo", mode="local")
+    with pytest.raises(CellrayError, match="mode"):
+        Loader(tiny_store, 8, mode="spark")
+    with pytest.raises(CellrayError, match="obs_keys"):
+        Loader(tiny_store, 8, mode="local", obs_keys=("no_such",))
+    with pytest.raises(CellrayError, match="no such store"):
+        Loader("/nonexistent/x.store", 8)

@@ -1,0 +1,174 @@
+"""Block reads: the direct shard reader equals zarr-python; buffers follow the plan; Ray reader actors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.loading.buffers import BatchBuffers
+from engine.loading.chunks import ArrayReader, StoreBlocks
+from engine.store.csr import gather_csr, gather_dense
+from engine.errors import StoreError
+from engine.loading.readers import BufferReader, make_reader_actor
+from engine.loading.sampler import Sampler, SamplerConfig
+from engine.store.format import Store
+
+
+@pytest.fixture(scope="module")
+def chunky_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
+    """The tiny inputs, unshuffled, with 128-element chunks: many chunks per shard and several files each."""
+    from engine.store.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("readers") / "chunky.store"
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=500, obs_keys=("cell_type",), shuffle=False, chunk_elements=128))
+    return out
+
+
+def random_segments(store: Store, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        shard = int(rng.integers(store.n_shards))
+        size = store.manifest.shards[shard].n_cells
+        a = int(rng.integers(0, size))
+        rows.append((shard, a, int(rng.integers(a, min(size, a + 90) + 1))))
+    return np.array(rows, dtype=np.int64)
+
+
+def test_direct_reads_equal_zarr_python(chunky_store):
+    store = Store.open(chunky_store)
+    x = store.shard_x(0)
+    assert len(list((chunky_store / "shards/00000/X/data/c").iterdir())) > 1  # several zarr shard files
+    direct, reference = StoreBlocks(store), StoreBlocks(store, direct=False)
+    assert direct._array(0, "data") is not None  # the fast path is really taken
+    for seed in range(3):
+        segs = random_segments(store, 25, seed)
+        for got, want in zip(direct.read(segs), reference.read(segs)):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+    # a whole shard equals Store.read_csr
+    block = store.read_csr(1)
+    indptr, indices, data = direct.read(np.array([[1, 0, store.manifest.shards[1].n_cells]]))
+    assert np.array_equal(indptr, block.indptr) and np.array_equal(indices, block.indices) and np.array_equal(data, block.data)
+    assert x["data"].shape[0] == store.manifest.shards[0].nnz
+
+
+def test_corrupted_shard_file_names_the_file(chunky_store, tmp_path):
+    import shutil
+
+    bad = Path(shutil.copytree(chunky_store, tmp_path / "bad.store"))
+    f = bad / "shards/00000/X/data/c/0"
+    raw = bytearray(f.read_bytes())
+    raw[-10] ^= 0xFF  # inside the shard index
+    f.write_bytes(bytes(raw))
+    blocks = StoreBlocks(Store.open(bad))
+    with pytest.raises(StoreError, match=r"shards/00000/X/data/c/0.*checksum"):
+        blocks.read(np.array([[0, 0, 10]]))
+    g = bad / "shards/00001/X/indices/c/0"
+    raw = bytearray(g.read_bytes())
+    raw[20:60] = b"\0" * 40  # inside the first compressed chunk
+    g.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"shards/00001/X/indices/c/0"):
+        StoreBlocks(Store.open(bad)).read(np.array([[1, 0, 5]]))
+
+
+def test_unsupported_layout_falls_back_to_zarr(tmp_path):
+    import zarr
+
+    arr = zarr.create_array(str(tmp_path / "plain"), shape=(100,), chunks=(10,), dtype="int32")
+    arr[:] = np.arange(100)
+    assert ArrayReader.open(tmp_path / "plain") is None
+
+
+def test_gather_kernels_match_scipy():
+    import scipy.sparse as sp
+
+    m = sp.random(50, 30, density=0.2, format="csr", random_state=0, dtype=np.float64)
+    m.data = np.ceil(m.data * 10).astype(np.uint16)
+    rows = np.array([4, 0, 49, 4, 17])
+    ip, ix, dx = gather_csr(m.indptr.astype(np.int64), m.indices.astype(np.uint16), m.data, rows)
+    want = m[rows]
+    assert dx.dtype == np.float32 and ix.dtype == np.int32
+    assert np.array_equal(sp.csr_matrix((dx, ix, ip), shape=(5, 30)).toarray(), want.toarray())
+    dense = gather_dense(m.indptr.astype(np.int64), m.indices, m.data, rows, 30)
+    assert dense.dtype == np.float32 and np.array_equal(dense, want.toarray())
+
+
+def test_buffer_batches_follow_the_plan(chunky_store):
+    store = Store.open(chunky_store)
+    cfg = SamplerConfig(batch_size=64, block_size=40, buffer_blocks=5, seed=2)
+    plan = Sampler([s.n_cells for s in store.manifest.shards], cfg, 1, 2).buffer(0, 1)
+    reader = BufferReader(store, output="csr", obs_keys=("cell_type",))
+    batches = reader.read(plan)
+    assert len(batches) == plan.n_batches
+    idx = np.concatenate([b["index"] for b in batches])
+    expected = np.concatenate([store.cell_offsets[s] + np.arange(a, b) for s, a, b, *_ in plan.segments])
+    assert np.array_equal(np.sort(idx), np.sort(expected))  # the buffer's cells, shuffled
+    assert not np.array_equal(idx, expected)
+    # rows carry their own counts and labels
+    b = batches[0]
+    shard, local = store.locate(b["index"])
+    for i in (0, 7, 63):
+        want = store.read_csr(int(shard[i]), int(local[i]), int(local[i]) + 1).to_scipy().toarray()[0]
+        got = b["X"].to_scipy().toarray()[i]
+        assert np.array_equal(got, want.astype(np.float32))
+        codes = store.read_obs(int(shard[i]), ["cell_type"])["cell_type"].cat.codes.to_numpy()
+        assert b["cell_type"][i] == codes[local[i]]
+    dense = BufferReader(store, output="dense").read(plan)[0]["X"]
+    assert np.array_equal(dense, b["X"].to_scipy().toarray())
+
+
+def test_reader_actor_runs_on_the_callers_node_and_survives_a_kill(chunky_store, ray_local):
+    import ray
+
+    store = Store.open(chunky_store)
+    cfg = SamplerConfig(batch_size=32, block_size=40, buffer_blocks=2)
+    plan = Sampler([s.n_cells for s in store.manifest.shards], cfg).buffer(0, 0)
+    actor = make_reader_actor(str(chunky_store), None, "csr", (), num_cpus=0.25)
+    try:
+        assert ray.get(actor.node_id.remote()) == ray.get_runtime_context().get_node_id()
+        pid = ray.get(actor.pid.remote())
+        first = [b["index"] for b in ray.get(actor.read.remote(plan))]
+        os.kill(pid, 9)  # a crash, not a polite exit: Ray restarts it and retries the call
+        again = ray.get(actor.read.remote(plan))
+        assert len(first) == len(again) == plan.n_batches
+        assert all(np.array_equal(a, b["index"]) for a, b in zip(first, again))
+        assert ray.get(actor.pid.remote()) != pid
+    finally:
+        ray.kill(actor)
+
+
+def test_dense_buffers_are_reused_only_once_released():
+    import gc
+
+    bufs = BatchBuffers()
+    a, fresh = bufs.get((4, 5))
+    assert fresh and not a.any()
+    a[:] = 7
+    b, fresh_b = bufs.get((4, 5))
+    assert fresh_b  # `a` is still referenced: its memory is not handed out again
+    base = a.base
+    del a
+    gc.collect()
+    c, fresh_c = bufs.get((3, 5))
+    assert not fresh_c and c.base is base
+
+
+def test_chunked_indptr_is_read_by_range(chunky_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = Path(shutil.copytree(chunky_store, tmp_path / "chunked-indptr.store"))
+    x = zarr.open_group(str(copy / "shards/00001/X"), mode="a")
+    indptr = x["indptr"][:]
+    del x["indptr"]
+    x.create_array("indptr", data=indptr, chunks=(64,))  # what a store with chunked indptrs holds
+    store = Store.open(copy)
+    blocks = StoreBlocks(store)
+    segs = np.array([[1, 100, 190], [0, 5, 9], [1, 0, 3]])
+    for got, want in zip(blocks.read(segs), StoreBlocks(Store.open(chunky_store), direct=False).read(segs)):
+        assert np.array_equal(got, want)
+    assert 1 not in blocks._indptr and 0 in blocks._indptr  # shard 1 by range, shard 0 whole and cached
