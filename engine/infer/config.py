@@ -1,0 +1,44 @@
+"""The typed configuration of an inference run (`kind: embed`): what `cellray embed` and job specs parse into.
+
+    kind: embed
+    name: pbmc-embed
+    checkpoint: runs/vae-demo          # a checkpoint directory, or a run's train.output folder (its latest)
+    store: data/demo.store
+    out: runs/vae-demo/embeddings.zarr # AnnData zarr directory (parts per shard); .h5ad assembled on request
+    batch_size: 1024
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from engine.config import Config, Section
+from engine.errors import SpecError
+
+
+class InferResources(Section):
+    error: ClassVar[type[Exception]] = SpecError
+
+    workers: int = Field(0, ge=0)  # inference actors; 0: as many as fit the cluster (at most one per shard)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # > 0: one actor per GPU share, the model on the GPU
+
+
+class EmbedConfig(Config):
+    error: ClassVar[type[Exception]] = SpecError
+
+    kind: Literal["embed"] = "embed"
+    name: str = Field("embed", min_length=1)
+    checkpoint: str
+    store: str
+    out: str
+    batch_size: int = Field(1024, gt=0)
+    overwrite: bool = False
+    resources: InferResources = Field(default_factory=InferResources)
+    source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
+
+    def where(self, field: str) -> str:
+        return f"{self.source or 'spec'}: {field}"
