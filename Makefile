@@ -8,7 +8,7 @@ FETCH := ../shared/data/fetch_real.sh
 DEMO_STORE ?= data/demo.store
 PYTEST_ARGS ?=
 
-.PHONY: env test demo bench peers clean
+.PHONY: env test lint demo bench peers clean
 
 env: $(VENV)/.installed
 
@@ -24,8 +24,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
+# ruff first: a style or import error fails fast, before the 10-minute suite
 test: env
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check engine
 
 # annbatch needs Python >= 3.12 (cellray runs on 3.10+): the peers get their own venv, used by bench/ only.
 peers: $(VENV)-peers/.installed

@@ -49,9 +49,18 @@ def main() -> None:
     name, data, indices = load_counts(args.quick)
     chunk = 1 << 16
     candidates = {
-        "blosc-lz4 bitshuffle": (numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE), BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")),
-        "blosc-lz4 shuffle": (numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE), BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")),
-        "blosc-zstd bitshuffle": (numcodecs.Blosc("zstd", 3, numcodecs.Blosc.BITSHUFFLE), BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")),
+        "blosc-lz4 bitshuffle": (
+            numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE),
+            BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        ),
+        "blosc-lz4 shuffle": (
+            numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
+            BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        ),
+        "blosc-zstd bitshuffle": (
+            numcodecs.Blosc("zstd", 3, numcodecs.Blosc.BITSHUFFLE),
+            BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+        ),
         "zstd 3": (numcodecs.Zstd(3), ZstdCodec(level=3)),
     }
     rows = {}
@@ -67,7 +76,14 @@ def main() -> None:
                 for e in enc:
                     codec.decode(e)
                 times.append(time.perf_counter() - t)
-            z = zarr.create_array(zarr.storage.MemoryStore(), shape=arr.shape, dtype=arr.dtype, chunks=(chunk,), shards=(chunk * 64,), compressors=[zcodec])
+            z = zarr.create_array(
+                zarr.storage.MemoryStore(),
+                shape=arr.shape,
+                dtype=arr.dtype,
+                chunks=(chunk,),
+                shards=(chunk * 64,),
+                compressors=[zcodec],
+            )
             z[:] = arr
             ztimes = []
             for _ in range(5):
@@ -80,9 +96,22 @@ def main() -> None:
                 "zarr_gb_s": arr.nbytes / statistics.median(ztimes) / 1e9,
             }
         rows[label] = row
-        print(f"  {label:<22} data: x{row['data']['ratio']:.2f} {row['data']['decode_gb_s']:.2f} GB/s (zarr {row['data']['zarr_gb_s']:.2f})"
-              f"   indices: x{row['indices']['ratio']:.2f} {row['indices']['decode_gb_s']:.2f} GB/s (zarr {row['indices']['zarr_gb_s']:.2f})")
-    print(json.dumps({"dataset": name, "codecs": {k: {f: {m: round(x, 3) for m, x in v.items()} for f, v in r.items()} for k, r in rows.items()}}))
+        print(
+            f"  {label:<22} data: x{row['data']['ratio']:.2f} {row['data']['decode_gb_s']:.2f} GB/s (zarr "
+            f"{row['data']['zarr_gb_s']:.2f})"
+            f"   indices: x{row['indices']['ratio']:.2f} {row['indices']['decode_gb_s']:.2f} GB/s (zarr "
+            f"{row['indices']['zarr_gb_s']:.2f})"
+        )
+    print(
+        json.dumps(
+            {
+                "dataset": name,
+                "codecs": {
+                    k: {f: {m: round(x, 3) for m, x in v.items()} for f, v in r.items()} for k, r in rows.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

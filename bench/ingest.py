@@ -57,13 +57,17 @@ def main() -> None:
 
             n_cells = sum(ad.read_h5ad(p, backed="r").n_obs for p in inputs)
             rows = {"cellray": [], "annbatch": []}
-            for r in range(repeats):
+            for _ in range(repeats):
                 out = work / f"{name}.store"
-                rows["cellray"].append(run_measured([cellray, "ingest", *map(str, inputs), "--out", str(out), "--overwrite"]))
+                rows["cellray"].append(
+                    run_measured([cellray, "ingest", *map(str, inputs), "--out", str(out), "--overwrite"])
+                )
                 shutil.rmtree(out, ignore_errors=True)
                 if peer:
                     out = work / f"{name}.annbatch.zarr"
-                    rows["annbatch"].append(run_measured([peer, str(ROOT / "bench/peers/annbatch_ingest.py"), str(out), *map(str, inputs)]))
+                    rows["annbatch"].append(
+                        run_measured([peer, str(ROOT / "bench/peers/annbatch_ingest.py"), str(out), *map(str, inputs)])
+                    )
                     shutil.rmtree(out, ignore_errors=True)
             res = {"n_cells": n_cells}
             for tool, runs in rows.items():
@@ -75,11 +79,16 @@ def main() -> None:
             print(f"{name:>10}: {n_cells:,} cells, {repeats} run(s), medians")
             for tool in rows:
                 if f"{tool}_cells_per_s" in res:
-                    print(f"  {tool:>8}  {res[f'{tool}_cells_per_s']:>10,.0f} cells/s   peak RSS {res[f'{tool}_peak_rss_mb']:>7,.0f} MB (tree)"
-                          f"  {res[f'{tool}_peak_process_rss_mb']:>7,.0f} MB (largest process)")
+                    print(
+                        f"  {tool:>8}  {res[f'{tool}_cells_per_s']:>10,.0f} cells/s   peak RSS "
+                        f"{res[f'{tool}_peak_rss_mb']:>7,.0f} MB (tree)"
+                        f"  {res[f'{tool}_peak_process_rss_mb']:>7,.0f} MB (largest process)"
+                    )
             if "annbatch_cells_per_s" in res:
-                print(f"  ratio cellray/annbatch: speed {res['cellray_cells_per_s'] / res['annbatch_cells_per_s']:.2f}x, "
-                      f"peak RSS {res['cellray_peak_rss_mb'] / res['annbatch_peak_rss_mb']:.2f}x")
+                print(
+                    f"  ratio cellray/annbatch: speed {res['cellray_cells_per_s'] / res['annbatch_cells_per_s']:.2f}x, "
+                    f"peak RSS {res['cellray_peak_rss_mb'] / res['annbatch_peak_rss_mb']:.2f}x"
+                )
             else:
                 print("  annbatch: not measured (no Python >= 3.12 peers venv; run `make peers`)")
     finally:

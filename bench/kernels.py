@@ -48,7 +48,12 @@ def make_batch(n_genes: int, seed: int = 0):
     indices = np.concatenate(rows).astype(np.uint16 if n_genes <= 1 << 16 else np.uint32)
     indptr = np.arange(0, (N_CELLS + 1) * NNZ_PER_CELL, NNZ_PER_CELL, dtype=np.int64)
     data = (1 + rng.poisson(rng.gamma(0.7, 2.0, len(indices)))).astype(np.uint16)
-    return indptr, indices, data, sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr), shape=(N_CELLS, n_genes))
+    return (
+        indptr,
+        indices,
+        data,
+        sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr), shape=(N_CELLS, n_genes)),
+    )
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -77,8 +82,8 @@ def main() -> None:
     import scanpy as sc
 
     from engine.preprocess import kernels
-    from engine.store.format import CSRBlock
     from engine.preprocess.transforms import Pipeline
+    from engine.store.format import CSRBlock
 
     all_threads = numba.config.NUMBA_NUM_THREADS
     thread_counts = sorted({1, all_threads})
@@ -102,12 +107,16 @@ def main() -> None:
                     return pipe(block, cells)["X"]
                 # select_genes after log1p: the kernel with the HVG map (Pipeline does this given a store)
                 out = np.zeros((N_CELLS, n_out), dtype=np.float32)
-                return kernels.transform_dense(indptr, indices, data, gene_map, True, False, True, 1e4, True, False, z, z, 0.0, True, out, True)
+                return kernels.transform_dense(
+                    indptr, indices, data, gene_map, True, False, True, 1e4, True, False, z, z, 0.0, True, out, True
+                )
 
             def cellray_reused():
                 if cols is None:
                     return pipe(block, cells, out=buf)["X"]
-                return kernels.transform_dense(indptr, indices, data, gene_map, True, False, True, 1e4, True, False, z, z, 0.0, True, buf, False)
+                return kernels.transform_dense(
+                    indptr, indices, data, gene_map, True, False, True, 1e4, True, False, z, z, 0.0, True, buf, False
+                )
 
             def scanpy_run():
                 a = ad.AnnData(X=X.copy())
@@ -130,7 +139,15 @@ def main() -> None:
             row: dict = {"input_mb": in_bytes / 1e6, "output_mb": buf.nbytes / 1e6}
             for t in thread_counts:
                 with kernels.num_threads(t):
-                    secs = timed({"cellray": cellray_fresh, "cellray_reused_buffer": cellray_reused, "scanpy": scanpy_run, "scipy": scipy_run}, repeats)
+                    secs = timed(
+                        {
+                            "cellray": cellray_fresh,
+                            "cellray_reused_buffer": cellray_reused,
+                            "scanpy": scanpy_run,
+                            "scipy": scipy_run,
+                        },
+                        repeats,
+                    )
                 r = {f"{k}_cells_per_s": N_CELLS / v for k, v in secs.items()}
                 r["cellray_csr_gb_per_s_per_core"] = in_bytes / secs["cellray"] / 1e9 / t
                 r["cellray_reused_buffer_csr_gb_per_s_per_core"] = in_bytes / secs["cellray_reused_buffer"] / 1e9 / t
@@ -138,9 +155,11 @@ def main() -> None:
                 r["ratio_vs_scipy"] = secs["scipy"] / secs["cellray"]
                 row[f"threads_{t}"] = r
                 print(
-                    f"{n_genes:>6} genes -> {scenario:<9} {t} thread(s): cellray {N_CELLS / secs['cellray']:>9,.0f} cells/s "
+                    f"{n_genes:>6} genes -> {scenario:<9} {t} thread(s): cellray {N_CELLS / secs['cellray']:>9,.0f} "
+                    "cells/s "
                     f"(reused buffer {N_CELLS / secs['cellray_reused_buffer']:>9,.0f}; "
-                    f"{r['cellray_csr_gb_per_s_per_core']:.2f} / {r['cellray_reused_buffer_csr_gb_per_s_per_core']:.2f} GB/s/core of CSR)  "
+                    f"{r['cellray_csr_gb_per_s_per_core']:.2f} / "
+                    f"{r['cellray_reused_buffer_csr_gb_per_s_per_core']:.2f} GB/s/core of CSR)  "
                     f"scanpy {N_CELLS / secs['scanpy']:>8,.0f}  scipy {N_CELLS / secs['scipy']:>8,.0f}  "
                     f"-> {r['ratio_vs_scanpy']:.1f}x scanpy, {r['ratio_vs_scipy']:.1f}x scipy",
                     flush=True,

@@ -7,7 +7,8 @@ pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's 
 same shard arrays through anndata's sparse_dataset; anndata backed mode reads the input h5ad with sorted random
 indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) + log1p + densify (annbatch
 gets the same steps in numpy/scipy). Each figure is the median cells/s over several epochs (groups of epochs of
->= 100k cells for small datasets) after a warm-up. The decode limit is the rate at which one core only decompresses every chunk of the store once.
+>= 100k cells for small datasets) after a warm-up. The decode limit is the rate at which one core only decompresses
+every chunk of the store once.
 
 Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell (50k with --quick); (b) synthetic 20k
 genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair. (b) and (c) are skipped
@@ -132,7 +133,7 @@ def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float
 
 def decode_limit(store: Path, passes: int = 3) -> float:
     """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass)."""
-    from engine.loading.chunks import _MISSING, ArrayReader, _decompress
+    from engine.loading.chunks import ArrayReader, decompress
     from engine.store.format import Store
 
     s = Store.open(store)
@@ -140,15 +141,13 @@ def decode_limit(store: Path, passes: int = 3) -> float:
     for shard in s.manifest.shards:
         for name in ("data", "indices"):
             r = ArrayReader.open(s.path / shard.path / "X" / name)
-            for fid in sorted(int(f.name) for f in (r.path / "c").iterdir()):
-                mm, index = r._file(fid)
-                raws += [(r.layout.codec, mm[int(o) : int(o) + int(n)]) for o, n in index if o != _MISSING]
+            raws += [(r.layout.codec, raw) for raw in r.compressed_chunks()]
             r.close()
     best = float("inf")
     for _ in range(passes):
         t0 = time.perf_counter()
         for codec, raw in raws:
-            _decompress(codec, raw)
+            decompress(codec, raw)
         best = min(best, time.perf_counter() - t0)
     return s.n_cells / best
 
@@ -217,7 +216,14 @@ def main() -> None:
                     rate, cpu = time_annbatch(peer, store, block, buffer_blocks, repeats, with_t, group)
                     got["annbatch"] += rate
                     got["annbatch_cpu"] += cpu
-            r = {"dataset": name, "case": label, "block": block, "buffer_blocks": buffer_blocks, "chunk_elements": chunk_elements, "epochs_per_sample": group}
+            r = {
+                "dataset": name,
+                "case": label,
+                "block": block,
+                "buffer_blocks": buffer_blocks,
+                "chunk_elements": chunk_elements,
+                "epochs_per_sample": group,
+            }
             r.update({k: (median(v) if v else None) for k, v in got.items()})
             r["h5ad"] = median(time_h5ad(inputs, 2)) if not with_t else None
             r["decode_limit"] = limit
@@ -231,7 +237,10 @@ def main() -> None:
     def us(v):
         return "-" if v is None else f"{v * 1e6:.2f}"
 
-    print(f"\nrandom-order batches of {BATCH} cells; cells/s, median of {rounds} x {repeats} epochs (h5ad: 2 x 12 batches);")
+    print(
+        f"\nrandom-order batches of {BATCH} cells; cells/s, median of {rounds} x {repeats} epochs (h5ad: 2 x 12 "
+        "batches);"
+    )
     print("cpu: CPU microseconds per cell of the loading process (all threads); decode 1c: one core only decompressing")
     print(
         f"{'dataset':<18}{'case':<18}{'block x buf':>12}{'cellray':>9}{'(ray)':>8}{'annbatch':>9}{'h5ad':>7}"
@@ -244,7 +253,8 @@ def main() -> None:
         print(
             f"{r['dataset']:<18}{r['case']:<18}{str(r['block']) + ' x ' + str(r['buffer_blocks']):>12}{fmt(best):>9}"
             f"{fmt(r['cellray_ray']):>8}{fmt(r['annbatch']):>9}{fmt(r['h5ad']):>7}{vs_a:>8}{vs_h:>8}"
-            f"{us(r['cellray_cpu']):>7}{us(r['annbatch_cpu']):>7}{fmt(r['decode_limit']):>10}{best / r['decode_limit']:>7.0%}"
+            f"{us(r['cellray_cpu']):>7}{us(r['annbatch_cpu']):>7}{fmt(r['decode_limit']):>10}"
+            f"{best / r['decode_limit']:>7.0%}"
         )
     d = default_case
     summary = {

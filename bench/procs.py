@@ -26,7 +26,9 @@ def peer_python() -> str | None:
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd`; return seconds, peak summed RSS of the tree (MB), peak of its largest process (MB), stdout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     root = psutil.Process(proc.pid)
     peak_tree, peak_one = 0, 0
     done = threading.Event()

@@ -39,8 +39,8 @@ def worker(side: str, store_path: str) -> None:
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
     if side == "cellray":
-        from engine.runtime import init_ray
         from engine.preprocess.stats import LOCAL_MAX_NNZ, StatsConfig, compute_stats
+        from engine.runtime import init_ray
         from engine.store.format import Store
 
         if sum(s.nnz for s in Store.open(store_path).manifest.shards) >= LOCAL_MAX_NNZ:
@@ -73,8 +73,8 @@ def worker(side: str, store_path: str) -> None:
 
 
 def prepare(work: Path, quick: bool) -> dict[str, Path]:
-    from engine.store.ingest import IngestConfig, ingest
     from engine.runtime import ray_session
+    from engine.store.ingest import IngestConfig, ingest
     from engine.store.synthetic import synthetic_counts
 
     inputs: dict[str, list[Path]] = {}
@@ -82,7 +82,10 @@ def prepare(work: Path, quick: bool) -> dict[str, Path]:
     p = work / "synthetic.h5ad"
     synthetic_counts(n_cells, n_genes, nnz_per_cell=nnz, seed=0).write_h5ad(p)
     inputs[f"synthetic_{n_cells}x{n_genes}"] = [p]
-    kang = [Path(os.environ.get("CELLRAY_DATA", Path.home() / ".cache/cellray-data")) / f"kang_{k}.h5ad" for k in ("ctrl", "stim")]
+    kang = [
+        Path(os.environ.get("CELLRAY_DATA", Path.home() / ".cache/cellray-data")) / f"kang_{k}.h5ad"
+        for k in ("ctrl", "stim")
+    ]
     if not quick and all(k.exists() for k in kang):
         inputs["kang_13999x14053"] = kang
     stores = {}
@@ -110,8 +113,12 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"cellray": [], "scanpy": []}
             for _ in range(repeats):
                 for side in runs:  # alternate, so load changes on this shared machine hit both alike
-                    m = run_measured([py, str(Path(__file__).resolve()), "--worker", side, str(store)], env={"PYTHONPATH": str(ROOT)})
-                    runs[side].append({**last_json(m["stdout"]), "peak_tree_mb": m["peak_tree_mb"], "wall_s": m["seconds"]})
+                    m = run_measured(
+                        [py, str(Path(__file__).resolve()), "--worker", side, str(store)], env={"PYTHONPATH": str(ROOT)}
+                    )
+                    runs[side].append(
+                        {**last_json(m["stdout"]), "peak_tree_mb": m["peak_tree_mb"], "wall_s": m["seconds"]}
+                    )
             same = runs["cellray"][0]["hvg"] == runs["scanpy"][0]["hvg"]
             row = {}
             for side, rs in runs.items():
@@ -124,9 +131,12 @@ def main() -> None:
             row["same_hvg_set"] = same
             results["datasets"][name] = row
             print(
-                f"{name}: cellray {row['cellray_seconds']:.2f} s, warm {row['cellray_warm_seconds']:.2f} s (+{row['cellray_setup_seconds']:.1f} s start-up: imports, Ray if used), "
-                f"peak RSS {row['cellray_peak_rss_mb']:,.0f} MB incl. Ray | scanpy {row['scanpy_seconds']:.2f} s, warm {row['scanpy_warm_seconds']:.2f} s "
-                f"(+{row['scanpy_setup_seconds']:.1f} s to load the matrix), peak RSS {row['scanpy_peak_rss_mb']:,.0f} MB "
+                f"{name}: cellray {row['cellray_seconds']:.2f} s, warm {row['cellray_warm_seconds']:.2f} s "
+                f"(+{row['cellray_setup_seconds']:.1f} s start-up: imports, Ray if used), "
+                f"peak RSS {row['cellray_peak_rss_mb']:,.0f} MB incl. Ray | scanpy {row['scanpy_seconds']:.2f} s, "
+                f"warm {row['scanpy_warm_seconds']:.2f} s "
+                f"(+{row['scanpy_setup_seconds']:.1f} s to load the matrix), peak RSS "
+                f"{row['scanpy_peak_rss_mb']:,.0f} MB "
                 f"-> {row['ratio']:.2f}x (warm {row['ratio_warm']:.2f}x); same HVG set: {same}",
                 flush=True,
             )

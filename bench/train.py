@@ -4,7 +4,7 @@
 
 Data: a synthetic store (20,000 cells x 2,000 genes, ~100 non-zeros/cell; 5,000 x 1,000 with --quick).
 For each model (vae on raw counts; transformer on normalize+log1p+binning+mask; probe on counts):
-- cellray: `engine.train.pretrain` on Ray Train with the Loader's reader actors: 1 worker and 2 DDP workers
+- cellray: `engine.train.driver.pretrain` on Ray Train with the Loader's reader actors: 1 worker and 2 DDP workers
   (gloo); with --quick one in-process run (resources.workers: 0, loader threads). Figures are medians over
   the reports after the first (warm-up), each report covering `report_every` steps.
 - peer: the same model, optimizer and batch size in a plain torch loop over batches already in memory
@@ -47,10 +47,19 @@ def spec_for(store: Path, out: Path, model: str, steps: int, workers: int, gpu: 
             "name": out.name,
             "data": {"store": str(store), "batch_size": BATCH, "transforms": transforms, "obs_keys": ["cell_type"]},
             "model": {"name": model, "config": config},
-            "train": {"max_steps": steps, "lr": 1e-3, "checkpoint_every": steps, "report_every": max(1, steps // 6), "output": str(out)},
+            "train": {
+                "max_steps": steps,
+                "lr": 1e-3,
+                "checkpoint_every": steps,
+                "report_every": max(1, steps // 6),
+                "output": str(out),
+            },
             "resources": {
-                "workers": workers, "cpus_per_worker": 0.5, "gpus_per_worker": 1 if gpu else 0,
-                "readers_per_worker": 1 if workers else 0, "cpus_per_reader": 0.5,
+                "workers": workers,
+                "cpus_per_worker": 0.5,
+                "gpus_per_worker": 1 if gpu else 0,
+                "readers_per_worker": 1 if workers else 0,
+                "cpus_per_reader": 0.5,
             },
         }
     )
@@ -85,7 +94,9 @@ def in_memory_run(store: Path, model: str, steps: int) -> dict:
     spec = spec_for(store, Path("unused"), model, steps, 0, False)
     config = open_run_data(spec).model_config
     _, transforms = MODELS[model]
-    with Loader(store, batch_size=BATCH, transforms=transforms or None, mode="local", obs_keys=("cell_type",)) as loader:
+    with Loader(
+        store, batch_size=BATCH, transforms=transforms or None, mode="local", obs_keys=("cell_type",)
+    ) as loader:
         batches = [b for _, b in zip(range(20), loader)]
     torch.manual_seed(0)
     m = models.build(model, config)
@@ -99,7 +110,7 @@ def in_memory_run(store: Path, model: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    per_step = statistics.median(times[min(3, len(times) - 1):])
+    per_step = statistics.median(times[min(3, len(times) - 1) :])
     return {"steps_per_s": 1 / per_step, "cells_per_s": BATCH / per_step}
 
 
@@ -115,8 +126,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    from engine.store.ingest import IngestConfig, ingest
     from engine.runtime import ray_session
+    from engine.store.ingest import IngestConfig, ingest
     from engine.store.synthetic import synthetic_counts
 
     gpu = torch.cuda.is_available()
@@ -138,16 +149,28 @@ def main() -> None:
         for model in MODELS:
             peer = in_memory_run(store, model, steps)
             results[model] = {"in_memory_steps_per_s": peer["steps_per_s"]}
-            print(f"{model:12s} in-memory torch loop       {peer['steps_per_s']:7.2f} steps/s  {peer['cells_per_s']:9.0f} cells/s", flush=True)
+            print(
+                f"{model:12s} in-memory torch loop       {peer['steps_per_s']:7.2f} steps/s  "
+                f"{peer['cells_per_s']:9.0f} cells/s",
+                flush=True,
+            )
             for w in worker_counts:
                 r = cellray_run(store, work, model, steps, w, gpu)
                 label = "in-process" if w == 0 else f"{w} worker{'s' if w > 1 else ''}"
                 key = f"w{w}"
-                results[model].update({f"{key}_steps_per_s": r["steps_per_s"], f"{key}_cells_per_s": r["cells_per_s"], f"{key}_data_wait_frac": r["data_wait_frac"]})
+                results[model].update(
+                    {
+                        f"{key}_steps_per_s": r["steps_per_s"],
+                        f"{key}_cells_per_s": r["cells_per_s"],
+                        f"{key}_data_wait_frac": r["data_wait_frac"],
+                    }
+                )
                 ratio = r["steps_per_s"] / peer["steps_per_s"]
                 print(
-                    f"{model:12s} cellray {label:18s} {r['steps_per_s']:7.2f} steps/s  {r['cells_per_s']:9.0f} cells/s  "
-                    f"data-wait {100 * r['data_wait_frac']:4.1f}%  ratio vs in-memory {ratio:.2f} (per worker)  wall {r['wall_s']:.0f} s",
+                    f"{model:12s} cellray {label:18s} {r['steps_per_s']:7.2f} steps/s  {r['cells_per_s']:9.0f} "
+                    "cells/s  "
+                    f"data-wait {100 * r['data_wait_frac']:4.1f}%  ratio vs in-memory {ratio:.2f} (per worker)  wall "
+                    f"{r['wall_s']:.0f} s",
                     flush=True,
                 )
                 results[model][f"{key}_ratio_vs_in_memory"] = ratio

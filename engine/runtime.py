@@ -7,8 +7,9 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from engine.errors import CellrayError
 from engine.progress import Progress, silent
@@ -28,6 +29,7 @@ def choose_local(executor: Executor, address: str | None, work_bytes: int) -> bo
     if executor == "ray" or address is not None:
         return False
     return work_bytes < LOCAL_MAX_BYTES
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

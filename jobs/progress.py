@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
-ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
+from engine.progress import Progress, silent
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[ProgressCallback]:
+def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     """Yield a callback that draws one rich progress bar per stage name."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda stage, done, total: None
+        yield silent
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

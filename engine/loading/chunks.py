@@ -16,11 +16,11 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numba
 import numpy as np
 
 from engine.errors import StoreError
@@ -101,7 +101,7 @@ def _parse_layout(path: Path) -> _Layout | None:
         return None
 
 
-def _decompress(codec: str, raw: bytes, dest: np.ndarray | None = None):
+def decompress(codec: str, raw: bytes, dest: np.ndarray | None = None):
     """Decode one inner chunk, into `dest` when given (no intermediate copy)."""
     if codec == "blosc":
         from numcodecs import blosc
@@ -166,6 +166,14 @@ class ArrayReader:
             raise StoreError(f"{file}: shard index points past the end of the file (truncated)")
         return mm, index
 
+    def compressed_chunks(self) -> Iterator[bytes]:
+        """Every written chunk's compressed bytes, file by file (benchmarks time decoding them alone)."""
+        for file_id in sorted(int(f.name) for f in (self.path / "c").iterdir()):
+            mm, index = self._file(file_id)
+            for off, n in index:
+                if off != _MISSING:
+                    yield mm[int(off) : int(off) + int(n)]
+
     def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
         """Decode inner chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
         lay = self.layout
@@ -182,7 +190,7 @@ class ArrayReader:
                     continue
                 try:
                     with memoryview(mm) as view:
-                        _decompress(lay.codec, view[off : off + n], dest)
+                        decompress(lay.codec, view[off : off + n], dest)
                 except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
                     raise StoreError(f"{self.path}/c/{file_id}: chunk {k} does not decode ({e})") from e
 
@@ -267,7 +275,12 @@ class StoreBlocks:
         else:
             return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
         row_start = np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64)
-        return CSRRows(pool_i.astype(dt_i, copy=False), pool_d.astype(dt_d, copy=False), row_start, np.concatenate(lens).astype(np.int64))
+        return CSRRows(
+            pool_i.astype(dt_i, copy=False),
+            pool_d.astype(dt_d, copy=False),
+            row_start,
+            np.concatenate(lens).astype(np.int64),
+        )
 
     def _buffer(self, name: str, n: int, dtype: np.dtype) -> np.ndarray:
         """A reused array of at least n elements for this thread. The CSRRows built on it is only valid until
@@ -292,7 +305,9 @@ class StoreBlocks:
         return CSRRows(
             np.concatenate(parts_i) if parts_i else np.empty(0, dt_i),
             np.concatenate(parts_d) if parts_d else np.empty(0, dt_d),
-            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64) if starts else np.empty(0, np.int64),
+            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64)
+            if starts
+            else np.empty(0, np.int64),
             np.concatenate(lens).astype(np.int64) if lens else np.empty(0, np.int64),
         )
 

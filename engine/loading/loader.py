@@ -7,7 +7,7 @@
             ...
 
 The plan comes from `engine.loading.sampler` (a pure function of the settings); the reading is
-`engine.readers.BufferReader`, run in local threads (mode="local") or in Ray reader actors on this rank's
+`engine.loading.readers.BufferReader`, run in local threads (mode="local") or in Ray reader actors on this rank's
 node (mode="ray"). Both give the same batches. At most `prefetch` batches are read ahead of the consumer
 (backpressure), so memory stays bounded however slow the training step is.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 import collections
 import logging
 import time
-import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from engine.errors import CellrayError
 from engine.loading.readers import BufferReader, make_reader_actor
 from engine.loading.sampler import BufferPlan, Sampler, SamplerConfig, auto_block_size
 from engine.loading.tensors import to_torch
-from engine.store.format import CSRBlock, Store
+from engine.store.format import Store
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ class LoaderMetrics:
 
 
 class Loader:
-    """Batches of one rank. See the module docstring and engine/sampler.py for the plan's guarantees.
+    """Batches of one rank. See the module docstring and engine/loading/sampler.py for the plan's guarantees.
 
     store: a path or an opened Store. transforms: None (raw counts as float32), a pipeline spec for
-    `engine.transforms.Pipeline.from_spec`, or a callable(CSRBlock, cell_index) -> dict.
+    `engine.preprocess.transforms.Pipeline.from_spec`, or a callable(CSRBlock, cell_index) -> dict.
     output: "dense" (float32 [B, genes]) or "csr" (torch sparse CSR, densify on the GPU with `.to_dense()`).
-    remainder: "drop" or "pad" (see engine/sampler.py). block_size: cells per contiguous read (default: about
+    remainder: "drop" or "pad" (see engine/loading/sampler.py). block_size: cells per contiguous read (default: about
     one compressed chunk of the store). buffer_blocks: blocks shuffled together. prefetch: batches read
     ahead (default: two buffers). mode: "local" (threads), "ray" (reader actors), or None: "ray" when Ray
     is initialised, else "local". num_workers: threads or actors reading in parallel.
@@ -256,7 +256,7 @@ class Loader:
             return out
         import ray
 
-        for attempt in range(3):
+        for _attempt in range(3):
             try:
                 if handle["batches"] is None:
                     handle["batches"] = list(ray.get(handle.pop("ref")))
@@ -277,7 +277,9 @@ class Loader:
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        pin = self.pin_memory if self.pin_memory is not None else (self.device is not None and torch.cuda.is_available())
+        pin = (
+            self.pin_memory if self.pin_memory is not None else (self.device is not None and torch.cuda.is_available())
+        )
         return to_torch(batch, self.obs_keys, pin=pin, device=self.device)
 
     def _report(self) -> None:
@@ -309,7 +311,10 @@ class Loader:
         """Weights per category code of `key`: given, or inverse class frequency (one pass over obs codes)."""
         schema = self.store.manifest.obs_schema.get(key)
         if schema is None or "categories" not in schema:
-            raise CellrayError(f"{self.store.path}: balance_by={key!r} needs a categorical obs column; have {list(self.store.manifest.obs_schema)}")
+            raise CellrayError(
+                f"{self.store.path}: balance_by={key!r} needs a categorical obs column; have "
+                f"{list(self.store.manifest.obs_schema)}"
+            )
         cats = list(schema["categories"])
         if class_weights is not None:
             unknown = sorted(set(class_weights) - set(cats))

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from engine.errors import CellrayError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
-from engine.store.csr import gather_dense, gather_rows_csr, gather_rows_dense
-from engine.errors import CellrayError
 from engine.loading.sampler import BufferPlan, split_mask
+from engine.store.csr import gather_dense, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def single_threaded_kernels() -> None:
 
 
 def build_pipeline(transforms: Any, store: Store):
-    """None -> no pipeline; a spec (list/dict) -> `engine.transforms.Pipeline.from_spec`; a callable as is."""
+    """None -> no pipeline; a spec (list/dict) -> `engine.preprocess.transforms.Pipeline.from_spec`; a callable as is."""
     if transforms is None:
         return None
     if callable(transforms):
@@ -68,7 +69,8 @@ class BufferReader:
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
             raise CellrayError(
-                f"{self.store.path}: obs_keys {missing} are not in the store; it has {list(self.store.manifest.obs_schema)}"
+                f"{self.store.path}: obs_keys {missing} are not in the store; it has "
+                f"{list(self.store.manifest.obs_schema)}"
             )
 
     def close(self) -> None:
@@ -90,7 +92,9 @@ class BufferReader:
                 local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
             local = local[skip : skip + take]
             if len(local) != take:
-                raise CellrayError(f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}")
+                raise CellrayError(
+                    f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}"
+                )
             rows.append(base + local)
             gidx.append(first + local)
             pad.append(np.full(take, bool(is_pad)))
@@ -167,7 +171,12 @@ class BufferReader:
         if self.output == "dense":
             return gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
         dt = _index_dtype(x.indptr)  # torch wants indptr and indices of one signed dtype
-        return CSRBlock(x.indptr.astype(dt, copy=False), x.indices.astype(dt, copy=False), x.data.astype(np.float32, copy=False), x.n_genes)
+        return CSRBlock(
+            x.indptr.astype(dt, copy=False),
+            x.indices.astype(dt, copy=False),
+            x.data.astype(np.float32, copy=False),
+            x.n_genes,
+        )
 
 
 def _index_dtype(indptr: np.ndarray):

@@ -31,19 +31,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import numba
 import numpy as np
 from pydantic import Field, model_validator
 
 from engine.config import Config
-from engine.errors import CellrayError, SamplerError
+from engine.errors import SamplerError
 from engine.hashing import mix64
 
 SPLIT_SALT = 0x5EED_CE11_0000_0001  # fixed: the split must not move when the shuffle seed does
-
 
 
 class SamplerConfig(Config):
@@ -239,10 +239,9 @@ class Sampler:
         if self.config.remainder == "drop":
             return (n // w) // b
         if n // w == 0:
-            raise SamplerError(
-                f"remainder='pad' with {n} cells over {w} ranks leaves a rank with no cells to pad from"
-            )
-        return -(-(-(-n // w)) // b)
+            raise SamplerError(f"remainder='pad' with {n} cells over {w} ranks leaves a rank with no cells to pad from")
+        per_rank = -(-n // w)  # ceil: padded ranks all reach the largest rank's count
+        return -(-per_rank // b)
 
     @property
     def n_buffers(self) -> int:
@@ -320,7 +319,11 @@ class Sampler:
         """Continue at the next unseen batch. Mid-epoch this needs the same plan settings and world size."""
         batches_done = int(state["batches_done"])
         if batches_done and state.get("plan") != self.fingerprint():
-            diff = {k: (v, self.fingerprint().get(k)) for k, v in state.get("plan", {}).items() if self.fingerprint().get(k) != v}
+            diff = {
+                k: (v, self.fingerprint().get(k))
+                for k, v in state.get("plan", {}).items()
+                if self.fingerprint().get(k) != v
+            }
             raise SamplerError(
                 f"loader state is mid-epoch ({batches_done} batches done) but the plan settings differ "
                 f"(saved, now): {diff}; resume with the same settings, or from an epoch boundary"

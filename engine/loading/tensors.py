@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from engine.store.format import CSRBlock
 
 
-def to_torch(batch: dict[str, Any], int_keys: Iterable[str] = (), pin: bool = False, device: Any = None) -> dict[str, Any]:
+def to_torch(
+    batch: dict[str, Any], int_keys: Iterable[str] = (), pin: bool = False, device: Any = None
+) -> dict[str, Any]:
     """Each array as a tensor without copying (a CSRBlock as a torch sparse CSR tensor); `index` and the
     `int_keys` (obs codes) as int64; pinned and moved to `device` when asked (non-blocking copies)."""
     import torch
@@ -25,7 +28,9 @@ def to_torch(batch: dict[str, Any], int_keys: Iterable[str] = (), pin: bool = Fa
             if isinstance(value, CSRBlock):
                 # torch wants signed indices and float values: raw store blocks hold unsigned ones (no-ops
                 # for the loader's batches, which are gathered as int32 / float32 already)
-                indices = value.indices if value.indices.dtype in (np.int32, np.int64) else value.indices.astype(np.int32)
+                indices = (
+                    value.indices if value.indices.dtype in (np.int32, np.int64) else value.indices.astype(np.int32)
+                )
                 data = value.data if value.data.dtype.kind == "f" else value.data.astype(np.float32)
                 t = torch.sparse_csr_tensor(
                     torch.from_numpy(value.indptr),

@@ -21,20 +21,22 @@ import math
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ClassVar
-
-from pydantic import model_validator
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import model_validator
 
-from engine.preprocess import kernels
 from engine.atomic import atomic_path, replace_atomically, temporary_sibling
 from engine.config import Config
-from engine.errors import CellrayError, StatsError
+from engine.errors import StatsError
+from engine.preprocess import kernels, stats_kernels
+from engine.preprocess.hvg import hvg_dispersion, seurat_v3_clip, seurat_v3_select
+from engine.preprocess.moments import Moments, merge_counts
 from engine.runtime import Executor, choose_local, map_tasks, ray_cpus, ray_session
 from engine.store.format import Store
 
@@ -45,7 +47,6 @@ STATS_KEY = "cellray_stats"
 STATS_VERSION = 1
 LAYERS = ("counts", "norm", "lognorm", "seurat")  # seurat: expm1(lognorm), what scanpy's seurat flavor reads
 FLAVORS = ("seurat_v3", "seurat", "cell_ranger")
-
 
 
 class StatsConfig(Config):
@@ -124,57 +125,6 @@ class GeneStats:
         return df.reset_index(drop=True)
 
 
-# ----------------------------------------------------------------------------------------------- merging
-
-
-@dataclass
-class Moments:
-    """Per (layer, group, gene) count, sum, mean and M2. M2 merges with Chan's formula; the reported mean is
-    sum / n, which for integer counts is exact and so bitwise equal to scanpy's (genes with equal totals tie
-    exactly, which seurat_v3's loess fit is sensitive to)."""
-
-    n: np.ndarray  # (groups,) int64 cells
-    sum: np.ndarray  # (layers, groups, genes) float64
-    mean: np.ndarray  # (layers, groups, genes) float64, Chan's running mean (for merging M2)
-    m2: np.ndarray  # (layers, groups, genes) float64
-
-    def merge(self, other: Moments) -> Moments:
-        na = self.n[None, :, None].astype(np.float64)
-        nb = other.n[None, :, None].astype(np.float64)
-        n = na + nb
-        safe = np.where(n > 0, n, 1)
-        delta = other.mean - self.mean
-        mean = self.mean + delta * np.where(n > 0, nb / safe, 0.0)
-        m2 = self.m2 + other.m2 + delta * delta * np.where(n > 0, na * nb / safe, 0.0)
-        return Moments(self.n + other.n, self.sum + other.sum, mean, m2)
-
-    def total(self) -> Moments:
-        """All groups merged into one (in group order)."""
-        out = self.group(0)
-        for g in range(1, len(self.n)):
-            out = out.merge(self.group(g))
-        return out
-
-    def group(self, g: int) -> Moments:
-        sl = slice(g, g + 1)
-        return Moments(self.n[sl], self.sum[:, sl], self.mean[:, sl], self.m2[:, sl])
-
-    def means(self) -> np.ndarray:
-        return self.sum / np.maximum(self.n, 1)[None, :, None]
-
-    def var(self) -> np.ndarray:
-        d = (self.n - 1).astype(np.float64)[None, :, None]
-        return np.where(d > 0, self.m2 / np.where(d > 0, d, 1), 0.0)
-
-
-def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Merge (sorted unique keys, counts) pairs into one."""
-    keys = np.concatenate([k for k, _ in parts])
-    counts = np.concatenate([c for _, c in parts])
-    u, inv = np.unique(keys, return_inverse=True)
-    return u, np.bincount(inv, weights=counts, minlength=len(u)).astype(np.int64)
-
-
 # ----------------------------------------------------------------------------------------------- Ray tasks
 
 
@@ -192,11 +142,15 @@ def _group_codes(store: Store, shard: int, start: int, stop: int, batch_key: str
         raise StatsError(f"{store.path}: obs column {batch_key!r} is not categorical; a batch key must be")
     codes = store.obs_codes(shard, batch_key)[start:stop]
     if (codes < 0).any():
-        raise StatsError(f"{store.path}/shards/{shard:05d}: obs {batch_key!r} has missing values; every cell needs a batch")
+        raise StatsError(
+            f"{store.path}/shards/{shard:05d}: obs {batch_key!r} has missing values; every cell needs a batch"
+        )
     return codes, len(cats)
 
 
-def _pass1(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, layers: np.ndarray) -> dict[str, Any]:
+def _pass1(
+    store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, layers: np.ndarray
+) -> dict[str, Any]:
     """Moments, nnz, coarse median histograms and library sizes of one block of cells."""
     store = Store.open(store_path)
     block = store.read_csr(shard, start, stop)
@@ -205,19 +159,28 @@ def _pass1(store_path: str, shard: int, start: int, stop: int, batch_key: str | 
     t32 = float(np.float32(target))
     sums = np.zeros((len(LAYERS), n_groups, G))
     nnz = np.zeros((n_groups, G), dtype=np.int64)
-    coarse = np.zeros((G, kernels.MED_COARSE), dtype=np.uint16)  # a block has < 2^16 cells
-    kernels.accumulate_moments(block.indptr, block.indices, block.data, groups, t32, layers, sums, nnz, coarse)
+    coarse = np.zeros((G, stats_kernels.MED_COARSE), dtype=np.uint16)  # a block has < 2^16 cells
+    stats_kernels.accumulate_moments(block.indptr, block.indices, block.data, groups, t32, layers, sums, nnz, coarse)
     n = np.bincount(groups, minlength=n_groups).astype(np.int64)
     mean = sums / np.maximum(n, 1)[None, :, None]
     m2 = np.zeros_like(mean)
-    kernels.accumulate_m2(block.indptr, block.indices, block.data, groups, t32, layers, mean, m2)
+    stats_kernels.accumulate_m2(block.indptr, block.indices, block.data, groups, t32, layers, mean, m2)
     m2 += (n[None, :, None] - nnz[None]) * mean * mean  # the zeros' share
     lib = kernels.library_sizes(block.indptr, block.data, np.empty(block.n_cells))
     libs = [np.unique(lib[groups == g], return_counts=True) for g in range(n_groups)]
     return {"moments": Moments(n, sums, mean, m2), "nnz": nnz, "coarse": coarse, "library": libs}
 
 
-def _pass2(store_path: str, shard: int, start: int, stop: int, batch_key: str | None, target: float, clip_val: np.ndarray | None, med_bins: np.ndarray) -> tuple:
+def _pass2(
+    store_path: str,
+    shard: int,
+    start: int,
+    stop: int,
+    batch_key: str | None,
+    target: float,
+    clip_val: np.ndarray | None,
+    med_bins: np.ndarray,
+) -> tuple:
     """Fine median histograms in each gene's selected coarse bins, and for seurat_v3 the per (group, gene) sums
     and squared sums of counts clipped at clip_val."""
     store = Store.open(store_path)
@@ -227,8 +190,20 @@ def _pass2(store_path: str, shard: int, start: int, stop: int, batch_key: str | 
     clip = clip_val if do_clip else np.zeros((1, 1))
     sums = np.zeros_like(clip)
     sq = np.zeros_like(clip)
-    fine = np.zeros((store.n_genes, 2, kernels.MED_FINE), dtype=np.uint16)
-    kernels.second_pass(block.indptr, block.indices, block.data, groups, float(np.float32(target)), do_clip, clip, sums, sq, med_bins, fine)
+    fine = np.zeros((store.n_genes, 2, stats_kernels.MED_FINE), dtype=np.uint16)
+    stats_kernels.second_pass(
+        block.indptr,
+        block.indices,
+        block.data,
+        groups,
+        float(np.float32(target)),
+        do_clip,
+        clip,
+        sums,
+        sq,
+        med_bins,
+        fine,
+    )
     return sums, sq, fine
 
 
@@ -240,128 +215,6 @@ def _blocks(store: Store, block_cells: int, n_workers: int) -> list[tuple[int, i
         for start in range(0, info.n_cells, block_cells):
             out.append((s, start, min(info.n_cells, start + block_cells)))
     return out
-
-
-# ----------------------------------------------------------------------------------------------- HVG
-
-
-def _mad(a: np.ndarray) -> float:
-    """statsmodels.robust.mad: median absolute deviation / Phi^-1(3/4)."""
-    a = np.asarray(a, dtype=np.float64)
-    if a.size == 0:
-        return np.nan
-    return float(np.median(np.abs(a - np.median(a))) / 0.6744897501960817)
-
-
-def _hvg_dispersion(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: int, n_top: int, index: pd.Index) -> pd.DataFrame:
-    """scanpy's `_highly_variable_genes_single_batch` (seurat / cell_ranger) from per-gene mean and variance."""
-    mean = mean.copy()
-    mean[mean == 0] = 1e-12
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dispersion = var / mean
-        if flavor == "seurat":
-            dispersion[dispersion == 0] = np.nan
-            dispersion = np.log(dispersion)
-            mean = np.log1p(mean)
-    df = pd.DataFrame({"means": mean, "dispersions": dispersion}, index=index)
-    if flavor == "seurat":
-        bins: Any = n_bins
-    else:
-        bins = np.r_[-np.inf, np.percentile(mean, np.arange(10, 105, 5)), np.inf]
-    df["mean_bin"] = pd.cut(df["means"], bins=bins)
-    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
-    if flavor == "seurat":
-        st = grouped.agg(avg="mean", dev="std")
-        one = st["dev"].isnull()
-        st.loc[one, "dev"] = st.loc[one, "avg"]
-        st.loc[one, "avg"] = 0
-    else:
-        st = grouped.agg(avg="median", dev=_mad)
-    st = st.loc[df["mean_bin"]].set_index(df.index)
-    df["dispersions_norm"] = (df["dispersions"] - st["avg"]) / st["dev"]
-    dn = df["dispersions_norm"].to_numpy()
-    x = dn[~np.isnan(dn)]
-    n = min(n_top, len(df), x.size)
-    cutoff = np.sort(x)[::-1][n - 1] if n > 0 else np.inf
-    df["highly_variable"] = np.nan_to_num(dn, nan=-np.inf) >= cutoff
-    return df.drop(columns="mean_bin")
-
-
-def hvg_dispersion(mom: Moments, layer: int, nnz: np.ndarray, cfg: StatsConfig, index: pd.Index) -> pd.DataFrame:
-    """seurat / cell_ranger HVG, batched as scanpy's `_highly_variable_genes_batched` when groups > 1."""
-    var, means = mom.var(), mom.means()
-    if cfg.batch_key is None:
-        tot = mom.total()
-        return _hvg_dispersion(tot.means()[layer, 0], tot.var()[layer, 0], cfg.flavor, cfg.n_bins, cfg.hvg, index)
-    dfs = []
-    for g in np.flatnonzero(mom.n > 0):
-        expressed = nnz[g] > 0
-        df = _hvg_dispersion(means[layer, g, expressed], var[layer, g, expressed], cfg.flavor, cfg.n_bins, cfg.hvg, index[expressed])
-        if (~expressed).any():
-            missing = pd.DataFrame(np.zeros(((~expressed).sum(), len(df.columns))), columns=df.columns, index=index[~expressed])
-            missing["highly_variable"] = missing["highly_variable"].astype(bool)
-            df = pd.concat([df, missing]).loc[index]
-        dfs.append(df)
-    df = pd.concat(dfs, axis=0)
-    df["highly_variable"] = df["highly_variable"].astype(int)
-    df = df.groupby(df.index, observed=True).agg(dict(means="mean", dispersions="mean", dispersions_norm="mean", highly_variable="sum"))
-    df["highly_variable_nbatches"] = df["highly_variable"]
-    df.sort_values(["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last", inplace=True)
-    df["highly_variable"] = np.arange(df.shape[0]) < cfg.hvg
-    return df.loc[index]
-
-
-def _loess_reg_std(mean: np.ndarray, var: np.ndarray, span: float) -> np.ndarray:
-    from skmisc.loess import loess
-
-    not_const = var > 0
-    est = np.zeros(len(mean), dtype=np.float64)
-    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
-    model.fit()
-    est[not_const] = model.outputs.fitted_values
-    return np.sqrt(10**est)
-
-
-def seurat_v3_clip(mom: Moments, cfg: StatsConfig, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
-    """seurat_v3, before its second pass: per batch, a loess fit of log variance on log mean gives a regularized
-    std; counts are clipped at mean + sqrt(n) * std. Returns (reg_std, clip_val), each (groups, genes)."""
-    var, means = mom.var(), mom.means()
-    reg_std = np.ones((len(mom.n), n_genes))
-    clip_val = np.zeros((len(mom.n), n_genes))
-    for g in np.flatnonzero(mom.n > 0):
-        reg_std[g] = _loess_reg_std(means[0, g], var[0, g], cfg.span)
-        clip_val[g] = reg_std[g] * np.sqrt(mom.n[g]) + means[0, g]
-    return reg_std, clip_val
-
-
-def seurat_v3_select(mom: Moments, reg_std: np.ndarray, sums: np.ndarray, sq: np.ndarray, cfg: StatsConfig, index: pd.Index) -> pd.DataFrame:
-    """seurat_v3, after its second pass: normalized variances from the clipped sums, ranks combined over batches
-    (median rank, then number of batches) exactly as scanpy does."""
-    means = mom.means()
-    norm_vars = []
-    for g in np.flatnonzero(mom.n > 0):
-        n, m = float(mom.n[g]), means[0, g]
-        norm_vars.append((1 / ((n - 1) * np.square(reg_std[g]))) * ((n * np.square(m)) + sq[g] - 2 * sums[g] * m))
-    norm_vars = np.stack(norm_vars)
-    ranked = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
-    nbatches = np.sum((ranked < cfg.hvg).astype(int), axis=0)
-    ranked[ranked >= cfg.hvg] = np.nan
-    median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
-    tot = mom.total()
-    df = pd.DataFrame(index=index)
-    df["means"] = tot.means()[0, 0]
-    df["variances"] = tot.var()[0, 0]
-    df["highly_variable_nbatches"] = nbatches
-    df["highly_variable_rank"] = median_ranked
-    df["variances_norm"] = np.mean(norm_vars, axis=0)
-    order = df[["highly_variable_rank", "highly_variable_nbatches"]].sort_values(
-        ["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last"
-    ).index
-    df["highly_variable"] = False
-    df.loc[order[: int(cfg.hvg)], "highly_variable"] = True
-    if cfg.batch_key is None:
-        df = df.drop(columns="highly_variable_nbatches")
-    return df
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -381,13 +234,13 @@ def _median_bins(coarse: np.ndarray, nnz: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _medians(fine: np.ndarray, bins: np.ndarray, rank_in_bin: np.ndarray, target: float) -> np.ndarray:
     """Median of each gene's normalized non-zeros: the centres of the fine bins holding the two middle elements,
-    averaged (numpy's median of an even count). Within kernels.MEDIAN_REL_ERROR of the exact value."""
+    averaged (numpy's median of an even count). Within stats_kernels.MEDIAN_REL_ERROR of the exact value."""
     out = np.zeros(len(bins))
     est = []
     for k in (0, 1):
         cum = np.cumsum(fine[:, k, :], axis=1)
         idx = np.minimum((cum <= rank_in_bin[:, k : k + 1]).sum(axis=1), fine.shape[2] - 1)
-        u = bins[:, k] * kernels.MED_W1 + (idx + 0.5) * kernels.MED_W2
+        u = bins[:, k] * stats_kernels.MED_W1 + (idx + 0.5) * stats_kernels.MED_W2
         est.append(target * np.exp(-u))
     seen = bins[:, 0] >= 0
     out[seen] = 0.5 * (est[0][seen] + est[1][seen])
@@ -432,15 +285,19 @@ def _library_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     }
 
 
-def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True) -> GeneStats:
+def compute_stats(
+    store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True
+) -> GeneStats:
     """Compute a store's statistics on Ray (the cluster at config.address, else an embedded one or the one
     already running), write them into the store atomically (unless `write` is False) and return them."""
     store = store if isinstance(store, Store) else Store.open(store)
     if config.batch_key is not None and config.batch_key not in store.manifest.obs_schema:
-        raise StatsError(f"{store.path}: --batch-key {config.batch_key!r} is not an obs column; columns: {list(store.manifest.obs_schema)}")
+        raise StatsError(
+            f"{store.path}: --batch-key {config.batch_key!r} is not an obs column; columns: "
+            f"{list(store.manifest.obs_schema)}"
+        )
     t0 = time.perf_counter()
     layers = np.array([True, True, True, config.hvg is not None and config.flavor == "seurat"])
-    nnz_total = sum(s.nnz for s in store.manifest.shards)
     local = choose_local(config.executor, config.address, store.x_bytes)
     with contextlib.nullcontext() if local else ray_session(config.address):
         blocks = _blocks(store, config.block_cells, 1 if local else ray_cpus())
@@ -448,7 +305,7 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
         args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, layers) for s, a, b in blocks]
         mom: Moments | None = None
         nnz = None
-        coarse = np.zeros((store.n_genes, kernels.MED_COARSE), dtype=np.int64)
+        coarse = np.zeros((store.n_genes, stats_kernels.MED_COARSE), dtype=np.int64)
         lib_parts: list[list] = []
         for r in run(_pass1, args, stage="stats pass 1"):
             mom = r["moments"] if mom is None else mom.merge(r["moments"])
@@ -474,8 +331,10 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
         v3 = config.hvg is not None and config.flavor == "seurat_v3"
         reg_std, clip_val = seurat_v3_clip(mom, config, store.n_genes) if v3 else (None, None)
         med_bins, rank_in_bin = _median_bins(coarse, genes["nnz"].to_numpy())
-        args = [(str(store.path), s, a, b, config.batch_key, config.target_sum, clip_val, med_bins) for s, a, b in blocks]
-        fine = np.zeros((store.n_genes, 2, kernels.MED_FINE), dtype=np.int64)
+        args = [
+            (str(store.path), s, a, b, config.batch_key, config.target_sum, clip_val, med_bins) for s, a, b in blocks
+        ]
+        fine = np.zeros((store.n_genes, 2, stats_kernels.MED_FINE), dtype=np.int64)
         csum = csq = 0.0
         for s1, s2, f in run(_pass2, args, stage="stats pass 2"):
             fine += f
@@ -493,11 +352,13 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
                 genes[c] = hv[c].to_numpy()
             hvg_info = {"n_top_genes": config.hvg, "flavor": config.flavor, "batch_key": config.batch_key}
 
-    lib_all = _merge_counts([p for parts in lib_parts for p in parts])
+    lib_all = merge_counts([p for parts in lib_parts for p in parts])
     library = _library_summary(*lib_all)
     if config.batch_key is not None:
         cats = store.manifest.obs_schema[config.batch_key]["categories"]
-        library["by_batch"] = {str(cats[g]): _library_summary(*_merge_counts(parts)) for g, parts in enumerate(lib_parts) if mom.n[g] > 0}
+        library["by_batch"] = {
+            str(cats[g]): _library_summary(*merge_counts(parts)) for g, parts in enumerate(lib_parts) if mom.n[g] > 0
+        }
     stats = GeneStats(
         where=str(store.path / STATS_DIR),
         n_cells=int(tot.n[0]),
@@ -505,10 +366,12 @@ def compute_stats(store: str | Path | Store, config: StatsConfig = StatsConfig()
         genes=genes,
         library=library,
         hvg=hvg_info,
-        median_rel_error=kernels.MEDIAN_REL_ERROR,
+        median_rel_error=stats_kernels.MEDIAN_REL_ERROR,
         fingerprint=_fingerprint(store),
     )
-    log.info("stats of %s: %d cells x %d genes in %.1f s", store.path, stats.n_cells, store.n_genes, time.perf_counter() - t0)
+    log.info(
+        "stats of %s: %d cells x %d genes in %.1f s", store.path, stats.n_cells, store.n_genes, time.perf_counter() - t0
+    )
     if write:
         write_stats(store, stats, config)
     return stats
@@ -554,9 +417,15 @@ def load_stats(store: str | Path | Store, required: bool = True) -> GeneStats | 
     group = zarr.open_group(str(path), mode="r")
     meta = dict(group.attrs.get(STATS_KEY) or {})
     if meta.get("version") != STATS_VERSION:
-        raise StatsError(f"{path}: attrs[{STATS_KEY!r}].version is {meta.get('version')!r}, expected {STATS_VERSION}: rerun `cellray stats`")
+        raise StatsError(
+            f"{path}: attrs[{STATS_KEY!r}].version is {meta.get('version')!r}, expected {STATS_VERSION}: rerun "
+            "`cellray stats`"
+        )
     if meta["fingerprint"] != _fingerprint(store):
-        raise StatsError(f"{path}: statistics were computed for other store contents (fingerprint {meta['fingerprint']}): rerun `cellray stats {store.path}`")
+        raise StatsError(
+            f"{path}: statistics were computed for other store contents (fingerprint {meta['fingerprint']}): rerun "
+            f"`cellray stats {store.path}`"
+        )
     genes = ad.io.read_elem(group["genes"])
     return GeneStats(
         where=str(path),

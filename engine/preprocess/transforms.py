@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.errors import TransformError
 from engine.preprocess import kernels
-from engine.errors import CellrayError, TransformError
 from engine.store.format import CSRBlock
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from engine.store.format import Store
 
 log = logging.getLogger(__name__)
-
 
 
 VALUE_STEPS = ("select_genes", "normalize_total", "log1p", "scale")
@@ -85,13 +84,18 @@ def parse_spec(spec: list) -> list[Step]:
             elif isinstance(raw, (list, tuple)):
                 raw = {"genes": list(raw)}
             else:
-                raise TransformError(f"{where}: select_genes expects 'hvg', a list of gene ids, {{genes: [...]}} or {{file: PATH}}, got {raw!r}")
+                raise TransformError(
+                    f"{where}: select_genes expects 'hvg', a list of gene ids, {{genes: [...]}} or {{file: PATH}}, "
+                    f"got {raw!r}"
+                )
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise TransformError(f"{where}: parameters of {name!r} must be a mapping, got {raw!r}")
         unknown = set(raw) - set(DEFAULTS[name])
         if unknown:
-            raise TransformError(f"{where}: {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name]) or 'none'}")
+            raise TransformError(
+                f"{where}: {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(DEFAULTS[name]) or 'none'}"
+            )
         steps.append(Step(name, {**DEFAULTS[name], **raw}))
     _check_order(steps)
     return steps
@@ -106,7 +110,10 @@ def _check_order(steps: list[Step]) -> None:
 
     def before(a: str, b: str, why: str) -> None:
         if a in pos and b in pos and pos[a] > pos[b]:
-            raise TransformError(f"transform spec: bad order, {a!r} (step {pos[a] + 1}) must come before {b!r} (step {pos[b] + 1}): {why}")
+            raise TransformError(
+                f"transform spec: bad order, {a!r} (step {pos[a] + 1}) must come before {b!r} (step {pos[b] + 1}): "
+                f"{why}"
+            )
 
     before("normalize_total", "log1p", "normalize counts, then take the log")
     for v in VALUE_STEPS:
@@ -126,16 +133,23 @@ def _check_order(steps: list[Step]) -> None:
         if "rank_tokens" in pos and bad in pos:
             raise TransformError(f"transform spec: 'rank_tokens' ranks normalized counts (Geneformer); remove {bad!r}")
     if "mask" in pos and not ({"densify", "scale"} | set(TOKENISERS)) & set(pos):
-        raise TransformError("transform spec: 'mask' needs dense values or tokens: add 'densify' or a tokeniser before it")
+        raise TransformError(
+            "transform spec: 'mask' needs dense values or tokens: add 'densify' or a tokeniser before it"
+        )
     for s in steps:
         if s.name == "normalize_total":
             t = s.params["target_sum"]
             if t is not None and not (isinstance(t, (int, float)) and t > 0):
-                raise TransformError(f"transform spec: normalize_total.target_sum must be > 0 (or null for the median library size), got {t!r}")
+                raise TransformError(
+                    "transform spec: normalize_total.target_sum must be > 0 (or null for the median library size), "
+                    f"got {t!r}"
+                )
         if s.name == "binning" and not (isinstance(s.params["n_bins"], int) and s.params["n_bins"] >= 3):
             raise TransformError(f"transform spec: binning.n_bins must be an integer >= 3, got {s.params['n_bins']!r}")
         if s.name == "rank_tokens" and not (isinstance(s.params["max_len"], int) and s.params["max_len"] >= 1):
-            raise TransformError(f"transform spec: rank_tokens.max_len must be a positive integer, got {s.params['max_len']!r}")
+            raise TransformError(
+                f"transform spec: rank_tokens.max_len must be a positive integer, got {s.params['max_len']!r}"
+            )
         if s.name == "mask" and not 0.0 <= float(s.params["fraction"]) <= 1.0:
             raise TransformError(f"transform spec: mask.fraction must be in [0, 1], got {s.params['fraction']!r}")
         if s.name == "scale":
@@ -151,7 +165,9 @@ def _need_stats(store: Store | None, why: str) -> GeneStats:
 
     stats = load_stats(store, required=False)
     if stats is None:
-        raise TransformError(f"{store.path}: {why} needs gene statistics, and the store has none: run `cellray stats {store.path}` first")
+        raise TransformError(
+            f"{store.path}: {why} needs gene statistics, and the store has none: run `cellray stats {store.path}` first"
+        )
     return stats
 
 
@@ -173,7 +189,11 @@ class Pipeline:
             kept = np.flatnonzero(self.gene_map >= 0)
             self._sort_rows = bool(np.any(np.diff(self.gene_map[kept]) < 0))
         order = [s.name for s in steps]
-        self._lib_selected = "select_genes" in names and "normalize_total" in names and order.index("select_genes") < order.index("normalize_total")
+        self._lib_selected = (
+            "select_genes" in names
+            and "normalize_total" in names
+            and order.index("select_genes") < order.index("normalize_total")
+        )
 
         self.do_norm = "normalize_total" in names
         self.target = 1.0
@@ -221,12 +241,17 @@ class Pipeline:
     def _gene_map(self, p: dict[str, Any], store: Store | None) -> tuple[np.ndarray, int]:
         """(store gene -> output column or -1, number of output columns)."""
         if store is None:
-            raise TransformError("transform spec: select_genes needs the store's gene vocabulary; build the pipeline with a store")
+            raise TransformError(
+                "transform spec: select_genes needs the store's gene vocabulary; build the pipeline with a store"
+            )
         vocab = store.gene_ids
         if p["hvg"]:
             hv = _need_stats(store, "select_genes: hvg").highly_variable
             if hv is None:
-                raise TransformError(f"{store.path}: select_genes: hvg, but the statistics hold no highly variable genes: run `cellray stats {store.path} --hvg N`")
+                raise TransformError(
+                    f"{store.path}: select_genes: hvg, but the statistics hold no highly variable genes: run "
+                    f"`cellray stats {store.path} --hvg N`"
+                )
             keep = np.flatnonzero(hv)
             gmap = np.full(len(vocab), -1, dtype=np.int64)
             gmap[keep] = np.arange(len(keep))
@@ -247,9 +272,17 @@ class Pipeline:
         pos = vocab.get_indexer(genes)
         missing = int((pos < 0).sum())
         if missing == len(genes):
-            raise TransformError(f"{where}: none of the {len(genes)} genes is in the vocabulary of {store.path} (e.g. {genes[:3]})")
+            raise TransformError(
+                f"{where}: none of the {len(genes)} genes is in the vocabulary of {store.path} (e.g. {genes[:3]})"
+            )
         if missing:
-            log.warning("%s: %d of %d genes are not in the vocabulary of %s; they stay zero", where, missing, len(genes), store.path)
+            log.warning(
+                "%s: %d of %d genes are not in the vocabulary of %s; they stay zero",
+                where,
+                missing,
+                len(genes),
+                store.path,
+            )
         gmap = np.full(len(vocab), -1, dtype=np.int64)
         gmap[pos[pos >= 0]] = np.flatnonzero(pos >= 0)
         return gmap, len(genes)
@@ -263,19 +296,30 @@ class Pipeline:
         out[self.gene_map[kept]] = per_store_gene[kept]
         return out
 
-    def _scale_moments(self, store: Store | None, order: list[str], names: dict[str, Step]) -> tuple[np.ndarray, np.ndarray]:
+    def _scale_moments(
+        self, store: Store | None, order: list[str], names: dict[str, Step]
+    ) -> tuple[np.ndarray, np.ndarray]:
         stats = _need_stats(store, "scale (gene means and variances)")
         before = [n for n in order[: order.index("scale")] if n != "select_genes"]
         if self._lib_selected:
-            raise TransformError("transform spec: scale after select_genes -> normalize_total needs statistics of that normalization, which `cellray stats` does not compute; put select_genes after normalize_total")
+            raise TransformError(
+                "transform spec: scale after select_genes -> normalize_total needs statistics of that normalization, "
+                "which `cellray stats` does not compute; put select_genes after normalize_total"
+            )
         if before == []:
             layer = "counts"
         elif before in (["normalize_total"], ["normalize_total", "log1p"]):
             if float(np.float32(stats.target_sum)) != self.target:
-                raise TransformError(f"{stats.where}: statistics were computed with target_sum {stats.target_sum}, the spec normalizes to {self.target}: run `cellray stats --target-sum {self.target:g}`")
+                raise TransformError(
+                    f"{stats.where}: statistics were computed with target_sum {stats.target_sum}, the spec "
+                    f"normalizes to {self.target}: run `cellray stats --target-sum {self.target:g}`"
+                )
             layer = "norm" if before == ["normalize_total"] else "lognorm"
         else:
-            raise TransformError(f"transform spec: scale after {before} has no matching statistics (counts, normalized, or log-normalized)")
+            raise TransformError(
+                f"transform spec: scale after {before} has no matching statistics (counts, normalized, or "
+                "log-normalized)"
+            )
         mean, var = stats.moments(layer)
         std = np.sqrt(var)
         std[std == 0] = 1.0
@@ -285,18 +329,25 @@ class Pipeline:
 
     # -- running
 
-    def __call__(self, block: CSRBlock, cell_index: np.ndarray, out: np.ndarray | None = None) -> dict[str, np.ndarray | CSRBlock]:
+    def __call__(
+        self, block: CSRBlock, cell_index: np.ndarray, out: np.ndarray | None = None
+    ) -> dict[str, np.ndarray | CSRBlock]:
         """Transform one batch. `out`: an optional reusable float32 (n_cells, n_genes_out) buffer for the dense X
         (saves the page faults of a fresh array; the caller must not still hold the previous batch in it)."""
         if self._n_in is None:
             self._n_in = self._n_out = block.n_genes
         if block.n_genes != self._n_in:
-            raise TransformError(f"{self._where}: batch has {block.n_genes} genes, the pipeline was built for {self._n_in}")
+            raise TransformError(
+                f"{self._where}: batch has {block.n_genes} genes, the pipeline was built for {self._n_in}"
+            )
         cell_index = np.asarray(cell_index, dtype=np.int64)
         if len(cell_index) != block.n_cells:
             raise TransformError(f"{self._where}: cell_index has {len(cell_index)} entries for {block.n_cells} cells")
         if self.do_log and block.data.dtype.kind == "f" and kernels.any_negative(block.data):
-            raise TransformError(f"{self._where}: log1p on a batch with negative values (cells {cell_index[0]}..{cell_index[-1]}): counts must be >= 0")
+            raise TransformError(
+                f"{self._where}: log1p on a batch with negative values (cells {cell_index[0]}..{cell_index[-1]}): "
+                "counts must be >= 0"
+            )
         has_map = self.gene_map is not None
         gmap = self.gene_map if has_map else np.zeros(1, dtype=np.int64)
         n = block.n_cells
@@ -304,9 +355,13 @@ class Pipeline:
         if self.dense:
             fresh = out is None
             if fresh:
-                X = np.zeros((n, self.n_genes_out), dtype=np.float32)  # fresh zero pages: the kernel skips clearing rows
+                X = np.zeros(
+                    (n, self.n_genes_out), dtype=np.float32
+                )  # fresh zero pages: the kernel skips clearing rows
             elif out.shape != (n, self.n_genes_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
-                raise TransformError(f"out buffer: expected C-contiguous float32 {(n, self.n_genes_out)}, got {out.dtype} {out.shape}")
+                raise TransformError(
+                    f"out buffer: expected C-contiguous float32 {(n, self.n_genes_out)}, got {out.dtype} {out.shape}"
+                )
             else:
                 X = out
             kernels.transform_dense(
@@ -333,7 +388,9 @@ class Pipeline:
         if self.binning is not None:
             p = self.binning.params
             res["values"] = kernels.bin_values(res["X"], int(p["n_bins"]), np.empty(res["X"].shape, dtype=np.int64))
-            res["genes"] = np.broadcast_to(np.arange(self.n_genes_out, dtype=np.int64) + int(p["offset"]), res["values"].shape).copy()
+            res["genes"] = np.broadcast_to(
+                np.arange(self.n_genes_out, dtype=np.int64) + int(p["offset"]), res["values"].shape
+            ).copy()
             lengths = np.full(n, self.n_genes_out, dtype=np.int64)
         elif self.rank is not None:
             p = self.rank.params
@@ -342,12 +399,16 @@ class Pipeline:
             genes = np.empty((n, L), dtype=np.int64)
             values = np.empty((n, L), dtype=np.float32)
             lengths = np.empty(n, dtype=np.int64)
-            kernels.rank_tokens(x.indptr, x.indices, x.data, self.medians, L, int(p["offset"]), int(p["pad_id"]), genes, values, lengths)
+            kernels.rank_tokens(
+                x.indptr, x.indices, x.data, self.medians, L, int(p["offset"]), int(p["pad_id"]), genes, values, lengths
+            )
             res.update(genes=genes, values=values, lengths=lengths)
         else:
             lengths = np.full(n, self.n_genes_out, dtype=np.int64)
         if self.mask is not None:
             width = res["genes"].shape[1] if "genes" in res else self.n_genes_out
             p = self.mask.params
-            res["mask"] = kernels.random_mask(cell_index, lengths, float(p["fraction"]), int(p["seed"]), np.empty((n, width), dtype=np.bool_))
+            res["mask"] = kernels.random_mask(
+                cell_index, lengths, float(p["fraction"]), int(p["seed"]), np.empty((n, width), dtype=np.bool_)
+            )
         return res

@@ -83,7 +83,9 @@ def gather_rows_dense(src: CSRRows, rows: np.ndarray, n_genes: int, buffers=None
         out, fresh = np.zeros((len(rows), n_genes), dtype=np.float32), True
     else:
         out, fresh = buffers.get((len(rows), n_genes))
-    _rows_dense(src.indices, src.data, src.row_start, src.row_len, np.ascontiguousarray(rows, dtype=np.int64), out, not fresh)
+    _rows_dense(
+        src.indices, src.data, src.row_start, src.row_len, np.ascontiguousarray(rows, dtype=np.int64), out, not fresh
+    )
     return out
 
 

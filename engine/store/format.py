@@ -21,15 +21,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import uuid
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -223,7 +222,9 @@ class Store:
             raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
         raw = root.attrs.get(MANIFEST_KEY)
         if raw is None:
-            raise StoreError(f"{path}: no '{MANIFEST_KEY}' manifest in the root attributes (not a cellray store, or incomplete)")
+            raise StoreError(
+                f"{path}: no '{MANIFEST_KEY}' manifest in the root attributes (not a cellray store, or incomplete)"
+            )
         return cls(path, Manifest.from_dict(dict(raw), where=f"{path}: manifest"), root)
 
     def __repr__(self) -> str:
@@ -290,7 +291,9 @@ class Store:
         indptr = self.shard_indptr(shard)
         stop = len(indptr) - 1 if stop is None else stop
         if not 0 <= start <= stop <= len(indptr) - 1:
-            raise IndexError(f"{self.path}/shards/{shard:05d}: cell range [{start}, {stop}) outside [0, {len(indptr) - 1})")
+            raise IndexError(
+                f"{self.path}/shards/{shard:05d}: cell range [{start}, {stop}) outside [0, {len(indptr) - 1})"
+            )
         lo, hi = int(indptr[start]), int(indptr[stop])
         x = self.shard_x(shard)
         return CSRBlock(

@@ -19,11 +19,10 @@ import logging
 import os
 import pickle
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -33,9 +32,9 @@ from pydantic import Field
 from engine.atomic import replace_atomically, temporary_sibling
 from engine.config import Config
 from engine.errors import InputError
+from engine.progress import Progress, silent
 from engine.runtime import Executor, choose_local, map_tasks, ray_session
 from engine.store.csr import gather_csr
-from engine.store.permutation import FeistelPermutation
 from engine.store.format import (
     DEFAULT_CHUNK_ELEMENTS,
     Codec,
@@ -46,10 +45,10 @@ from engine.store.format import (
     write_root,
     write_shard,
 )
+from engine.store.permutation import FeistelPermutation
+from engine.store.sources import Source, build_vocabulary, check_source
 
 log = logging.getLogger(__name__)
-
-SYMBOL_COLUMNS = ("gene_symbols", "feature_name", "gene_symbol", "symbol", "gene_name")
 
 
 class IngestConfig(Config):
@@ -73,129 +72,6 @@ class IngestConfig(Config):
     executor: Executor = "auto"
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-
-
-class Source:
-    """One input file: its obs/var in memory, its count matrix read lazily by row range."""
-
-    def __init__(self, path: Path, layer: str | None, annotations: bool = True):
-        """`annotations=False` (the scatter tasks) opens the count matrix only: obs and var are read once, by
-        the driver, not again by every task."""
-        import anndata as ad
-
-        self.path = path
-        self.field = "X" if layer is None else f"layers/{layer}"
-        self._file = self._open(path)
-        if annotations:
-            try:
-                self.obs = ad.io.read_elem(self._file["obs"])
-                self.var = ad.io.read_elem(self._file["var"])
-            except Exception:  # pre-0.7 h5ad (structured arrays): let anndata convert it
-                backed = ad.read_h5ad(path, backed="r")
-                self.obs, self.var = backed.obs, backed.var
-                backed.file.close()
-            self.n_obs = len(self.obs)
-        if self.field not in self._file:
-            have = list(self._file["layers"].keys()) if "layers" in self._file else []
-            raise InputError(f"{path}: field '{self.field}' not found (layers present: {have})")
-        self._element = self._file[self.field]
-
-    @staticmethod
-    def _open(path: Path):
-        if not path.exists():
-            raise InputError(f"{path}: no such file")
-        try:
-            if path.suffix == ".h5ad" or path.is_file():
-                import h5py
-
-                return h5py.File(path, "r")
-            import zarr
-
-            return zarr.open_group(str(path), mode="r")
-        except Exception as e:
-            raise InputError(f"{path}: cannot be read as .h5ad or AnnData .zarr (truncated or corrupt?): {e}") from e
-
-    @property
-    def nnz_estimate(self) -> int:
-        """Stored values of a sparse matrix; every entry of a dense one."""
-        if hasattr(self._element, "keys"):
-            return int(self._element["data"].shape[0])
-        return int(np.prod(self._element.shape))
-
-    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        import anndata as ad
-
-        try:
-            if hasattr(self._element, "keys"):  # sparse group (csr or csc)
-                block = ad.io.sparse_dataset(self._element)[start:stop]
-            else:  # dense array
-                block = np.asarray(self._element[start:stop])
-        except Exception as e:
-            raise InputError(f"{self.path}: field '{self.field}' rows [{start}, {stop}) could not be read: {e}") from e
-        return sp.csr_matrix(block)
-
-    def close(self) -> None:
-        if hasattr(self._file, "close"):
-            self._file.close()
-
-
-def gene_symbols(var: pd.DataFrame) -> pd.Series:
-    for c in SYMBOL_COLUMNS:
-        if c in var.columns:
-            return var[c].astype(str)
-    return pd.Series(var.index.astype(str), index=var.index)
-
-
-def build_vocabulary(sources: list[Source], vocab: str) -> pd.DataFrame:
-    """The store's var: index = gene ids, column gene_symbols."""
-    if vocab in ("union", "intersection"):
-        ids = pd.Index(sources[0].var.index.astype(str))
-        for s in sources[1:]:
-            other = pd.Index(s.var.index.astype(str))
-            ids = ids.append(other.difference(ids, sort=False)) if vocab == "union" else ids.intersection(other, sort=False)
-        if len(ids) == 0:
-            raise InputError(f"inputs {[str(s.path) for s in sources]}: the intersection of their var indexes is empty")
-    else:
-        path = Path(vocab)
-        if not path.exists():
-            raise InputError(f"{path}: vocabulary file not found (expected 'union', 'intersection' or a file of gene ids)")
-        if path.suffix in (".csv", ".tsv"):
-            ids = pd.Index(pd.read_csv(path, sep="," if path.suffix == ".csv" else "\t").iloc[:, 0].astype(str))
-        else:
-            ids = pd.Index([line.strip() for line in path.read_text().splitlines() if line.strip()])
-        if ids.has_duplicates:
-            raise InputError(f"{path}: vocabulary has duplicate gene ids, e.g. {list(ids[ids.duplicated()][:5])}")
-    symbols = pd.Series(ids, index=ids, dtype=object)
-    for s in reversed(sources):
-        sym = gene_symbols(s.var)
-        sym.index = sym.index.astype(str)
-        common = ids.intersection(sym.index)
-        symbols.loc[common] = sym.loc[common].values
-    return pd.DataFrame({"gene_symbols": symbols.astype(str).values}, index=pd.Index(ids, name=None))
-
-
-def check_source(source: Source, vocabulary: pd.Index, obs_keys: Sequence[str]) -> np.ndarray:
-    """Validate one input's vocabulary and obs; return its gene map (input column -> store gene, -1 = dropped)."""
-    var_ids = pd.Index(source.var.index.astype(str))
-    if var_ids.has_duplicates:
-        dups = list(var_ids[var_ids.duplicated()].unique()[:5])
-        raise InputError(f"{source.path}: var index has duplicate gene ids, e.g. {dups}: gene ids must be unique")
-    if pd.Index(source.obs.index).has_duplicates:
-        dups = list(source.obs.index[source.obs.index.duplicated()][:5])
-        raise InputError(f"{source.path}: obs index has duplicate cell names, e.g. {dups}: cell names must be unique")
-    gene_map = vocabulary.get_indexer(var_ids)
-    if (gene_map < 0).all():
-        raise InputError(
-            f"{source.path}: none of its {len(var_ids)} var ids (e.g. {list(var_ids[:3])}) is in the store vocabulary"
-            f" (e.g. {list(vocabulary[:3])})"
-        )
-    for key in obs_keys:
-        if key in ("dataset", "obs_name"):
-            raise InputError(f"--obs {key}: this column is added by cellray itself; drop it from --obs")
-    return gene_map.astype(np.int64)
-
-
 # ------------------------------------------------------------------------------------------------ pass 1
 
 
@@ -214,7 +90,8 @@ def validate_counts(block: sp.csr_matrix, source: str, fld: str, row0: int, allo
         if frac.any():
             row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(frac)[0], side="right") - 1)
             raise InputError(
-                f"{source}: field '{fld}' has non-integer values (first at row {row}, e.g. {data[frac][0]:g}): raw integer"
+                f"{source}: field '{fld}' has non-integer values (first at row {row}, e.g. {data[frac][0]:g}): raw "
+                "integer"
                 " counts expected (choose a counts layer with --layer, or pass --allow-non-integer)"
             )
 
@@ -335,8 +212,14 @@ def write_bucket(
     import zarr
 
     # load the gather kernel for these dtypes first, so the sampler measures data, not the JIT's one-time cost
-    gather_csr(np.zeros(1, np.int64), np.empty(0, np.uint32), np.empty(0, np.float32), np.empty(0, np.int64),
-               np.dtype(count_dtype), np.dtype(index_dtype))
+    gather_csr(
+        np.zeros(1, np.int64),
+        np.empty(0, np.uint32),
+        np.empty(0, np.float32),
+        np.empty(0, np.int64),
+        np.dtype(count_dtype),
+        np.dtype(index_dtype),
+    )
     rss = _peak_rss_sampler()
     bucket = Path(scatter_dir) / f"{shard_id:05d}"
     parts = []
@@ -392,9 +275,15 @@ def _obs_schema(obs_frames: list[pd.DataFrame], obs_keys: Sequence[str]) -> dict
     for col in ["dataset", *obs_keys]:
         values = [f[col] for f in obs_frames]
         present = [v for v in values if not v.isna().all()]
-        numeric = present and all(pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in present)
+        numeric = present and all(
+            pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in present
+        )
         if numeric and col != "dataset":
-            schema[col] = {"dtype": "float64" if any(v.isna().any() for v in values) or any(v.dtype.kind == "f" for v in present) else str(present[0].dtype)}
+            schema[col] = {
+                "dtype": "float64"
+                if any(v.isna().any() for v in values) or any(v.dtype.kind == "f" for v in present)
+                else str(present[0].dtype)
+            }
         else:
             cats: list[str] = []
             seen: set[str] = set()
@@ -421,13 +310,12 @@ def ingest(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     config: IngestConfig = IngestConfig(),
-    progress=None,
+    progress: Progress | None = None,
 ) -> Store:
     """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring."""
     import zarr
 
-
-    progress = progress or (lambda stage, done, total: None)
+    progress = progress or silent
     out = Path(out)
     if out.exists() and not config.overwrite:
         raise InputError(f"{out}: output already exists (pass --overwrite to replace it)")
@@ -464,7 +352,9 @@ def ingest(
     cfg = config.model_copy(update={"read_cells": read_cells})
     for s in sources:
         s.close()
-    log.info("ingest %d cells x %d genes from %d input(s) into %d shard(s)", n_total, len(gene_ids), len(sources), n_shards)
+    log.info(
+        "ingest %d cells x %d genes from %d input(s) into %d shard(s)", n_total, len(gene_ids), len(sources), n_shards
+    )
 
     executor = "local" if choose_local(config.executor, config.address, nnz_est * (4 + index_dtype.itemsize)) else "ray"
     log.info("executor: %s", executor)
@@ -479,17 +369,37 @@ def ingest(
             for i, s in enumerate(sources):
                 for a in range(0, s.n_obs, shard_cells):
                     b = min(s.n_obs, a + shard_cells)
-                    calls.append((str(s.path), config.layer, i, a, b, offset, obs_frames[i].iloc[a:b],
-                                  gene_maps[i], len(gene_ids), n_total, shard_cells, str(scatter_dir), cfg))
+                    calls.append(
+                        (
+                            str(s.path),
+                            config.layer,
+                            i,
+                            a,
+                            b,
+                            offset,
+                            obs_frames[i].iloc[a:b],
+                            gene_maps[i],
+                            len(gene_ids),
+                            n_total,
+                            shard_cells,
+                            str(scatter_dir),
+                            cfg,
+                        )
+                    )
                 offset += s.n_obs
-            results = list(map_tasks(scatter_range, calls, local=executor == "local", stage="scatter", progress=progress))
+            results = list(
+                map_tasks(scatter_range, calls, local=executor == "local", stage="scatter", progress=progress)
+            )
             integer = all(r["integer"] for r in results)
             max_value = max(r["max_value"] for r in results)
-            count_dtype = (smallest_uint(int(max_value)) if integer else np.dtype(np.float32))
+            count_dtype = smallest_uint(int(max_value)) if integer else np.dtype(np.float32)
             if count_dtype.itemsize < 2:
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
-            calls = [(str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg) for k in range(n_shards)]
+            calls = [
+                (str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg)
+                for k in range(n_shards)
+            ]
             written = list(map_tasks(write_bucket, calls, local=executor == "local", stage="write", progress=progress))
         shutil.rmtree(scatter_dir, ignore_errors=True)
         shards: list[ShardInfo] = [w["info"] for w in written]
@@ -515,7 +425,13 @@ def ingest(
         raise
     elapsed = time.perf_counter() - t0
     peak = max(r["peak_rss"] for r in results + written)
-    log.info("ingested %d cells in %.1f s (%.0f cells/s); peak task RSS growth %.0f MB", n_total, elapsed, n_total / elapsed, peak / 2**20)
+    log.info(
+        "ingested %d cells in %.1f s (%.0f cells/s); peak task RSS growth %.0f MB",
+        n_total,
+        elapsed,
+        n_total / elapsed,
+        peak / 2**20,
+    )
     store = Store.open(out)
     store.ingest_report = {"seconds": elapsed, "peak_task_rss_growth": peak, "tasks": results + written}
     return store

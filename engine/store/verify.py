@@ -40,7 +40,10 @@ def verify_store(path: str | os.PathLike, progress: Progress | None = None) -> l
             problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
             continue
         if len(indptr) != info.n_cells + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
-            problems.append(f"{where}/X/indptr: malformed (length {len(indptr)}, expected {info.n_cells + 1}, non-decreasing from 0)")
+            problems.append(
+                f"{where}/X/indptr: malformed (length {len(indptr)}, expected {info.n_cells + 1}, non-decreasing "
+                "from 0)"
+            )
         elif indptr[-1] != info.nnz or len(data) != info.nnz or len(indices) != info.nnz:
             problems.append(f"{where}/X: {len(data)} non-zeros, manifest says {info.nnz}")
         elif len(indices) and int(indices.max()) >= m.n_genes:

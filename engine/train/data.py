@@ -32,10 +32,14 @@ def open_run_data(config: PretrainConfig) -> RunData:
     schema = store.manifest.obs_schema
     missing = [k for k in config.data.obs_keys if k not in schema]
     if missing:
-        raise SpecError(f"{config.where('data.obs_keys')}: the store has no obs column(s) {missing}; it has {list(schema)}")
+        raise SpecError(
+            f"{config.where('data.obs_keys')}: the store has no obs column(s) {missing}; it has {list(schema)}"
+        )
     for key in config.model.obs_keys():
         if key not in config.data.obs_keys:
-            raise SpecError(f"{config.where('model.config')}: the model reads obs column {key!r}: list it in data.obs_keys too")
+            raise SpecError(
+                f"{config.where('model.config')}: the model reads obs column {key!r}: list it in data.obs_keys too"
+            )
     pipeline = build_pipeline(config, store)
     return RunData(store=store, pipeline=pipeline, model_config=resolve_model_config(config, store, pipeline))
 
@@ -63,7 +67,9 @@ def data_summary(store: Store, pipeline: Pipeline | None) -> models.DataSummary:
     elif pipeline is not None and pipeline.rank is not None:
         tokeniser, offset = "rank", int(pipeline.rank.params["offset"])
     width = pipeline.n_genes_out if pipeline is not None else store.n_genes
-    return models.DataSummary(n_genes=width, obs_categories=categories, tokeniser=tokeniser, n_bins=n_bins, token_offset=offset)
+    return models.DataSummary(
+        n_genes=width, obs_categories=categories, tokeniser=tokeniser, n_bins=n_bins, token_offset=offset
+    )
 
 
 def resolve_model_config(config: PretrainConfig, store: Store, pipeline: Pipeline | None) -> dict[str, Any]:

@@ -37,7 +37,9 @@ class StepTrace:
 
     def final(self, model: torch.nn.Module) -> None:
         if self.dir:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / f"final-rank{self.rank}.pt")
+            torch.save(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dir / f"final-rank{self.rank}.pt"
+            )
 
 
 class FaultDrill:

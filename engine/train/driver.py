@@ -78,14 +78,17 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
         storage_path, name = config.train.output.rstrip("/").rsplit("/", 1)
         output = Path("runs", name).resolve()  # this machine keeps metrics.jsonl and loss.png
         if r.workers == 0:
-            raise TrainError(f"{config.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder")
+            raise TrainError(
+                f"{config.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder"
+            )
     else:
         output = Path(config.train.output).resolve()
         storage_path, name = str(output.parent), output.name
     output.mkdir(parents=True, exist_ok=True)
     if config.debug.trace_dir:
-        config = config.model_copy(update={"debug": config.debug.model_copy(
-            update={"trace_dir": str(Path(config.debug.trace_dir).resolve())})})
+        config = config.model_copy(
+            update={"debug": config.debug.model_copy(update={"trace_dir": str(Path(config.debug.trace_dir).resolve())})}
+        )
     with ray_session(address):
         check_resources(config)
         run_log = ray.remote(RunLog).options(num_cpus=0).remote()
@@ -105,7 +108,9 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
             train_loop_per_worker,
             train_loop_config=ctx,
             scaling_config=ScalingConfig(
-                num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker if r.workers else None
+                num_workers=r.workers,
+                use_gpu=r.gpus_per_worker > 0,
+                resources_per_worker=per_worker if r.workers else None,
             ),
             run_config=RunConfig(
                 name=name,
@@ -154,7 +159,10 @@ def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: in
         progress("train", int(m["step"]), total)
         log.info(
             "step %d/%d  loss %.4f  %s%.0f cells/s  data-wait %.0f%%",
-            m["step"], total, m["loss"],
+            m["step"],
+            total,
+            m["loss"],
             f"val {m['val_loss']:.4f}  " if "val_loss" in m else "",
-            m.get("cells_per_s", 0.0), 100 * m.get("data_wait_frac", 0.0),
+            m.get("cells_per_s", 0.0),
+            100 * m.get("data_wait_frac", 0.0),
         )

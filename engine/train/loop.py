@@ -62,7 +62,8 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, fused=device.type == "cuda",
+        lr=t.lr,
+        fused=device.type == "cuda",
     )
 
     # data: this rank's slice of every epoch; validation is small, so it reads with threads
@@ -85,10 +86,17 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     torch.manual_seed(t.seed * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
     state = TrainState(model, optimizer, scheduler, loader)
     checkpointer = Checkpointer(
-        ctx.output, rank=rank, world_size=world, keep=t.keep_checkpoints,
-        local_mode=ctx.local_mode, output_is_local=ctx.output_is_local,
-        meta={"job": cfg.name, "model": {"name": cfg.model.name, "config": ctx.model_config},
-              "data": cfg.data.model_dump(mode="json")},
+        ctx.output,
+        rank=rank,
+        world_size=world,
+        keep=t.keep_checkpoints,
+        local_mode=ctx.local_mode,
+        output_is_local=ctx.output_is_local,
+        meta={
+            "job": cfg.name,
+            "model": {"name": cfg.model.name, "config": ctx.model_config},
+            "data": cfg.data.model_dump(mode="json"),
+        },
     )
     resumed_in_epoch = False
     if checkpointer.restore(state):
@@ -179,8 +187,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def _report(ctx: LoopContext, rank: int, metrics: dict[str, Any], checkpointer: Checkpointer | None,
-            state: TrainState) -> None:
+def _report(
+    ctx: LoopContext, rank: int, metrics: dict[str, Any], checkpointer: Checkpointer | None, state: TrainState
+) -> None:
     """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints, a checkpoint to Ray Train.
     report() is a barrier the controller drains every few seconds, so it is called at checkpoints only."""
     if rank == 0:

@@ -30,7 +30,9 @@ def allreduce_sum(values: list[float], world: int) -> torch.Tensor:
 
     stats = torch.tensor(values, dtype=torch.float64)
     if world > 1 and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         stats = stats.to(device)
         dist.all_reduce(stats)
         stats = stats.cpu()

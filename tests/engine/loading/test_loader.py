@@ -193,7 +193,9 @@ def test_shuffle_mixes_datasets_as_well_as_a_full_random_shuffle(unshuffled_stor
     first = store.read_obs(0, ["dataset"])["dataset"]
     assert first.nunique() == 1  # the store really is in input order
     ideal = random_expectation(store, "dataset", 64)
-    got = distinct_per_batch(Loader(store, 64, mode="local", obs_keys=("dataset",), block_size=16, buffer_blocks=8), "dataset")
+    got = distinct_per_batch(
+        Loader(store, 64, mode="local", obs_keys=("dataset",), block_size=16, buffer_blocks=8), "dataset"
+    )
     assert got >= 0.93 * ideal, (got, ideal)
     # an ingest-shuffled store with the default block and buffer sizes
     shuffled = Store.open(tiny_store)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.errors import StoreError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import ArrayReader, StoreBlocks
-from engine.store.csr import gather_csr, gather_dense
-from engine.errors import StoreError
 from engine.loading.readers import BufferReader, make_reader_actor
 from engine.loading.sampler import Sampler, SamplerConfig
+from engine.store.csr import gather_csr, gather_dense
 from engine.store.format import Store
 
 
@@ -51,7 +51,11 @@ def test_direct_reads_equal_zarr_python(chunky_store):
     # a whole shard equals Store.read_csr
     block = store.read_csr(1)
     indptr, indices, data = direct.read(np.array([[1, 0, store.manifest.shards[1].n_cells]]))
-    assert np.array_equal(indptr, block.indptr) and np.array_equal(indices, block.indices) and np.array_equal(data, block.data)
+    assert (
+        np.array_equal(indptr, block.indptr)
+        and np.array_equal(indices, block.indices)
+        and np.array_equal(data, block.data)
+    )
     assert x["data"].shape[0] == store.manifest.shards[0].nnz
 
 

@@ -12,8 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from engine.errors import CellrayError
-from engine.errors import SamplerError
+from engine.errors import CellrayError, SamplerError
 from engine.loading.sampler import Sampler, SamplerConfig, split_mask
 
 SHARDS = [401, 333, 97, 652]  # odd sizes, 1,483 cells
@@ -80,7 +79,9 @@ def test_same_settings_same_plan_and_epochs_differ():
     e0a, e0b, e1 = expand(a, 0)[0], expand(b, 0)[0], expand(a, 1)[0]
     assert all(np.array_equal(x, y) for x, y in zip(e0a, e0b))
     assert not np.array_equal(np.concatenate(e0a), np.concatenate(e1))
-    other_seed = expand(Sampler(SHARDS, SamplerConfig(batch_size=40, block_size=30, buffer_blocks=4, seed=4), 1, 2), 0)[0]
+    other_seed = expand(Sampler(SHARDS, SamplerConfig(batch_size=40, block_size=30, buffer_blocks=4, seed=4), 1, 2), 0)[
+        0
+    ]
     assert not np.array_equal(np.concatenate(e0a), np.concatenate(other_seed))
     # the block order crosses shards: consecutive blocks of a rank's stream come from several shards
     shards = [seg[0] for p in a.plan(0) for seg in p.segments]

@@ -41,7 +41,9 @@ def dense(X, gene_map=None, n_out=None, norm=True, target=1e4, log=True, lib_sel
     gmap = gene_map if has_map else np.zeros(1, dtype=np.int64)
     out = np.empty((shape[0], n_out), dtype=np.float32) if out is None else out
     z = np.zeros(0)
-    return kernels.transform_dense(X.indptr, X.indices, X.data, gmap, has_map, lib_selected, norm, target, log, False, z, z, 0.0, True, out)
+    return kernels.transform_dense(
+        X.indptr, X.indices, X.data, gmap, has_map, lib_selected, norm, target, log, False, z, z, 0.0, True, out
+    )
 
 
 @pytest.mark.parametrize("idx_dtype", [np.uint16, np.uint32])
@@ -52,7 +54,7 @@ def test_store_dtypes_give_identical_results(counts, idx_dtype, data_dtype):
     assert X.indices.dtype == idx_dtype and X.data.dtype == data_dtype
     np.testing.assert_array_equal(dense(X), ref)
     lib = counts.sum(axis=1).A1
-    expected = np.log1p((counts.toarray() / lib[:, None] * 1e4)).astype(np.float32)
+    expected = np.log1p(counts.toarray() / lib[:, None] * 1e4).astype(np.float32)
     np.testing.assert_allclose(ref, expected, rtol=2e-6, atol=2e-6)
 
 
@@ -71,7 +73,9 @@ def test_gene_map_reorders_drops_and_sorts_csr(counts):
     indptr = np.concatenate([[0], np.cumsum(kept)])
     indices = np.empty(indptr[-1], dtype=np.uint16)
     data = np.empty(indptr[-1], dtype=np.float32)
-    kernels.transform_csr(counts.indptr, counts.indices, counts.data, gene_map, True, True, False, True, 1e4, True, indptr, indices, data)
+    kernels.transform_csr(
+        counts.indptr, counts.indices, counts.data, gene_map, True, True, False, True, 1e4, True, indptr, indices, data
+    )
     out = sp.csr_matrix((data, indices, indptr), shape=(counts.shape[0], n_out))
     assert out.has_sorted_indices
     np.testing.assert_array_equal(out.toarray(), expected)
@@ -137,7 +141,13 @@ def test_rank_tokens_match_numpy_reference(counts):
 
 
 def mask_for(cell_ids, lengths, width, fraction=0.3, seed=7):
-    return kernels.random_mask(np.asarray(cell_ids, np.int64), np.asarray(lengths, np.int64), fraction, seed, np.empty((len(cell_ids), width), dtype=np.bool_))
+    return kernels.random_mask(
+        np.asarray(cell_ids, np.int64),
+        np.asarray(lengths, np.int64),
+        fraction,
+        seed,
+        np.empty((len(cell_ids), width), dtype=np.bool_),
+    )
 
 
 def test_mask_is_deterministic_per_seed_and_cell_in_any_process():
@@ -150,10 +160,13 @@ def test_mask_is_deterministic_per_seed_and_cell_in_any_process():
     assert not np.array_equal(mask_for(ids, [50] * 4, 50, seed=8), m)  # another seed, another mask
     code = (
         "import numpy as np; from engine.preprocess import kernels; "
-        "m = kernels.random_mask(np.array([5, 17, 123456789012, 3]), np.array([50, 50, 50, 20]), 0.3, 7, np.empty((4, 50), dtype=np.bool_)); "
+        "m = kernels.random_mask(np.array([5, 17, 123456789012, 3]), np.array([50, 50, 50, 20]), 0.3, 7, "
+        "np.empty((4, 50), dtype=np.bool_)); "
         "print(''.join('1' if b else '0' for b in m.ravel()))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "".join("1" if b else "0" for b in m.ravel())
 
 
@@ -164,10 +177,13 @@ def test_compiled_kernels_are_cached_for_new_processes(counts):
         "X = sp.random(5, 7, density=0.5, format='csr', dtype=np.float32, random_state=0)\n"
         f"X.indices = X.indices.astype(np.{counts.indices.dtype}); X.data = X.data.astype(np.{counts.data.dtype})\n"
         "z = np.zeros(0)\n"
-        "kernels.transform_dense(X.indptr, X.indices, X.data, np.zeros(1, np.int64), False, False, True, 1e4, True, False, z, z, 0.0, True, np.empty((5, 7), np.float32))\n"
+        "kernels.transform_dense(X.indptr, X.indices, X.data, np.zeros(1, np.int64), False, False, True, 1e4, True, "
+        "False, z, z, 0.0, True, np.empty((5, 7), np.float32))\n"
         "s = kernels.transform_dense.stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["1", "0"], f"cache hits, misses in a new process: {out}"
 
 

@@ -10,10 +10,10 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from engine.store.ingest import IngestConfig, ingest
 from engine.errors import StatsError
 from engine.preprocess.stats import StatsConfig, compute_stats, load_stats
 from engine.store.format import Store
+from engine.store.ingest import IngestConfig, ingest
 from jobs.cli import main as cli
 
 
@@ -44,8 +44,11 @@ def kang_store(kang_sample, tmp_path_factory, ray_local) -> Store:
 @pytest.fixture(scope="module")
 def kang_adata(kang_store) -> ad.AnnData:
     obs = pd.concat([kang_store.read_obs(k, ["dataset"]) for k in range(kang_store.n_shards)])
-    return ad.AnnData(X=store_matrix(kang_store), obs=obs.reset_index(drop=True).set_index(obs.index.astype(str)),
-                      var=pd.DataFrame(index=kang_store.gene_ids.astype(str)))
+    return ad.AnnData(
+        X=store_matrix(kang_store),
+        obs=obs.reset_index(drop=True).set_index(obs.index.astype(str)),
+        var=pd.DataFrame(index=kang_store.gene_ids.astype(str)),
+    )
 
 
 def test_moments_exact_whatever_the_split(tiny_copy, tiny_h5ads, tmp_path, ray_local):
@@ -55,7 +58,9 @@ def test_moments_exact_whatever_the_split(tiny_copy, tiny_h5ads, tmp_path, ray_l
     norm = (X.astype(np.float32) / (lib / 1e4).astype(np.float32)[:, None]).astype(np.float32)
     lognorm = np.log1p(norm).astype(np.float64)
     results = []
-    other = ingest(tiny_h5ads, tmp_path / "resharded.store", IngestConfig(shard_cells=137, obs_keys=("cell_type", "batch")))
+    other = ingest(
+        tiny_h5ads, tmp_path / "resharded.store", IngestConfig(shard_cells=137, obs_keys=("cell_type", "batch"))
+    )
     assert other.n_shards != tiny_copy.n_shards
     for store, block, executor in ((tiny_copy, 100_000, "local"), (tiny_copy, 53, "ray"), (other, 1000, "ray")):
         s = compute_stats(store, StatsConfig(block_cells=block, executor=executor), write=False)
@@ -113,7 +118,9 @@ def test_hvg_gene_set_equals_scanpy(kang_store, kang_adata, flavor, batch_key):
 def test_stored_atomically_reused_and_checked(kang_store, tmp_path):
     compute_stats(kang_store, StatsConfig(hvg=100, flavor="seurat"))
     first = load_stats(kang_store)
-    assert first.hvg == {"n_top_genes": 100, "flavor": "seurat", "batch_key": None} and first.highly_variable.sum() == 100
+    assert (
+        first.hvg == {"n_top_genes": 100, "flavor": "seurat", "batch_key": None} and first.highly_variable.sum() == 100
+    )
     compute_stats(kang_store, StatsConfig(hvg=200))  # replaces the old statistics
     again = load_stats(kang_store.path)
     assert again.highly_variable.sum() == 200 and again.hvg["flavor"] == "seurat_v3"
@@ -147,12 +154,30 @@ def test_bad_input(tiny_copy, tmp_path, ray_local):
 
 def test_cli_stats_and_export(kang_store, tmp_path, capsys):
     csv = tmp_path / "genes.csv"
-    assert cli(["stats", str(kang_store.path), "--hvg", "150", "--flavor", "seurat", "--batch-key", "dataset", "--export", str(csv)]) == 0
+    assert (
+        cli(
+            [
+                "stats",
+                str(kang_store.path),
+                "--hvg",
+                "150",
+                "--flavor",
+                "seurat",
+                "--batch-key",
+                "dataset",
+                "--export",
+                str(csv),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "150 genes (seurat, batch key dataset)" in printed and "library size  median" in printed
     table = pd.read_csv(csv)
     assert list(table["gene_id"]) == list(kang_store.gene_ids.astype(str))
-    assert {"gene_id", "mean", "var", "nnz", "highly_variable", "dispersions_norm", "highly_variable_nbatches"} <= set(table.columns)
+    assert {"gene_id", "mean", "var", "nnz", "highly_variable", "dispersions_norm", "highly_variable_nbatches"} <= set(
+        table.columns
+    )
     assert table["highly_variable"].sum() == 150
     pq = tmp_path / "genes.parquet"
     assert cli(["stats", str(kang_store.path), "--hvg", "150", "--export", str(pq), "--executor", "local"]) == 0

@@ -10,12 +10,11 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from engine.errors import CellrayError
-from engine.store.ingest import IngestConfig, ingest
+from engine.errors import CellrayError, TransformError
 from engine.preprocess.stats import StatsConfig, compute_stats, load_stats
-from engine.store.format import CSRBlock, Store
-from engine.errors import TransformError
 from engine.preprocess.transforms import Pipeline, parse_spec
+from engine.store.format import CSRBlock, Store
+from engine.store.ingest import IngestConfig, ingest
 
 N_HVG = 400
 
@@ -48,7 +47,11 @@ def run(pipe: Pipeline, store: Store) -> dict:
     stacked = {}
     for key in outs[0]:
         parts = [o[key] for o in outs]
-        stacked[key] = sp.vstack([p.to_scipy() for p in parts]).tocsr() if isinstance(parts[0], CSRBlock) else np.concatenate(parts)
+        stacked[key] = (
+            sp.vstack([p.to_scipy() for p in parts]).tocsr()
+            if isinstance(parts[0], CSRBlock)
+            else np.concatenate(parts)
+        )
     return stacked
 
 
@@ -66,7 +69,9 @@ def test_normalize_log1p_sparse_and_dense_match_scanpy(kang_store, kang_adata):
     assert max_abs(out["X"], ref.X) <= 1e-5  # in fact bit for bit: same float32 operations as scanpy
     np.testing.assert_array_equal(out["X"].indptr, ref.X.indptr)
     sc.pp.log1p(ref)
-    out = run(Pipeline.from_spec([{"normalize_total": {"target_sum": 1e4}}, "log1p", "densify"], kang_store), kang_store)
+    out = run(
+        Pipeline.from_spec([{"normalize_total": {"target_sum": 1e4}}, "log1p", "densify"], kang_store), kang_store
+    )
     assert out["X"].dtype == np.float32 and out["X"].shape == kang_adata.shape
     assert max_abs(out["X"], ref.X) <= 1e-5
 
@@ -90,7 +95,10 @@ def test_scale_with_store_statistics_matches_scanpy(kang_store, kang_adata):
     assert max_abs(out["X"], ref.X) <= 1e-5
     ref = kang_adata.copy()
     sc.pp.scale(ref, zero_center=False)
-    assert max_abs(run(Pipeline.from_spec([{"scale": {"zero_center": False}}], kang_store), kang_store)["X"], ref.X) <= 1e-5
+    assert (
+        max_abs(run(Pipeline.from_spec([{"scale": {"zero_center": False}}], kang_store), kang_store)["X"], ref.X)
+        <= 1e-5
+    )
 
 
 def test_select_hvg_then_densify_matches_scanpy_subset(kang_store, kang_adata):
@@ -99,7 +107,9 @@ def test_select_hvg_then_densify_matches_scanpy_subset(kang_store, kang_adata):
     sc.pp.normalize_total(ref, target_sum=1e4)
     sc.pp.log1p(ref)
     ref = ref[:, ref.var["highly_variable"].to_numpy()]
-    pipe = Pipeline.from_spec([{"normalize_total": {"target_sum": 1e4}}, "log1p", {"select_genes": "hvg"}, "densify"], kang_store)
+    pipe = Pipeline.from_spec(
+        [{"normalize_total": {"target_sum": 1e4}}, "log1p", {"select_genes": "hvg"}, "densify"], kang_store
+    )
     assert pipe.n_genes_out == N_HVG
     assert max_abs(run(pipe, kang_store)["X"], ref.X) <= 1e-5
 
@@ -117,12 +127,19 @@ def test_select_gene_list_reorders_keeps_missing_zero_and_can_normalize_after(ka
     assert max_abs(out[:, cols], ref.X) <= 1e-5
     assert not out[:, [1, 4]].any()
     sparse = run(Pipeline.from_spec([{"select_genes": {"genes": genes}}], kang_store), kang_store)["X"]
-    assert sparse.has_sorted_indices and max_abs(sparse[:, cols], kang_adata[:, [g for g in genes if g in vocab]].X) == 0
+    assert (
+        sparse.has_sorted_indices and max_abs(sparse[:, cols], kang_adata[:, [g for g in genes if g in vocab]].X) == 0
+    )
 
 
 def test_rank_tokens_and_binning_and_mask(kang_store, kang_adata):
     stats = load_stats(kang_store)
-    out = run(Pipeline.from_spec(["normalize_total", {"rank_tokens": {"max_len": 64}}, {"mask": {"fraction": 0.15, "seed": 1}}], kang_store), kang_store)
+    out = run(
+        Pipeline.from_spec(
+            ["normalize_total", {"rank_tokens": {"max_len": 64}}, {"mask": {"fraction": 0.15, "seed": 1}}], kang_store
+        ),
+        kang_store,
+    )
     assert out["genes"].shape == (kang_adata.n_obs, 64) and out["genes"].dtype == np.int64
     X = kang_adata.X
     for i in (0, 999, 2399):  # a straightforward reference per cell: counts / library / medians, sorted descending
@@ -134,13 +151,20 @@ def test_rank_tokens_and_binning_and_mask(kang_store, kang_adata):
         np.testing.assert_array_equal(out["genes"][i, : len(order)], cols[order])
         assert (out["genes"][i, len(order) :] == -1).all() and out["lengths"][i] == len(order)
         assert out["mask"][i].sum() == int(min(64, len(cols)) * 0.15)
-    out = run(Pipeline.from_spec(["normalize_total", "log1p", {"select_genes": "hvg"}, "densify", {"binning": {"n_bins": 51}}], kang_store), kang_store)
+    out = run(
+        Pipeline.from_spec(
+            ["normalize_total", "log1p", {"select_genes": "hvg"}, "densify", {"binning": {"n_bins": 51}}], kang_store
+        ),
+        kang_store,
+    )
     assert out["values"].shape == (kang_adata.n_obs, N_HVG) and out["values"].max() == 50
     assert ((out["values"] == 0) == (out["X"] == 0)).all()
 
 
 def test_pipeline_pickles_for_ray_actors(kang_store):
-    pipe = Pipeline.from_spec(["normalize_total", "log1p", {"select_genes": "hvg"}, {"scale": {"max_value": 10}}], kang_store)
+    pipe = Pipeline.from_spec(
+        ["normalize_total", "log1p", {"select_genes": "hvg"}, {"scale": {"max_value": 10}}], kang_store
+    )
     block = kang_store.read_csr(0, 0, 50)
     clone = pickle.loads(pickle.dumps(pipe))
     np.testing.assert_array_equal(clone(block, np.arange(50))["X"], pipe(block, np.arange(50))["X"])

@@ -1,17 +1,15 @@
 """Ingest: round trip against anndata, bad inputs, bounded memory. Real h5ad/zarr files, real local Ray."""
 
-from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from engine.errors import InputError
-from engine.store.ingest import IngestConfig, ingest
 from engine.store.format import Store
+from engine.store.ingest import IngestConfig, ingest
 from engine.store.synthetic import synthetic_counts
 
 
@@ -43,7 +41,9 @@ def store_rows(store: Store):
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("vocab", ["union", "intersection"])
 def test_round_trip_every_cell_exactly_once(tmp_path, tiny_h5ads, ray_local, shuffle, vocab):
-    store = ingest(tiny_h5ads, tmp_path / "s.store", IngestConfig(shard_cells=256, shuffle=shuffle, vocab=vocab, seed=5))
+    store = ingest(
+        tiny_h5ads, tmp_path / "s.store", IngestConfig(shard_cells=256, shuffle=shuffle, vocab=vocab, seed=5)
+    )
     expected = expected_matrix(tiny_h5ads, store.gene_ids)
     X, keys = store_rows(store)
     assert len(keys) == len(set(keys)) == len(expected) == store.n_cells
@@ -76,8 +76,11 @@ def test_vocabulary_file_layer_dense_and_zarr_inputs(tmp_path, ray_local):
     b.write_h5ad(tmp_path / "b.h5ad")
     vocab = tmp_path / "genes.txt"
     vocab.write_text("\n".join(list(a.var_names[:30][::-1]) + ["ENSG_NOT_THERE"]))
-    store = ingest([tmp_path / "dense.zarr", tmp_path / "b.h5ad"], tmp_path / "s.store",
-                   IngestConfig(vocab=str(vocab), layer="counts", obs_keys=("cell_type",)))
+    store = ingest(
+        [tmp_path / "dense.zarr", tmp_path / "b.h5ad"],
+        tmp_path / "s.store",
+        IngestConfig(vocab=str(vocab), layer="counts", obs_keys=("cell_type",)),
+    )
     assert list(store.gene_ids) == vocab.read_text().split("\n")
     expected = expected_matrix([tmp_path / "dense.zarr", tmp_path / "b.h5ad"], store.gene_ids, layer="counts")
     X, keys = store_rows(store)
@@ -100,15 +103,20 @@ def test_obs_columns_missing_in_an_input_are_filled_and_categories_unified(tiny_
 
 def _write(tmp_path, name, X, var_names=None, obs_names=None):
     n, g = X.shape
-    a = ad.AnnData(X=X, obs=pd.DataFrame(index=obs_names or [f"c{i}" for i in range(n)]),
-                   var=pd.DataFrame(index=var_names or [f"G{i}" for i in range(g)]))
+    a = ad.AnnData(
+        X=X,
+        obs=pd.DataFrame(index=obs_names or [f"c{i}" for i in range(n)]),
+        var=pd.DataFrame(index=var_names or [f"G{i}" for i in range(g)]),
+    )
     p = tmp_path / name
     a.write_h5ad(p)
     return p
 
 
 def _counts(n=40, g=10, seed=0):
-    return sp.random(n, g, density=0.4, format="csr", random_state=seed, data_rvs=lambda k: np.arange(1, k + 1)).astype(np.float32)
+    return sp.random(n, g, density=0.4, format="csr", random_state=seed, data_rvs=lambda k: np.arange(1, k + 1)).astype(
+        np.float32
+    )
 
 
 def _assert_fails_cleanly(tmp_path, inputs, match, config=IngestConfig()):
@@ -138,7 +146,9 @@ def test_bad_counts_are_refused_naming_file_and_field(tmp_path, ray_local, mutat
 def test_non_integer_is_accepted_when_allowed(tmp_path, ray_local):
     X = _counts()
     X.data[:] = X.data / 3
-    store = ingest([_write(tmp_path, "norm.h5ad", X)], tmp_path / "s.store", IngestConfig(allow_non_integer=True, executor="local"))
+    store = ingest(
+        [_write(tmp_path, "norm.h5ad", X)], tmp_path / "s.store", IngestConfig(allow_non_integer=True, executor="local")
+    )
     assert store.manifest.count_dtype == "float32"
 
 
@@ -155,7 +165,9 @@ def test_no_overlap_with_vocabulary(tmp_path, ray_local):
     vocab = tmp_path / "v.txt"
     vocab.write_text("G1\nG2\n")
     _assert_fails_cleanly(tmp_path, [a, b], r"b\.h5ad: none of its 10 var ids", IngestConfig(vocab=str(vocab)))
-    _assert_fails_cleanly(tmp_path, [a, b], "intersection of their var indexes is empty", IngestConfig(vocab="intersection"))
+    _assert_fails_cleanly(
+        tmp_path, [a, b], "intersection of their var indexes is empty", IngestConfig(vocab="intersection")
+    )
 
 
 def test_zero_cell_inputs_are_skipped_with_a_warning(tmp_path, ray_local, caplog):
@@ -179,7 +191,9 @@ def test_truncated_and_unreadable_inputs(tmp_path, ray_local):
 
 def test_missing_layer_and_existing_output(tmp_path, ray_local):
     good = _write(tmp_path, "good.h5ad", _counts())
-    _assert_fails_cleanly(tmp_path, [good], r"good\.h5ad: field 'layers/counts' not found", IngestConfig(layer="counts"))
+    _assert_fails_cleanly(
+        tmp_path, [good], r"good\.h5ad: field 'layers/counts' not found", IngestConfig(layer="counts")
+    )
     out = tmp_path / "exists.store"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -14,7 +14,7 @@ def test_every_shard_is_a_plain_anndata_matching_the_manifest(tiny_store):
     store = Store.open(tiny_store)
     m = store.manifest
     assert store.n_shards >= 3 and sum(s.n_cells for s in m.shards) == m.n_cells
-    for i, info in enumerate(m.shards):
+    for info in m.shards:
         a = ad.read_zarr(tiny_store / info.path)
         assert a.shape == (info.n_cells, m.n_genes)
         assert a.X.nnz == info.nnz

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from engine.loading.loader import Loader
 from engine.errors import TrainError
+from engine.loading.loader import Loader
 from engine.train.checkpoint import latest_checkpoint, load_checkpoint
 from engine.train.config import DebugConfig
 from engine.train.driver import pretrain
@@ -19,7 +18,9 @@ from jobs.spec import parse_spec
 STEPS, EVERY, BATCH = 12, 4, 64
 
 
-def make_spec(store: Path, output: Path, model: str = "vae", config: dict | None = None, workers: int = 2, **train) -> object:
+def make_spec(
+    store: Path, output: Path, model: str = "vae", config: dict | None = None, workers: int = 2, **train
+) -> object:
     configs = {
         "vae": {"n_latent": 4, "n_hidden": 16, "dropout": 0.0, "kl_warmup_steps": 4},
         "transformer": {"max_len": 32, "d_model": 32, "n_heads": 2, "n_layers": 1},
@@ -27,18 +28,33 @@ def make_spec(store: Path, output: Path, model: str = "vae", config: dict | None
     }
     transforms = {
         "vae": [],
-        "transformer": [{"normalize_total": {"target_sum": 1e4}}, "log1p", {"binning": {"n_bins": 11}}, {"mask": {"fraction": 0.3}}],
+        "transformer": [
+            {"normalize_total": {"target_sum": 1e4}},
+            "log1p",
+            {"binning": {"n_bins": 11}},
+            {"mask": {"fraction": 0.3}},
+        ],
         "probe": [],
     }
     return parse_spec(
         {
             "kind": "pretrain",
             "name": output.name,
-            "data": {"store": str(store), "batch_size": BATCH, "transforms": transforms[model], "obs_keys": ["cell_type", "batch"]},
+            "data": {
+                "store": str(store),
+                "batch_size": BATCH,
+                "transforms": transforms[model],
+                "obs_keys": ["cell_type", "batch"],
+            },
             "model": {"name": model, "config": {**configs[model], **(config or {})}},
             "train": {
-                "max_steps": STEPS, "lr": 1e-2, "checkpoint_every": EVERY, "report_every": EVERY,
-                "output": str(output), "max_failures": 2, **train,
+                "max_steps": STEPS,
+                "lr": 1e-2,
+                "checkpoint_every": EVERY,
+                "report_every": EVERY,
+                "output": str(output),
+                "max_failures": 2,
+                **train,
             },
             "resources": {"workers": workers, "cpus_per_worker": 0.5, "readers_per_worker": 1, "cpus_per_reader": 0.5},
         }
@@ -57,7 +73,9 @@ def read_trace(trace: Path, rank: int) -> list[dict]:
 def planned_cells(store: Path, rank: int, steps: int, transforms=None) -> list[list[int]]:
     """What the plan gives `rank` for `steps` steps: the Loader itself, in-process."""
     out: list[list[int]] = []
-    with Loader(store, batch_size=BATCH, rank=rank, world_size=2, mode="local", obs_keys=("cell_type", "batch")) as loader:
+    with Loader(
+        store, batch_size=BATCH, rank=rank, world_size=2, mode="local", obs_keys=("cell_type", "batch")
+    ) as loader:
         epoch = 0
         while len(out) < steps:
             loader.set_epoch(epoch)
@@ -107,7 +125,9 @@ def test_killed_worker_resumes_from_checkpoint_exactly(vae_run, tiny_store, tmp_
     uninterrupted run ends (bit-identical on CPU: same batches, same RNG streams, same allreduce order)."""
     clean, clean_trace = vae_run
     fail_step = 7
-    result = pretrain(traced(make_spec(tiny_store, tmp_path / "run"), tmp_path / "trace", fault={"rank": 1, "step": fail_step}))
+    result = pretrain(
+        traced(make_spec(tiny_store, tmp_path / "run"), tmp_path / "trace", fault={"rank": 1, "step": fail_step})
+    )
     resumed_from = (fail_step // EVERY) * EVERY  # the last checkpoint before the failure
     for rank in (0, 1):
         seen = read_trace(tmp_path / "trace", rank)
@@ -153,7 +173,9 @@ def test_local_mode_probe_with_accumulation_validation_and_rerun(tiny_store, ray
     assert [m["step"] for m in h if "val_loss" in m] == [6, 12]
     seen = read_trace(tmp_path / "trace", 0)
     assert all(len(s["cells"]) == 2 * BATCH for s in seen), "two micro-batches per optimizer step"
-    with Loader(tiny_store, batch_size=BATCH, split="val", val_fraction=0.2, mode="local", remainder="pad") as val_loader:
+    with Loader(
+        tiny_store, batch_size=BATCH, split="val", val_fraction=0.2, mode="local", remainder="pad"
+    ) as val_loader:
         val_cells = {c for b in val_loader for c in b["index"].tolist()}
     assert val_cells and not val_cells & {c for s in seen for c in s["cells"]}, "training never reads the val split"
     assert latest_checkpoint(result.output).name == f"checkpoint_step{STEPS:09d}"
