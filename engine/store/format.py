@@ -1,4 +1,4 @@
-"""The cellray store, format v1: a zarr v3 group of AnnData shards plus a manifest.
+"""The cellray store, format v2: a zarr v3 group of AnnData shards plus a manifest.
 
 Layout (every path is plain zarr v3, readable without cellray)::
 
@@ -13,6 +13,10 @@ Layout (every path is plain zarr v3, readable without cellray)::
 X/data and X/indices are chunked along the non-zeros, so a contiguous run of cells is one or a few chunk
 reads, and grouped into zarr shards so a store shard is a handful of files. `Store.read_csr` reads a cell
 range with two array reads and no per-row indexing.
+
+Version 2 adds integrity: every chunk of X (data, indices, indptr) ends in zarr's `crc32c` codec, so every read
+checks the bytes it decodes (zarr-python does it too), and every chunk is written, even one equal to the fill
+value, so a missing chunk file is an error, never zeros. Version 1 stores are still read (without chunk checks).
 """
 
 from __future__ import annotations
@@ -33,18 +37,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from engine.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "cellray.store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: no per-chunk checksums
 MANIFEST_KEY = "cellray"
 # Elements per compressed chunk of X/data and X/indices, and chunks per file (zarr sharding).
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 DEFAULT_CHUNKS_PER_FILE = 64
+INDPTR_CHUNK = 1 << 16  # cells per chunk of X/indptr
 
 
 @dataclass(frozen=True)
@@ -96,9 +102,14 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
         if d.get("format") != FORMAT_NAME:
             raise StoreError(f"{where}: field 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise StoreError(
-                f"{where}: field 'version' is {d.get('version')!r}; this cellray reads format version {FORMAT_VERSION}"
+                f"{where}: field 'version' is {d.get('version')!r}; this cellray reads format versions "
+                f"{list(READABLE_VERSIONS)}"
+            )
+        if d["version"] < FORMAT_VERSION:
+            log.warning(
+                "%s: store format v%d has no per-chunk checksums: re-ingest for verified reads", where, d["version"]
             )
         d = dict(d)
         d["codec"] = Codec(**d["codec"])
@@ -168,17 +179,26 @@ def write_shard(
     chunk = max(1, min(chunk_elements, nnz))
     n_chunks = -(-max(nnz, 1) // chunk)
     file_elems = chunk * min(n_chunks, DEFAULT_CHUNKS_PER_FILE)
+    # every chunk written (a missing one is corruption, not fill) and checksummed (crc32c after compression)
+    integrity = {"config": {"write_empty_chunks": True}}
     for name, arr in (("data", data), ("indices", indices)):
         x.create_array(
             name,
             data=np.ascontiguousarray(arr),
             chunks=(chunk,),
             shards=(file_elems,),
-            compressors=[codec.zarr_compressor()],
+            compressors=[codec.zarr_compressor(), Crc32cCodec()],
+            **integrity,
         )
     indptr = np.asarray(indptr, dtype=np.int64)
     # chunked too, so a reader of a few blocks of a big shard does not fetch the whole indptr
-    x.create_array("indptr", data=indptr, chunks=(min(len(indptr), 1 << 16),), compressors=[ZstdCodec(level=3)])
+    x.create_array(
+        "indptr",
+        data=indptr,
+        chunks=(min(len(indptr), INDPTR_CHUNK),),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        **integrity,
+    )
     with warnings.catch_warnings():  # anndata's note on zarr autosharding concerns its own chunking, not ours
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
@@ -225,7 +245,11 @@ class Store:
             raise StoreError(
                 f"{path}: no '{MANIFEST_KEY}' manifest in the root attributes (not a cellray store, or incomplete)"
             )
-        return cls(path, Manifest.from_dict(dict(raw), where=f"{path}: manifest"), root)
+        manifest = Manifest.from_dict(dict(raw), where=f"{path}: manifest")
+        total = sum(s.n_cells for s in manifest.shards)
+        if total != manifest.n_cells:
+            raise StoreError(f"{path}: manifest n_cells is {manifest.n_cells} but its shards hold {total} cells")
+        return cls(path, manifest, root)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -275,15 +299,51 @@ class Store:
         return self.var.index
 
     # -- shards
+    def where(self, shard: int, array: str | None = None) -> str:
+        """`STORE/shards/NNNNN[/X/array]`: how errors name a place in the store."""
+        return f"{self.path}/{self.manifest.shards[shard].path}" + (f"/X/{array}" if array else "")
+
     def shard_x(self, shard: int) -> zarr.Group:
+        """The shard's X group, its arrays checked against the manifest on first use."""
         if shard not in self._x:
-            self._x[shard] = self.root[f"{self.manifest.shards[shard].path}/X"]
+            info = self.manifest.shards[shard]
+            try:
+                x = self.root[f"{info.path}/X"]
+                shapes = {name: x[name].shape[0] for name in ("indptr", "indices", "data")}
+            except (KeyError, FileNotFoundError, ValueError) as e:
+                raise StoreError(f"{self.where(shard)}/X: missing or unreadable ({type(e).__name__}: {e})") from None
+            expected = {"indptr": info.n_cells + 1, "indices": info.nnz, "data": info.nnz}
+            for name, n in shapes.items():
+                if n != expected[name]:
+                    raise StoreError(
+                        f"{self.where(shard, name)}: {n} elements, the manifest says {expected[name]} "
+                        "(the manifest and the shard disagree)"
+                    )
+            self._x[shard] = x
         return self._x[shard]
+
+    def read_array(self, shard: int, name: str, lo: int, hi: int) -> np.ndarray:
+        """Elements [lo, hi) of X/`name` of a shard through zarr-python, every chunk checked: a chunk file that
+        is missing, fails its checksum or does not decode is a StoreError naming store, shard, array and chunk."""
+        arr = self.shard_x(shard)[name]
+        per_file = arr.shards[0] if arr.shards else arr.chunks[0]
+        if self.manifest.version >= 2 and hi > lo:
+            sep = "/" if arr.metadata.chunk_key_encoding.separator == "/" else "."
+            for k in range(lo // per_file, (hi - 1) // per_file + 1):
+                if not (arr_dir := self.path / self.manifest.shards[shard].path / "X" / name / f"c{sep}{k}").exists():
+                    raise StoreError(f"{self.where(shard, name)}: chunk file {arr_dir.name} is missing")
+        try:
+            return arr[lo:hi]
+        except Exception as e:  # zarr/numcodecs raise ValueError/RuntimeError/... on bad bytes
+            first, last = lo // arr.chunks[0], max(lo, hi - 1) // arr.chunks[0]
+            raise StoreError(
+                f"{self.where(shard, name)}: chunks {first}-{last} are corrupt ({type(e).__name__}: {e})"
+            ) from None
 
     def shard_indptr(self, shard: int) -> np.ndarray:
         """The shard's whole indptr (n_cells + 1 int64), read once and cached."""
         if shard not in self._indptr:
-            self._indptr[shard] = self.shard_x(shard)["indptr"][:]
+            self._indptr[shard] = self.read_array(shard, "indptr", 0, self.manifest.shards[shard].n_cells + 1)
         return self._indptr[shard]
 
     def read_csr(self, shard: int, start: int = 0, stop: int | None = None) -> CSRBlock:
@@ -295,11 +355,10 @@ class Store:
                 f"{self.path}/shards/{shard:05d}: cell range [{start}, {stop}) outside [0, {len(indptr) - 1})"
             )
         lo, hi = int(indptr[start]), int(indptr[stop])
-        x = self.shard_x(shard)
         return CSRBlock(
             indptr=indptr[start : stop + 1] - lo,
-            indices=x["indices"][lo:hi],
-            data=x["data"][lo:hi],
+            indices=self.read_array(shard, "indices", lo, hi),
+            data=self.read_array(shard, "data", lo, hi),
             n_genes=self.n_genes,
         )
 
