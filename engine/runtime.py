@@ -34,21 +34,27 @@ def choose_local(executor: Executor, address: str | None, work_bytes: int) -> bo
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+INSECURE_ENV = "CELLRAY_INSECURE"  # set by `cellray --insecure`: accept an embedded Ray without token auth
+SESSIONS_DIR = Path.home() / ".cache" / "cellray" / "embedded-ray"  # one record per live embedded Ray
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> bool:
     """Connect to Ray unless already connected. Returns True when this call started/connected it.
 
     `address=None` starts a fresh embedded Ray (``address="local"`` never attaches to a stale cluster left in
-    /tmp/ray) with Ray's token auth on (the default for clusters ray.init starts) and the dashboard on
-    127.0.0.1. The dashboard is on by default: it also serves the state API that Ray Train's placement-group
-    cleaner polls every second. (Ray 2.60 binds its core gRPC ports on the node address and will not pin them
-    to loopback; token auth guards them.) Any other address connects there and ships this project as the
-    job's working_dir so every node imports the same engine/models/jobs.
+    /tmp/ray) with token auth set explicitly (see `secure_embedded_ray`) and the dashboard on 127.0.0.1. The
+    dashboard is on by default: it also serves the state API that Ray Train's placement-group cleaner polls every
+    second. Processes left by an embedded Ray whose cellray command was killed are stopped first. Any other
+    address connects there and ships this project as the job's working_dir so every node imports the same
+    engine/models/jobs.
     """
     import ray
 
     if ray.is_initialized():
         return False
     if address is None:
+        stop_orphaned_embedded_rays()
+        secure_embedded_ray()
         ctx = ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -58,6 +64,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
+        _record_embedded_session()
+        _restrict_token_file()
     else:
         ctx = ray.init(
             address=address,
@@ -67,6 +75,82 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     url = getattr(ctx, "dashboard_url", None)
     log.info("ray ready: %s%s", ray.cluster_resources(), f"; dashboard http://{url}" if url else "")
     return True
+
+
+def secure_embedded_ray() -> None:
+    """Token auth on, explicitly: Ray turns it on by default for clusters ray.init starts, but RAY_AUTH_MODE in the
+    environment silently turns it off. Then anyone who can reach this machine's Ray ports can run code as you, so
+    cellray refuses unless the user passed --insecure."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        if os.environ.get(INSECURE_ENV) != "1":
+            raise CellrayError(
+                f"RAY_AUTH_MODE={mode} turns off Ray's token auth for the embedded Ray: anyone who can reach this "
+                "machine's Ray ports (GCS, raylet and worker gRPC ports on the node address) could run code as you. "
+                "Unset RAY_AUTH_MODE, or pass --insecure to accept that"
+            )
+        log.warning("embedded Ray without token auth (--insecure): its gRPC ports accept anyone who can reach them")
+        return
+    if mode is None:
+        # Ray's own switch: sets RAY_AUTH_MODE=token and refreshes the config this process already loaded (setting
+        # the variable alone reaches the Ray processes but not this driver's client, which then sends no token)
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+
+
+def _restrict_token_file() -> None:
+    """Ray writes ~/.ray/auth_token readable by everyone (0644); the token is a password: 0600."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
+
+
+def _record_embedded_session() -> None:
+    """Remember which Ray session this process started, so a later command can stop it if this one is killed."""
+    import json
+
+    import ray
+
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    SESSIONS_DIR.mkdir(parents=True, exist_ok=True)
+    (SESSIONS_DIR / f"{os.getpid()}.json").write_text(json.dumps({"pid": os.getpid(), "session_dir": session_dir}))
+
+
+def _forget_embedded_session() -> None:
+    (SESSIONS_DIR / f"{os.getpid()}.json").unlink(missing_ok=True)
+
+
+def stop_orphaned_embedded_rays() -> list[int]:
+    """Stop the Ray processes of embedded Rays whose cellray process is gone (killed with -9, say): Ray's
+    dashboard and agents otherwise keep listening for about a minute. Returns the pids stopped."""
+    import json
+
+    import psutil
+
+    from engine.atomic import process_alive
+
+    stopped: list[int] = []
+    for record in SESSIONS_DIR.glob("*.json") if SESSIONS_DIR.is_dir() else ():
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        if process_alive(int(info["pid"])):
+            continue
+        session = str(info["session_dir"])
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(session in arg for arg in proc.info["cmdline"] or ()):
+                    proc.kill()
+                    stopped.append(proc.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        record.unlink(missing_ok=True)
+        if stopped:
+            log.warning("stopped %d Ray process(es) left by a killed cellray command (%s)", len(stopped), session)
+    return stopped
 
 
 def _local_object_store_bytes() -> int:
@@ -90,6 +174,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+            _forget_embedded_session()
 
 
 def ray_cpus() -> int:

@@ -21,7 +21,6 @@ import math
 import time
 import warnings
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,12 +30,13 @@ import numpy as np
 import pandas as pd
 from pydantic import model_validator
 
-from engine.atomic import atomic_path, replace_atomically, temporary_sibling
+from engine.atomic import atomic_path, replace_atomically, temporary_sibling, writer_lock
 from engine.config import Config
 from engine.errors import StatsError
 from engine.preprocess import kernels, stats_kernels
 from engine.preprocess.hvg import hvg_dispersion, seurat_v3_clip, seurat_v3_select
 from engine.preprocess.moments import Moments, merge_counts
+from engine.progress import Progress
 from engine.runtime import Executor, choose_local, map_tasks, ray_cpus, ray_session
 from engine.store.format import Store
 
@@ -286,7 +286,7 @@ def _library_summary(values: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
 
 
 def compute_stats(
-    store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Callable | None = None, write: bool = True
+    store: str | Path | Store, config: StatsConfig = StatsConfig(), progress: Progress | None = None, write: bool = True
 ) -> GeneStats:
     """Compute a store's statistics on Ray (the cluster at config.address, else an embedded one or the one
     already running), write them into the store atomically (unless `write` is False) and return them."""
@@ -379,10 +379,16 @@ def compute_stats(
 
 def write_stats(store: Store, stats: GeneStats, config: StatsConfig) -> Path:
     """Write STORE/stats under a temporary name, then rename it into place (replacing older statistics)."""
+
+    dest = Path(store.path) / STATS_DIR
+    with writer_lock(dest):
+        return _write_stats(store, stats, config, dest)
+
+
+def _write_stats(store: Store, stats: GeneStats, config: StatsConfig, dest: Path) -> Path:
     import anndata as ad
     import zarr
 
-    dest = Path(store.path) / STATS_DIR
     tmp = temporary_sibling(dest)
     group = zarr.open_group(str(tmp), mode="w")
     with warnings.catch_warnings():  # zarr's notice about future autosharding defaults

@@ -221,6 +221,15 @@ def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a cellray store (a zarr group whose attributes hold a cellray manifest)."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and MANIFEST_KEY in (meta.get("attributes") or {})
+
+
 class Store:
     """An opened store: the manifest, the vocabulary, and fast cell-range reads of shards."""
 

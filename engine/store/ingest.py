@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import Field
 
-from engine.atomic import replace_atomically, temporary_sibling
+from engine.atomic import replace_atomically, temporary_sibling, writer_lock
 from engine.config import Config
 from engine.errors import InputError
 from engine.progress import Progress, silent
@@ -41,6 +41,7 @@ from engine.store.format import (
     Manifest,
     ShardInfo,
     Store,
+    is_store,
     smallest_uint,
     write_root,
     write_shard,
@@ -59,8 +60,8 @@ class IngestConfig(Config):
     layer: str | None = None  # take counts from adata.layers[layer] instead of X
     shuffle: bool = True
     seed: int = 0
-    shard_cells: int | None = None  # cells per shard; default derived from shard_bytes
-    shard_bytes: int = 128 * 2**20  # uncompressed bytes of X per shard (data + indices)
+    shard_cells: int | None = Field(None, gt=0)  # cells per shard; default derived from shard_bytes
+    shard_bytes: int = Field(128 * 2**20, ge=2**20)  # uncompressed bytes of X per shard (data + indices)
     read_cells: int = 8192  # cells per read in the scatter pass
     allow_non_integer: bool = False
     overwrite: bool = False
@@ -312,15 +313,24 @@ def ingest(
     config: IngestConfig = IngestConfig(),
     progress: Progress | None = None,
 ) -> Store:
-    """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring."""
-    import zarr
+    """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring.
 
-    progress = progress or silent
+    `out` is locked while it is written (a second ingest to it fails at once); with `overwrite`, an existing
+    `out` is replaced only if it is a cellray store."""
     out = Path(out)
     if out.exists() and not config.overwrite:
         raise InputError(f"{out}: output already exists (pass --overwrite to replace it)")
+    if out.exists() and not is_store(out):
+        raise InputError(f"{out}: exists and is not a cellray store: --overwrite replaces only a store")
     if not inputs:
         raise InputError("no inputs given")
+    with writer_lock(out):
+        return _ingest(inputs, out, config, progress or silent)
+
+
+def _ingest(inputs: Sequence[str | os.PathLike], out: Path, config: IngestConfig, progress: Progress) -> Store:
+    import zarr
+
     t0 = time.perf_counter()
     paths = [Path(p) for p in inputs]
     sources: list[Source] = []
@@ -337,6 +347,10 @@ def ingest(
     var = build_vocabulary(sources, config.vocab)
     gene_ids = var.index
     gene_maps = [check_source(s, gene_ids, config.obs_keys) for s in sources]
+    for key in config.obs_keys:
+        if not any(key in s.obs.columns for s in sources):
+            columns = sorted({c for s in sources for c in s.obs.columns})
+            raise InputError(f"--obs {key}: no input has an obs column {key!r} (their columns: {columns})")
     obs_frames = [_obs_for(s, n, config.obs_keys) for s, n in zip(sources, names)]
     schema = _obs_schema(obs_frames, config.obs_keys)
     n_total = sum(s.n_obs for s in sources)
@@ -419,7 +433,7 @@ def ingest(
             shuffle={"shuffled": config.shuffle, "seed": config.seed},
         )
         write_root(root, manifest, var)
-        replace_atomically(tmp, out, overwrite=config.overwrite)
+        replace_atomically(tmp, out, overwrite=config.overwrite, replaceable=is_store)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,6 +30,8 @@ class Source:
             try:
                 self.obs = ad.io.read_elem(self._file["obs"])
                 self.var = ad.io.read_elem(self._file["var"])
+                if not (isinstance(self.obs, pd.DataFrame) and isinstance(self.var, pd.DataFrame)):
+                    raise TypeError("obs/var are not dataframes")
             except Exception:  # pre-0.7 h5ad (structured arrays): let anndata convert it
                 backed = ad.read_h5ad(path, backed="r")
                 self.obs, self.var = backed.obs, backed.var

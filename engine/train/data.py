@@ -8,6 +8,7 @@ from typing import Any
 
 import models
 from engine.errors import CellrayError, SpecError
+from engine.loading.sampler import Sampler, SamplerConfig
 from engine.preprocess.transforms import Pipeline
 from engine.store.format import Store
 from engine.train.config import PretrainConfig
@@ -40,8 +41,28 @@ def open_run_data(config: PretrainConfig) -> RunData:
             raise SpecError(
                 f"{config.where('model.config')}: the model reads obs column {key!r}: list it in data.obs_keys too"
             )
+    check_progress(config, store)
     pipeline = build_pipeline(config, store)
     return RunData(store=store, pipeline=pipeline, model_config=resolve_model_config(config, store, pipeline))
+
+
+def check_progress(config: PretrainConfig, store: Store) -> None:
+    """Refuse a run that can make no progress: a rank whose share of the training split is less than one batch
+    (it would loop over empty epochs forever)."""
+    world = max(1, config.resources.workers)
+    remainder = config.data.loader.get("remainder", "drop")
+    split = SamplerConfig(batch_size=config.data.batch_size, split="train", val_fraction=config.data.val_fraction)
+    try:
+        n_train = Sampler([s.n_cells for s in store.manifest.shards], split).n_split_cells
+    except CellrayError as e:
+        raise SpecError(f"{config.where('data.val_fraction')}: {e}") from None
+    per_rank = n_train // world
+    if remainder == "drop" and per_rank < config.data.batch_size:
+        raise SpecError(
+            f"{config.where('data.batch_size')}: {config.data.batch_size} is more than a rank's share of the training "
+            f"split ({n_train} cells after data.val_fraction {config.data.val_fraction:g}, over {world} worker(s): "
+            f"{per_rank} each): lower data.batch_size or resources.workers"
+        )
 
 
 def build_pipeline(config: PretrainConfig, store: Store) -> Pipeline | None:

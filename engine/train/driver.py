@@ -4,27 +4,32 @@ The driver checks the data and the cluster before anything starts, assembles a T
 `engine.train.loop.train_loop_per_worker`, polls the run log for progress while `fit()` runs in a thread, and
 finally writes metrics.jsonl and loss.png covering every step of the run (earlier attempts included).
 
-A restarted worker group (FailureConfig(max_failures)) or a rerun of the same spec resumes from the latest
-complete checkpoint under `train.output` (a local folder, or a pyarrow filesystem URI such as s3://... on a
-cluster) and continues at the next unseen batch.
+Failures: a lost worker, reader or node (a process that died) is retried up to `train.max_failures` times, each
+retry a new fit() that resumes from the latest complete checkpoint under `train.output` (a local folder, or a
+pyarrow filesystem URI such as s3://... on a cluster) at the next unseen batch. A CellrayError raised in a worker
+(bad bytes in the store, a bad spec) is deterministic: it ends the run at once with its own one-line message, as
+Ray Train's own retry policy cannot tell the two apart. A rerun of the same spec resumes the same way, and
+metrics.jsonl (rewritten as reports arrive) keeps the whole history across attempts and reruns.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import TrainError
+from engine.atomic import write_text_atomically, writer_lock
+from engine.errors import CellrayError, TrainError
 from engine.progress import Progress, silent
 from engine.runtime import ray_session
 from engine.train.checkpoint import latest_checkpoint
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 from engine.train.loop import LoopContext, train_loop_per_worker
-from engine.train.metrics import RunLog, merge_by_step, read_metrics, write_metrics
+from engine.train.metrics import METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,8 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
         config = config.model_copy(
             update={"debug": config.debug.model_copy(update={"trace_dir": str(Path(config.debug.trace_dir).resolve())})}
         )
-    with ray_session(address):
+    # one driver per output folder: a second `cellray run` of the same spec fails at once instead of racing
+    with writer_lock(output), ray_session(address):
         check_resources(config)
         run_log = ray.remote(RunLog).options(num_cpus=0).remote()
         ctx = LoopContext(
@@ -115,33 +121,35 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
             run_config=RunConfig(
                 name=name,
                 storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=config.train.max_failures),
+                failure_config=FailureConfig(max_failures=0),  # retries are ours: see the module docstring
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
                 # Ray Train logs a line per report() per worker at INFO; the driver prints its own summary.
                 logging_config=LoggingConfig(log_level="DEBUG" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
             ),
         )
-        outcome: dict[str, Any] = {}
-
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as e:  # re-raised on the driver thread
-                outcome["error"] = e
-
-        thread = threading.Thread(target=fit, name="cellray-fit", daemon=True)
-        thread.start()
+        earlier = read_metrics(output)  # a resumed run adds to the steps of earlier attempts
         history: list[dict[str, Any]] = []
-        while thread.is_alive():
-            thread.join(0.5)
-            _drain(run_log, history, progress, config.train.max_steps)
-        _drain(run_log, history, progress, config.train.max_steps)
+        for attempt in range(config.train.max_failures + 1):
+            outcome = _fit_in_thread(trainer, run_log, history, earlier, output, progress, config.train.max_steps)
+            if "result" in outcome:
+                break
+            error = outcome["error"]
+            data_error = _cellray_error(error)
+            if data_error is not None:  # deterministic: retrying reads the same bad bytes again
+                raise data_error from None
+            if attempt == config.train.max_failures:
+                raise TrainError(
+                    f"{config.where('train')}: training failed after {attempt + 1} attempt(s) "
+                    f"(train.max_failures: {config.train.max_failures}): {_first_line(error)}"
+                ) from error
+            log.warning(
+                "training attempt %d lost a process (%s); resuming from the last checkpoint",
+                attempt + 1,
+                _first_line(error),
+            )
         ray.kill(run_log)
-    if "error" in outcome:
-        e = outcome["error"]
-        raise TrainError(f"{config.where('train')}: training failed: {e}") from e
     result = outcome["result"]
-    history = merge_by_step(read_metrics(output) + history)  # a resumed run adds to the earlier steps
+    history = merge_by_step(earlier + history)
     write_metrics(output, history)
     if result.checkpoint is not None:
         ckpt = result.checkpoint.path if uri else Path(result.checkpoint.path)
@@ -150,11 +158,57 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
     return TrainResult(output=output, checkpoint=ckpt, history=history)
 
 
-def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: int) -> None:
+def _fit_in_thread(trainer, run_log, history, earlier, output: Path, progress: Progress, total: int) -> dict[str, Any]:
+    """trainer.fit() in a thread while this one polls the run log: progress, and metrics.jsonl rewritten as reports
+    arrive (a driver killed mid-run loses at most the last half second of history)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handled on the driver thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="cellray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        if _drain(run_log, history, progress, total):
+            write_text_atomically(
+                output / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in merge_by_step(earlier + history))
+            )
+    _drain(run_log, history, progress, total)
+    return outcome
+
+
+def _cellray_error(error: BaseException) -> CellrayError | None:
+    """The CellrayError behind a failed fit(), if a worker raised one (Ray Train wraps worker exceptions)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CellrayError):
+            return e
+        cause = getattr(e, "cause", None)  # RayTaskError
+        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: int) -> int:
     """Append the run log's new reports to `history`, advancing the progress bar and logging each."""
     import ray
 
-    for m in ray.get(run_log.since.remote(len(history))):
+    new = ray.get(run_log.since.remote(len(history)))
+    for m in new:
         history.append(m)
         progress("train", int(m["step"]), total)
         log.info(
@@ -166,3 +220,4 @@ def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: in
             m.get("cells_per_s", 0.0),
             100 * m.get("data_wait_frac", 0.0),
         )
+    return len(new)

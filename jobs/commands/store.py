@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,16 +47,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_synth)
 
 
+MIN_SHARD_BYTES = 2**20  # a shard under 1 MB of X is all per-file overhead
+
+
 def parse_size(text: str) -> tuple[int | None, int | None]:
-    """'100000' -> (cells, None); '256MB' / '1GiB' -> (None, bytes)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        if t and t[-1] in units:
-            return None, int(float(t[:-1]) * units[t[-1]])
-        return int(t), None
-    except ValueError:
-        raise CellrayError(f"--shard-size {text!r}: expected a cell count (100000) or a size (256MB)") from None
+    """'100000' -> (cells, None); '256MB' / '1GiB' / '0.5G' -> (None, bytes). Anything else is refused."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:I?B)?|B)?\s*", text.upper())
+    bad = f"--shard-size {text!r}: expected a positive cell count (100000) or a size of at least 1MB (256MB, 1GiB)"
+    if m is None:
+        raise CellrayError(bad)
+    number, unit = m.groups()
+    if unit is None and not text.strip().upper().endswith("B"):
+        if "." in number or int(number) < 1:
+            raise CellrayError(bad)
+        return int(number), None
+    nbytes = int(float(number) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}[unit])
+    if nbytes < MIN_SHARD_BYTES:
+        raise CellrayError(bad)
+    return None, nbytes
 
 
 def run_ingest(args: argparse.Namespace) -> int:
