@@ -191,3 +191,24 @@ def test_soak_three_epochs_in_ray_mode_every_cell_matches_the_store(tiny_store, 
 
 def row_hash(indices: np.ndarray, values: np.ndarray) -> str:
     return hashlib.sha1(np.asarray(indices, np.int64).tobytes() + np.asarray(values, np.float64).tobytes()).hexdigest()
+
+
+def test_embedded_ray_refuses_to_start_without_token_auth(tiny_store, tmp_path):
+    env = {**ENV, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "stats", str(tiny_store), "--executor", "ray"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "--insecure" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_token_file_is_private_after_an_embedded_run(tiny_store, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "stats", str(tiny_store), "--executor", "ray"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.exists() and token.stat().st_mode & 0o077 == 0

@@ -188,7 +188,12 @@ def test_local_mode_probe_with_accumulation_validation_and_rerun(tiny_store, ray
 
 def test_more_workers_than_the_cluster_holds_fails_before_starting(tiny_store, ray_local, tmp_path):
     spec = make_spec(tiny_store, tmp_path / "run")
-    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"workers": 64})})
+    spec = spec.model_copy(
+        update={
+            "resources": spec.resources.model_copy(update={"workers": 64}),
+            "data": spec.data.model_copy(update={"batch_size": 8}),  # every rank still gets a batch: resources decide
+        }
+    )
     with pytest.raises(TrainError, match=r"resources: 64 workers .* need 64 CPUs; the cluster has 4"):
         pretrain(spec)
     gpu = spec.model_copy(update={"resources": spec.resources.model_copy(update={"workers": 2, "gpus_per_worker": 1})})
