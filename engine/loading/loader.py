@@ -272,6 +272,13 @@ class Loader:
                 handle.clear()
                 handle.update(self._submit_ray(plan))
                 self.metrics.reissued += 1
+            except ray.exceptions.RayTaskError as e:
+                # the read itself failed (bad bytes, a bad spec): deterministic, so never retried; the consumer
+                # gets cellray's own one-line error, not Ray's wrapper with the actor's traceback
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, CellrayError):
+                    raise cause.with_traceback(None) from None
+                raise
         raise CellrayError(f"buffer {plan.index} of epoch {plan.epoch} failed on 3 fresh readers")
 
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:

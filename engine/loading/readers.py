@@ -36,7 +36,7 @@ def single_threaded_kernels() -> None:
 
 
 def build_pipeline(transforms: Any, store: Store):
-    """None -> no pipeline; a spec (list/dict) -> `engine.preprocess.transforms.Pipeline.from_spec`; a callable as is."""
+    """None: no pipeline; a spec (list/dict): `engine.preprocess.transforms.Pipeline.from_spec`; a callable as is."""
     if transforms is None:
         return None
     if callable(transforms):
