@@ -1,20 +1,32 @@
 """Loader throughput: cellray (in-process threads and Ray reader actors) vs annbatch vs anndata backed h5ad.
 
-    python bench/loader.py [--quick] [--repeats N] [--block-size C] [--buffer-blocks N]
+    python bench/loader.py [--quick] [--repeats N] [--rounds N] [--readme]     the peer comparison
+    python bench/loader.py --scaling [--readme]                                 CPU per cell vs store size and shards
 
-Same bytes for everyone: each dataset is ingested once into a cellray store; annbatch's `Loader` (zarrs codec
-pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's buffer in blocks) reads the very
-same shard arrays through anndata's sparse_dataset; anndata backed mode reads the input h5ad with sorted random
-indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) + log1p + densify (annbatch
-gets the same steps in numpy/scipy). Each figure is the median cells/s over several epochs (groups of epochs of
->= 100k cells for small datasets) after a warm-up. The decode limit is the rate at which one core only decompresses
-every chunk of the store once.
+Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
+annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
+buffer in blocks) reads the very same shard arrays through anndata's sparse_dataset; anndata backed mode reads the
+input h5ad with sorted random indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) +
+log1p + densify (annbatch gets the same steps in numpy/scipy). Each figure is the median over several epochs
+(groups of epochs of >= 100k cells for small datasets) after a warm-up.
 
-Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell (50k with --quick); (b) synthetic 20k
-genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair. (b) and (c) are skipped
-with --quick. The loaders take turns (`--rounds`), so load from other processes hits each alike; the CPU
-column (CPU time of the loading process per cell, all threads) is the steadier figure on a shared machine.
-Last line: one JSON object for the default case, (a) with CSR output.
+Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell, one shard of 200k cells (50k with --quick);
+(b) synthetic 20k genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair; (d) synthetic
+640k cells x 2,000 genes in 64 shards. (b)-(d) are skipped with --quick.
+
+Columns: `cpu` is CPU microseconds per cell of everything that loads: the loading process (all its threads) for
+cellray local mode and annbatch; the consumer, its reader actors and the raylet for Ray mode. `verify` is the CPU
+cellray local spends on checking each chunk's crc32c, as a share of its CPU per cell (a run with checks off);
+`decoded` is elements decompressed per element delivered; `decode 1c` the rate at which one core only decompresses
+every chunk of the store once, `of lim` cellray's share of it. The loaders take turns (`--rounds`), so load from
+other processes hits each alike; the CPU columns are the steadier figures on a shared machine.
+
+--scaling: cellray local mode alone, CSR, over stores of 10k to 2M cells at the default --shard-size and a 2M-cell
+store cut into 1 to 64 shards: CPU per cell must not grow with the store (no per-block cost that grows with it).
+
+Last line: one JSON object (the default case, (a) with CSR output, plus `min_ratio_vs_annbatch` over every row).
+--readme rewrites the table between the `<!-- bench:loader -->` (or `<!-- bench:loader-scaling -->`) markers of
+README.md with this run's figures.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +46,7 @@ from bench.procs import ROOT, median, peer_python  # noqa: E402
 OUT = ROOT / "bench" / "out" / "loader"
 BATCH = 4096
 TRANSFORMS = [{"normalize_total": {"target_sum": 1.0e4}}, "log1p", "densify"]
+README = ROOT / "README.md"
 
 
 def real_kang() -> list[Path] | None:
@@ -43,63 +57,104 @@ def real_kang() -> list[Path] | None:
     return None
 
 
-def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int) -> tuple[Path, list[Path]]:
-    """The dataset's input h5ad(s) and its cellray store, built once and kept under bench/out/loader."""
+def synthetic_input(name: str, n_cells: int, n_genes: int, nnz: int, seed: int = 0) -> Path:
+    """A synthetic h5ad under bench/out/loader, made once."""
+    path = OUT / f"{name}.h5ad"
+    if not path.exists():
+        from engine.store.synthetic import synthetic_counts
+
+        OUT.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.h5ad")
+        synthetic_counts(n_cells, n_genes, nnz_per_cell=nnz, seed=seed, dataset=name).write_h5ad(tmp)
+        tmp.rename(path)
+    return path
+
+
+def make_store(name: str, inputs: list[Path], chunk_elements: int, shard_cells: int | None = None) -> Path:
+    """The cellray store of `inputs`, ingested once (the default --shard-size unless shard_cells is given)."""
     from engine.store.ingest import IngestConfig, ingest
 
-    OUT.mkdir(parents=True, exist_ok=True)
     store = OUT / f"{name}-c{chunk_elements}.store"
+    if not store.exists():
+        cfg = IngestConfig(obs_keys=("cell_type",), overwrite=True, chunk_elements=chunk_elements)
+        if shard_cells:
+            cfg = cfg.model_copy(update={"shard_cells": shard_cells})
+        ingest(inputs, store, cfg)
+    return store
+
+
+def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int, shard_cells: int | None = None):
+    """The dataset's input h5ad(s) and its cellray store, built once and kept under bench/out/loader."""
     if name == "c_kang":
         inputs = real_kang()
     else:
-        inputs = [OUT / f"{name}.h5ad"]
-        if not inputs[0].exists():
-            from engine.store.synthetic import synthetic_counts
-
-            tmp = inputs[0].with_suffix(".tmp.h5ad")
-            synthetic_counts(n_cells, n_genes, nnz_per_cell=nnz, seed=0, dataset=name).write_h5ad(tmp)
-            tmp.rename(inputs[0])
-    if not store.exists():
-        ingest(inputs, store, IngestConfig(obs_keys=("cell_type",), overwrite=True, chunk_elements=chunk_elements))
-    return store, inputs
+        inputs = [synthetic_input(name, n_cells, n_genes, nnz)]
+    return make_store(name, inputs, chunk_elements, shard_cells), inputs
 
 
-def time_cellray(store: Path, mode: str, epochs: int, **kw) -> tuple[list[float], list[float]]:
-    """cells/s per epoch, and CPU seconds per cell of the loading process (all its threads; local mode only).
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def time_cellray(store: Path, mode: str, epochs: int, verify: bool = True, **kw) -> dict:
+    """{"rates": cells/s per sample, "cpu": CPU s per cell per sample, "decoded": elements decoded / used}.
 
     Local mode runs in a fresh process, as annbatch does: Ray's own threads in this process would otherwise
     share its CPU time and GIL."""
     if mode == "local":
-        cmd = [sys.executable, __file__, "--measure-local", str(store), json.dumps({"epochs": epochs, **kw})]
+        cmd = [sys.executable, __file__, "--measure-local", str(store), json.dumps({"epochs": epochs, "verify": verify,
+               **kw})]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"cellray local run failed:\n{out.stderr[-3000:]}")
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        return res["cells_per_s"], res["cpu_s_per_cell"]
+        return json.loads(out.stdout.strip().splitlines()[-1])
     return _time_loader(store, mode, epochs, **kw)
 
 
-def _time_loader(store: Path, mode: str, epochs: int, group: int = 1, **kw) -> tuple[list[float], list[float]]:
+def _ray_processes(loader) -> list:
+    """The processes that do a Ray-mode loader's work: this one, its reader actors, and this node's raylet."""
+    import psutil
+    import ray
+
+    procs = [psutil.Process()]
+    procs += [psutil.Process(ray.get(a.pid.remote())) for a in loader._actors]
+    procs += [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
+    return procs
+
+
+def _cpu_seconds(procs) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def _time_loader(store: Path, mode: str, epochs: int, group: int = 1, **kw) -> dict:
     from engine.loading.loader import Loader
 
     loader = Loader(store, BATCH, mode=mode, **kw)
-    rates, cpu = [], []
+    rates, cpu, procs = [], [], None
     try:
         for epoch in range(epochs + 1):  # the first sample warms up (numba cache, torch import, file opens)
-            t0, c0, cells = time.perf_counter(), time.process_time(), 0
+            if epoch and procs is None:
+                procs = _ray_processes(loader) if mode == "ray" else []
+            c0 = _cpu_seconds(procs) if procs else time.process_time()
+            t0, cells = time.perf_counter(), 0
             for batch in (b for _ in range(group) for b in loader):
                 cells += batch["X"].shape[0]
             if epoch:
                 rates.append(cells / (time.perf_counter() - t0))
-                cpu.append((time.process_time() - c0) / cells)
+                cpu.append(((_cpu_seconds(procs) if procs else time.process_time()) - c0) / cells)
+        stats = loader._reader.blocks.stats if mode == "local" else {}
     finally:
         loader.close()
-    return rates, cpu
+    decoded = stats["decoded"] / stats["used"] if stats.get("used") else None
+    return {"rates": rates, "cpu": cpu, "decoded": decoded}
 
 
 def time_annbatch(
     peer: str, store: Path, block: int, buffer_blocks: int, epochs: int, transforms: bool, group: int = 1
-) -> tuple[list[float], list[float]]:
+) -> dict:
     cmd = [peer, str(ROOT / "bench/peers/annbatch_loader.py"), str(store), "--batch-size", str(BATCH),
            "--chunk-size", str(block), "--preload-nchunks", str(buffer_blocks), "--epochs", str(epochs),
            "--group", str(group)]  # fmt: skip
@@ -109,7 +164,7 @@ def time_annbatch(
     if out.returncode != 0:
         raise RuntimeError(f"annbatch run failed:\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return res["cells_per_s"], res["cpu_s_per_cell"]
+    return {"rates": res["cells_per_s"], "cpu": res["cpu_s_per_cell"]}
 
 
 def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float]:
@@ -133,14 +188,17 @@ def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float
 
 def decode_limit(store: Path, passes: int = 3) -> float:
     """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass)."""
+    from numcodecs import blosc
+
     from engine.loading.chunks import ArrayReader, decompress
     from engine.store.format import Store
 
+    blosc.use_threads = False  # one core: blosc would otherwise use its own threads on this (main) thread
     s = Store.open(store)
     raws = []
-    for shard in s.manifest.shards:
+    for shard in range(s.n_shards):
         for name in ("data", "indices"):
-            r = ArrayReader.open(s.path / shard.path / "X" / name)
+            r = ArrayReader.open(Path(s.where(shard, name)))
             raws += [(r.layout.codec, raw) for raw in r.compressed_chunks()]
             r.close()
     best = float("inf")
@@ -149,114 +207,182 @@ def decode_limit(store: Path, passes: int = 3) -> float:
         for codec, raw in raws:
             decompress(codec, raw)
         best = min(best, time.perf_counter() - t0)
+    blosc.use_threads = None
     return s.n_cells / best
 
 
-def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
-        kw = json.loads(sys.argv[3])
-        rates, cpu = _time_loader(Path(sys.argv[2]), "local", kw.pop("epochs"), **kw)
-        print(json.dumps({"cells_per_s": rates, "cpu_s_per_cell": cpu}))
-        return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None, help="timed epochs per loader and round (median reported)")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds of all loaders in turn (evens out a busy machine)")
-    ap.add_argument("--block-size", type=int, default=None, help="cells per block (default: the Loader's, ~one chunk)")
-    ap.add_argument("--buffer-blocks", type=int, default=None, help="blocks per shuffle buffer (default: the Loader's)")
-    ap.add_argument("--chunk-elements", type=int, default=None, help="store chunk size (default: the store's default)")
-    ap.add_argument("--no-ray", action="store_true", help="skip the Ray reader-actor mode")
-    ap.add_argument("--no-transforms", action="store_true", help="skip the normalize+log1p+densify case")
-    args = ap.parse_args()
-    repeats = args.repeats or 3
-    rounds = args.rounds or 2
-    peer = peer_python()
-    if peer is None:
-        print("note: annbatch not measured (no Python >= 3.12 peers venv; run `make peers`)")
+# ------------------------------------------------------------------------------------------------ tables
 
+
+def fmt_rate(v) -> str:
+    return "-" if v is None else f"{v / 1e3:,.0f}k"
+
+
+def fmt_us(v) -> str:
+    return "-" if v is None else f"{v * 1e6:.2f}"
+
+
+def ratio(a, b, digits: int = 2) -> float | None:
+    return None if not a or not b else round(a / b, digits)
+
+
+def compare_rows_markdown(rows: list[dict]) -> list[str]:
+    head = (
+        "| dataset | shards x cells | case | block x buffer | cellray | cellray (Ray actors) | annbatch | h5ad backed | "
+        "vs annbatch | cpu µs/cell cellray / Ray / annbatch | verify | decoded | of lim |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(
+            f"| {r['label']} | {r['shards']} x {r['cells_per_shard']:,} | {r['case']} | {r['block']} x "
+            f"{r['buffer_blocks']} | {fmt_rate(r['cellray_local'])} | {fmt_rate(r['cellray_ray'])} | "
+            f"{fmt_rate(r['annbatch'])} | {fmt_rate(r['h5ad'])} | "
+            f"{'-' if r['ratio_vs_annbatch'] is None else str(r['ratio_vs_annbatch']) + 'x'} | "
+            f"{fmt_us(r['cellray_cpu'])} / {fmt_us(r['cellray_ray_cpu'])} / {fmt_us(r['annbatch_cpu'])} | "
+            f"{'-' if r['verify_cost'] is None else format(r['verify_cost'], '.1%')} | "
+            f"{'-' if r['decoded'] is None else format(r['decoded'], '.2f') + 'x'} | "
+            f"{r['cellray_local'] / r['decode_limit']:.0%} |"
+        )
+    return out
+
+
+def write_readme(marker: str, lines: list[str], note: str) -> None:
+    """Replace the text between `<!-- bench:MARKER -->` and `<!-- /bench:MARKER -->` in README.md."""
+    text = README.read_text()
+    start, end = f"<!-- bench:{marker} -->", f"<!-- /bench:{marker} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        print(f"note: README.md has no {start} ... {end} markers; table not written")
+        return
+    block = "\n".join([start, note, "", *lines, end])
+    README.write_text(pattern.sub(lambda _: block, text))
+    print(f"README.md: table {marker} rewritten")
+
+
+def machine_note() -> str:
+    import platform
+
+    import psutil
+
+    load = os.getloadavg()[0]
+    return (
+        f"<!-- {time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{platform.machine()}, load average {load:.1f} at the end of the run -->"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def compare(args, peer: str | None) -> None:
     import inspect
 
     from engine.loading.loader import Loader
-    from engine.runtime import init_ray
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
+    repeats, rounds = args.repeats or 3, args.rounds or 2
     chunk_elements = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
     defaults = inspect.signature(Loader).parameters
-    init_ray(num_cpus=2)
     n_a = 50_000 if args.quick else 200_000
-    datasets = [(f"a_synth_{n_a // 1000}k", n_a, 2_000, 100)]
+    # (name, label, cells, genes, nnz per cell, cells per shard or None for the default --shard-size)
+    datasets = [(f"a_synth_{n_a // 1000}k", f"(a) synthetic {n_a // 1000}k x 2k", n_a, 2_000, 100, None)]
     if not args.quick:
-        datasets.append(("b_tahoe_like_40k", 40_000, 20_000, 1_500))
+        datasets.append(("b_tahoe_like_40k", "(b) Tahoe-like 40k x 20k", 40_000, 20_000, 1_500, None))
         if real_kang():
-            datasets.append(("c_kang", 0, 0, 0))
-    rows, default_case = [], None
-    for name, n_cells, n_genes, nnz in datasets:
-        store, inputs = prepare(name, n_cells, n_genes, nnz, chunk_elements)
+            datasets.append(("c_kang", "(c) Kang", 0, 0, 0, None))
+        datasets.append(("d_synth_640k_64shards", "(d) synthetic 640k x 2k, 64 shards", 640_000, 2_000, 100, 10_000))
+    rows = []
+    for name, label, n_cells, n_genes, nnz, shard_cells in datasets:
+        store, inputs = prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
+        s = Store.open(store)
         probe = Loader(store, BATCH, mode="local", block_size=args.block_size)
         block = probe.config.block_size
         # a buffer holds at least one batch (cellray rounds it up; annbatch refuses less): same count for both
         buffer_blocks = max(args.buffer_blocks or defaults["buffer_blocks"].default, -(-BATCH // block))
         probe.close()
         # small datasets: time groups of epochs of at least ~100k cells, so per-epoch start-up does not dominate
-        group = max(1, -(-100_000 // Store.open(store).n_cells))
+        group = max(1, -(-100_000 // s.n_cells))
         kw = dict(block_size=block, buffer_blocks=buffer_blocks, group=group)
-        cases = [("csr", dict(output="csr"), False)]
+        cases = [("CSR", dict(output="csr"), False)]
         if name.startswith("a_") and not args.no_transforms:
-            cases.append(("norm+log1p+dense", dict(output="dense", transforms=TRANSFORMS), True))
+            cases.append(("normalize+log1p+dense", dict(output="dense", transforms=TRANSFORMS), True))
         limit = decode_limit(store)
-        for label, opts, with_t in cases:
-            got = {k: [] for k in ("cellray_local", "cellray_cpu", "cellray_ray", "annbatch", "annbatch_cpu")}
+        for label_case, opts, with_t in cases:
+            got: dict[str, list] = {k: [] for k in ("local", "local_cpu", "noverify_cpu", "ray", "ray_cpu", "annbatch",
+                                                     "annbatch_cpu", "decoded")}  # fmt: skip
             for _ in range(rounds):  # all loaders in turn, so a load spike from elsewhere hits each alike
-                rate, cpu = time_cellray(store, "local", repeats, **kw, **opts)
-                got["cellray_local"] += rate
-                got["cellray_cpu"] += cpu
+                res = time_cellray(store, "local", repeats, **kw, **opts)
+                got["local"] += res["rates"]
+                got["local_cpu"] += res["cpu"]
+                got["decoded"].append(res["decoded"])
+                if not with_t:  # what verification costs: the same run with checksums off
+                    got["noverify_cpu"] += time_cellray(store, "local", repeats, verify=False, **kw, **opts)["cpu"]
                 if not args.no_ray:
-                    got["cellray_ray"] += time_cellray(store, "ray", repeats, **kw, **opts)[0]
+                    res = time_cellray(store, "ray", repeats, **kw, **opts)
+                    got["ray"] += res["rates"]
+                    got["ray_cpu"] += res["cpu"]
                 if peer:
-                    rate, cpu = time_annbatch(peer, store, block, buffer_blocks, repeats, with_t, group)
-                    got["annbatch"] += rate
-                    got["annbatch_cpu"] += cpu
-            r = {
-                "dataset": name,
-                "case": label,
-                "block": block,
-                "buffer_blocks": buffer_blocks,
-                "chunk_elements": chunk_elements,
-                "epochs_per_sample": group,
-            }
-            r.update({k: (median(v) if v else None) for k, v in got.items()})
-            r["h5ad"] = median(time_h5ad(inputs, 2)) if not with_t else None
-            r["decode_limit"] = limit
-            rows.append(r)
-            if default_case is None:
-                default_case = r
-
-    def fmt(v):
-        return "-" if v is None else f"{v / 1e3:,.0f}k"
-
-    def us(v):
-        return "-" if v is None else f"{v * 1e6:.2f}"
+                    res = time_annbatch(peer, store, block, buffer_blocks, repeats, with_t, group)
+                    got["annbatch"] += res["rates"]
+                    got["annbatch_cpu"] += res["cpu"]
+            m = {k: (median(v) if v and None not in v else None) for k, v in got.items()}
+            rows.append(
+                {
+                    "dataset": name,
+                    "label": label,
+                    "case": label_case,
+                    "shards": s.n_shards,
+                    "cells_per_shard": max(i.n_cells for i in s.manifest.shards),
+                    "block": block,
+                    "buffer_blocks": buffer_blocks,
+                    "chunk_elements": chunk_elements,
+                    "epochs_per_sample": group,
+                    "cellray_local": m["local"],
+                    "cellray_cpu": m["local_cpu"],
+                    "cellray_ray": m["ray"],
+                    "cellray_ray_cpu": m["ray_cpu"],
+                    "annbatch": m["annbatch"],
+                    "annbatch_cpu": m["annbatch_cpu"],
+                    "h5ad": median(time_h5ad(inputs, 2)) if not with_t else None,
+                    "decode_limit": limit,
+                    "decoded": m["decoded"],
+                    "verify_cost": None
+                    if m["noverify_cpu"] is None
+                    else round(1 - m["noverify_cpu"] / m["local_cpu"], 4),
+                    "ratio_vs_annbatch": ratio(m["local"], m["annbatch"]),
+                    "cpu_ratio_vs_annbatch": ratio(m["annbatch_cpu"], m["local_cpu"]),
+                    "ray_vs_local": ratio(m["ray"], m["local"]),
+                    "ray_cpu_vs_local": ratio(m["ray_cpu"], m["local_cpu"]),
+                }
+            )
 
     print(
         f"\nrandom-order batches of {BATCH} cells; cells/s, median of {rounds} x {repeats} epochs (h5ad: 2 x 12 "
-        "batches);"
+        "batches); cpu: CPU µs per cell (local: the loading process; Ray: consumer + readers + raylet)"
     )
-    print("cpu: CPU microseconds per cell of the loading process (all threads); decode 1c: one core only decompressing")
     print(
-        f"{'dataset':<18}{'case':<18}{'block x buf':>12}{'cellray':>9}{'(ray)':>8}{'annbatch':>9}{'h5ad':>7}"
-        f"{'vs annb':>8}{'vs h5ad':>8}{'cpu cr':>7}{'cpu ab':>7}{'decode 1c':>10}{'of lim':>7}"
+        f"{'dataset':<24}{'shards':>7}{'case':>7}{'block x buf':>12}{'cellray':>9}{'(ray)':>8}{'annbatch':>9}"
+        f"{'h5ad':>7}{'vs annb':>8}{'cpu cr':>7}{'ray':>6}{'ab':>6}{'verify':>7}{'decoded':>8}{'decode 1c':>10}"
+        f"{'of lim':>7}"
     )
     for r in rows:
-        best = r["cellray_local"]
-        vs_a = f"{best / r['annbatch']:.2f}x" if r["annbatch"] else "-"
-        vs_h = f"{best / r['h5ad']:.0f}x" if r["h5ad"] else "-"
         print(
-            f"{r['dataset']:<18}{r['case']:<18}{str(r['block']) + ' x ' + str(r['buffer_blocks']):>12}{fmt(best):>9}"
-            f"{fmt(r['cellray_ray']):>8}{fmt(r['annbatch']):>9}{fmt(r['h5ad']):>7}{vs_a:>8}{vs_h:>8}"
-            f"{us(r['cellray_cpu']):>7}{us(r['annbatch_cpu']):>7}{fmt(r['decode_limit']):>10}"
-            f"{best / r['decode_limit']:>7.0%}"
+            f"{r['dataset'][:23]:<24}{r['shards']:>7}{r['case'][:6]:>7}"
+            f"{str(r['block']) + ' x ' + str(r['buffer_blocks']):>12}{fmt_rate(r['cellray_local']):>9}"
+            f"{fmt_rate(r['cellray_ray']):>8}{fmt_rate(r['annbatch']):>9}{fmt_rate(r['h5ad']):>7}"
+            f"{'-' if r['ratio_vs_annbatch'] is None else str(r['ratio_vs_annbatch']) + 'x':>8}"
+            f"{fmt_us(r['cellray_cpu']):>7}{fmt_us(r['cellray_ray_cpu']):>6}{fmt_us(r['annbatch_cpu']):>6}"
+            f"{'-' if r['verify_cost'] is None else format(r['verify_cost'], '.1%'):>7}"
+            f"{'-' if r['decoded'] is None else format(r['decoded'], '.2f') + 'x':>8}"
+            f"{fmt_rate(r['decode_limit']):>10}{r['cellray_local'] / r['decode_limit']:>7.0%}"
         )
-    d = default_case
+    table = compare_rows_markdown(rows)
+    print("\n" + "\n".join(table))
+    if args.readme:
+        write_readme("loader", table, machine_note())
+    d = rows[0]
+    ratios = [(r["ratio_vs_annbatch"], f"{r['dataset']} {r['case']}") for r in rows if r["ratio_vs_annbatch"]]
+    verify = [r["verify_cost"] for r in rows if r["verify_cost"] is not None]
     summary = {
         "bench": "loader",
         "dataset": d["dataset"],
@@ -268,12 +394,112 @@ def main() -> None:
         "cellray_ray_cells_per_s": None if d["cellray_ray"] is None else round(d["cellray_ray"]),
         "annbatch_cells_per_s": None if d["annbatch"] is None else round(d["annbatch"]),
         "h5ad_cells_per_s": None if d["h5ad"] is None else round(d["h5ad"]),
-        "ratio_vs_annbatch": None if not d["annbatch"] else round(d["cellray_local"] / d["annbatch"], 2),
-        "cpu_ratio_vs_annbatch": None if not d["annbatch_cpu"] else round(d["annbatch_cpu"] / d["cellray_cpu"], 2),
+        "ratio_vs_annbatch": d["ratio_vs_annbatch"],
+        "cpu_ratio_vs_annbatch": d["cpu_ratio_vs_annbatch"],
+        "ray_vs_local": d["ray_vs_local"],
+        "ray_cpu_vs_local": d["ray_cpu_vs_local"],
+        "verify_cost": d["verify_cost"],
+        "max_verify_cost": max(verify) if verify else None,
         "decode_limit_cells_per_s": round(d["decode_limit"]),
+        "min_ratio_vs_annbatch": min(ratios)[0] if ratios else None,
+        "min_ratio_case": min(ratios)[1] if ratios else None,
+        "load_average": round(os.getloadavg()[0], 1),
         "rows": rows,
     }
     print(json.dumps(summary))
+
+
+def scaling(args) -> None:
+    """CPU per cell over store size (default --shard-size) and over shard count (one 2M-cell input)."""
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
+
+    repeats, rounds = args.repeats or 3, args.rounds or 2
+    chunk_elements = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    # inputs: 500k-cell parts (2M = 4 parts), plus small ones; same genes, so they ingest into one vocabulary
+    parts = [synthetic_input(f"scale_part{i}_500k", 500_000, 2_000, 100, seed=10 + i) for i in range(4)]
+    small = {n: synthetic_input(f"scale_{n // 1000}k", n, 2_000, 100, seed=1) for n in (10_000, 50_000, 200_000)}
+    stores = []  # (axis, store)
+    for n in (10_000, 50_000, 200_000):
+        stores.append(("cells", make_store(f"scale_{n // 1000}k", [small[n]], chunk_elements)))
+    stores.append(("cells", make_store("scale_1000k", parts[:2], chunk_elements)))
+    stores.append(("cells", make_store("scale_2000k", parts, chunk_elements)))
+    for n_shards in (1, 8, 64):
+        stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
+                                            shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
+    rows = []
+    for axis, store in stores:
+        s = Store.open(store)
+        group = max(1, -(-400_000 // s.n_cells))  # samples of >= 400k cells
+        res = {"rates": [], "cpu": []}
+        for _ in range(rounds):
+            r = time_cellray(store, "local", repeats, output="csr", block_size=args.block_size, group=group)
+            res["rates"] += r["rates"]
+            res["cpu"] += r["cpu"]
+        rows.append(
+            {
+                "axis": axis,
+                "store": store.name,
+                "cells": s.n_cells,
+                "shards": s.n_shards,
+                "cells_per_shard": max(i.n_cells for i in s.manifest.shards),
+                "cells_per_s": median(res["rates"]),
+                "cpu_s_per_cell": median(res["cpu"]),
+            }
+        )
+        print(f"{store.name:<32}{s.n_cells:>10,}{s.n_shards:>5}{fmt_us(rows[-1]['cpu_s_per_cell']):>7} µs/cell"
+              f"{fmt_rate(rows[-1]['cells_per_s']):>9} cells/s", flush=True)  # fmt: skip
+    base = min(r["cpu_s_per_cell"] for r in rows)
+    lines = [
+        "| store | cells | shards x cells per shard | CPU µs/cell | cells/s | CPU vs the cheapest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        what = "default --shard-size" if r["axis"] == "cells" else f"{r['shards']} shards"
+        lines.append(
+            f"| {what} | {r['cells']:,} | {r['shards']} x {r['cells_per_shard']:,} | {fmt_us(r['cpu_s_per_cell'])} | "
+            f"{fmt_rate(r['cells_per_s'])} | {r['cpu_s_per_cell'] / base:.2f}x |"
+        )
+    print("\n" + "\n".join(lines))
+    if args.readme:
+        write_readme("loader-scaling", lines, machine_note())
+    spread = max(r["cpu_s_per_cell"] for r in rows) / base
+    print(json.dumps({"bench": "loader-scaling", "max_cpu_per_cell_vs_min": round(spread, 3),
+                      "load_average": round(os.getloadavg()[0], 1), "rows": rows}))  # fmt: skip
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
+        kw = json.loads(sys.argv[3])
+        if not kw.pop("verify"):
+            import engine.loading.chunks
+
+            engine.loading.chunks.VERIFY_CHECKSUMS = False
+        print(json.dumps(_time_loader(Path(sys.argv[2]), "local", kw.pop("epochs"), **kw)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scaling", action="store_true", help="CPU per cell over store size and shard count")
+    ap.add_argument("--repeats", type=int, default=None, help="timed epochs per loader and round (median reported)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of all loaders in turn (evens out a busy machine)")
+    ap.add_argument("--block-size", type=int, default=None, help="cells per block (default: the Loader's, ~one chunk)")
+    ap.add_argument("--buffer-blocks", type=int, default=None, help="blocks per shuffle buffer (default: the Loader's)")
+    ap.add_argument("--chunk-elements", type=int, default=None, help="store chunk size (default: the store's default)")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray reader-actor mode")
+    ap.add_argument("--no-transforms", action="store_true", help="skip the normalize+log1p+densify case")
+    ap.add_argument("--readme", action="store_true", help="write this run's table into README.md")
+    args = ap.parse_args()
+
+    from engine.runtime import init_ray
+
+    if args.scaling:
+        init_ray(num_cpus=2)  # ingest of the 1M/2M stores runs as Ray tasks
+        scaling(args)
+        return
+    peer = peer_python()
+    if peer is None:
+        print("note: annbatch not measured (no Python >= 3.12 peers venv; run `make peers`)")
+    init_ray(num_cpus=2)
+    compare(args, peer)
 
 
 if __name__ == "__main__":

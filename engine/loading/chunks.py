@@ -1,18 +1,27 @@
-"""Direct reads of a store's X/data and X/indices: cell ranges of many shards with one decode per chunk.
+"""Direct, verified reads of a store's X arrays: cell ranges of many shards with one decode per chunk.
 
 zarr-python pays a fixed cost per request (async machinery, selection objects) that dominates when a loader
-reads many small random blocks. The store's arrays are plain zarr v3 with a fixed, simple layout (1-D,
-`sharding_indexed` with the index at the end, inner codecs `bytes` + blosc or zstd), so this module reads
-them directly: each shard file is memory-mapped and its index checked (crc32c) once, then every needed chunk
-is decompressed straight from the page cache into a reused per-thread buffer (blosc and zstd release the
-GIL, so reader threads overlap). Any other layout, or a remote store, falls back to zarr-python, which
-stays the reference (tests compare the two).
+reads many small random blocks. The store's arrays are plain zarr v3 with a fixed, simple layout, so this module
+reads them directly:
+
+- X/data and X/indices: 1-D, `sharding_indexed` (index at the end, itself crc32c-checked), inner codecs
+  `bytes` + blosc or zstd (+ `crc32c` in format v2). Each shard file is memory-mapped and its index checked once.
+- X/indptr: 1-D, plainly chunked (one file per chunk of 65,536 cells), `bytes` + zstd (+ `crc32c`). Its chunks
+  are decoded the same way and cached per shard (bounded), so a block of a big shard costs no zarr-python call.
+
+Every chunk is checked before it is decoded: its crc32c (format v2), its presence (a missing chunk file or an index
+entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
+zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
+decompressed straight from the page cache into a reused per-thread buffer (blosc and zstd release the GIL, so
+reader threads overlap). Any other layout, or a remote store, falls back to zarr-python (`Store.read_array`, also
+checked), which stays the reference: tests compare the two.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from engine.errors import StoreError
@@ -29,7 +39,10 @@ from engine.store.format import Store
 
 log = logging.getLogger(__name__)
 
-_MISSING = np.uint64(2**64 - 1)  # offset/nbytes of an empty (never written) inner chunk
+_MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
+INDPTR_CACHE_BYTES = 64 * 2**20  # decoded indptr chunks kept per reader: all of them for stores up to ~8M cells
+# Check each chunk's crc32c before decoding it (format v2). Only bench/loader.py turns this off, to measure the cost.
+VERIFY_CHECKSUMS = True
 
 
 class _LRU(OrderedDict):
@@ -52,15 +65,35 @@ class _LRU(OrderedDict):
 class _Layout:
     dtype: np.dtype
     shape: int
-    file_elems: int  # elements per shard file (outer chunk)
-    chunk_elems: int  # elements per inner (compressed) chunk
+    file_elems: int  # elements per file: a zarr shard (outer chunk), or one chunk when not sharded
+    chunk_elems: int  # elements per compressed chunk
     codec: str  # blosc | zstd | none
+    checksum: bool  # each compressed chunk ends in a little-endian crc32c of the bytes before it
+    sharded: bool
     fill_value: float
     key_prefix: str  # "c/" (default encoding, "/" separator) or "c."
 
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.shape // self.chunk_elems)
+
+
+def _chunk_codecs(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
+    """(codec, checksum) of a chain `bytes(little) [+ blosc|zstd] [+ crc32c]`, or None for any other chain."""
+    if not codecs or codecs[0]["name"] != "bytes":
+        return None
+    if (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
+        return None
+    names = [c["name"] for c in codecs[1:]]
+    checksum = bool(names) and names[-1] == "crc32c"
+    if checksum:
+        names = names[:-1]
+    codec = {(): "none", ("blosc",): "blosc", ("zstd",): "zstd"}.get(tuple(names))
+    return None if codec is None else (codec, checksum)
+
 
 def _parse_layout(path: Path) -> _Layout | None:
-    """The layout of a 1-D sharded zarr v3 array, or None when it is not one this reader handles."""
+    """The layout of a 1-D zarr v3 array this reader handles (sharded or plainly chunked), else None."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
@@ -68,41 +101,40 @@ def _parse_layout(path: Path) -> _Layout | None:
     try:
         if meta.get("zarr_format") != 3 or len(meta["shape"]) != 1 or meta["chunk_grid"]["name"] != "regular":
             return None
-        codecs = meta["codecs"]
-        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-            return None
-        cfg = codecs[0]["configuration"]
-        if cfg.get("index_location", "end") != "end":
-            return None
-        index_codecs = [c["name"] for c in cfg["index_codecs"]]
-        if index_codecs != ["bytes", "crc32c"]:
-            return None
-        inner = cfg["codecs"]
-        if inner[0]["name"] != "bytes" or inner[0].get("configuration", {}).get("endian", "little") != "little":
-            return None
-        names = [c["name"] for c in inner[1:]]
-        codec = {(): "none", ("blosc",): "blosc", ("zstd",): "zstd"}.get(tuple(names))
-        if codec is None:
-            return None
         enc = meta["chunk_key_encoding"]
         if enc["name"] != "default":
             return None
-        sep = enc.get("configuration", {}).get("separator", "/")
+        codecs = meta["codecs"]
+        file_elems = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+            cfg = codecs[0]["configuration"]
+            if cfg.get("index_location", "end") != "end" or [c["name"] for c in cfg["index_codecs"]] != [
+                "bytes",
+                "crc32c",
+            ]:
+                return None
+            parsed, sharded, chunk_elems = _chunk_codecs(cfg["codecs"]), True, int(cfg["chunk_shape"][0])
+        else:
+            parsed, sharded, chunk_elems = _chunk_codecs(codecs), False, file_elems
+        if parsed is None or file_elems % chunk_elems:
+            return None
         return _Layout(
             dtype=np.dtype(meta["data_type"]).newbyteorder("<"),
             shape=int(meta["shape"][0]),
-            file_elems=int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]),
-            chunk_elems=int(cfg["chunk_shape"][0]),
-            codec=codec,
+            file_elems=file_elems,
+            chunk_elems=chunk_elems,
+            codec=parsed[0],
+            checksum=parsed[1],
+            sharded=sharded,
             fill_value=meta.get("fill_value") or 0,
-            key_prefix=f"c{sep}",
+            key_prefix=f"c{enc.get('configuration', {}).get('separator', '/')}",
         )
-    except (KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
 
 
-def decompress(codec: str, raw: bytes, dest: np.ndarray | None = None):
-    """Decode one inner chunk, into `dest` when given (no intermediate copy)."""
+def decompress(codec: str, raw, dest: np.ndarray | None = None):
+    """Decode one chunk (its compressed bytes, without a checksum), into `dest` when given (no extra copy)."""
     if codec == "blosc":
         from numcodecs import blosc
 
@@ -118,98 +150,160 @@ def decompress(codec: str, raw: bytes, dest: np.ndarray | None = None):
 
 
 class ArrayReader:
-    """Element ranges of one 1-D sharded zarr v3 array on a local filesystem.
+    """Element ranges of one 1-D zarr v3 array on a local filesystem, every chunk verified.
 
-    Shard files are memory-mapped (read-only), so a chunk is decompressed straight from the page cache into
-    its destination: no read() copy and no intermediate buffer."""
+    Shard files are memory-mapped (read-only), so a chunk is checked and decompressed straight from the page cache
+    into its destination: no read() copy and no intermediate buffer. `strict` (format v2): every chunk inside the
+    array must exist; otherwise (v1) a chunk zarr did not write reads as the fill value."""
 
-    def __init__(self, path: Path, layout: _Layout, max_open_files: int = 64):
+    def __init__(self, path: Path, layout: _Layout, strict: bool = True, max_open_files: int = 64):
         self.path = path
         self.layout = layout
-        self._files: _LRU = _LRU(max_open_files)  # file id -> (mmap or None, index)
+        self.strict = strict
+        self._files: _LRU = _LRU(max_open_files)  # file id -> (bytes view or None, index)
         self._lock = threading.Lock()  # the LRU is shared by reader threads
 
     @classmethod
-    def open(cls, path: Path) -> ArrayReader | None:
+    def open(cls, path: Path, strict: bool = True) -> ArrayReader | None:
         layout = _parse_layout(path)
-        return None if layout is None else cls(path, layout)
+        return None if layout is None else cls(path, layout, strict)
 
     def close(self) -> None:
         with self._lock:
             self._files.clear()  # maps close when the last view into them is gone
 
-    def _file(self, file_id: int) -> tuple[Any, np.ndarray]:
+    def _where(self, chunk: int) -> str:
+        """`STORE/shards/NNNNN/X/NAME: chunk K (file c/F)`: how every error names the place."""
+        file_id = chunk * self.layout.chunk_elems // self.layout.file_elems
+        return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
+
+    def _file(self, file_id: int) -> tuple[np.ndarray | None, np.ndarray]:
         with self._lock:
             return self._files.get_or(file_id, lambda: self._open_file(file_id))
 
-    def _open_file(self, file_id: int) -> tuple[Any, np.ndarray]:
-        import mmap
-
-        n_inner = self.layout.file_elems // self.layout.chunk_elems
-        file = self.path / f"{self.layout.key_prefix}{file_id}"
-        if not file.exists():  # zarr writes no file when every chunk in it equals the fill value
-            return None, np.full((n_inner, 2), _MISSING, dtype=np.uint64)
-        with open(file, "rb") as fh:
+    def _open_file(self, file_id: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """(the file's bytes as a read-only uint8 view of its map, or None if absent; the (offset, nbytes) index of
+        its chunks). An unsharded file is one chunk spanning the whole file."""
+        lay = self.layout
+        per_file = lay.file_elems // lay.chunk_elems
+        first = file_id * per_file
+        name = f"{lay.key_prefix}{file_id}"
+        file = self.path / name
+        missing_index = np.full((per_file, 2), _MISSING, dtype=np.uint64)
+        try:
+            fh = open(file, "rb")
+        except FileNotFoundError:
+            if self.strict:
+                last = min(first + per_file, lay.n_chunks) - 1
+                what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
+                raise StoreError(f"{self.path}: chunk file {name} ({what}) is missing") from None
+            return None, missing_index  # v1: zarr writes no file when every chunk in it equals the fill value
+        with fh:
             size = os.fstat(fh.fileno()).st_size
-            nbytes = n_inner * 16 + 4
-            if size < nbytes:
-                raise StoreError(f"{file}: {size} bytes, shorter than its shard index ({nbytes} bytes): truncated")
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        raw = mm[size - nbytes :]
-        import google_crc32c
-
-        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise StoreError(f"{file}: shard index checksum mismatch (corrupted or truncated file)")
-        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
+            if size == 0:
+                raise StoreError(f"{self.path}: chunk file {name} is empty (truncated)")
+            buf = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        if not lay.sharded:
+            return buf, np.array([[0, size]], dtype=np.uint64)
+        nbytes = per_file * 16 + 4
+        last = min(first + per_file, max(1, lay.n_chunks)) - 1
+        what = f"chunks {first}-{last}"
+        if size < nbytes:
+            raise StoreError(
+                f"{self.path}: chunk file {name} ({what}) has {size} bytes, shorter than its index ({nbytes} bytes): "
+                "truncated"
+            )
+        raw = buf[size - nbytes :]
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
+            raise StoreError(
+                f"{self.path}: chunk file {name} ({what}): its chunk index fails its crc32c checksum "
+                "(corrupted or truncated file)"
+            )
+        index = raw[:-4].view("<u8").reshape(per_file, 2)
         present = index[:, 0] != _MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
-            raise StoreError(f"{file}: shard index points past the end of the file (truncated)")
-        return mm, index
+            raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
+        return buf, index
 
-    def compressed_chunks(self) -> Iterator[bytes]:
-        """Every written chunk's compressed bytes, file by file (benchmarks time decoding them alone)."""
-        for file_id in sorted(int(f.name) for f in (self.path / "c").iterdir()):
-            mm, index = self._file(file_id)
-            for off, n in index:
-                if off != _MISSING:
-                    yield mm[int(off) : int(off) + int(n)]
+    def compressed_chunks(self) -> Iterator[np.ndarray]:
+        """Every chunk's compressed bytes (checksum removed), in order (benchmarks time decoding them alone)."""
+        for c in range(self.layout.n_chunks):
+            raw = self._raw(c)
+            if raw is not None:
+                yield raw
+
+    def _raw(self, c: int) -> np.ndarray | None:
+        """Chunk c's compressed bytes, its checksum verified and removed; None for a v1 chunk never written."""
+        lay = self.layout
+        per_file = lay.file_elems // lay.chunk_elems
+        file_id, k = divmod(c, per_file)
+        buf, index = self._file(file_id)
+        off, n = int(index[k, 0]), int(index[k, 1])
+        if off == _MISSING:
+            if self.strict and c < lay.n_chunks:
+                raise StoreError(f"{self._where(c)} is missing from its chunk file's index")
+            return None
+        raw = buf[off : off + n]
+        if lay.checksum:
+            if (
+                n < 4
+                or VERIFY_CHECKSUMS
+                and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little")
+            ):
+                raise StoreError(f"{self._where(c)} fails its crc32c checksum (corrupted)")
+            raw = raw[:-4]
+        return raw
+
+    def decode(self, c: int, dest: np.ndarray) -> None:
+        """Chunk c into dest (chunk_elems elements), checked: present, checksum, decodes to the chunk's size."""
+        raw = self._raw(c)
+        if raw is None:  # v1: never written, all fill value
+            dest[:] = self.layout.fill_value
+            return
+        codec = self.layout.codec
+        # decoders fill a larger destination silently: a blosc header states the decoded size, check it (zstd
+        # refuses a smaller destination, and the checksum covers the rest)
+        if codec == "blosc" and len(raw) >= 16 and int(raw[4:8].view("<u4")[0]) != dest.nbytes:
+            raise StoreError(
+                f"{self._where(c)} holds {int(raw[4:8].view('<u4')[0])} bytes, expected {dest.nbytes} (corrupted)"
+            )
+        try:
+            decompress(codec, raw, dest)
+        except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
+            raise StoreError(f"{self._where(c)} does not decode ({type(e).__name__}: {e})") from None
 
     def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
-        """Decode inner chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
-        lay = self.layout
-        chunk = lay.chunk_elems
-        per_file = lay.file_elems // chunk
+        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
+        chunk = self.layout.chunk_elems
         for (c0, c1), base in zip(runs, bases):
             for c in range(c0, c1 + 1):
-                file_id, k = divmod(c, per_file)
-                mm, index = self._file(file_id)
-                dest = pool[base + (c - c0) * chunk : base + (c - c0 + 1) * chunk]
-                off, n = int(index[k, 0]), int(index[k, 1])
-                if off == int(_MISSING):  # never written: all fill value
-                    dest[:] = lay.fill_value
-                    continue
-                try:
-                    with memoryview(mm) as view:
-                        decompress(lay.codec, view[off : off + n], dest)
-                except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
-                    raise StoreError(f"{self.path}/c/{file_id}: chunk {k} does not decode ({e})") from e
+                self.decode(c, pool[base + (c - c0) * chunk : base + (c - c0 + 1) * chunk])
 
 
 class StoreBlocks:
     """Reads cell ranges of many shards of a store as one concatenated CSR, plus obs codes.
 
-    Shard indptrs and obs codes are cached per shard (LRU), so their memory stays bounded by the number of
-    shards touched recently, not by the store size.
+    Decoded indptr chunks and obs codes are cached (LRU), so their memory stays bounded by `indptr_cache_bytes` and
+    `cache_shards`, not by the store size. `stats` counts elements decoded against elements used (over-decoding).
     """
 
-    def __init__(self, store: Store, direct: bool = True, cache_shards: int = 64):
+    def __init__(
+        self,
+        store: Store,
+        direct: bool = True,
+        cache_shards: int = 64,
+        indptr_cache_bytes: int = INDPTR_CACHE_BYTES,
+    ):
         self.store = store
         self.direct = direct and _local(store.path)
+        self.strict = store.manifest.version >= 2  # v2 writes every chunk: a missing one is corruption
         self._arrays: dict[tuple[int, str], ArrayReader | None] = {}
-        self._indptr: _LRU = _LRU(cache_shards)
+        self._indptr_bytes = indptr_cache_bytes
+        self._indptr: _LRU | None = None  # (shard, chunk) -> decoded indptr chunk; sized on first use
         self._obs: _LRU = _LRU(cache_shards)
         self._lock = threading.Lock()
         self._scratch = threading.local()  # per-thread decode buffers, reused: no page faults per buffer
+        self.stats = {"decoded": 0, "used": 0}  # elements of X/data (= X/indices) decoded and delivered
 
     def close(self) -> None:
         for r in self._arrays.values():
@@ -217,36 +311,67 @@ class StoreBlocks:
                 r.close()
 
     def _array(self, shard: int, name: str) -> ArrayReader | None:
+        """The direct reader of X/`name` of a shard, or None (zarr-python path). Its shape is checked against the
+        manifest first, so a shard that disagrees with the manifest is refused before any read."""
         key = (shard, name)
         with self._lock:
             if key not in self._arrays:
-                path = self.store.path / self.store.manifest.shards[shard].path / "X" / name
-                self._arrays[key] = ArrayReader.open(path) if self.direct else None
+                reader = None
+                if self.direct:
+                    reader = ArrayReader.open(Path(self.store.where(shard, name)), self.strict)
+                    info = self.store.manifest.shards[shard]
+                    want = info.n_cells + 1 if name == "indptr" else info.nnz
+                    if reader is not None and reader.layout.shape != want:
+                        raise StoreError(
+                            f"{self.store.where(shard, name)}: {reader.layout.shape} elements, the manifest says "
+                            f"{want} (the manifest and the shard disagree)"
+                        )
+                self._arrays[key] = reader
             return self._arrays[key]
 
-    def indptr(self, shard: int) -> np.ndarray:
+    # -- indptr
+    def _indptr_chunk(self, shard: int, reader: ArrayReader, c: int) -> np.ndarray:
+        key = (shard, c)
         with self._lock:
-            return self._indptr.get_or(shard, lambda: self.store.shard_x(shard)["indptr"][:])
+            if self._indptr is None:
+                self._indptr = _LRU(max(4, self._indptr_bytes // (8 * reader.layout.chunk_elems)))
+            if key in self._indptr:
+                self._indptr.move_to_end(key)
+                return self._indptr[key]
+        out = np.empty(reader.layout.chunk_elems, dtype=reader.layout.dtype)
+        reader.decode(c, out)  # outside the lock: another thread may decode the same chunk, harmlessly
+        out = out.astype(np.int64, copy=False)
+        with self._lock:
+            return self._indptr.get_or(key, lambda: out)
 
     def indptr_range(self, shard: int, start: int, stop: int) -> np.ndarray:
-        """indptr[start : stop + 1] of a shard. A one-chunk indptr is read whole once and cached; a chunked one
-        is read by range, so random blocks over many shards never pull whole indptrs through the cache."""
-        with self._lock:
-            if shard in self._indptr:
-                return self._indptr.get_or(shard, None)[start : stop + 1]
-        arr = self.store.shard_x(shard)["indptr"]
-        if arr.chunks[0] >= arr.shape[0]:
-            return self.indptr(shard)[start : stop + 1]
-        return arr[start : stop + 1]
+        """indptr[start : stop + 1] of a shard (int64), from its cached, verified chunks."""
+        reader = self._array(shard, "indptr")
+        if reader is None:
+            return self.store.read_array(shard, "indptr", start, stop + 1).astype(np.int64, copy=False)
+        per = reader.layout.chunk_elems
+        c0, c1 = start // per, stop // per
+        if c0 == c1:
+            return self._indptr_chunk(shard, reader, c0)[start - c0 * per : stop - c0 * per + 1]
+        parts = [self._indptr_chunk(shard, reader, c) for c in range(c0, c1 + 1)]
+        return np.concatenate(parts)[start - c0 * per : stop - c0 * per + 1]
+
+    def indptr(self, shard: int) -> np.ndarray:
+        """A shard's whole indptr."""
+        return self.indptr_range(shard, 0, self.store.manifest.shards[shard].n_cells)
 
     def obs_codes(self, shard: int, key: str) -> np.ndarray:
         """Integer codes of a categorical obs column (or the values of a numeric one) for a whole shard."""
         with self._lock:
             return self._obs.get_or((shard, key), lambda: self.store.obs_codes(shard, key))
 
+    # -- cells
     def read_pool(self, segments: np.ndarray) -> CSRRows:
-        """Cells of `segments` (rows of shard, start, stop) in order, as a `CSRRows`: each segment's chunks are
-        decoded back to back, so every cell's non-zeros are contiguous in it, and nothing is copied after."""
+        """Cells of `segments` (rows of shard, start, stop) in order, as a `CSRRows` pointing into decoded chunks.
+
+        The chunks every segment needs are merged per shard into runs, and each run is decoded once into a pool
+        (so segments of one buffer that share a chunk decode it once); each cell's non-zeros are contiguous in the
+        pool, and nothing is copied after decoding."""
         n_seg = segments.shape[0]
         nnz_lo, nnz_hi, starts, lens = [], [], [], []
         for shard, start, stop in segments:
@@ -255,30 +380,46 @@ class StoreBlocks:
             nnz_hi.append(int(ip[-1]))
             starts.append(ip[:-1])
             lens.append(np.diff(ip))
+        readers = [(self._array(int(sh), "indices"), self._array(int(sh), "data")) for sh, _, _ in segments]
+        direct = n_seg > 0 and all(ri is not None and rd is not None for ri, rd in readers)
+        if direct:
+            chunk = readers[0][0].layout.chunk_elems
+            direct = all(ri.layout.chunk_elems == chunk == rd.layout.chunk_elems for ri, rd in readers)
+        if not direct:
+            return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
+
+        # chunk runs per segment, merged per shard where they overlap or touch: each chunk decoded once per call
+        need = sorted(
+            (int(segments[i, 0]), lo // chunk, (hi - 1) // chunk, i)
+            for i, (lo, hi) in enumerate(zip(nnz_lo, nnz_hi))
+            if hi > lo
+        )
+        runs: list[list[int]] = []  # [shard, c0, c1]
+        run_of = np.zeros(n_seg, dtype=np.int64)
+        for shard, c0, c1, i in need:
+            if runs and runs[-1][0] == shard and c0 <= runs[-1][2] + 1:
+                runs[-1][2] = max(runs[-1][2], c1)
+            else:
+                runs.append([shard, c0, c1])
+            run_of[i] = len(runs) - 1
+        sizes = np.array([(c1 - c0 + 1) * chunk for _, c0, c1 in runs], dtype=np.int64)
+        bases = np.zeros(len(runs) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bases[1:])
+        pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
+        pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
+        for r, (shard, c0, c1) in enumerate(runs):
+            self._array(shard, "indices").decode_runs([(c0, c1)], pool_i, [bases[r]])
+            self._array(shard, "data").decode_runs([(c0, c1)], pool_d, [bases[r]])
+        shift = [int(bases[run_of[i]] - runs[run_of[i]][1] * chunk) if runs else 0 for i in range(n_seg)]
+        with self._lock:
+            self.stats["decoded"] += int(bases[-1])
+            self.stats["used"] += sum(hi - lo for lo, hi in zip(nnz_lo, nnz_hi))
         dt_i = np.dtype(self.store.manifest.index_dtype)
         dt_d = np.dtype(self.store.manifest.count_dtype)
-        readers = [(self._array(int(sh), "indices"), self._array(int(sh), "data")) for sh, _, _ in segments]
-        if n_seg and all(ri is not None and rd is not None for ri, rd in readers):
-            chunk = readers[0][0].layout.chunk_elems
-            if any(ri.layout.chunk_elems != chunk or rd.layout.chunk_elems != chunk for ri, rd in readers):
-                return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
-            runs = [(lo // chunk, max(lo, hi - 1) // chunk) for lo, hi in zip(nnz_lo, nnz_hi)]
-            sizes = np.array([(c1 - c0 + 1) * chunk for c0, c1 in runs], dtype=np.int64)
-            bases = np.zeros(n_seg + 1, dtype=np.int64)
-            np.cumsum(sizes, out=bases[1:])
-            pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
-            pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
-            for s_i, (ri, rd) in enumerate(readers):
-                ri.decode_runs([runs[s_i]], pool_i, [bases[s_i]])
-                rd.decode_runs([runs[s_i]], pool_d, [bases[s_i]])
-            shift = [bases[i] - runs[i][0] * chunk for i in range(n_seg)]
-        else:
-            return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
-        row_start = np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64)
         return CSRRows(
             pool_i.astype(dt_i, copy=False),
             pool_d.astype(dt_d, copy=False),
-            row_start,
+            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64),
             np.concatenate(lens).astype(np.int64),
         )
 
@@ -292,12 +433,11 @@ class StoreBlocks:
         return buf[:n]
 
     def _read_pool_zarr(self, segments, nnz_lo, nnz_hi, starts, lens) -> CSRRows:
-        """The reference path through zarr-python: one read per segment and array, concatenated."""
+        """The reference path through zarr-python (checked reads): one read per segment and array, concatenated."""
         parts_i, parts_d, shift, pos = [], [], [], 0
         for (shard, _, _), lo, hi in zip(segments, nnz_lo, nnz_hi):
-            x = self.store.shard_x(int(shard))
-            parts_i.append(x["indices"][lo:hi])
-            parts_d.append(x["data"][lo:hi])
+            parts_i.append(self.store.read_array(int(shard), "indices", lo, hi))
+            parts_d.append(self.store.read_array(int(shard), "data", lo, hi))
             shift.append(pos - lo)
             pos += hi - lo
         dt_i = np.dtype(self.store.manifest.index_dtype)

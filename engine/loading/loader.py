@@ -136,6 +136,7 @@ class Loader:
         self._reader = BufferReader(self.store, transforms, output, self.obs_keys, direct_io)  # validates options
         self._pool: ThreadPoolExecutor | None = None
         self._actors: list = []
+        self._views = None  # engine.loading.shm.SharedViews: batches the reader actors hand over in shared memory
         self._carry: list = []
         self._ray_metrics = None
 
@@ -174,6 +175,9 @@ class Loader:
             for a in self._actors:
                 ray.kill(a)
             self._actors = []
+        if self._views is not None:
+            self._views.close()
+            self._views = None
         self._reader.close()
 
     def __enter__(self) -> Loader:
@@ -237,17 +241,28 @@ class Loader:
             return self._pool.submit(self._reader.read, plan)
         return self._submit_ray(plan)
 
-    def _submit_ray(self, plan: BufferPlan) -> list:
+    def _new_actor(self):
+        return make_reader_actor(
+            str(self.store.path),
+            self.transforms,
+            self.output,
+            self.obs_keys,
+            self.direct_io,
+            self.reader_cpus,
+            share_memory=self._views.prefix,
+        )
+
+    def _submit_ray(self, plan: BufferPlan) -> dict:
         if not self._actors:
-            self._actors = [
-                make_reader_actor(
-                    str(self.store.path), self.transforms, self.output, self.obs_keys, self.direct_io, self.reader_cpus
-                )
-                for _ in range(self.num_workers)
-            ]
-        actor = self._actors[plan.index % len(self._actors)]
-        # one object per buffer: a ray.get costs ~1 ms, so fetch a buffer's batches at once
-        return {"ref": actor.read.remote(plan), "batches": None}
+            from engine.loading.shm import SharedViews
+
+            self._views = SharedViews()
+            self._actors = [self._new_actor() for _ in range(self.num_workers)]
+        i = plan.index % len(self._actors)
+        # one call per buffer: a ray.get costs ~1 ms, so fetch a buffer's batches at once. Beside this process the
+        # reader puts them in shared memory (engine/loading/shm.py); `released` hands back what we are done with
+        ref = self._actors[i].read_many.remote([plan], self._views.released(i))
+        return {"ref": ref, "batches": None, "actor": i}
 
     def _result(self, plan: BufferPlan, handle, b: int) -> dict[str, Any]:
         if self.mode == "local":
@@ -259,19 +274,26 @@ class Loader:
         for _attempt in range(3):
             try:
                 if handle["batches"] is None:
-                    handle["batches"] = list(ray.get(handle.pop("ref")))
+                    res = ray.get(handle.pop("ref"))
+                    handle["batches"] = self._views.attach(res["buffers"][0], handle["actor"], res["dropped"])
                 out, handle["batches"][b] = handle["batches"][b], None
                 return out
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 # Ray's own retries are spent (or the actor is gone for good): replace it and re-issue the buffer
                 log.warning("reader for buffer %d of epoch %d died (%s); re-issuing it", plan.index, plan.epoch, e)
                 i = plan.index % len(self._actors)
-                self._actors[i] = make_reader_actor(
-                    str(self.store.path), self.transforms, self.output, self.obs_keys, self.direct_io, self.reader_cpus
-                )
+                self._actors[i] = self._new_actor()
+                self._views.forget(i)
                 handle.clear()
                 handle.update(self._submit_ray(plan))
                 self.metrics.reissued += 1
+            except ray.exceptions.RayTaskError as e:
+                # the read itself failed (bad bytes, a bad spec): deterministic, so never retried; the consumer
+                # gets cellray's own one-line error, not Ray's wrapper with the actor's traceback
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, CellrayError):
+                    raise cause.with_traceback(None) from None
+                raise
         raise CellrayError(f"buffer {plan.index} of epoch {plan.epoch} failed on 3 fresh readers")
 
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:

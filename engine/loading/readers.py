@@ -36,7 +36,7 @@ def single_threaded_kernels() -> None:
 
 
 def build_pipeline(transforms: Any, store: Store):
-    """None -> no pipeline; a spec (list/dict) -> `engine.preprocess.transforms.Pipeline.from_spec`; a callable as is."""
+    """None: no pipeline; a spec (list/dict): `engine.preprocess.transforms.Pipeline.from_spec`; a callable as is."""
     if transforms is None:
         return None
     if callable(transforms):
@@ -65,6 +65,7 @@ class BufferReader:
         self.output = output
         self.dense_buffers = BatchBuffers()
         self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
+        self.small_buffers = BatchBuffers()  # cell ids, obs codes, indptrs
         self.obs_keys = tuple(obs_keys)
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
@@ -126,11 +127,11 @@ class BufferReader:
         for b in range(plan.n_batches):
             sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
             r = rows_a[sel]
-            batch: dict[str, Any] = {"index": gidx_a[sel]}
+            batch: dict[str, Any] = {"index": self._take(gidx_a, sel)}
             for k in self.obs_keys:
-                batch[k] = obs_a[k][sel]
+                batch[k] = self._take(obs_a[k], sel)
             if want_pad:
-                batch["pad"] = pad_a[sel]
+                batch["pad"] = self._take(pad_a, sel)
             if self.pipeline is None:
                 batch["X"] = self._raw_x(pool, r)
             else:
@@ -152,6 +153,12 @@ class BufferReader:
         out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself
         return self.pipeline(block, index, out=out)
 
+    def _take(self, values: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """values[sel] into a reusable array (shared memory in a reader actor beside its consumer)."""
+        out = self.small_buffers.empty(len(sel), values.dtype)
+        np.take(values, sel, out=out)
+        return out
+
     def _obs_needed(self, plan: BufferPlan) -> list[str]:
         keys = list(self.obs_keys)
         if plan.balance is not None and plan.balance["key"] not in keys:
@@ -163,7 +170,9 @@ class BufferReader:
             return gather_rows_dense(pool, rows, self.store.n_genes, self.dense_buffers)
         ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
         dt = _index_dtype(ip)  # torch wants indptr and indices of one signed dtype
-        return CSRBlock(ip.astype(dt), ix.astype(dt, copy=False), dx, self.store.n_genes)
+        indptr = self.small_buffers.empty(len(ip), dt)
+        indptr[:] = ip
+        return CSRBlock(indptr, ix.astype(dt, copy=False), dx, self.store.n_genes)
 
     def _finish_x(self, x):
         if not isinstance(x, CSRBlock):
@@ -193,13 +202,54 @@ def reader_actor_class():
 
     @ray.remote
     class ReaderActor:
-        """One reader of a rank. Stateless between calls, so a restarted actor can redo any buffer."""
+        """One reader of a rank. Stateless between calls (but for reusable memory), so a restarted actor can redo
+        any buffer."""
 
-        def __init__(self, store_path: str, transforms: Any, output: str, obs_keys: Sequence[str], direct_io: bool):
+        def __init__(
+            self,
+            store_path: str,
+            transforms: Any,
+            output: str,
+            obs_keys: Sequence[str],
+            direct_io: bool,
+            shared: tuple[str, str] | None = None,
+        ):
+            from numcodecs import blosc
+
+            # reads run on this process's main thread, where blosc would start its own thread pool per chunk:
+            # a reader is one thread of work by design (its CPU share is reserved), so decode on this thread
+            blosc.use_threads = False
             self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
+            self.arena = None  # batches in shared memory, when the consumer is on this node
+            if shared is not None and shared[0] == ray.get_runtime_context().get_node_id():
+                from engine.loading.shm import Arena
+
+                self.arena = Arena.create(shared[1])
 
         def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+            """A buffer's batches, through the object store."""
             return self.reader.read(plan)
+
+        def read_many(self, plans: list[BufferPlan], released: list[str]) -> dict[str, Any]:
+            """Consecutive buffers' batches: {"buffers": [batches per plan], "dropped": [...]}. Beside the consumer,
+            their big arrays lie in shared segments (`engine.loading.shm`); `released` names the segments the
+            consumer is done with."""
+            if self.arena is None:
+                return {"buffers": [self.reader.read(p) for p in plans], "dropped": []}
+            r = self.reader
+            self.arena.begin(released)
+            saved = r.dense_buffers, r.csr_buffers, r.small_buffers
+            r.dense_buffers = r.small_buffers = self.arena  # dense X (raw or from the pipeline), ids, obs codes
+            if r.pipeline is None:  # raw CSR X (a pipeline's CSR input is scratch: it stays in private memory)
+                r.csr_buffers = self.arena
+            ok = False
+            try:
+                out = self.arena.share([r.read(p) for p in plans])
+                ok = True
+            finally:
+                r.dense_buffers, r.csr_buffers, r.small_buffers = saved
+                dropped = self.arena.end(ok)
+            return {"buffers": out, "dropped": dropped}
 
         def pid(self) -> int:
             return os.getpid()
@@ -222,19 +272,25 @@ def make_reader_actor(
     num_cpus: float = 0.5,
     node_id: str | None = None,
     max_restarts: int = 3,
+    share_memory: str | None = None,
 ):
     """A reader actor placed on `node_id` (the node of the rank it feeds; soft, so it still starts elsewhere
-    if that node is gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads."""
+    if that node is gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads.
+    `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
+    segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if _ACTOR_CLASS is None:
         _ACTOR_CLASS = reader_actor_class()
-    node_id = node_id or ray.get_runtime_context().get_node_id()
+    here = ray.get_runtime_context().get_node_id()
+    node_id = node_id or here
     return _ACTOR_CLASS.options(
         num_cpus=num_cpus,
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=True),
-    ).remote(str(store_path), transforms, output, tuple(obs_keys), direct_io)
+    ).remote(
+        str(store_path), transforms, output, tuple(obs_keys), direct_io, (here, share_memory) if share_memory else None
+    )

@@ -40,7 +40,9 @@ def to_torch(
                 )
             else:
                 arr = np.asarray(value)
-                t = torch.from_numpy(arr.astype(np.int64) if key in int_keys and arr.dtype.kind in "iu" else arr)
+                t = torch.from_numpy(
+                    arr.astype(np.int64, copy=False) if key in int_keys and arr.dtype.kind in "iu" else arr
+                )
             if pin and t.layout == torch.strided:
                 t = t.pin_memory()
             if device is not None:

@@ -68,22 +68,33 @@ def test_corrupted_shard_file_names_the_file(chunky_store, tmp_path):
     raw[-10] ^= 0xFF  # inside the shard index
     f.write_bytes(bytes(raw))
     blocks = StoreBlocks(Store.open(bad))
-    with pytest.raises(StoreError, match=r"shards/00000/X/data/c/0.*checksum"):
+    with pytest.raises(StoreError, match=r"shards/00000/X/data: chunk file c/0 \(chunks 0-\d+\): .*checksum"):
         blocks.read(np.array([[0, 0, 10]]))
     g = bad / "shards/00001/X/indices/c/0"
     raw = bytearray(g.read_bytes())
     raw[20:60] = b"\0" * 40  # inside the first compressed chunk
     g.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"shards/00001/X/indices/c/0"):
+    with pytest.raises(StoreError, match=r"shards/00001/X/indices: chunk 0 \(file c/0\)"):
         StoreBlocks(Store.open(bad)).read(np.array([[1, 0, 5]]))
 
 
-def test_unsupported_layout_falls_back_to_zarr(tmp_path):
+def test_plain_chunked_arrays_are_read_directly_other_layouts_fall_back(tmp_path):
     import zarr
 
     arr = zarr.create_array(str(tmp_path / "plain"), shape=(100,), chunks=(10,), dtype="int32")
     arr[:] = np.arange(100)
-    assert ArrayReader.open(tmp_path / "plain") is None
+    reader = ArrayReader.open(tmp_path / "plain")
+    assert reader is not None and not reader.layout.sharded and reader.layout.n_chunks == 10
+    out = np.empty(10, dtype=np.int32)
+    reader.decode(3, out)
+    assert np.array_equal(out, np.arange(30, 40))
+    two_d = zarr.create_array(str(tmp_path / "2d"), shape=(10, 10), chunks=(5, 5), dtype="int32")
+    two_d[:] = 1
+    gz = zarr.create_array(
+        str(tmp_path / "gzip"), shape=(100,), chunks=(10,), dtype="int32", compressors=[zarr.codecs.GzipCodec()]
+    )
+    gz[:] = 1
+    assert ArrayReader.open(tmp_path / "2d") is None and ArrayReader.open(tmp_path / "gzip") is None
 
 
 def test_gather_kernels_match_scipy():
@@ -160,19 +171,46 @@ def test_dense_buffers_are_reused_only_once_released():
     assert not fresh_c and c.base is base
 
 
-def test_chunked_indptr_is_read_by_range(chunky_store, tmp_path):
+def test_chunked_indptr_is_decoded_directly_and_cached_within_its_bound(chunky_store, tmp_path):
     import shutil
 
     import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     copy = Path(shutil.copytree(chunky_store, tmp_path / "chunked-indptr.store"))
     x = zarr.open_group(str(copy / "shards/00001/X"), mode="a")
     indptr = x["indptr"][:]
     del x["indptr"]
-    x.create_array("indptr", data=indptr, chunks=(64,))  # what a store with chunked indptrs holds
+    # the v2 layout of a big shard's indptr, with chunks of 64 cells instead of 65,536: many chunks here
+    x.create_array(
+        "indptr", data=indptr, chunks=(64,), compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        config={"write_empty_chunks": True},
+    )  # fmt: skip
     store = Store.open(copy)
-    blocks = StoreBlocks(store)
-    segs = np.array([[1, 100, 190], [0, 5, 9], [1, 0, 3]])
-    for got, want in zip(blocks.read(segs), StoreBlocks(Store.open(chunky_store), direct=False).read(segs)):
+    blocks = StoreBlocks(store, indptr_cache_bytes=4 * 64 * 8)  # room for 4 chunks
+    reader = blocks._array(1, "indptr")
+    assert reader is not None and reader.layout.n_chunks > 4 and reader.layout.checksum
+    reference = StoreBlocks(Store.open(chunky_store), direct=False)
+    segs = np.array([[1, 100, 190], [0, 5, 9], [1, 0, 3], [1, 60, 70], [1, 250, 500]])
+    for got, want in zip(blocks.read(segs), reference.read(segs)):
         assert np.array_equal(got, want)
-    assert 1 not in blocks._indptr and 0 in blocks._indptr  # shard 1 by range, shard 0 whole and cached
+    assert np.array_equal(blocks.indptr(1), indptr)
+    assert len(blocks._indptr) <= 4  # bounded: chunks come and go, the cache never holds more
+    assert all(shard in (0, 1) for shard, _ in blocks._indptr)
+
+
+def test_each_chunk_is_decoded_once_per_read(chunky_store):
+    store = Store.open(chunky_store)
+    blocks = StoreBlocks(store)
+    chunk = blocks._array(0, "data").layout.chunk_elems
+    ip = blocks.indptr(0)
+    # three pieces of one shard that share chunks (as pieces of neighbouring blocks in one buffer can)
+    segs = np.array([[0, 10, 40], [0, 40, 41], [0, 30, 60]])
+    want = StoreBlocks(store, direct=False).read(segs)
+    for got, w in zip(blocks.read(segs), want):
+        assert np.array_equal(got, w)
+    chunks = set()
+    for _, a, b in segs:
+        chunks |= set(range(int(ip[a]) // chunk, (int(ip[b]) - 1) // chunk + 1))
+    assert blocks.stats["decoded"] == len(chunks) * chunk  # not once per segment
+    assert blocks.stats["used"] == sum(int(ip[b] - ip[a]) for _, a, b in segs)
