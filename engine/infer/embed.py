@@ -1,34 +1,56 @@
-"""Embeddings of every cell of a store from a trained checkpoint, written as an AnnData.
+"""Embeddings and predictions of every cell of a store, written exactly once, resumably, as an AnnData.
 
-`embed(checkpoint, store, out)` fans the store's shards out to a pool of Ray actors (each loads the model
-once), runs the data section's transforms (without masking) and `model.embed` over contiguous cell ranges,
-and writes an AnnData in store order: the store's obs, `obsm["X_cellray"]`, and `uns["cellray"]` (provenance).
-The output (.h5ad or .zarr) is written under a temporary name and renamed into place.
+`run_embed(EmbedConfig)` (what `cellray embed` and `kind: embed` specs run):
+
+    driver: resolve the plan (checkpoint, gene and category mapping, transforms, layout, fingerprint)
+        -> start one Embedder actor per GPU (gpus_per_worker > 0) or per CPU slot; each loads the model once
+        -> create the output skeleton (engine.infer.parts) unless a run with the same fingerprint left one
+        -> hand the uncommitted parts to the actors, at most two in flight per actor
+    actor, per part: read its cells straight from the store's chunks, map genes and obs categories onto the
+        checkpoint's, run the training transforms (without masking) and the model batch by batch, then write,
+        rename and commit the part (engine.infer.parts.PartsOutput.write_part)
+    driver: write uns['cellray'], rename the finished directory to OUT (or assemble OUT.h5ad from it)
+
+The output is built as a hidden sibling `.OUT.parts` and renamed into place when complete. A rerun after any
+failure (a lost actor, a killed driver) finds it, skips committed parts, removes orphans and redoes the rest; a
+rerun whose checkpoint, store, transforms or layout differ is refused (or starts over with --overwrite). The
+driver holds only the layout and small records: its memory does not grow with the store.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import models
-from engine.atomic import atomic_path
-from engine.errors import InferError
-from engine.loading.tensors import to_torch
-from engine.preprocess.transforms import Pipeline
+from engine.atomic import replace_atomically
+from engine.errors import CellrayError, InferError
+from engine.infer.config import EmbedConfig
+from engine.infer.parts import Layout, PartsOutput, checksum
+from engine.infer.predict import OBSM_KEY, PRED_KEY, PRED_PROB_KEY, PROBA_KEY, Head, classifier_head, predictions, probabilities
+from engine.infer.vocab import GeneMap, category_maps, map_genes, obs_codes
 from engine.progress import Progress, silent
 from engine.runtime import ray_session
 from engine.store.format import Store
-from engine.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpoint, load_checkpoint, read_meta
 
 log = logging.getLogger(__name__)
 
-OBSM_KEY = "X_cellray"
+__all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "run_embed"]
 
+PART_BYTES = 256 * 2**20  # default cap on one part's model outputs (what a writer holds)
+IN_FLIGHT_PER_ACTOR = 2  # the next part waits in the actor's queue while it writes the current one
 
 
 @dataclass
@@ -38,43 +60,502 @@ class EmbedResult:
     dim: int
     checkpoint: Path
     step: int
+    parts: int = 0  # parts of the output
+    parts_run: int = 0  # parts this run computed (the rest were committed by an earlier run)
+    seconds: float = 0.0
+    predicts: str | None = None  # the obs column a classifier head predicts
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells * self.parts_run / max(1, self.parts) / self.seconds if self.seconds else 0.0
 
 
-def _inference_transforms(transforms: list) -> list:
+@dataclass
+class Plan:
+    """Everything an actor needs, resolved once by the driver (small: O(genes + shards))."""
+
+    checkpoint: str
+    store: str
+    transforms: list
+    pipeline_store: str | None  # the store whose vocabulary and statistics the transforms bind to; None: no store
+    genes: GeneMap
+    categories: dict[str, list[str] | None]  # obs key the model reads -> training categories (None: numeric)
+    layout: Layout
+    out: str  # the output being built
+    batch_size: int
+    threads: int
+    use_gpu: bool
+    fingerprint: str = ""
+    rows: list[str] = field(default_factory=list)  # per-cell array paths of the output
+    head: Head | None = None  # the model's classifier head (the driver's copy, for the skeleton and uns)
+    fault_part: int | None = None
+    part_delay_s: float = 0.0
+
+
+def inference_transforms(transforms: list) -> list:
     """The training transforms minus masking: inference sees every value."""
     return [t for t in transforms if not (t == "mask" or (isinstance(t, dict) and "mask" in t))]
 
 
+_STATS_STEPS = ("rank_tokens", "scale")
+
+
+def _needs_stats(transforms: list) -> bool:
+    for t in transforms:
+        name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
+        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or (
+            name == "normalize_total" and isinstance(params, dict) and "target_sum" in params and params["target_sum"] is None
+        ):
+            return True
+    return False
+
+
+@dataclass
+class _Vocabulary:
+    """A stand-in store for transforms that need only the gene vocabulary (the training store is gone)."""
+
+    gene_ids: pd.Index
+    path: str = "checkpoint vocabulary"
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+
 class Embedder:
-    """Loads a checkpoint once; embeds cell ranges of store shards. A Ray actor in `embed`, plain object in tests."""
+    """Loads a checkpoint once; computes and writes parts of the output. A Ray actor in `run_embed`."""
 
-    def __init__(self, checkpoint: str, store: str, batch_size: int = 1024):
+    def __init__(self, plan: Plan, actor_index: int = 0):
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.model, self.meta = load_checkpoint(checkpoint)
-        self.store = Store.open(store)
-        self.batch_size = batch_size
-        transforms = _inference_transforms(self.meta["data"].get("transforms") or [])
-        self.pipeline = Pipeline.from_spec(transforms, self.store) if transforms else None
-        self.obs_keys = models.make_config(self.meta["model"]["name"], self.meta["model"]["config"]).obs_keys()
+        from engine.loading.chunks import StoreBlocks
+        from engine.preprocess.transforms import Pipeline
 
-    def shard(self, shard: int) -> np.ndarray:
-        import torch
+        torch.set_num_threads(plan.threads)
+        self.plan = plan
+        self.device = torch.device("cuda") if plan.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if plan.use_gpu and self.device.type == "cpu":
+            log.warning("a GPU was asked for, but torch sees no CUDA device here: running on CPU")
+        self.model, self.meta = load_checkpoint(plan.checkpoint)
+        self.model.to(self.device)
+        self.store = Store.open(plan.store)
+        self.blocks = StoreBlocks(self.store)
+        bind: Any = Store.open(plan.pipeline_store) if plan.pipeline_store else _Vocabulary(pd.Index(self.meta["vocabulary"]["genes"]))
+        self.pipeline = Pipeline.from_spec(plan.transforms, bind) if plan.transforms else None
+        self.obs_keys = tuple(plan.categories)
+        self.head = classifier_head(self.model, plan.categories)
+        self.output = PartsOutput(plan.out)
+        self._obs_cache: collections.OrderedDict[int, pd.DataFrame] = collections.OrderedDict()
+        self.actor_index = actor_index
+        self._metrics = _Metrics(actor_index)
 
-        n = self.store.manifest.shards[shard].n_cells
-        codes = {k: self.store.obs_codes(shard, k) for k in self.obs_keys}
-        offset = int(self.store.cell_offsets[shard])
+    # -- reading
+
+    def _segments(self, start: int, stop: int) -> np.ndarray:
+        """Rows (shard, first, stop) covering global cells [start, stop) in store order."""
+        offsets = self.store.cell_offsets
+        segs = []
+        shard = int(np.searchsorted(offsets, start, side="right") - 1)
+        while start < stop:
+            hi = min(stop, int(offsets[shard + 1]))
+            segs.append((shard, start - int(offsets[shard]), hi - int(offsets[shard])))
+            start, shard = hi, shard + 1
+        return np.asarray(segs, dtype=np.int64).reshape(-1, 3)
+
+    def _obs(self, start: int, stop: int) -> pd.DataFrame:
         parts = []
-        for start in range(0, n, self.batch_size):
-            stop = min(n, start + self.batch_size)
-            block = self.store.read_csr(shard, start, stop)
-            index = np.arange(offset + start, offset + stop, dtype=np.int64)
-            out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
-            batch = to_torch({**out, **{k: v[start:stop] for k, v in codes.items()}, "index": index}, self.obs_keys)
-            with torch.inference_mode():
-                parts.append(self.model.embed(batch).cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        for shard, a, b in self._segments(start, stop):
+            shard = int(shard)
+            if shard not in self._obs_cache:
+                self._obs_cache[shard] = self.store.read_obs(shard)
+                while len(self._obs_cache) > 2:
+                    self._obs_cache.popitem(last=False)
+            parts.append(self._obs_cache[shard].iloc[a:b])
+        return pd.concat(parts) if len(parts) > 1 else parts[0]
+
+    def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
+        """Cells [start, stop) (global) of the part starting at `offset`, as the model's torch batch."""
+        from engine.loading.tensors import to_torch
+        from engine.store.format import CSRBlock
+
+        indptr, indices, data = self.blocks.read(self._segments(start, stop))
+        block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
+        index = np.arange(start, stop, dtype=np.int64)
+        out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
+        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=self.device.type == "cuda", device=self.device)
+
+    # -- computing
+
+    def compute(self, start: int, stop: int, obs: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs for cells [start, stop): embedding, and class probabilities for a classifier."""
+        import torch
+
+        obs = self._obs(start, stop) if obs is None else obs
+        codes = {k: obs_codes(obs, k, cats) for k, cats in self.plan.categories.items()}
+        embs, probas = [], []
+        with torch.inference_mode():
+            for a in range(start, stop, self.plan.batch_size):
+                b = min(stop, a + self.plan.batch_size)
+                batch = self._batch(a, b, {k: v[a - start : b - start] for k, v in codes.items()})
+                embs.append(self.model.embed(batch).float().cpu().numpy())
+                if self.head is not None:
+                    probas.append(probabilities(self.model, batch).cpu().numpy())
+        out = {OBSM_KEY: np.concatenate(embs)}
+        if probas:
+            out[PROBA_KEY] = np.concatenate(probas)
+        return out
+
+    def describe(self) -> dict[str, int]:
+        """Output widths, from the model run on the store's first cells."""
+        out = self.compute(0, min(2, self.store.n_cells))
+        return {k: int(v.shape[1]) for k, v in out.items()}
+
+    def run_part(self, part: int) -> dict[str, Any]:
+        """Compute, write and commit one part; returns its commit record."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        start, stop = plan.layout.bounds(part)
+        obs = self._obs(start, stop).copy()
+        out = self.compute(start, stop, obs)
+        head = self.head
+        if head is not None:
+            pred, prob = predictions(out[PROBA_KEY], len(head.categories))
+            obs[PRED_KEY] = pd.Categorical.from_codes(pred, categories=head.categories)
+            obs[PRED_PROB_KEY] = prob
+        arrays = self.output.obs_arrays(obs)
+        arrays.update({f"obsm/{k}": v for k, v in out.items()})
+        missing = set(plan.rows) ^ set(arrays)
+        if missing:
+            raise InferError(f"{plan.out}: part {part} does not match the output's arrays ({sorted(missing)})")
+        record = {"fingerprint": plan.fingerprint, "checksum": checksum(out)}
+
+        def before_commit() -> None:
+            if plan.part_delay_s:
+                time.sleep(plan.part_delay_s)
+            if plan.fault_part == part:
+                marker = Path(plan.out) / ".cellray" / f"fault-{part}"
+                if not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # an actor lost after renaming its chunks, before committing them
+
+        record = self.output.write_part(part, plan.layout, arrays, record, before_commit)
+        self._metrics.part(stop - start, time.perf_counter() - t0)
+        return record
+
+
+class _Metrics:
+    """cellray_embed_* series on Ray's metrics endpoint (the dashboard), tagged by actor."""
+
+    def __init__(self, actor_index: int):
+        self.enabled = False
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter, Gauge, Histogram
+
+            tags = ("actor",)
+            self.cells = Counter("cellray_embed_cells", "cells embedded and committed", tags)
+            self.parts = Counter("cellray_embed_parts", "output parts committed", tags)
+            self.rate = Gauge("cellray_embed_cells_per_s", "cells per second of the last part", tags)
+            self.seconds = Histogram("cellray_embed_part_seconds", "seconds per part", [1, 5, 15, 60, 300, 1200], tags)
+            self.tags = {"actor": str(actor_index)}
+            self.enabled = True
+        except Exception as e:  # metrics are an aid, never a reason to fail
+            log.debug("no metrics: %s", e)
+
+    def part(self, n_cells: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.cells.inc(n_cells, self.tags)
+        self.parts.inc(1, self.tags)
+        self.rate.set(n_cells / max(seconds, 1e-9), self.tags)
+        self.seconds.observe(seconds, self.tags)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap) -> str | None:
+    """The store the transforms bind to: the training store when it is still there (its statistics are the
+    model's), else the inference store if it has the training vocabulary, else only the vocabulary (None)."""
+    train_path = (meta.get("vocabulary") or {}).get("store")
+    if train_path and Path(train_path).exists():
+        try:
+            train = Store.open(train_path)
+            if gene_fingerprint([str(g) for g in train.gene_ids]) == genes.fingerprint:
+                return str(train.path)
+        except CellrayError:
+            pass
+    if genes.index is None:
+        if transforms and _needs_stats(transforms) and train_path and Path(train_path).resolve() != store.path.resolve():
+            log.warning("the training store %s is gone: the transforms use the statistics of %s", train_path, store.path)
+        return str(store.path.resolve())
+    if transforms and _needs_stats(transforms):
+        raise InferError(
+            f"{store.path}: the checkpoint's transforms need its training store's statistics, and {train_path} is gone "
+            "(or changed); embed a store with the training vocabulary, or restore the training store"
+        )
+    return None
+
+
+def _stats_digest(store_path: str | None) -> str | None:
+    if store_path is None:
+        return None
+    meta = Path(store_path) / "stats" / "zarr.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.exists() else None
+
+
+def _part_cells(config: EmbedConfig, store: Store, dims_bytes: int) -> int:
+    if config.part_cells:
+        return min(config.part_cells, store.n_cells)
+    first = store.manifest.shards[0].n_cells if store.n_shards else store.n_cells
+    return max(1, min(first, PART_BYTES // max(1, dims_bytes)))
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
+
+
+def _completed_fingerprint(out: Path) -> str | None:
+    """The fingerprint of a finished output at `out` (None: not a finished cellray output)."""
+    try:
+        if out.suffix == ".h5ad":
+            import h5py
+
+            with h5py.File(out, "r") as f:
+                v = f["uns/cellray/fingerprint"][()]
+                return v.decode() if isinstance(v, bytes) else str(v)
+        run = PartsOutput(out).read_run()
+        return run["fingerprint"] if run and run.get("complete") else None
+    except (OSError, KeyError, ValueError, CellrayError):
+        return None
+
+
+def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
+    """How many actors, and each one's resources; refuses what the cluster cannot hold."""
+    import ray
+
+    r = config.resources
+    total = ray.cluster_resources()
+    if r.gpus_per_worker > 0:
+        fit = int(total.get("GPU", 0) // r.gpus_per_worker)
+        opts = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker}
+    else:
+        fit = int(total.get("CPU", 0) // r.cpus_per_worker)
+        opts = {"num_cpus": r.cpus_per_worker}
+    n = r.workers or min(fit, 8)
+    if n > fit or fit == 0:
+        what = f"{r.gpus_per_worker:g} GPUs" if r.gpus_per_worker > 0 else f"{r.cpus_per_worker:g} CPUs"
+        raise InferError(
+            f"{config.where('resources')}: {max(n, 1)} inference actors x {what} do not fit the cluster "
+            f"({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)"
+        )
+    return max(1, min(n, n_parts)), opts
+
+
+def run_embed(config: EmbedConfig, address: str | None = None, progress: Progress | None = None) -> EmbedResult:
+    """Embed every cell of `config.store` with `config.checkpoint`; write `config.out` (see the module doc)."""
+    import dataclasses
+
+    import ray
+
+    t0 = time.perf_counter()
+    progress = progress or silent
+    out = Path(config.out)
+    if out.suffix not in (".h5ad", ".zarr"):
+        raise InferError(f"{out}: --out must end in .zarr (an AnnData zarr directory) or .h5ad")
+    ckpt = latest_checkpoint(config.checkpoint)
+    meta = read_meta(ckpt)
+    store = Store.open(config.store)
+    if store.n_cells == 0:
+        raise InferError(f"{store.path}: the store has no cells")
+    where = str(store.path)
+    genes = map_genes(store.gene_ids, meta, where, config.min_gene_overlap)
+    transforms = inference_transforms(meta["data"].get("transforms") or [])
+    model_cfg = models.make_config(meta["model"]["name"], meta["model"]["config"])
+    labels = (model_cfg.label_key,) if getattr(model_cfg, "n_classes", 0) else ()
+    categories = category_maps(meta, store.manifest.obs_schema, tuple(model_cfg.obs_keys()), where, labels)
+    pipeline_store = _bind_transforms(transforms, meta, store, genes)
+    step = int(meta["step"])
+    plan = Plan(
+        checkpoint=str(ckpt.resolve()), store=str(store.path.resolve()), transforms=transforms,
+        pipeline_store=pipeline_store, genes=genes, categories=categories, layout=Layout(store.n_cells, 1),
+        out=str(_staging(out).resolve()), batch_size=config.batch_size,
+        threads=max(1, int(config.resources.cpus_per_worker)), use_gpu=config.resources.gpus_per_worker > 0,
+        fault_part=config.debug.fault_part, part_delay_s=config.debug.part_delay_s,
+    )
+    # The output widths and the classifier head, from the model run here on two cells (actors are built with
+    # the final plan: a restarted actor gets its constructor's arguments again).
+    probe = Embedder(dataclasses.replace(plan, use_gpu=False, threads=1))
+    widths = probe.describe()
+    plan.head = probe.head
+    del probe
+    plan.layout = Layout(store.n_cells, _part_cells(config, store, 4 * sum(widths.values()) + 16))
+    components = {
+        "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{step}",
+        "store": _digest([[s.n_cells, s.checksum] for s in store.manifest.shards] + [store.n_genes]),
+        "transforms": _digest([transforms, _stats_digest(pipeline_store), genes.fingerprint,
+                               gene_fingerprint(store.gene_ids), categories]),
+        "layout": [plan.layout.n_cells, plan.layout.part_cells],
+    }
+    plan.fingerprint = _digest(components)
+    result = EmbedResult(out=out, n_cells=store.n_cells, dim=widths[OBSM_KEY], checkpoint=ckpt, step=step,
+                         parts=plan.layout.n_parts, predicts=plan.head.label_key if plan.head else None)
+    if out.exists() and not config.overwrite:
+        if _completed_fingerprint(out) == plan.fingerprint:
+            log.info("%s: already complete for this checkpoint, store and transforms", out)
+            result.seconds = time.perf_counter() - t0
+            return result
+        raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
+
+    output = PartsOutput(plan.out)
+    with ray_session(address), output.lock():
+        run = output.read_run()
+        if run is not None and (run.get("fingerprint") != plan.fingerprint or config.overwrite):
+            if not config.overwrite:
+                changed = [k for k, v in components.items() if run.get("components", {}).get(k) != v]
+                raise InferError(
+                    f"{out}: an unfinished run with another {' and '.join(changed) or 'fingerprint'} is in "
+                    f"{output.root} (fingerprint {run.get('fingerprint')}, now {plan.fingerprint}): pass --overwrite "
+                    "to start over"
+                )
+            run = None
+        if run is None:
+            plan.rows = _create_skeleton(output, store, plan, widths)
+            output.write_run({"fingerprint": plan.fingerprint, "components": components, "rows": plan.rows,
+                              "n_parts": plan.layout.n_parts, "complete": False})
+        else:
+            plan.rows = run["rows"]
+        done = output.committed(plan.fingerprint)
+        todo = [k for k in range(plan.layout.n_parts) if k not in done]
+        output.clean(todo, plan.rows)
+        result.parts_run = len(todo)
+        if todo:
+            n_actors, opts = _actors(config, len(todo))
+            log.info("%s: %d parts, %d committed earlier, %d to do on %d actors", out, plan.layout.n_parts, len(done),
+                     len(todo), n_actors)
+            _run_parts(plan, todo, len(done), n_actors, opts, progress, where)
+        if len(output.committed(plan.fingerprint)) != plan.layout.n_parts:
+            raise InferError(f"{out}: some parts are not committed; run again to finish them")
+        output.finish({"cellray": _uns(ckpt, meta, store, plan, components)})
+        output.write_run({**output.read_run(), "complete": True})
+    if out.suffix == ".zarr":
+        replace_atomically(output.root, out, overwrite=True)
+    else:
+        from engine.infer.h5ad import write_h5ad
+
+        write_h5ad(output.root, out, overwrite=True)
+        shutil.rmtree(output.root, ignore_errors=True)
+    result.seconds = time.perf_counter() - t0
+    log.info("wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s", out, result.n_cells, result.dim,
+             result.parts, result.parts_run, result.cells_per_s)
+    return result
+
+
+def _run_parts(plan: Plan, todo: list[int], n_done: int, n_actors: int, opts: dict, progress: Progress,
+               where: str) -> None:
+    """Hand `todo` to a pool of Embedder actors, at most IN_FLIGHT_PER_ACTOR each; report parts and cells.
+
+    A lost actor is restarted by Ray and its part retried (max_restarts, max_task_retries): a part's write is
+    idempotent, so a retry after a half-written part just writes it again.
+    """
+    import ray
+
+    actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(Embedder)
+    actors = [actor_cls.options(**opts).remote(plan, i) for i in range(n_actors)]
+    total = n_parts = plan.layout.n_parts
+    queue = collections.deque(todo)
+    pending: dict[Any, tuple[int, int]] = {}
+    cells_done, t0 = 0, time.perf_counter()
+    cells_todo = sum(min(plan.layout.n_cells, (k + 1) * plan.layout.part_cells) - k * plan.layout.part_cells for k in todo)
+    progress("embed", n_done, total)
+    progress("cells", 0, cells_todo)
+    try:
+        for i, actor in enumerate(actors):
+            for _ in range(IN_FLIGHT_PER_ACTOR):
+                if queue:
+                    part = queue.popleft()
+                    pending[actor.run_part.remote(part)] = (part, i)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            part, i = pending.pop(ready[0])
+            record = _get(ready[0], where, part)
+            n_done += 1
+            cells_done += int(record["rows"])
+            progress("embed", n_done, n_parts)
+            progress("cells", cells_done, cells_todo)
+            log.debug("part %d committed (%d/%d), %.0f cells/s", part, n_done, n_parts,
+                      cells_done / (time.perf_counter() - t0))
+            if queue:
+                nxt = queue.popleft()
+                pending[actors[i].run_part.remote(nxt)] = (nxt, i)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _get(ref, where: str, part: int | None = None) -> Any:
+    """ray.get, with a CellrayError raised in an actor re-raised as itself (one line for the user)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, CellrayError):
+            raise e.cause from None
+        raise InferError(f"{where}: part {part} failed: {e.cause!r}") from e
+    except ray.exceptions.RayActorError as e:
+        raise InferError(
+            f"{where}: part {part}: the inference actor was lost and its restarts ran out ({type(e).__name__}); "
+            "run again to resume (committed parts are kept)"
+        ) from e
+
+
+def _create_skeleton(output: PartsOutput, store: Store, plan: Plan, widths: dict[str, int]) -> list[str]:
+    """The output's arrays, empty: obs with the store's columns (unified categories) and the prediction
+    columns, obsm with the model's outputs."""
+    template = store.read_obs(0).iloc[:0].copy()
+    for col, spec in store.manifest.obs_schema.items():
+        if col in template and "categories" in spec:
+            template[col] = pd.Categorical([], categories=spec["categories"])
+    if plan.head is not None:
+        template[PRED_KEY] = pd.Categorical([], categories=plan.head.categories)
+        template[PRED_PROB_KEY] = np.zeros(0, dtype=np.float32)
+    return output.create(plan.layout, template, {k: (w, "float32") for k, w in widths.items()})
+
+
+def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, components: dict) -> dict[str, Any]:
+    uns = {
+        "model": meta["model"]["name"],
+        "checkpoint": str(ckpt.resolve()),
+        "step": int(meta["step"]),
+        "store": str(store.path.resolve()),
+        "vocabulary_fingerprint": plan.genes.fingerprint,
+        "genes_missing": int(plan.genes.n_missing),
+        "transforms": json.dumps(plan.transforms),
+        "fingerprint": plan.fingerprint,
+        "components": {k: json.dumps(v) if not isinstance(v, str) else v for k, v in components.items()},
+        "parts": int(plan.layout.n_parts),
+        "part_cells": int(plan.layout.part_cells),
+    }
+    if plan.head is not None:
+        uns["label_key"] = plan.head.label_key
+        uns["classes"] = plan.head.classes
+    return uns
 
 
 def embed(
@@ -87,60 +568,13 @@ def embed(
     num_actors: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    **options: Any,
 ) -> EmbedResult:
-    """Embed every cell of `store` with the model of `checkpoint` (a checkpoint dir or a run's output folder)."""
-    import anndata as ad
-    import pandas as pd
-    import ray
-    from ray.util import ActorPool
-
-    out = Path(out)
-    if out.suffix not in (".h5ad", ".zarr"):
-        raise InferError(f"{out}: --out must end in .h5ad or .zarr")
-    if out.exists() and not overwrite:
-        raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
-    ckpt = latest_checkpoint(checkpoint)
-    st = Store.open(store)
-    progress = progress or silent
-    with ray_session(address):
-        n_shards = st.n_shards
-        n_actors = num_actors or max(1, min(n_shards, int(ray.available_resources().get("CPU", 1)), 8))
-        actor = ray.remote(num_cpus=1)(Embedder)
-        actors = [actor.remote(str(ckpt), str(st.path.resolve()), batch_size) for _ in range(n_actors)]
-        pool = ActorPool(actors)
-        parts = []
-        for i, part in enumerate(pool.map(lambda a, s: a.shard.remote(s), range(n_shards))):  # results in shard order
-            parts.append(part)
-            progress("embed", i + 1, n_shards)
-        for a in actors:
-            ray.kill(a)
-    emb = np.concatenate(parts).astype(np.float32)
-    if emb.shape[0] != st.n_cells:
-        raise InferError(f"{st.path}: embedded {emb.shape[0]} cells, the manifest says {st.n_cells}")
-    obs = pd.concat([st.read_obs(s) for s in range(st.n_shards)])
-    meta = read_meta(ckpt)
-    adata = ad.AnnData(obs=obs, obsm={OBSM_KEY: emb})
-    adata.uns["cellray"] = {
-        "checkpoint": str(ckpt),
-        "model": meta["model"]["name"],
-        "step": int(meta["step"]),
-        "store": str(st.path),
-    }
-    _write_atomically(adata, out, overwrite)
-    log.info("wrote %s: %d cells x %d dims", out, emb.shape[0], emb.shape[1])
-    return EmbedResult(out=out, n_cells=emb.shape[0], dim=emb.shape[1], checkpoint=ckpt, step=int(meta["step"]))
-
-
-def _write_atomically(adata, out: Path, overwrite: bool) -> None:
-    import warnings
-
-    import anndata as ad
-
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        if out.suffix == ".zarr":
-            # zarr v3 with sharding: the format of cellray stores, and anndata's next defaults
-            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-                adata.write_zarr(tmp)
-        else:
-            adata.write_h5ad(tmp)
+    """Embed every cell of `store` with the model of `checkpoint` (a checkpoint dir or a run's output folder)
+    into `out` (.zarr or .h5ad). `options`: further EmbedConfig fields (part_cells, min_gene_overlap, ...)."""
+    resources = dict(options.pop("resources", {}))
+    if num_actors:
+        resources["workers"] = num_actors
+    config = EmbedConfig(checkpoint=str(checkpoint), store=str(store), out=str(out), batch_size=batch_size,
+                         overwrite=overwrite, resources=resources, **options)
+    return run_embed(config, address=address, progress=progress)
