@@ -19,6 +19,7 @@ from pydantic import Field
 
 from engine.config import Config, Section
 from engine.errors import SpecError
+from engine.runtime import Executor
 
 
 class InferResources(Section):
@@ -50,6 +51,9 @@ class EmbedConfig(Config):
     part_cells: int | None = Field(None, gt=0)
     min_gene_overlap: float = Field(0.5, ge=0, le=1)
     overwrite: bool = False
+    # "ray": an actor pool; "local": one Embedder in this process (no Ray start-up); "auto": local for stores under
+    # engine.runtime.LOCAL_MAX_BYTES of counts when no workers, GPUs or cluster address are asked for, else ray
+    executor: Executor = "auto"
     resources: InferResources = Field(default_factory=InferResources)
     debug: InferDebug = Field(default_factory=InferDebug)
     source: str | None = Field(None, exclude=True)  # the YAML file, for error messages

@@ -4,6 +4,7 @@
 
     driver: resolve the plan (checkpoint, gene and category mapping, transforms, layout, fingerprint)
         -> start one Embedder actor per GPU (gpus_per_worker > 0) or per CPU slot; each loads the model once
+           (executor: local, or auto on a small store: one Embedder in this process, no Ray start-up)
         -> create the output skeleton (engine.infer.parts) unless a run with the same fingerprint left one
         -> hand the uncommitted parts to the actors, at most two in flight per actor
     actor, per part: read its cells straight from the store's chunks, map genes and obs categories onto the
@@ -20,13 +21,15 @@ driver holds only the layout and small records: its memory does not grow with th
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +41,19 @@ from engine.atomic import replace_atomically
 from engine.errors import CellrayError, InferError
 from engine.infer.config import EmbedConfig
 from engine.infer.parts import Layout, PartsOutput, checksum
-from engine.infer.predict import OBSM_KEY, PRED_KEY, PRED_PROB_KEY, PROBA_KEY, Head, classifier_head, predictions, probabilities
+from engine.infer.predict import (
+    OBSM_KEY,
+    PRED_KEY,
+    PRED_PROB_KEY,
+    PROBA_KEY,
+    Head,
+    classifier_head,
+    predictions,
+    probabilities,
+)
 from engine.infer.vocab import GeneMap, category_maps, map_genes, obs_codes
 from engine.progress import Progress, silent
-from engine.runtime import ray_session
+from engine.runtime import LOCAL_MAX_BYTES, ray_session
 from engine.store.format import Store
 from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpoint, load_checkpoint, read_meta
 
@@ -49,7 +61,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "run_embed"]
 
-PART_BYTES = 256 * 2**20  # default cap on one part's model outputs (what a writer holds)
+MAX_PART_CELLS = 131_072  # default cap on a part (one store shard): 256 MB of outputs at 512 dims
 IN_FLIGHT_PER_ACTOR = 2  # the next part waits in the actor's queue while it writes the current one
 
 
@@ -70,9 +82,10 @@ class EmbedResult:
         return self.n_cells * self.parts_run / max(1, self.parts) / self.seconds if self.seconds else 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Everything an actor needs, resolved once by the driver (small: O(genes + shards))."""
+    """What an actor is built from, resolved once by the driver (small: O(genes + shards)). A restarted actor is
+    built from it again, so it holds nothing that the run decides later (that comes with each part: `Run`)."""
 
     checkpoint: str
     store: str
@@ -80,16 +93,21 @@ class Plan:
     pipeline_store: str | None  # the store whose vocabulary and statistics the transforms bind to; None: no store
     genes: GeneMap
     categories: dict[str, list[str] | None]  # obs key the model reads -> training categories (None: numeric)
-    layout: Layout
     out: str  # the output being built
     batch_size: int
-    threads: int
+    threads: int  # torch threads per actor (0: torch's default, for executor: local)
     use_gpu: bool
-    fingerprint: str = ""
-    rows: list[str] = field(default_factory=list)  # per-cell array paths of the output
-    head: Head | None = None  # the model's classifier head (the driver's copy, for the skeleton and uns)
     fault_part: int | None = None
     part_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """The output a part belongs to: its layout, the run's fingerprint and the per-cell arrays it writes."""
+
+    layout: Layout
+    fingerprint: str
+    rows: tuple[str, ...]
 
 
 def inference_transforms(transforms: list) -> list:
@@ -131,7 +149,8 @@ class Embedder:
         from engine.loading.chunks import StoreBlocks
         from engine.preprocess.transforms import Pipeline
 
-        torch.set_num_threads(plan.threads)
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
         self.plan = plan
         self.device = torch.device("cuda") if plan.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         if plan.use_gpu and self.device.type == "cpu":
@@ -205,16 +224,16 @@ class Embedder:
             out[PROBA_KEY] = np.concatenate(probas)
         return out
 
-    def describe(self) -> dict[str, int]:
-        """Output widths, from the model run on the store's first cells."""
+    def describe(self) -> tuple[dict[str, int], Head | None]:
+        """Output widths (from the model run on the store's first cells) and the classifier head, if any."""
         out = self.compute(0, min(2, self.store.n_cells))
-        return {k: int(v.shape[1]) for k, v in out.items()}
+        return {k: int(v.shape[1]) for k, v in out.items()}, self.head
 
-    def run_part(self, part: int) -> dict[str, Any]:
+    def run_part(self, part: int, run: Run) -> dict[str, Any]:
         """Compute, write and commit one part; returns its commit record."""
         t0 = time.perf_counter()
         plan = self.plan
-        start, stop = plan.layout.bounds(part)
+        start, stop = run.layout.bounds(part)
         obs = self._obs(start, stop).copy()
         out = self.compute(start, stop, obs)
         head = self.head
@@ -224,10 +243,10 @@ class Embedder:
             obs[PRED_PROB_KEY] = prob
         arrays = self.output.obs_arrays(obs)
         arrays.update({f"obsm/{k}": v for k, v in out.items()})
-        missing = set(plan.rows) ^ set(arrays)
+        missing = set(run.rows) ^ set(arrays)
         if missing:
             raise InferError(f"{plan.out}: part {part} does not match the output's arrays ({sorted(missing)})")
-        record = {"fingerprint": plan.fingerprint, "checksum": checksum(out)}
+        record = {"fingerprint": run.fingerprint, "checksum": checksum(out)}
 
         def before_commit() -> None:
             if plan.part_delay_s:
@@ -238,7 +257,7 @@ class Embedder:
                     marker.touch()
                     os._exit(1)  # an actor lost after renaming its chunks, before committing them
 
-        record = self.output.write_part(part, plan.layout, arrays, record, before_commit)
+        record = self.output.write_part(part, run.layout, arrays, record, before_commit)
         self._metrics.part(stop - start, time.perf_counter() - t0)
         return record
 
@@ -319,28 +338,35 @@ def _stats_digest(store_path: str | None) -> str | None:
     return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.exists() else None
 
 
-def _part_cells(config: EmbedConfig, store: Store, dims_bytes: int) -> int:
+def _part_cells(config: EmbedConfig, store: Store) -> int:
     if config.part_cells:
         return min(config.part_cells, store.n_cells)
     first = store.manifest.shards[0].n_cells if store.n_shards else store.n_cells
-    return max(1, min(first, PART_BYTES // max(1, dims_bytes)))
+    return max(1, min(first, MAX_PART_CELLS))
 
 
 def _staging(out: Path) -> Path:
     return out.parent / f".{out.name}.parts"
 
 
-def _completed_fingerprint(out: Path) -> str | None:
-    """The fingerprint of a finished output at `out` (None: not a finished cellray output)."""
+def _completed(out: Path) -> dict[str, Any] | None:
+    """{fingerprint, dim, predicts} of a finished output at `out` (None: not a finished cellray output)."""
+    import anndata as ad
+
     try:
         if out.suffix == ".h5ad":
             import h5py
 
             with h5py.File(out, "r") as f:
-                v = f["uns/cellray/fingerprint"][()]
-                return v.decode() if isinstance(v, bytes) else str(v)
-        run = PartsOutput(out).read_run()
-        return run["fingerprint"] if run and run.get("complete") else None
+                uns = ad.io.read_elem(f["uns/cellray"])
+                dim = f["obsm"][OBSM_KEY].shape[1]
+        else:
+            run = PartsOutput(out).read_run()
+            if not run or not run.get("complete"):
+                return None
+            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
+            dim = run["widths"][OBSM_KEY]
+        return {"fingerprint": str(uns["fingerprint"]), "dim": int(dim), "predicts": uns.get("label_key")}
     except (OSError, KeyError, ValueError, CellrayError):
         return None
 
@@ -369,8 +395,6 @@ def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
 
 def run_embed(config: EmbedConfig, address: str | None = None, progress: Progress | None = None) -> EmbedResult:
     """Embed every cell of `config.store` with `config.checkpoint`; write `config.out` (see the module doc)."""
-    import dataclasses
-
     import ray
 
     t0 = time.perf_counter()
@@ -393,66 +417,77 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     step = int(meta["step"])
     plan = Plan(
         checkpoint=str(ckpt.resolve()), store=str(store.path.resolve()), transforms=transforms,
-        pipeline_store=pipeline_store, genes=genes, categories=categories, layout=Layout(store.n_cells, 1),
-        out=str(_staging(out).resolve()), batch_size=config.batch_size,
-        threads=max(1, int(config.resources.cpus_per_worker)), use_gpu=config.resources.gpus_per_worker > 0,
-        fault_part=config.debug.fault_part, part_delay_s=config.debug.part_delay_s,
+        pipeline_store=pipeline_store, genes=genes, categories=categories, out=str(_staging(out).resolve()),
+        batch_size=config.batch_size, threads=max(1, int(config.resources.cpus_per_worker)),
+        use_gpu=config.resources.gpus_per_worker > 0, fault_part=config.debug.fault_part,
+        part_delay_s=config.debug.part_delay_s,
     )
-    # The output widths and the classifier head, from the model run here on two cells (actors are built with
-    # the final plan: a restarted actor gets its constructor's arguments again).
-    probe = Embedder(dataclasses.replace(plan, use_gpu=False, threads=1))
-    widths = probe.describe()
-    plan.head = probe.head
-    del probe
-    plan.layout = Layout(store.n_cells, _part_cells(config, store, 4 * sum(widths.values()) + 16))
+    layout = Layout(store.n_cells, _part_cells(config, store))
     components = {
         "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{step}",
         "store": _digest([[s.n_cells, s.checksum] for s in store.manifest.shards] + [store.n_genes]),
         "transforms": _digest([transforms, _stats_digest(pipeline_store), genes.fingerprint,
                                gene_fingerprint(store.gene_ids), categories]),
-        "layout": [plan.layout.n_cells, plan.layout.part_cells],
+        "layout": [layout.n_cells, layout.part_cells],
     }
-    plan.fingerprint = _digest(components)
-    result = EmbedResult(out=out, n_cells=store.n_cells, dim=widths[OBSM_KEY], checkpoint=ckpt, step=step,
-                         parts=plan.layout.n_parts, predicts=plan.head.label_key if plan.head else None)
+    fingerprint = _digest(components)
+    result = EmbedResult(out=out, n_cells=store.n_cells, dim=0, checkpoint=ckpt, step=step, parts=layout.n_parts)
     if out.exists() and not config.overwrite:
-        if _completed_fingerprint(out) == plan.fingerprint:
+        done = _completed(out)
+        if done is not None and done["fingerprint"] == fingerprint:
             log.info("%s: already complete for this checkpoint, store and transforms", out)
+            result.dim, result.predicts = done["dim"], done["predicts"]
             result.seconds = time.perf_counter() - t0
             return result
         raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
-
     output = PartsOutput(plan.out)
-    with ray_session(address), output.lock():
-        run = output.read_run()
-        if run is not None and (run.get("fingerprint") != plan.fingerprint or config.overwrite):
-            if not config.overwrite:
-                changed = [k for k, v in components.items() if run.get("components", {}).get(k) != v]
-                raise InferError(
-                    f"{out}: an unfinished run with another {' and '.join(changed) or 'fingerprint'} is in "
-                    f"{output.root} (fingerprint {run.get('fingerprint')}, now {plan.fingerprint}): pass --overwrite "
-                    "to start over"
-                )
+    previous = output.read_run()
+    if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
+        changed = [k for k, v in components.items() if previous.get("components", {}).get(k) != v]
+        raise InferError(
+            f"{out}: an unfinished run with another {' and '.join(changed) or 'fingerprint'} is in {output.root} "
+            f"(fingerprint {previous.get('fingerprint')}, now {fingerprint}): pass --overwrite to start over"
+        )
+
+    r = config.resources
+    local = config.executor == "local" or (
+        config.executor == "auto" and address is None and not r.workers and not r.gpus_per_worker
+        and store.x_bytes < LOCAL_MAX_BYTES
+    )
+    with contextlib.nullcontext() if local else ray_session(address), output.lock():
+        run = output.read_run()  # again, under the lock
+        if run is not None and (run.get("fingerprint") != fingerprint or config.overwrite):
+            if run.get("fingerprint") != fingerprint and not config.overwrite:
+                raise InferError(f"{out}: another run changed {output.root} meanwhile; run again")
             run = None
-        if run is None:
-            plan.rows = _create_skeleton(output, store, plan, widths)
-            output.write_run({"fingerprint": plan.fingerprint, "components": components, "rows": plan.rows,
-                              "n_parts": plan.layout.n_parts, "complete": False})
-        else:
-            plan.rows = run["rows"]
-        done = output.committed(plan.fingerprint)
-        todo = [k for k in range(plan.layout.n_parts) if k not in done]
-        output.clean(todo, plan.rows)
-        result.parts_run = len(todo)
-        if todo:
-            n_actors, opts = _actors(config, len(todo))
-            log.info("%s: %d parts, %d committed earlier, %d to do on %d actors", out, plan.layout.n_parts, len(done),
-                     len(todo), n_actors)
-            _run_parts(plan, todo, len(done), n_actors, opts, progress, where)
-        if len(output.committed(plan.fingerprint)) != plan.layout.n_parts:
+        done = output.committed(fingerprint) if run is not None else {}
+        todo = [k for k in range(layout.n_parts) if k not in done]
+        actors = [] if local or not todo else _start_actors(config, plan, len(todo))
+        embedder = Embedder(dataclasses.replace(plan, threads=0)) if local and (todo or run is None) else None
+        try:
+            if run is None:  # a fresh output: widths and head from the model, run by an actor on two cells
+                widths, head = embedder.describe() if local else _get(actors[0].describe.remote(), where)
+                rows = _create_skeleton(output, store, layout, widths, head)
+                run = {"fingerprint": fingerprint, "components": components, "rows": rows, "n_parts": layout.n_parts,
+                       "widths": widths, "head": dataclasses.asdict(head) if head else None, "complete": False}
+                output.write_run(run)
+            spec = Run(layout, fingerprint, tuple(run["rows"]))
+            output.clean(todo, list(spec.rows))
+            result.parts_run = len(todo)
+            log.info("%s: %d parts, %d committed earlier, %d to do %s", out, layout.n_parts, len(done), len(todo),
+                     "in this process" if local else f"on {len(actors)} actors")
+            if todo and local:
+                _run_parts_here(embedder, spec, todo, len(done), progress)
+            elif todo:
+                _run_parts(actors, spec, todo, len(done), progress, where)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        if len(output.committed(fingerprint)) != layout.n_parts:
             raise InferError(f"{out}: some parts are not committed; run again to finish them")
-        output.finish({"cellray": _uns(ckpt, meta, store, plan, components)})
-        output.write_run({**output.read_run(), "complete": True})
+        head = Head(**run["head"]) if run.get("head") else None
+        output.finish({"cellray": _uns(ckpt, meta, store, plan, layout, fingerprint, components, head)})
+        output.write_run({**run, "complete": True})
     if out.suffix == ".zarr":
         replace_atomically(output.root, out, overwrite=True)
     else:
@@ -460,52 +495,66 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
 
         write_h5ad(output.root, out, overwrite=True)
         shutil.rmtree(output.root, ignore_errors=True)
+    result.dim, result.predicts = int(run["widths"][OBSM_KEY]), head.label_key if head else None
     result.seconds = time.perf_counter() - t0
     log.info("wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s", out, result.n_cells, result.dim,
              result.parts, result.parts_run, result.cells_per_s)
     return result
 
 
-def _run_parts(plan: Plan, todo: list[int], n_done: int, n_actors: int, opts: dict, progress: Progress,
-               where: str) -> None:
-    """Hand `todo` to a pool of Embedder actors, at most IN_FLIGHT_PER_ACTOR each; report parts and cells.
-
-    A lost actor is restarted by Ray and its part retried (max_restarts, max_task_retries): a part's write is
-    idempotent, so a retry after a half-written part just writes it again.
-    """
+def _start_actors(config: EmbedConfig, plan: Plan, n_parts: int) -> list:
+    """The actor pool: one Embedder per GPU share (gpus_per_worker > 0) or per CPU slot, each loading the model
+    once. Ray restarts a lost actor and retries its part (a part's write is idempotent)."""
     import ray
 
+    n, opts = _actors(config, n_parts)
     actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(Embedder)
-    actors = [actor_cls.options(**opts).remote(plan, i) for i in range(n_actors)]
-    total = n_parts = plan.layout.n_parts
+    return [actor_cls.options(**opts).remote(plan, i) for i in range(n)]
+
+
+def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: Progress, where: str) -> None:
+    """Hand `todo` to the actors, at most IN_FLIGHT_PER_ACTOR each; report parts done/total and cells."""
+    import ray
+
+    layout = run.layout
     queue = collections.deque(todo)
     pending: dict[Any, tuple[int, int]] = {}
+    cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
     cells_done, t0 = 0, time.perf_counter()
-    cells_todo = sum(min(plan.layout.n_cells, (k + 1) * plan.layout.part_cells) - k * plan.layout.part_cells for k in todo)
-    progress("embed", n_done, total)
+    progress("embed", n_done, layout.n_parts)
     progress("cells", 0, cells_todo)
-    try:
-        for i, actor in enumerate(actors):
-            for _ in range(IN_FLIGHT_PER_ACTOR):
-                if queue:
-                    part = queue.popleft()
-                    pending[actor.run_part.remote(part)] = (part, i)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            part, i = pending.pop(ready[0])
-            record = _get(ready[0], where, part)
-            n_done += 1
-            cells_done += int(record["rows"])
-            progress("embed", n_done, n_parts)
-            progress("cells", cells_done, cells_todo)
-            log.debug("part %d committed (%d/%d), %.0f cells/s", part, n_done, n_parts,
-                      cells_done / (time.perf_counter() - t0))
+    for i, actor in enumerate(actors):
+        for _ in range(IN_FLIGHT_PER_ACTOR):
             if queue:
-                nxt = queue.popleft()
-                pending[actors[i].run_part.remote(nxt)] = (nxt, i)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+                part = queue.popleft()
+                pending[actor.run_part.remote(part, run)] = (part, i)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        part, i = pending.pop(ready[0])
+        record = _get(ready[0], where, part)
+        n_done += 1
+        cells_done += int(record["rows"])
+        progress("embed", n_done, layout.n_parts)
+        progress("cells", cells_done, cells_todo)
+        log.debug("part %d committed (%d/%d), %.0f cells/s", part, n_done, layout.n_parts,
+                  cells_done / (time.perf_counter() - t0))
+        if queue:
+            nxt = queue.popleft()
+            pending[actors[i].run_part.remote(nxt, run)] = (nxt, i)
+
+
+def _run_parts_here(embedder: Embedder, run: Run, todo: list[int], n_done: int, progress: Progress) -> None:
+    """The same parts, one after another in this process (executor: local)."""
+    layout = run.layout
+    cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
+    cells_done = 0
+    progress("embed", n_done, layout.n_parts)
+    progress("cells", 0, cells_todo)
+    for part in todo:
+        cells_done += int(embedder.run_part(part, run)["rows"])
+        n_done += 1
+        progress("embed", n_done, layout.n_parts)
+        progress("cells", cells_done, cells_todo)
 
 
 def _get(ref, where: str, part: int | None = None) -> Any:
@@ -525,20 +574,22 @@ def _get(ref, where: str, part: int | None = None) -> Any:
         ) from e
 
 
-def _create_skeleton(output: PartsOutput, store: Store, plan: Plan, widths: dict[str, int]) -> list[str]:
+def _create_skeleton(output: PartsOutput, store: Store, layout: Layout, widths: dict[str, int],
+                     head: Head | None) -> list[str]:
     """The output's arrays, empty: obs with the store's columns (unified categories) and the prediction
     columns, obsm with the model's outputs."""
     template = store.read_obs(0).iloc[:0].copy()
     for col, spec in store.manifest.obs_schema.items():
         if col in template and "categories" in spec:
             template[col] = pd.Categorical([], categories=spec["categories"])
-    if plan.head is not None:
-        template[PRED_KEY] = pd.Categorical([], categories=plan.head.categories)
+    if head is not None:
+        template[PRED_KEY] = pd.Categorical([], categories=head.categories)
         template[PRED_PROB_KEY] = np.zeros(0, dtype=np.float32)
-    return output.create(plan.layout, template, {k: (w, "float32") for k, w in widths.items()})
+    return output.create(layout, template, {k: (w, "float32") for k, w in widths.items()})
 
 
-def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, components: dict) -> dict[str, Any]:
+def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, layout: Layout, fingerprint: str, components: dict,
+         head: Head | None) -> dict[str, Any]:
     uns = {
         "model": meta["model"]["name"],
         "checkpoint": str(ckpt.resolve()),
@@ -547,14 +598,14 @@ def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, components: dict) -> 
         "vocabulary_fingerprint": plan.genes.fingerprint,
         "genes_missing": int(plan.genes.n_missing),
         "transforms": json.dumps(plan.transforms),
-        "fingerprint": plan.fingerprint,
-        "components": {k: json.dumps(v) if not isinstance(v, str) else v for k, v in components.items()},
-        "parts": int(plan.layout.n_parts),
-        "part_cells": int(plan.layout.part_cells),
+        "fingerprint": fingerprint,
+        "components": {k: v if isinstance(v, str) else json.dumps(v) for k, v in components.items()},
+        "parts": int(layout.n_parts),
+        "part_cells": int(layout.part_cells),
     }
-    if plan.head is not None:
-        uns["label_key"] = plan.head.label_key
-        uns["classes"] = plan.head.classes
+    if head is not None:
+        uns["label_key"] = head.label_key
+        uns["classes"] = head.classes
     return uns
 
 

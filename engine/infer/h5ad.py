@@ -65,7 +65,6 @@ def write_h5ad(zarr_path: str | os.PathLike, out: str | os.PathLike, overwrite: 
 
     src = zarr.open_group(str(zarr_path), mode="r")
     out = Path(out)
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        with h5py.File(tmp, "w") as f:
-            _copy(src, f)
+    with atomic_path(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        _copy(src, f)
     return out

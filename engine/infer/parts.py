@@ -27,9 +27,10 @@ import shutil
 import uuid
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -123,7 +124,8 @@ class PartsOutput:
         import anndata as ad
         import zarr
 
-        g = zarr.open_group(str(self.root), mode="w", zarr_format=3)
+        self.reset()
+        g = zarr.open_group(str(self.root), mode="a", zarr_format=3)
         g.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         with _quiet():
             ad.io.write_elem(g, "obs", obs_template.iloc[:0])
@@ -138,6 +140,16 @@ class PartsOutput:
                            dtype=dtype, attributes=ARRAY_ATTRS)
             rows.append(f"obsm/{name}")
         return rows
+
+    def reset(self) -> None:
+        """Remove everything of an earlier run (arrays, records, temporaries) but the lock this driver holds."""
+        for child in self.root.iterdir() if self.root.is_dir() else ():
+            if child.name == META_DIR:
+                for sub in child.iterdir():
+                    if sub.name != "lock":
+                        shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+            else:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     def _resize(self, path: str, layout: Layout) -> None:
         """An empty per-cell array written by anndata, given the whole store's length and one chunk per part."""

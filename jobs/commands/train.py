@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part-cells", type=int, default=None, help="cells per output part (default: one store shard)")
     p.add_argument("--min-gene-overlap", type=float, default=0.5,
                    help="refuse a store holding fewer of the checkpoint's genes than this fraction")
+    p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                   help="ray: an actor pool; local: in this process; auto: local for small stores unless --workers/--gpus")
     p.add_argument("--label-key", default=None, help="obs column: print the kNN label accuracy of the embeddings")
     p.add_argument("--overwrite", action="store_true", help="start over, replacing OUT and any unfinished run")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
@@ -82,6 +84,7 @@ def run_embed(args: argparse.Namespace) -> int:
     config = EmbedConfig(
         checkpoint=str(args.checkpoint), store=str(args.store), out=str(args.out), batch_size=args.batch_size,
         part_cells=args.part_cells, min_gene_overlap=args.min_gene_overlap, overwrite=args.overwrite,
+        executor=args.executor,
         resources={"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker},
         source="cellray embed",
     )

@@ -36,7 +36,7 @@ def test_commit_records_match_the_written_parts(vae_checkpoint, tiny_store, tmp_
     import anndata as ad
 
     out = tmp_path / "emb.zarr"
-    res = embed(vae_checkpoint, tiny_store, out, num_actors=1, part_cells=400)  # one part per shard
+    res = embed(vae_checkpoint, tiny_store, out, part_cells=400)  # in-process (a small store); one part per shard
     assert (res.parts, res.parts_run) == (4, 4)
     emb = ad.read_zarr(out).obsm[OBSM_KEY]
     records = sorted((out / ".cellray" / "parts").glob("*.json"))
@@ -55,7 +55,7 @@ def test_h5ad_assembled_from_parts_opens_in_scanpy(reference_embedding, vae_chec
     import scanpy as sc
 
     out = tmp_path / "emb.h5ad"
-    res = embed(vae_checkpoint, tiny_store, out, batch_size=100, num_actors=2, part_cells=150)
+    res = embed(vae_checkpoint, tiny_store, out, batch_size=100, part_cells=150)  # in-process: the same numbers
     a = sc.read_h5ad(out)
     ref = reference_embedding
     pd.testing.assert_frame_equal(a.obs, ref.obs)
@@ -68,7 +68,7 @@ def test_h5ad_assembled_from_parts_opens_in_scanpy(reference_embedding, vae_chec
     assert again.parts_run == 0
     with pytest.raises(InferError, match="already exists"):
         embed(vae_checkpoint, tiny_store, out, part_cells=100)
-    assert embed(vae_checkpoint, tiny_store, out, part_cells=500, overwrite=True, num_actors=1).parts == 3
+    assert embed(vae_checkpoint, tiny_store, out, part_cells=500, overwrite=True).parts == 3
 
 
 def test_embed_cli_zarr_and_knn(vae_checkpoint, tiny_store, tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_embed_cli_zarr_and_knn(vae_checkpoint, tiny_store, tmp_path, capsys):
 
     out = tmp_path / "emb.zarr"
     args = ["embed", "--checkpoint", str(vae_checkpoint), "--store", str(tiny_store), "--out", str(out)]
-    assert main([*args, "--label-key", "cell_type", "--workers", "1", "--part-cells", "700"]) == 0
+    assert main([*args, "--label-key", "cell_type", "--executor", "local", "--part-cells", "700"]) == 0
     printed = capsys.readouterr().out
     assert "kNN (k=15) accuracy of 'cell_type'" in printed and "3 of 3 parts this run" in printed
     assert ad.read_zarr(out).obsm[OBSM_KEY].shape[0] == Store.open(tiny_store).n_cells
@@ -92,7 +92,7 @@ def test_kind_embed_spec_runs_the_same_path(vae_checkpoint, tiny_store, tmp_path
     out = tmp_path / "spec-emb.zarr"
     spec.write_text(yaml.safe_dump({
         "kind": "embed", "name": "tiny-embed", "checkpoint": str(vae_checkpoint), "store": str(tiny_store),
-        "out": str(out), "part_cells": 500, "resources": {"workers": 1},
+        "out": str(out), "part_cells": 500,
     }))
     assert main(["run", str(spec), "--check"]) == 0
     assert main(["run", str(spec), "--json"]) == 0

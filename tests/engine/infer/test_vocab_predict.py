@@ -43,7 +43,7 @@ def test_genes_in_another_order_give_identical_embeddings(vae_checkpoint, tiny_s
     permuted = _ingest_with_vocab(tiny_h5ads, tmp_path / "permuted.store", list(np.random.default_rng(1).permutation(genes)))
     assert list(permuted.gene_ids) != genes and sorted(permuted.gene_ids) == sorted(genes)
     out = tmp_path / "emb.zarr"
-    res = embed(vae_checkpoint, permuted.path, out, num_actors=1, part_cells=750)
+    res = embed(vae_checkpoint, permuted.path, out, part_cells=750)
     a = ad.read_zarr(out)
     assert res.parts == 2 and a.uns["cellray"]["genes_missing"] == 0
     ref = reference_embedding.obsm[OBSM_KEY][reference_embedding.obs_names.get_indexer(a.obs_names)]
@@ -90,7 +90,7 @@ def test_probe_predictions_agree_with_the_model(probe_checkpoint, tiny_store, tm
     import anndata as ad
 
     out = tmp_path / "pred.zarr"
-    res = embed(probe_checkpoint, tiny_store, out, num_actors=1)
+    res = embed(probe_checkpoint, tiny_store, out, executor="ray", resources={"workers": 1, "cpus_per_worker": 2})
     assert res.predicts == "cell_type"
     a = ad.read_zarr(out)
     store = Store.open(tiny_store)
