@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "run_embed"]
 
 MAX_PART_CELLS = 131_072  # default cap on a part (one store shard): 256 MB of outputs at 512 dims
-IN_FLIGHT_PER_ACTOR = 2  # the next part waits in the actor's queue while it writes the current one
+IN_FLIGHT_PER_ACTOR = 2  # an actor computes one part while it writes the one before
 
 
 @dataclass
@@ -121,9 +122,8 @@ _STATS_STEPS = ("rank_tokens", "scale")
 def _needs_stats(transforms: list) -> bool:
     for t in transforms:
         name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
-        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or (
-            name == "normalize_total" and isinstance(params, dict) and "target_sum" in params and params["target_sum"] is None
-        ):
+        median_library = name == "normalize_total" and isinstance(params, dict) and params.get("target_sum", 1) is None
+        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or median_library:
             return True
     return False
 
@@ -159,14 +159,20 @@ class Embedder:
         self.model.to(self.device)
         self.store = Store.open(plan.store)
         self.blocks = StoreBlocks(self.store)
-        bind: Any = Store.open(plan.pipeline_store) if plan.pipeline_store else _Vocabulary(pd.Index(self.meta["vocabulary"]["genes"]))
+        bind: Any = (Store.open(plan.pipeline_store) if plan.pipeline_store
+                     else _Vocabulary(pd.Index(self.meta["vocabulary"]["genes"])))
         self.pipeline = Pipeline.from_spec(plan.transforms, bind) if plan.transforms else None
         self.obs_keys = tuple(plan.categories)
         self.head = classifier_head(self.model, plan.categories)
         self.output = PartsOutput(plan.out)
         self._obs_cache: collections.OrderedDict[int, pd.DataFrame] = collections.OrderedDict()
+        # An actor runs two parts at once (max_concurrency=2): one computes while the other writes its output.
+        # The model runs for one part at a time, so an actor keeps to about its one CPU or GPU.
+        self._compute_lock = threading.Lock()
+        self._obs_lock = threading.Lock()
         self.actor_index = actor_index
         self._metrics = _Metrics(actor_index)
+        self.compute(0, min(2, self.store.n_cells))  # warm up (numba's kernels, torch's first call) before any part
 
     # -- reading
 
@@ -185,11 +191,13 @@ class Embedder:
         parts = []
         for shard, a, b in self._segments(start, stop):
             shard = int(shard)
-            if shard not in self._obs_cache:
-                self._obs_cache[shard] = self.store.read_obs(shard)
-                while len(self._obs_cache) > 2:
-                    self._obs_cache.popitem(last=False)
-            parts.append(self._obs_cache[shard].iloc[a:b])
+            with self._obs_lock:
+                if shard not in self._obs_cache:
+                    self._obs_cache[shard] = self.store.read_obs(shard)
+                    while len(self._obs_cache) > 2:
+                        self._obs_cache.popitem(last=False)
+                obs = self._obs_cache[shard]
+            parts.append(obs.iloc[a:b])
         return pd.concat(parts) if len(parts) > 1 else parts[0]
 
     def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
@@ -201,7 +209,8 @@ class Embedder:
         block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
         index = np.arange(start, stop, dtype=np.int64)
         out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
-        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=self.device.type == "cuda", device=self.device)
+        cuda = self.device.type == "cuda"
+        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=cuda, device=self.device)
 
     # -- computing
 
@@ -212,7 +221,7 @@ class Embedder:
         obs = self._obs(start, stop) if obs is None else obs
         codes = {k: obs_codes(obs, k, cats) for k, cats in self.plan.categories.items()}
         embs, probas = [], []
-        with torch.inference_mode():
+        with self._compute_lock, torch.inference_mode():
             for a in range(start, stop, self.plan.batch_size):
                 b = min(stop, a + self.plan.batch_size)
                 batch = self._batch(a, b, {k: v[a - start : b - start] for k, v in codes.items()})
@@ -231,7 +240,7 @@ class Embedder:
 
     def run_part(self, part: int, run: Run) -> dict[str, Any]:
         """Compute, write and commit one part; returns its commit record."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         plan = self.plan
         start, stop = run.layout.bounds(part)
         obs = self._obs(start, stop).copy()
@@ -246,7 +255,8 @@ class Embedder:
         missing = set(run.rows) ^ set(arrays)
         if missing:
             raise InferError(f"{plan.out}: part {part} does not match the output's arrays ({sorted(missing)})")
-        record = {"fingerprint": run.fingerprint, "checksum": checksum(out)}
+        record = {"fingerprint": run.fingerprint, "checksum": checksum(out), "started": started,
+                  "compute_s": round(time.perf_counter() - t0, 4)}
 
         def before_commit() -> None:
             if plan.part_delay_s:
@@ -320,8 +330,10 @@ def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap)
         except CellrayError:
             pass
     if genes.index is None:
-        if transforms and _needs_stats(transforms) and train_path and Path(train_path).resolve() != store.path.resolve():
-            log.warning("the training store %s is gone: the transforms use the statistics of %s", train_path, store.path)
+        elsewhere = train_path and Path(train_path).resolve() != store.path.resolve()
+        if transforms and _needs_stats(transforms) and elsewhere:
+            log.warning("the training store %s is gone: the transforms use the statistics of %s", train_path,
+                        store.path)
         return str(store.path.resolve())
     if transforms and _needs_stats(transforms):
         raise InferError(
@@ -508,7 +520,7 @@ def _start_actors(config: EmbedConfig, plan: Plan, n_parts: int) -> list:
     import ray
 
     n, opts = _actors(config, n_parts)
-    actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(Embedder)
+    actor_cls = ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=IN_FLIGHT_PER_ACTOR)(Embedder)
     return [actor_cls.options(**opts).remote(plan, i) for i in range(n)]
 
 

@@ -49,7 +49,8 @@ def embedding_sample(out: str | Path, label_key: str, key: str = "X_cellray", ma
     try:
         obs = f["obs"]
         if label_key not in obs:
-            raise InferError(f"--label-key {label_key!r}: not an obs column of {out}; it has {list(obs.attrs['column-order'])}")
+            columns = list(obs.attrs["column-order"])
+            raise InferError(f"--label-key {label_key!r}: not an obs column of {out}; it has {columns}")
         labels = np.asarray(ad.io.read_elem(obs[label_key]), dtype=object)
         rows = np.arange(len(labels))
         if len(rows) > max_cells:

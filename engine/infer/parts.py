@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 import warnings
 import zlib
@@ -96,7 +97,9 @@ class PartsOutput:
         except FileNotFoundError:
             return None
         except ValueError as e:
-            raise InferError(f"{self.meta_dir / RUN_FILE}: unreadable run record ({e}); pass --overwrite to start over") from None
+            raise InferError(
+                f"{self.meta_dir / RUN_FILE}: unreadable run record ({e}); pass --overwrite to start over"
+            ) from None
 
     def write_run(self, run: dict[str, Any]) -> None:
         write_text_atomically(self.meta_dir / RUN_FILE, json.dumps(run, indent=1))
@@ -230,8 +233,8 @@ class PartsOutput:
             if enc == "categorical":
                 if col not in self._categories:
                     self._categories[col] = list(group[col]["categories"][:])
-                codes = pd.Categorical(values.astype(object).where(values.notna(), None), categories=self._categories[col]).codes
-                out[f"obs/{col}/codes"] = codes
+                values = values.astype(object).where(values.notna(), None)
+                out[f"obs/{col}/codes"] = pd.Categorical(values, categories=self._categories[col]).codes
             elif enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
                 out[f"obs/{col}/mask"] = values.isna().to_numpy()
                 fill = "" if enc == "nullable-string-array" else 0
@@ -270,7 +273,7 @@ class PartsOutput:
                 dst.unlink(missing_ok=True)
         if before_commit is not None:
             before_commit()
-        record = {**record, "part": part, "start": start, "stop": stop, "rows": stop - start}
+        record = {**record, "part": part, "start": start, "stop": stop, "rows": stop - start, "committed": time.time()}
         write_text_atomically(self.records / f"{part:05d}.json", json.dumps(record))
         shutil.rmtree(tmp, ignore_errors=True)
         return record

@@ -55,7 +55,8 @@ def training_genes(meta: dict[str, Any]) -> list[str] | None:
     return vocab.get("genes")
 
 
-def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str, min_overlap: float = MIN_GENE_OVERLAP) -> GeneMap:
+def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str,
+              min_overlap: float = MIN_GENE_OVERLAP) -> GeneMap:
     """Map a store's gene ids onto the checkpoint's training vocabulary.
 
     Missing training genes stay zero (a warning gives the count); a store with fewer than `min_overlap` of the
@@ -78,15 +79,16 @@ def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str, min_overl
     n_missing = len(genes) - n_present
     if n_present < min_overlap * len(genes):
         raise InferError(
-            f"{where}: only {n_present} of the checkpoint's {len(genes)} genes ({100 * n_present / len(genes):.0f}%) are in "
-            f"the store; at least {100 * min_overlap:.0f}% are needed (min_gene_overlap)"
+            f"{where}: only {n_present} of the checkpoint's {len(genes)} genes ({100 * n_present / len(genes):.0f}%) "
+            f"are in the store; at least {100 * min_overlap:.0f}% are needed (min_gene_overlap)"
         )
     if n_missing:
         log.warning("%s: %d of the checkpoint's %d genes are not in the store; they are zero for every cell",
                     where, n_missing, len(genes))
     n_dropped = len(store_genes) - n_present
     if n_dropped:
-        log.info("%s: %d store genes are not in the checkpoint's vocabulary; the model does not see them", where, n_dropped)
+        log.info("%s: %d store genes are not in the checkpoint's vocabulary; the model does not see them", where,
+                 n_dropped)
     return GeneMap(index, len(genes), n_missing, n_dropped, fingerprint)
 
 
@@ -102,7 +104,8 @@ def category_maps(meta: dict[str, Any], store_schema: dict[str, dict[str, Any]],
     for key in keys:
         if key not in store_schema:
             if key not in labels:
-                log.warning("%s: obs has no column %r (the model reads it): every cell gets the missing value", where, key)
+                log.warning("%s: obs has no column %r (the model reads it): every cell gets the missing value",
+                            where, key)
             out[key] = list(recorded.get(key) or [])
             continue
         cats = recorded.get(key, store_schema[key].get("categories"))

@@ -15,6 +15,7 @@ obs is in memory (O(cells) small columns); X never is.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import Any
@@ -61,8 +62,9 @@ def lazy_x(store: str | os.PathLike | Store, chunk_cells: int = DEFAULT_CHUNK_CE
     for shard, info in enumerate(store.manifest.shards):
         n_chunks = max(1, -(-info.n_cells // chunk_cells))
         bounds = np.linspace(0, info.n_cells, n_chunks + 1).round().astype(int)
-        blocks += [(shard, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    name = "cellray-x-" + tokenize(str(store.path.resolve()), [s.checksum for s in store.manifest.shards], chunk_cells, dt.str)
+        blocks += [(shard, int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+    checksums = [s.checksum for s in store.manifest.shards]
+    name = "cellray-x-" + tokenize(str(store.path.resolve()), checksums, chunk_cells, dt.str)
     graph = {(name, i, 0): (read, shard, a, b) for i, (shard, a, b) in enumerate(blocks)}
     chunks = (tuple(b - a for _, a, b in blocks), (store.n_genes,))
     return da.Array(graph, name, chunks, meta=sp.csr_matrix((0, 0), dtype=dt))

@@ -29,7 +29,8 @@ def test_zarr_output_is_plain_anndata_in_store_order(reference_embedding, vae_ch
     assert u["step"] == 4 and u["model"] == "vae" and u["parts"] == 10 and u["part_cells"] == 150
     assert u["vocabulary_fingerprint"].startswith("sha256:") and u["genes_missing"] == 0
     # the same numbers as the model applied directly to every cell (with its batch code)
-    np.testing.assert_allclose(a.obsm[OBSM_KEY], helpers.direct_vae_embedding(vae_checkpoint, store), rtol=1e-5, atol=1e-5)
+    direct = helpers.direct_vae_embedding(vae_checkpoint, store)
+    np.testing.assert_allclose(a.obsm[OBSM_KEY], direct, rtol=1e-5, atol=1e-5)
 
 
 def test_commit_records_match_the_written_parts(vae_checkpoint, tiny_store, tmp_path):
@@ -80,7 +81,8 @@ def test_embed_cli_zarr_and_knn(vae_checkpoint, tiny_store, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kNN (k=15) accuracy of 'cell_type'" in printed and "3 of 3 parts this run" in printed
     assert ad.read_zarr(out).obsm[OBSM_KEY].shape[0] == Store.open(tiny_store).n_cells
-    assert main(["embed", "--checkpoint", str(tmp_path), "--store", str(tiny_store), "--out", str(tmp_path / "x.h5ad")]) == 2
+    no_checkpoint = ["--checkpoint", str(tmp_path), "--store", str(tiny_store), "--out", str(tmp_path / "x.h5ad")]
+    assert main(["embed", *no_checkpoint]) == 2
     assert main([*args, "--label-key", "nope", "--part-cells", "700"]) == 2  # up to date; then a one-line error
     assert "not an obs column" in capsys.readouterr().err
 

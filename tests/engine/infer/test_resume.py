@@ -82,7 +82,8 @@ def test_driver_killed_half_way_rerun_completes(vae_checkpoint, tiny_store, refe
     _assert_equals_reference(out, reference_embedding)
 
 
-def test_part_without_commit_record_is_redone(vae_checkpoint, tiny_store, reference_output, reference_embedding, tmp_path):
+def test_part_without_commit_record_is_redone(vae_checkpoint, tiny_store, reference_output, reference_embedding,
+                                              tmp_path):
     import zarr
 
     out = tmp_path / "emb.zarr"
@@ -102,7 +103,8 @@ def test_another_fingerprint_is_refused_in_one_line(vae_checkpoint, probe_checkp
     _unfinished_copy(reference_output, out)
     with pytest.raises(InferError, match="unfinished run with another layout"):
         embed(vae_checkpoint, tiny_store, out, part_cells=100)
-    args = ["embed", "--checkpoint", str(probe_checkpoint), "--store", str(tiny_store), "--out", str(out), "--part-cells", "150"]
+    args = ["embed", "--checkpoint", str(probe_checkpoint), "--store", str(tiny_store), "--out", str(out),
+            "--part-cells", "150"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
