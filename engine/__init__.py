@@ -10,7 +10,7 @@ plus runtime.py (where work runs: in-process or Ray), errors.py, config.py (the 
 helpers atomic.py, hashing.py, progress.py. A stage imports only the stages above it in this list.
 
 The public entry points are importable from here without importing torch or Ray up front:
-`Store`, `ingest`, `Pipeline`, `compute_stats`, `Loader`, `pretrain`, `embed`.
+`Store`, `open_anndata`, `ingest`, `Pipeline`, `compute_stats`, `Loader`, `pretrain`, `embed`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ _PUBLIC = {
     "ingest": "engine.store.ingest",
     "IngestConfig": "engine.store.ingest",
     "verify_store": "engine.store.verify",
+    "open_anndata": "engine.store.lazy",
     "Pipeline": "engine.preprocess.transforms",
     "compute_stats": "engine.preprocess.stats",
     "StatsConfig": "engine.preprocess.stats",
@@ -32,6 +33,8 @@ _PUBLIC = {
     "pretrain": "engine.train.driver",
     "load_checkpoint": "engine.train.checkpoint",
     "embed": "engine.infer.embed",
+    "run_embed": "engine.infer.embed",
+    "EmbedConfig": "engine.infer.config",
 }
 
 __all__ = sorted(_PUBLIC)

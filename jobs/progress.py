@@ -15,10 +15,16 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     if not enabled or not sys.stderr.isatty():
         yield silent
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):  # items per second (e.g. embed's cells/s), once rich has measured it
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f}/s" if task.speed else "")
 
     with Progress(
-        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), Rate(),
+        transient=False,
     ) as progress:
         tasks: dict[str, int] = {}
 

@@ -13,10 +13,11 @@ from typing import Any
 import yaml
 
 from engine.errors import SpecError
+from engine.infer.config import EmbedConfig
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 
-KINDS = {"pretrain": PretrainConfig}
+KINDS = {"pretrain": PretrainConfig, "embed": EmbedConfig}
 
 
 def parse_spec(raw: Any, source: str = "spec") -> PretrainConfig:
@@ -39,6 +40,6 @@ def load_spec(path: str | os.PathLike, check_data: bool = True) -> PretrainConfi
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     spec = parse_spec(raw, source=str(path))
-    if check_data:
+    if check_data and spec.kind == "pretrain":
         open_run_data(spec)
     return spec

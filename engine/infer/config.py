@@ -6,6 +6,8 @@
     store: data/demo.store
     out: runs/vae-demo/embeddings.zarr # AnnData zarr directory (parts per shard); .h5ad assembled on request
     batch_size: 1024
+    part_cells: null                   # cells per output part; null: one store shard (capped at 256 MB of output)
+    min_gene_overlap: 0.5              # refuse a store holding fewer of the checkpoint's genes than this
     resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
 """
 
@@ -17,6 +19,7 @@ from pydantic import Field
 
 from engine.config import Config, Section
 from engine.errors import SpecError
+from engine.runtime import Executor
 
 
 class InferResources(Section):
@@ -25,6 +28,15 @@ class InferResources(Section):
     workers: int = Field(0, ge=0)  # inference actors; 0: as many as fit the cluster (at most one per shard)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # > 0: one actor per GPU share, the model on the GPU
+
+
+class InferDebug(Section):
+    """Drills for tests: an actor lost mid-part, slow parts (a driver to kill half way)."""
+
+    error: ClassVar[type[Exception]] = SpecError
+
+    fault_part: int | None = Field(None, ge=0)  # the actor writing this part exits hard once, before its commit
+    part_delay_s: float = Field(0.0, ge=0)  # each part sleeps this long before its commit
 
 
 class EmbedConfig(Config):
@@ -36,8 +48,14 @@ class EmbedConfig(Config):
     store: str
     out: str
     batch_size: int = Field(1024, gt=0)
+    part_cells: int | None = Field(None, gt=0)
+    min_gene_overlap: float = Field(0.5, ge=0, le=1)
     overwrite: bool = False
+    # "ray": an actor pool; "local": one Embedder in this process (no Ray start-up); "auto": local for stores under
+    # engine.runtime.LOCAL_MAX_BYTES of counts when no workers, GPUs or cluster address are asked for, else ray
+    executor: Executor = "auto"
     resources: InferResources = Field(default_factory=InferResources)
+    debug: InferDebug = Field(default_factory=InferDebug)
     source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
 
     def where(self, field: str) -> str:

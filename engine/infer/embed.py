@@ -1,34 +1,69 @@
-"""Embeddings of every cell of a store from a trained checkpoint, written as an AnnData.
+"""Embeddings and predictions of every cell of a store, written exactly once, resumably, as an AnnData.
 
-`embed(checkpoint, store, out)` fans the store's shards out to a pool of Ray actors (each loads the model
-once), runs the data section's transforms (without masking) and `model.embed` over contiguous cell ranges,
-and writes an AnnData in store order: the store's obs, `obsm["X_cellray"]`, and `uns["cellray"]` (provenance).
-The output (.h5ad or .zarr) is written under a temporary name and renamed into place.
+`run_embed(EmbedConfig)` (what `cellray embed` and `kind: embed` specs run):
+
+    driver: resolve the plan (checkpoint, gene and category mapping, transforms, layout, fingerprint)
+        -> start one Embedder actor per GPU (gpus_per_worker > 0) or per CPU slot; each loads the model once
+           (executor: local, or auto on a small store: one Embedder in this process, no Ray start-up)
+        -> create the output skeleton (engine.infer.parts) unless a run with the same fingerprint left one
+        -> hand the uncommitted parts to the actors, at most two in flight per actor
+    actor, per part: read its cells straight from the store's chunks, map genes and obs categories onto the
+        checkpoint's, run the training transforms (without masking) and the model batch by batch, then write,
+        rename and commit the part (engine.infer.parts.PartsOutput.write_part)
+    driver: write uns['cellray'], rename the finished directory to OUT (or assemble OUT.h5ad from it)
+
+The output is built as a hidden sibling `.OUT.parts` and renamed into place when complete. A rerun after any
+failure (a lost actor, a killed driver) finds it, skips committed parts, removes orphans and redoes the rest; a
+rerun whose checkpoint, store, transforms or layout differ is refused (or starts over with --overwrite). The
+driver holds only the layout and small records: its memory does not grow with the store.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import models
-from engine.atomic import atomic_path
-from engine.errors import InferError
-from engine.loading.tensors import to_torch
-from engine.preprocess.transforms import Pipeline
+from engine.atomic import replace_atomically
+from engine.errors import CellrayError, InferError
+from engine.infer.config import EmbedConfig
+from engine.infer.parts import Layout, PartsOutput, checksum
+from engine.infer.predict import (
+    OBSM_KEY,
+    PRED_KEY,
+    PRED_PROB_KEY,
+    PROBA_KEY,
+    Head,
+    classifier_head,
+    predictions,
+    probabilities,
+)
+from engine.infer.vocab import GeneMap, category_maps, map_genes, obs_codes
 from engine.progress import Progress, silent
-from engine.runtime import ray_session
+from engine.runtime import LOCAL_MAX_BYTES, ray_session
 from engine.store.format import Store
-from engine.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpoint, load_checkpoint, read_meta
 
 log = logging.getLogger(__name__)
 
-OBSM_KEY = "X_cellray"
+__all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "run_embed"]
 
+MAX_PART_CELLS = 131_072  # default cap on a part (one store shard): 256 MB of outputs at 512 dims
+IN_FLIGHT_PER_ACTOR = 2  # an actor computes one part while it writes the one before
 
 
 @dataclass
@@ -38,43 +73,552 @@ class EmbedResult:
     dim: int
     checkpoint: Path
     step: int
+    parts: int = 0  # parts of the output
+    parts_run: int = 0  # parts this run computed (the rest were committed by an earlier run)
+    seconds: float = 0.0
+    predicts: str | None = None  # the obs column a classifier head predicts
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells * self.parts_run / max(1, self.parts) / self.seconds if self.seconds else 0.0
 
 
-def _inference_transforms(transforms: list) -> list:
+@dataclass(frozen=True)
+class Plan:
+    """What an actor is built from, resolved once by the driver (small: O(genes + shards)). A restarted actor is
+    built from it again, so it holds nothing that the run decides later (that comes with each part: `Run`)."""
+
+    checkpoint: str
+    store: str
+    transforms: list
+    pipeline_store: str | None  # the store whose vocabulary and statistics the transforms bind to; None: no store
+    genes: GeneMap
+    categories: dict[str, list[str] | None]  # obs key the model reads -> training categories (None: numeric)
+    out: str  # the output being built
+    batch_size: int
+    threads: int  # torch threads per actor (0: torch's default, for executor: local)
+    use_gpu: bool
+    fault_part: int | None = None
+    part_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """The output a part belongs to: its layout, the run's fingerprint and the per-cell arrays it writes."""
+
+    layout: Layout
+    fingerprint: str
+    rows: tuple[str, ...]
+
+
+def inference_transforms(transforms: list) -> list:
     """The training transforms minus masking: inference sees every value."""
     return [t for t in transforms if not (t == "mask" or (isinstance(t, dict) and "mask" in t))]
 
 
+_STATS_STEPS = ("rank_tokens", "scale")
+
+
+def _needs_stats(transforms: list) -> bool:
+    for t in transforms:
+        name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
+        median_library = name == "normalize_total" and isinstance(params, dict) and params.get("target_sum", 1) is None
+        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or median_library:
+            return True
+    return False
+
+
+@dataclass
+class _Vocabulary:
+    """A stand-in store for transforms that need only the gene vocabulary (the training store is gone)."""
+
+    gene_ids: pd.Index
+    path: str = "checkpoint vocabulary"
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_ids)
+
+
 class Embedder:
-    """Loads a checkpoint once; embeds cell ranges of store shards. A Ray actor in `embed`, plain object in tests."""
+    """Loads a checkpoint once; computes and writes parts of the output. A Ray actor in `run_embed`."""
 
-    def __init__(self, checkpoint: str, store: str, batch_size: int = 1024):
+    def __init__(self, plan: Plan, actor_index: int = 0):
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.model, self.meta = load_checkpoint(checkpoint)
-        self.store = Store.open(store)
-        self.batch_size = batch_size
-        transforms = _inference_transforms(self.meta["data"].get("transforms") or [])
-        self.pipeline = Pipeline.from_spec(transforms, self.store) if transforms else None
-        self.obs_keys = models.make_config(self.meta["model"]["name"], self.meta["model"]["config"]).obs_keys()
+        from engine.loading.chunks import StoreBlocks
+        from engine.preprocess.transforms import Pipeline
 
-    def shard(self, shard: int) -> np.ndarray:
-        import torch
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
+        self.plan = plan
+        self.device = torch.device("cuda") if plan.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if plan.use_gpu and self.device.type == "cpu":
+            log.warning("a GPU was asked for, but torch sees no CUDA device here: running on CPU")
+        self.model, self.meta = load_checkpoint(plan.checkpoint)
+        self.model.to(self.device)
+        self.store = Store.open(plan.store)
+        self.blocks = StoreBlocks(self.store)
+        bind: Any = (Store.open(plan.pipeline_store) if plan.pipeline_store
+                     else _Vocabulary(pd.Index(self.meta["vocabulary"]["genes"])))
+        self.pipeline = Pipeline.from_spec(plan.transforms, bind) if plan.transforms else None
+        self.obs_keys = tuple(plan.categories)
+        self.head = classifier_head(self.model, plan.categories)
+        self.output = PartsOutput(plan.out)
+        self._obs_cache: collections.OrderedDict[int, pd.DataFrame] = collections.OrderedDict()
+        # An actor runs two parts at once (max_concurrency=2): one computes while the other writes its output.
+        # The model runs for one part at a time, so an actor keeps to about its one CPU or GPU.
+        self._compute_lock = threading.Lock()
+        self._obs_lock = threading.Lock()
+        self.actor_index = actor_index
+        self._metrics = _Metrics(actor_index)
+        self.compute(0, min(2, self.store.n_cells))  # warm up (numba's kernels, torch's first call) before any part
 
-        n = self.store.manifest.shards[shard].n_cells
-        codes = {k: self.store.obs_codes(shard, k) for k in self.obs_keys}
-        offset = int(self.store.cell_offsets[shard])
+    # -- reading
+
+    def _segments(self, start: int, stop: int) -> np.ndarray:
+        """Rows (shard, first, stop) covering global cells [start, stop) in store order."""
+        offsets = self.store.cell_offsets
+        segs = []
+        shard = int(np.searchsorted(offsets, start, side="right") - 1)
+        while start < stop:
+            hi = min(stop, int(offsets[shard + 1]))
+            segs.append((shard, start - int(offsets[shard]), hi - int(offsets[shard])))
+            start, shard = hi, shard + 1
+        return np.asarray(segs, dtype=np.int64).reshape(-1, 3)
+
+    def _obs(self, start: int, stop: int) -> pd.DataFrame:
         parts = []
-        for start in range(0, n, self.batch_size):
-            stop = min(n, start + self.batch_size)
-            block = self.store.read_csr(shard, start, stop)
-            index = np.arange(offset + start, offset + stop, dtype=np.int64)
-            out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
-            batch = to_torch({**out, **{k: v[start:stop] for k, v in codes.items()}, "index": index}, self.obs_keys)
-            with torch.inference_mode():
-                parts.append(self.model.embed(batch).cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        for shard, a, b in self._segments(start, stop):
+            shard = int(shard)
+            with self._obs_lock:
+                if shard not in self._obs_cache:
+                    self._obs_cache[shard] = self.store.read_obs(shard)
+                    while len(self._obs_cache) > 2:
+                        self._obs_cache.popitem(last=False)
+                obs = self._obs_cache[shard]
+            parts.append(obs.iloc[a:b])
+        return pd.concat(parts) if len(parts) > 1 else parts[0]
+
+    def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
+        """Cells [start, stop) (global) of the part starting at `offset`, as the model's torch batch."""
+        from engine.loading.tensors import to_torch
+        from engine.store.format import CSRBlock
+
+        indptr, indices, data = self.blocks.read(self._segments(start, stop))
+        block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
+        index = np.arange(start, stop, dtype=np.int64)
+        out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
+        cuda = self.device.type == "cuda"
+        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=cuda, device=self.device)
+
+    # -- computing
+
+    def compute(self, start: int, stop: int, obs: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs for cells [start, stop): embedding, and class probabilities for a classifier."""
+        import torch
+
+        obs = self._obs(start, stop) if obs is None else obs
+        codes = {k: obs_codes(obs, k, cats) for k, cats in self.plan.categories.items()}
+        embs, probas = [], []
+        with self._compute_lock, torch.inference_mode():
+            for a in range(start, stop, self.plan.batch_size):
+                b = min(stop, a + self.plan.batch_size)
+                batch = self._batch(a, b, {k: v[a - start : b - start] for k, v in codes.items()})
+                embs.append(self.model.embed(batch).float().cpu().numpy())
+                if self.head is not None:
+                    probas.append(probabilities(self.model, batch).cpu().numpy())
+        out = {OBSM_KEY: np.concatenate(embs)}
+        if probas:
+            out[PROBA_KEY] = np.concatenate(probas)
+        return out
+
+    def describe(self) -> tuple[dict[str, int], Head | None]:
+        """Output widths (from the model run on the store's first cells) and the classifier head, if any."""
+        out = self.compute(0, min(2, self.store.n_cells))
+        return {k: int(v.shape[1]) for k, v in out.items()}, self.head
+
+    def run_part(self, part: int, run: Run) -> dict[str, Any]:
+        """Compute, write and commit one part; returns its commit record."""
+        t0, started = time.perf_counter(), time.time()
+        plan = self.plan
+        start, stop = run.layout.bounds(part)
+        obs = self._obs(start, stop).copy()
+        out = self.compute(start, stop, obs)
+        head = self.head
+        if head is not None:
+            pred, prob = predictions(out[PROBA_KEY], len(head.categories))
+            obs[PRED_KEY] = pd.Categorical.from_codes(pred, categories=head.categories)
+            obs[PRED_PROB_KEY] = prob
+        arrays = self.output.obs_arrays(obs)
+        arrays.update({f"obsm/{k}": v for k, v in out.items()})
+        missing = set(run.rows) ^ set(arrays)
+        if missing:
+            raise InferError(f"{plan.out}: part {part} does not match the output's arrays ({sorted(missing)})")
+        record = {"fingerprint": run.fingerprint, "checksum": checksum(out), "started": started,
+                  "compute_s": round(time.perf_counter() - t0, 4)}
+
+        def before_commit() -> None:
+            if plan.part_delay_s:
+                time.sleep(plan.part_delay_s)
+            if plan.fault_part == part:
+                marker = Path(plan.out) / ".cellray" / f"fault-{part}"
+                if not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # an actor lost after renaming its chunks, before committing them
+
+        record = self.output.write_part(part, run.layout, arrays, record, before_commit)
+        self._metrics.part(stop - start, time.perf_counter() - t0)
+        return record
+
+
+class _Metrics:
+    """cellray_embed_* series on Ray's metrics endpoint (the dashboard), tagged by actor."""
+
+    def __init__(self, actor_index: int):
+        self.enabled = False
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter, Gauge, Histogram
+
+            tags = ("actor",)
+            self.cells = Counter("cellray_embed_cells", "cells embedded and committed", tags)
+            self.parts = Counter("cellray_embed_parts", "output parts committed", tags)
+            self.rate = Gauge("cellray_embed_cells_per_s", "cells per second of the last part", tags)
+            self.seconds = Histogram("cellray_embed_part_seconds", "seconds per part", [1, 5, 15, 60, 300, 1200], tags)
+            self.tags = {"actor": str(actor_index)}
+            self.enabled = True
+        except Exception as e:  # metrics are an aid, never a reason to fail
+            log.debug("no metrics: %s", e)
+
+    def part(self, n_cells: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.cells.inc(n_cells, self.tags)
+        self.parts.inc(1, self.tags)
+        self.rate.set(n_cells / max(seconds, 1e-9), self.tags)
+        self.seconds.observe(seconds, self.tags)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap) -> str | None:
+    """The store the transforms bind to: the training store when it is still there (its statistics are the
+    model's), else the inference store if it has the training vocabulary, else only the vocabulary (None)."""
+    train_path = (meta.get("vocabulary") or {}).get("store")
+    if train_path and Path(train_path).exists():
+        try:
+            train = Store.open(train_path)
+            if gene_fingerprint([str(g) for g in train.gene_ids]) == genes.fingerprint:
+                return str(train.path)
+        except CellrayError:
+            pass
+    if genes.index is None:
+        elsewhere = train_path and Path(train_path).resolve() != store.path.resolve()
+        if transforms and _needs_stats(transforms) and elsewhere:
+            log.warning("the training store %s is gone: the transforms use the statistics of %s", train_path,
+                        store.path)
+        return str(store.path.resolve())
+    if transforms and _needs_stats(transforms):
+        raise InferError(
+            f"{store.path}: the checkpoint's transforms need its training store's statistics, and {train_path} is gone "
+            "(or changed); embed a store with the training vocabulary, or restore the training store"
+        )
+    return None
+
+
+def _stats_digest(store_path: str | None) -> str | None:
+    if store_path is None:
+        return None
+    meta = Path(store_path) / "stats" / "zarr.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.exists() else None
+
+
+def _part_cells(config: EmbedConfig, store: Store) -> int:
+    if config.part_cells:
+        return min(config.part_cells, store.n_cells)
+    first = store.manifest.shards[0].n_cells if store.n_shards else store.n_cells
+    return max(1, min(first, MAX_PART_CELLS))
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
+
+
+def _completed(out: Path) -> dict[str, Any] | None:
+    """{fingerprint, dim, predicts} of a finished output at `out` (None: not a finished cellray output)."""
+    import anndata as ad
+
+    try:
+        if out.suffix == ".h5ad":
+            import h5py
+
+            with h5py.File(out, "r") as f:
+                uns = ad.io.read_elem(f["uns/cellray"])
+                dim = f["obsm"][OBSM_KEY].shape[1]
+        else:
+            run = PartsOutput(out).read_run()
+            if not run or not run.get("complete"):
+                return None
+            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
+            dim = run["widths"][OBSM_KEY]
+        return {"fingerprint": str(uns["fingerprint"]), "dim": int(dim), "predicts": uns.get("label_key")}
+    except (OSError, KeyError, ValueError, CellrayError):
+        return None
+
+
+def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
+    """How many actors, and each one's resources; refuses what the cluster cannot hold."""
+    import ray
+
+    r = config.resources
+    total = ray.cluster_resources()
+    if r.gpus_per_worker > 0:
+        fit = int(total.get("GPU", 0) // r.gpus_per_worker)
+        opts = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker}
+    else:
+        fit = int(total.get("CPU", 0) // r.cpus_per_worker)
+        opts = {"num_cpus": r.cpus_per_worker}
+    n = r.workers or min(fit, 8)
+    if n > fit or fit == 0:
+        what = f"{r.gpus_per_worker:g} GPUs" if r.gpus_per_worker > 0 else f"{r.cpus_per_worker:g} CPUs"
+        raise InferError(
+            f"{config.where('resources')}: {max(n, 1)} inference actors x {what} do not fit the cluster "
+            f"({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs)"
+        )
+    return max(1, min(n, n_parts)), opts
+
+
+def run_embed(config: EmbedConfig, address: str | None = None, progress: Progress | None = None) -> EmbedResult:
+    """Embed every cell of `config.store` with `config.checkpoint`; write `config.out` (see the module doc)."""
+    import ray
+
+    t0 = time.perf_counter()
+    progress = progress or silent
+    out = Path(config.out)
+    if out.suffix not in (".h5ad", ".zarr"):
+        raise InferError(f"{out}: --out must end in .zarr (an AnnData zarr directory) or .h5ad")
+    ckpt = latest_checkpoint(config.checkpoint)
+    meta = read_meta(ckpt)
+    store = Store.open(config.store)
+    if store.n_cells == 0:
+        raise InferError(f"{store.path}: the store has no cells")
+    where = str(store.path)
+    genes = map_genes(store.gene_ids, meta, where, config.min_gene_overlap)
+    transforms = inference_transforms(meta["data"].get("transforms") or [])
+    model_cfg = models.make_config(meta["model"]["name"], meta["model"]["config"])
+    labels = (model_cfg.label_key,) if getattr(model_cfg, "n_classes", 0) else ()
+    categories = category_maps(meta, store.manifest.obs_schema, tuple(model_cfg.obs_keys()), where, labels)
+    pipeline_store = _bind_transforms(transforms, meta, store, genes)
+    step = int(meta["step"])
+    plan = Plan(
+        checkpoint=str(ckpt.resolve()), store=str(store.path.resolve()), transforms=transforms,
+        pipeline_store=pipeline_store, genes=genes, categories=categories, out=str(_staging(out).resolve()),
+        batch_size=config.batch_size, threads=max(1, int(config.resources.cpus_per_worker)),
+        use_gpu=config.resources.gpus_per_worker > 0, fault_part=config.debug.fault_part,
+        part_delay_s=config.debug.part_delay_s,
+    )
+    layout = Layout(store.n_cells, _part_cells(config, store))
+    components = {
+        "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{step}",
+        "store": _digest([[s.n_cells, s.checksum] for s in store.manifest.shards] + [store.n_genes]),
+        "transforms": _digest([transforms, _stats_digest(pipeline_store), genes.fingerprint,
+                               gene_fingerprint(store.gene_ids), categories]),
+        "layout": [layout.n_cells, layout.part_cells],
+    }
+    fingerprint = _digest(components)
+    result = EmbedResult(out=out, n_cells=store.n_cells, dim=0, checkpoint=ckpt, step=step, parts=layout.n_parts)
+    if out.exists() and not config.overwrite:
+        done = _completed(out)
+        if done is not None and done["fingerprint"] == fingerprint:
+            log.info("%s: already complete for this checkpoint, store and transforms", out)
+            result.dim, result.predicts = done["dim"], done["predicts"]
+            result.seconds = time.perf_counter() - t0
+            return result
+        raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
+    output = PartsOutput(plan.out)
+    previous = output.read_run()
+    if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
+        changed = [k for k, v in components.items() if previous.get("components", {}).get(k) != v]
+        raise InferError(
+            f"{out}: an unfinished run with another {' and '.join(changed) or 'fingerprint'} is in {output.root} "
+            f"(fingerprint {previous.get('fingerprint')}, now {fingerprint}): pass --overwrite to start over"
+        )
+
+    r = config.resources
+    local = config.executor == "local" or (
+        config.executor == "auto" and address is None and not r.workers and not r.gpus_per_worker
+        and store.x_bytes < LOCAL_MAX_BYTES
+    )
+    with contextlib.nullcontext() if local else ray_session(address), output.lock():
+        run = output.read_run()  # again, under the lock
+        if run is not None and (run.get("fingerprint") != fingerprint or config.overwrite):
+            if run.get("fingerprint") != fingerprint and not config.overwrite:
+                raise InferError(f"{out}: another run changed {output.root} meanwhile; run again")
+            run = None
+        done = output.committed(fingerprint) if run is not None else {}
+        todo = [k for k in range(layout.n_parts) if k not in done]
+        actors = [] if local or not todo else _start_actors(config, plan, len(todo))
+        embedder = Embedder(dataclasses.replace(plan, threads=0)) if local and (todo or run is None) else None
+        try:
+            if run is None:  # a fresh output: widths and head from the model, run by an actor on two cells
+                widths, head = embedder.describe() if local else _get(actors[0].describe.remote(), where)
+                rows = _create_skeleton(output, store, layout, widths, head)
+                run = {"fingerprint": fingerprint, "components": components, "rows": rows, "n_parts": layout.n_parts,
+                       "widths": widths, "head": dataclasses.asdict(head) if head else None, "complete": False}
+                output.write_run(run)
+            spec = Run(layout, fingerprint, tuple(run["rows"]))
+            output.clean(todo, list(spec.rows))
+            result.parts_run = len(todo)
+            log.info("%s: %d parts, %d committed earlier, %d to do %s", out, layout.n_parts, len(done), len(todo),
+                     "in this process" if local else f"on {len(actors)} actors")
+            if todo and local:
+                _run_parts_here(embedder, spec, todo, len(done), progress)
+            elif todo:
+                _run_parts(actors, spec, todo, len(done), progress, where)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        if len(output.committed(fingerprint)) != layout.n_parts:
+            raise InferError(f"{out}: some parts are not committed; run again to finish them")
+        head = Head(**run["head"]) if run.get("head") else None
+        output.finish({"cellray": _uns(ckpt, meta, store, plan, layout, fingerprint, components, head)})
+        output.write_run({**run, "complete": True})
+    if out.suffix == ".zarr":
+        replace_atomically(output.root, out, overwrite=True)
+    else:
+        from engine.infer.h5ad import write_h5ad
+
+        write_h5ad(output.root, out, overwrite=True)
+        shutil.rmtree(output.root, ignore_errors=True)
+    result.dim, result.predicts = int(run["widths"][OBSM_KEY]), head.label_key if head else None
+    result.seconds = time.perf_counter() - t0
+    log.info("wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s", out, result.n_cells, result.dim,
+             result.parts, result.parts_run, result.cells_per_s)
+    return result
+
+
+def _start_actors(config: EmbedConfig, plan: Plan, n_parts: int) -> list:
+    """The actor pool: one Embedder per GPU share (gpus_per_worker > 0) or per CPU slot, each loading the model
+    once. Ray restarts a lost actor and retries its part (a part's write is idempotent)."""
+    import ray
+
+    n, opts = _actors(config, n_parts)
+    actor_cls = ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=IN_FLIGHT_PER_ACTOR)(Embedder)
+    return [actor_cls.options(**opts).remote(plan, i) for i in range(n)]
+
+
+def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: Progress, where: str) -> None:
+    """Hand `todo` to the actors, at most IN_FLIGHT_PER_ACTOR each; report parts done/total and cells."""
+    import ray
+
+    layout = run.layout
+    queue = collections.deque(todo)
+    pending: dict[Any, tuple[int, int]] = {}
+    cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
+    cells_done, t0 = 0, time.perf_counter()
+    progress("embed", n_done, layout.n_parts)
+    progress("cells", 0, cells_todo)
+    for i, actor in enumerate(actors):
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            if queue:
+                part = queue.popleft()
+                pending[actor.run_part.remote(part, run)] = (part, i)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        part, i = pending.pop(ready[0])
+        record = _get(ready[0], where, part)
+        n_done += 1
+        cells_done += int(record["rows"])
+        progress("embed", n_done, layout.n_parts)
+        progress("cells", cells_done, cells_todo)
+        log.debug("part %d committed (%d/%d), %.0f cells/s", part, n_done, layout.n_parts,
+                  cells_done / (time.perf_counter() - t0))
+        if queue:
+            nxt = queue.popleft()
+            pending[actors[i].run_part.remote(nxt, run)] = (nxt, i)
+
+
+def _run_parts_here(embedder: Embedder, run: Run, todo: list[int], n_done: int, progress: Progress) -> None:
+    """The same parts, one after another in this process (executor: local)."""
+    layout = run.layout
+    cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
+    cells_done = 0
+    progress("embed", n_done, layout.n_parts)
+    progress("cells", 0, cells_todo)
+    for part in todo:
+        cells_done += int(embedder.run_part(part, run)["rows"])
+        n_done += 1
+        progress("embed", n_done, layout.n_parts)
+        progress("cells", cells_done, cells_todo)
+
+
+def _get(ref, where: str, part: int | None = None) -> Any:
+    """ray.get, with a CellrayError raised in an actor re-raised as itself (one line for the user)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, CellrayError):
+            raise e.cause from None
+        raise InferError(f"{where}: part {part} failed: {e.cause!r}") from e
+    except ray.exceptions.RayActorError as e:
+        raise InferError(
+            f"{where}: part {part}: the inference actor was lost and its restarts ran out ({type(e).__name__}); "
+            "run again to resume (committed parts are kept)"
+        ) from e
+
+
+def _create_skeleton(output: PartsOutput, store: Store, layout: Layout, widths: dict[str, int],
+                     head: Head | None) -> list[str]:
+    """The output's arrays, empty: obs with the store's columns (unified categories) and the prediction
+    columns, obsm with the model's outputs."""
+    template = store.read_obs(0).iloc[:0].copy()
+    for col, spec in store.manifest.obs_schema.items():
+        if col in template and "categories" in spec:
+            template[col] = pd.Categorical([], categories=spec["categories"])
+    if head is not None:
+        template[PRED_KEY] = pd.Categorical([], categories=head.categories)
+        template[PRED_PROB_KEY] = np.zeros(0, dtype=np.float32)
+    return output.create(layout, template, {k: (w, "float32") for k, w in widths.items()})
+
+
+def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, layout: Layout, fingerprint: str, components: dict,
+         head: Head | None) -> dict[str, Any]:
+    uns = {
+        "model": meta["model"]["name"],
+        "checkpoint": str(ckpt.resolve()),
+        "step": int(meta["step"]),
+        "store": str(store.path.resolve()),
+        "vocabulary_fingerprint": plan.genes.fingerprint,
+        "genes_missing": int(plan.genes.n_missing),
+        "transforms": json.dumps(plan.transforms),
+        "fingerprint": fingerprint,
+        "components": {k: v if isinstance(v, str) else json.dumps(v) for k, v in components.items()},
+        "parts": int(layout.n_parts),
+        "part_cells": int(layout.part_cells),
+    }
+    if head is not None:
+        uns["label_key"] = head.label_key
+        uns["classes"] = head.classes
+    return uns
 
 
 def embed(
@@ -87,60 +631,13 @@ def embed(
     num_actors: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    **options: Any,
 ) -> EmbedResult:
-    """Embed every cell of `store` with the model of `checkpoint` (a checkpoint dir or a run's output folder)."""
-    import anndata as ad
-    import pandas as pd
-    import ray
-    from ray.util import ActorPool
-
-    out = Path(out)
-    if out.suffix not in (".h5ad", ".zarr"):
-        raise InferError(f"{out}: --out must end in .h5ad or .zarr")
-    if out.exists() and not overwrite:
-        raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
-    ckpt = latest_checkpoint(checkpoint)
-    st = Store.open(store)
-    progress = progress or silent
-    with ray_session(address):
-        n_shards = st.n_shards
-        n_actors = num_actors or max(1, min(n_shards, int(ray.available_resources().get("CPU", 1)), 8))
-        actor = ray.remote(num_cpus=1)(Embedder)
-        actors = [actor.remote(str(ckpt), str(st.path.resolve()), batch_size) for _ in range(n_actors)]
-        pool = ActorPool(actors)
-        parts = []
-        for i, part in enumerate(pool.map(lambda a, s: a.shard.remote(s), range(n_shards))):  # results in shard order
-            parts.append(part)
-            progress("embed", i + 1, n_shards)
-        for a in actors:
-            ray.kill(a)
-    emb = np.concatenate(parts).astype(np.float32)
-    if emb.shape[0] != st.n_cells:
-        raise InferError(f"{st.path}: embedded {emb.shape[0]} cells, the manifest says {st.n_cells}")
-    obs = pd.concat([st.read_obs(s) for s in range(st.n_shards)])
-    meta = read_meta(ckpt)
-    adata = ad.AnnData(obs=obs, obsm={OBSM_KEY: emb})
-    adata.uns["cellray"] = {
-        "checkpoint": str(ckpt),
-        "model": meta["model"]["name"],
-        "step": int(meta["step"]),
-        "store": str(st.path),
-    }
-    _write_atomically(adata, out, overwrite)
-    log.info("wrote %s: %d cells x %d dims", out, emb.shape[0], emb.shape[1])
-    return EmbedResult(out=out, n_cells=emb.shape[0], dim=emb.shape[1], checkpoint=ckpt, step=int(meta["step"]))
-
-
-def _write_atomically(adata, out: Path, overwrite: bool) -> None:
-    import warnings
-
-    import anndata as ad
-
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        if out.suffix == ".zarr":
-            # zarr v3 with sharding: the format of cellray stores, and anndata's next defaults
-            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-                adata.write_zarr(tmp)
-        else:
-            adata.write_h5ad(tmp)
+    """Embed every cell of `store` with the model of `checkpoint` (a checkpoint dir or a run's output folder)
+    into `out` (.zarr or .h5ad). `options`: further EmbedConfig fields (part_cells, min_gene_overlap, ...)."""
+    resources = dict(options.pop("resources", {}))
+    if num_actors:
+        resources["workers"] = num_actors
+    config = EmbedConfig(checkpoint=str(checkpoint), store=str(store), out=str(out), batch_size=batch_size,
+                         overwrite=overwrite, resources=resources, **options)
+    return run_embed(config, address=address, progress=progress)

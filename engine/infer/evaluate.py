@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -25,3 +27,37 @@ def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 15, max_cells: in
         votes = torch.nn.functional.one_hot(y[nn], len(codes)).sum(1)
         correct += int((votes.argmax(1) == y[start : start + 2048]).sum())
     return correct / max(1, len(x))
+
+
+def embedding_sample(out: str | Path, label_key: str, key: str = "X_cellray", max_cells: int = 20_000,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, labels) of up to `max_cells` random cells of an output (.zarr or .h5ad), reading only the
+    label column and those cells' rows: an atlas-sized output is never loaded whole."""
+    import anndata as ad
+
+    from engine.errors import InferError
+
+    out = Path(out)
+    if out.suffix == ".h5ad":
+        import h5py
+
+        f = h5py.File(out, "r")
+    else:
+        import zarr
+
+        f = zarr.open_group(str(out), mode="r")
+    try:
+        obs = f["obs"]
+        if label_key not in obs:
+            columns = list(obs.attrs["column-order"])
+            raise InferError(f"--label-key {label_key!r}: not an obs column of {out}; it has {columns}")
+        labels = np.asarray(ad.io.read_elem(obs[label_key]), dtype=object)
+        rows = np.arange(len(labels))
+        if len(rows) > max_cells:
+            rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
+        emb = f["obsm"][key]
+        x = emb[rows] if out.suffix == ".h5ad" else emb.get_orthogonal_selection((rows, slice(None)))
+        return np.asarray(x), labels[rows]
+    finally:
+        if out.suffix == ".h5ad":
+            f.close()

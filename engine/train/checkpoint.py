@@ -5,7 +5,8 @@ A checkpoint is a directory that every rank writes a part of (Ray Train merges t
 
     state.pt         rank 0: model, optimizer, scheduler, step (torch.save)
     model.pt         rank 0: the bare model state_dict (weights_only; what inference loads)
-    meta.json        rank 0: step, epoch, world size, job name, model name + resolved config, the data section
+    meta.json        rank 0: step, epoch, world size, job name, model name + resolved config, the data section,
+                     and the training vocabulary (`training_vocabulary`: gene ids, their fingerprint, obs categories)
     rank{r}.pt       every rank: its loader position and RNG states
 
 A checkpoint is complete when every one of these files is there; readers skip incomplete ones.
@@ -13,6 +14,7 @@ A checkpoint is complete when every one of these files is there; readers skip in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -148,6 +150,27 @@ class Checkpointer:
                 if (Path(d) / META_FILE).exists() and read_meta(Path(d))["step"] >= read_meta(on_disk)["step"]:
                     return registered
         return ray.train.Checkpoint.from_directory(str(on_disk))
+
+
+def gene_fingerprint(gene_ids) -> str:
+    """Identifies an ordered gene vocabulary (sha256 of the ids, one per line)."""
+    return "sha256:" + hashlib.sha256("\n".join(map(str, gene_ids)).encode()).hexdigest()[:32]
+
+
+def training_vocabulary(store_path: str | os.PathLike, obs_keys=()) -> dict[str, Any]:
+    """What the model's inputs mean, kept in meta.json so inference can map another store onto them by name:
+    the training store's gene ids in column order (+ fingerprint), and the categories of the obs keys it read."""
+    from engine.store.format import Store
+
+    store = Store.open(store_path)
+    genes = [str(g) for g in store.gene_ids]
+    schema = store.manifest.obs_schema
+    return {
+        "store": str(Path(store_path).resolve()),
+        "genes": genes,
+        "fingerprint": gene_fingerprint(genes),
+        "obs_categories": {k: schema[k]["categories"] for k in obs_keys if "categories" in schema.get(k, {})},
+    }
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 import models
 from engine.errors import TrainError
 from engine.loading.loader import Loader
-from engine.train.checkpoint import Checkpointer, TrainState
+from engine.train.checkpoint import Checkpointer, TrainState, training_vocabulary
 from engine.train.config import PretrainConfig
 from engine.train.debug import FaultDrill, StepTrace
 from engine.train.metrics import MetricsWindow, allreduce_sum
@@ -96,6 +96,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             "job": cfg.name,
             "model": {"name": cfg.model.name, "config": ctx.model_config},
             "data": cfg.data.model_dump(mode="json"),
+            "vocabulary": training_vocabulary(ctx.store, cfg.data.obs_keys),
         },
     )
     resumed_in_epoch = False

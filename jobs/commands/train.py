@@ -1,4 +1,4 @@
-"""`cellray run SPEC.yaml` (pretraining on Ray Train) and `cellray embed` (embeddings of every cell)."""
+"""`cellray run SPEC.yaml` (pretraining on Ray Train, or inference) and `cellray embed` (embeddings of every cell)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,29 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a job spec (kind: pretrain) on the local Ray or on --address")
+    p = sub.add_parser("run", help="run a job spec (kind: pretrain or embed) on the local Ray or on --address")
     p.add_argument("spec", type=Path, help="a YAML job spec, e.g. jobs/pretrain_vae.yaml")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.add_argument("--check", action="store_true", help="validate the spec (and its store) and exit")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=run_job)
 
-    p = sub.add_parser("embed", help="embed every cell of a store with a trained checkpoint; write an AnnData")
+    p = sub.add_parser("embed", help="embed every cell of a store with a trained checkpoint into an AnnData (resumable)")
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint dir, or a run's train.output folder (latest)")
     p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="output .h5ad or .zarr")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output AnnData: OUT.zarr (written in parts, resumable) or OUT.h5ad (assembled from the parts)")
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=0, help="inference actors (default: as many as fit, at most 8)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0: one actor per GPU share (model on GPU)")
+    p.add_argument("--part-cells", type=int, default=None, help="cells per output part (default: one store shard)")
+    p.add_argument("--min-gene-overlap", type=float, default=0.5,
+                   help="refuse a store holding fewer of the checkpoint's genes than this fraction")
+    p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                   help="ray: an actor pool; local: this process; auto: local for small stores unless --workers/--gpus")
     p.add_argument("--label-key", default=None, help="obs column: print the kNN label accuracy of the embeddings")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing OUT and any unfinished run")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(func=run_embed)
 
@@ -32,6 +41,11 @@ def run_job(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, check_data=True)  # the store, obs keys and transforms too
+    if spec.kind == "embed":
+        if args.check:
+            print(f"{args.spec}: ok (embed {spec.store} with {spec.checkpoint} into {spec.out})")
+            return 0
+        return _embed(spec, args.address, None, args.json)
     if args.check:
         print(f"{args.spec}: ok ({spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps)")
         return 0
@@ -65,28 +79,42 @@ def run_job(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from engine.infer.embed import OBSM_KEY, embed
-    from engine.infer.evaluate import knn_accuracy
+    from engine.infer.config import EmbedConfig
+
+    config = EmbedConfig(
+        checkpoint=str(args.checkpoint), store=str(args.store), out=str(args.out), batch_size=args.batch_size,
+        part_cells=args.part_cells, min_gene_overlap=args.min_gene_overlap, overwrite=args.overwrite,
+        executor=args.executor,
+        resources={"workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                   "gpus_per_worker": args.gpus_per_worker},
+        source="cellray embed",
+    )
+    return _embed(config, args.address, args.label_key)
+
+
+def _embed(config, address: str | None, label_key: str | None, as_json: bool = False) -> int:
+    """Run an EmbedConfig (from flags or a `kind: embed` spec) and print where the output is."""
+    from engine.infer.embed import OBSM_KEY, run_embed
+    from engine.infer.evaluate import embedding_sample, knn_accuracy
     from jobs.progress import progress_bar
 
     with progress_bar() as progress:
-        res = embed(
-            args.checkpoint, args.store, args.out, address=args.address, batch_size=args.batch_size,
-            overwrite=args.overwrite, progress=progress,
-        )
-    print(f"{res.out}: {res.n_cells} cells x {res.dim} dims in obsm['{OBSM_KEY}'] (checkpoint step {res.step})")
-    if args.label_key:
-        import anndata as ad
+        res = run_embed(config, address=address, progress=progress)
+    if as_json:
+        print(json.dumps({"out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step,
+                          "parts": res.parts, "parts_run": res.parts_run, "cells_per_s": res.cells_per_s,
+                          "predicts": res.predicts}))
+        return 0
+    pred = f", predictions of {res.predicts!r} in obs['cellray_pred']" if res.predicts else ""
+    print(f"{res.out}: {res.n_cells} cells x {res.dim} dims in obsm['{OBSM_KEY}']{pred} (checkpoint step {res.step}; "
+          f"{res.parts_run} of {res.parts} parts this run, {res.cells_per_s:.0f} cells/s)")
+    if label_key:
+        emb, labels = embedding_sample(res.out, label_key)
+        acc = knn_accuracy(emb, labels, k=15)
+        import pandas as pd
 
-        from engine.errors import CellrayError
-
-        a = ad.read_h5ad(res.out) if res.out.suffix == ".h5ad" else ad.read_zarr(res.out)
-        if args.label_key not in a.obs:
-            raise CellrayError(f"--label-key {args.label_key!r}: not an obs column of {args.store}; it has {list(a.obs.columns)}")
-        labels = a.obs[args.label_key].to_numpy()
-        acc = knn_accuracy(a.obsm[OBSM_KEY], labels, k=15)
-        n_labels = len(set(labels[a.obs[args.label_key].notna().to_numpy()]))
-        print(f"kNN (k=15) accuracy of {args.label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")
+        n_labels = len(set(labels[pd.notna(labels)]))
+        print(f"kNN (k=15) accuracy of {label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")
     return 0
 
 

@@ -1,74 +1,109 @@
-"""`cellray embed`: one row per cell in store order, obs preserved, equal to the model run directly, opens in scanpy."""
+"""`cellray embed`: one row per cell in store order, obs preserved, equal to the model run directly, opens with plain
+anndata/scanpy as .zarr and .h5ad; `kind: embed` specs run the same path."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+import yaml
 
 from engine.errors import InferError
 from engine.infer.embed import OBSM_KEY, embed
 from engine.infer.evaluate import knn_accuracy
+from engine.infer.parts import checksum
 from engine.store.format import Store
-from engine.train.checkpoint import load_checkpoint
-from engine.train.driver import pretrain
 from jobs.cli import main
-from jobs.spec import parse_spec
 
 
-@pytest.fixture(scope="module")
-def vae_checkpoint(tiny_store, ray_local, tmp_path_factory):
-    """A VAE with a batch covariate, trained in-process (resources.workers: 0) for a few steps."""
-    out = tmp_path_factory.mktemp("embed") / "run"
-    spec = parse_spec(
-        {
-            "kind": "pretrain",
-            "name": "embed-test",
-            "data": {"store": str(tiny_store), "batch_size": 128, "obs_keys": ["batch"]},
-            "model": {"name": "vae", "config": {"n_latent": 3, "n_hidden": 16, "batch_key": "batch"}},
-            "train": {"max_steps": 4, "checkpoint_every": 2, "lr": 1e-2, "output": str(out)},
-            "resources": {"workers": 0},
-        }
-    )
-    return pretrain(spec).output
+def test_zarr_output_is_plain_anndata_in_store_order(reference_embedding, vae_checkpoint, tiny_store, helpers):
+    a = reference_embedding
+    store = Store.open(tiny_store)
+    obs = helpers.store_obs(store)
+    assert a.n_obs == store.n_cells and a.obsm[OBSM_KEY].shape == (store.n_cells, 3)
+    assert list(a.obs_names) == list(obs.index) and a.obs_names.is_unique  # every cell once, in store order
+    pd.testing.assert_frame_equal(a.obs, obs, check_categorical=True)
+    u = a.uns["cellray"]
+    assert u["step"] == 4 and u["model"] == "vae" and u["parts"] == 10 and u["part_cells"] == 150
+    assert u["vocabulary_fingerprint"].startswith("sha256:") and u["genes_missing"] == 0
+    # the same numbers as the model applied directly to every cell (with its batch code)
+    direct = helpers.direct_vae_embedding(vae_checkpoint, store)
+    np.testing.assert_allclose(a.obsm[OBSM_KEY], direct, rtol=1e-5, atol=1e-5)
 
 
-def test_embed_h5ad_in_store_order_opens_in_scanpy(vae_checkpoint, tiny_store, tmp_path):
+def test_commit_records_match_the_written_parts(vae_checkpoint, tiny_store, tmp_path):
+    import anndata as ad
+
+    out = tmp_path / "emb.zarr"
+    res = embed(vae_checkpoint, tiny_store, out, part_cells=400)  # in-process (a small store); one part per shard
+    assert (res.parts, res.parts_run) == (4, 4)
+    emb = ad.read_zarr(out).obsm[OBSM_KEY]
+    records = sorted((out / ".cellray" / "parts").glob("*.json"))
+    assert [r.name for r in records] == [f"{k:05d}.json" for k in range(4)]
+    total = 0
+    for f in records:
+        rec = json.loads(f.read_text())
+        assert rec["rows"] == rec["stop"] - rec["start"] and rec["start"] == total
+        assert rec["checksum"] == checksum({OBSM_KEY: emb[rec["start"] : rec["stop"]]})
+        total += rec["rows"]
+    assert total == Store.open(tiny_store).n_cells
+    assert not (out / ".cellray" / "tmp").exists() and not list(tmp_path.glob(".*"))  # no temporaries left
+
+
+def test_h5ad_assembled_from_parts_opens_in_scanpy(reference_embedding, vae_checkpoint, tiny_store, tmp_path):
     import scanpy as sc
 
     out = tmp_path / "emb.h5ad"
-    res = embed(vae_checkpoint, tiny_store, out, batch_size=100, num_actors=2)
-    store = Store.open(tiny_store)
+    res = embed(vae_checkpoint, tiny_store, out, batch_size=100, part_cells=150)  # in-process: the same numbers
     a = sc.read_h5ad(out)
-    assert a.n_obs == store.n_cells == res.n_cells and a.obsm[OBSM_KEY].shape == (store.n_cells, 3)
-    obs = pd.concat([store.read_obs(s) for s in range(store.n_shards)])
-    assert list(a.obs_names) == list(obs.index)
-    pd.testing.assert_frame_equal(a.obs, obs, check_categorical=True)
-    assert a.uns["cellray"]["step"] == 4 and a.uns["cellray"]["model"] == "vae"
-    # the same numbers as the model applied directly to a shard's cells (with their batch codes)
-    model, _ = load_checkpoint(vae_checkpoint)
-    shard = 1
-    block = store.read_csr(shard)
-    codes = store.read_obs(shard, ["batch"])["batch"].cat.codes.to_numpy()
-    direct = model.embed({"X": torch.from_numpy(block.to_scipy().toarray().astype(np.float32)), "batch": torch.from_numpy(codes.astype(np.int64))})
-    lo, hi = store.cell_offsets[shard], store.cell_offsets[shard + 1]
-    np.testing.assert_allclose(a.obsm[OBSM_KEY][lo:hi], direct.numpy(), rtol=1e-5, atol=1e-5)
-    sc.pp.neighbors(a, use_rep=OBSM_KEY, n_neighbors=5)  # scanpy works on it
-    assert a.obsp["connectivities"].shape == (store.n_cells, store.n_cells)
+    ref = reference_embedding
+    pd.testing.assert_frame_equal(a.obs, ref.obs)
+    np.testing.assert_allclose(a.obsm[OBSM_KEY], ref.obsm[OBSM_KEY], atol=1e-5)  # another batch size, same numbers
+    assert a.uns["cellray"]["fingerprint"] == ref.uns["cellray"]["fingerprint"]
+    assert a.n_obs == res.n_cells and a.obsm[OBSM_KEY].dtype == np.float32
+    assert not list(tmp_path.glob(".*"))  # the parts directory is gone once the .h5ad is in place
+    # a rerun of a finished output is a no-op; another layout is refused, --overwrite replaces
+    again = embed(vae_checkpoint, tiny_store, out, part_cells=150)
+    assert again.parts_run == 0
     with pytest.raises(InferError, match="already exists"):
-        embed(vae_checkpoint, tiny_store, out)
+        embed(vae_checkpoint, tiny_store, out, part_cells=100)
+    assert embed(vae_checkpoint, tiny_store, out, part_cells=500, overwrite=True).parts == 3
 
 
 def test_embed_cli_zarr_and_knn(vae_checkpoint, tiny_store, tmp_path, capsys):
     import anndata as ad
 
     out = tmp_path / "emb.zarr"
-    assert main(["embed", "--checkpoint", str(vae_checkpoint), "--store", str(tiny_store), "--out", str(out), "--label-key", "cell_type"]) == 0
+    args = ["embed", "--checkpoint", str(vae_checkpoint), "--store", str(tiny_store), "--out", str(out)]
+    assert main([*args, "--label-key", "cell_type", "--executor", "local", "--part-cells", "700"]) == 0
     printed = capsys.readouterr().out
-    assert "kNN (k=15) accuracy of 'cell_type'" in printed
+    assert "kNN (k=15) accuracy of 'cell_type'" in printed and "3 of 3 parts this run" in printed
     assert ad.read_zarr(out).obsm[OBSM_KEY].shape[0] == Store.open(tiny_store).n_cells
-    assert main(["embed", "--checkpoint", str(tmp_path), "--store", str(tiny_store), "--out", str(tmp_path / "x.h5ad")]) == 2
+    no_checkpoint = ["--checkpoint", str(tmp_path), "--store", str(tiny_store), "--out", str(tmp_path / "x.h5ad")]
+    assert main(["embed", *no_checkpoint]) == 2
+    assert main([*args, "--label-key", "nope", "--part-cells", "700"]) == 2  # up to date; then a one-line error
+    assert "not an obs column" in capsys.readouterr().err
+
+
+def test_kind_embed_spec_runs_the_same_path(vae_checkpoint, tiny_store, tmp_path, capsys):
+    import anndata as ad
+
+    spec = tmp_path / "embed.yaml"
+    out = tmp_path / "spec-emb.zarr"
+    spec.write_text(yaml.safe_dump({
+        "kind": "embed", "name": "tiny-embed", "checkpoint": str(vae_checkpoint), "store": str(tiny_store),
+        "out": str(out), "part_cells": 500,
+    }))
+    assert main(["run", str(spec), "--check"]) == 0
+    assert main(["run", str(spec), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cells"] == Store.open(tiny_store).n_cells and summary["parts"] == 3
+    assert ad.read_zarr(out).obsm[OBSM_KEY].shape == (summary["cells"], 3)
+    spec.write_text(yaml.safe_dump({"kind": "embed", "checkpoint": "x", "store": "y", "out": "z", "batch_size": 0}))
+    assert main(["run", str(spec)]) == 2
+    assert "batch_size" in capsys.readouterr().err
 
 
 def test_knn_accuracy_separates_clusters():
