@@ -10,7 +10,7 @@ import sys
 from engine.errors import CellrayError
 
 # Modules under jobs.commands, each with `register(subparsers)` adding its subcommands.
-COMMAND_MODULES = ["store", "stats", "train"]
+COMMAND_MODULES = ["store", "stats", "train", "job", "cluster"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Job specs: a YAML file parsed into the engine's typed run configuration, errors naming the file and field path.
 
-`kind: pretrain` specs become `engine.train.config.PretrainConfig` (see its docstring for the fields).
-Relative paths are relative to the directory the command runs in.
+`kind: pretrain` specs become `engine.train.config.PretrainConfig` (see its docstring for the fields); the other
+kinds (embed, stats, ingest, sleep) are listed in jobs/kinds.py. Relative paths are relative to the directory the
+command runs in.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any
 import yaml
 
 from engine.errors import SpecError
-from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
+from jobs.kinds import KINDS as _KINDS
+from jobs.kinds import JobSpec
 
-KINDS = {"pretrain": PretrainConfig}
+KINDS = {name: kind.config for name, kind in _KINDS.items()}
 
 
-def parse_spec(raw: Any, source: str = "spec") -> PretrainConfig:
+def parse_spec(raw: Any, source: str = "spec") -> JobSpec:
     """Validate a spec dict; every problem is reported as `source: field.path: message`."""
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping with 'kind', 'name', 'data', 'model', got {type(raw).__name__}")
@@ -29,7 +31,7 @@ def parse_spec(raw: Any, source: str = "spec") -> PretrainConfig:
     return KINDS[kind].parse(raw, source).model_copy(update={"source": source})
 
 
-def load_spec(path: str | os.PathLike, check_data: bool = True) -> PretrainConfig:
+def load_spec(path: str | os.PathLike, check_data: bool = True) -> JobSpec:
     """Read and validate a YAML job spec; with `check_data`, also its store, obs keys and transforms."""
     path = Path(path)
     if not path.exists():
@@ -39,6 +41,6 @@ def load_spec(path: str | os.PathLike, check_data: bool = True) -> PretrainConfi
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     spec = parse_spec(raw, source=str(path))
-    if check_data:
+    if check_data and spec.kind == "pretrain":
         open_run_data(spec)
     return spec

@@ -15,7 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.errors import TrainError
 from engine.progress import Progress, silent
@@ -64,8 +64,10 @@ def check_resources(config: PretrainConfig) -> None:
         )
 
 
-def pretrain(config: PretrainConfig, address: str | None = None, progress: Progress | None = None) -> TrainResult:
-    """Run a pretraining config on Ray Train; returns where its checkpoints and metrics are."""
+def pretrain(config: PretrainConfig, address: str | None = None, progress: Progress | None = None,
+             on_report: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run a pretraining config on Ray Train; returns where its checkpoints and metrics are. `on_report` sees
+    each report (step, loss, cells_per_s, data_wait_frac, ...) as it arrives (e.g. dashboard gauges)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -129,8 +131,8 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
         history: list[dict[str, Any]] = []
         while thread.is_alive():
             thread.join(0.5)
-            _drain(run_log, history, progress, config.train.max_steps)
-        _drain(run_log, history, progress, config.train.max_steps)
+            _drain(run_log, history, progress, config.train.max_steps, on_report)
+        _drain(run_log, history, progress, config.train.max_steps, on_report)
         ray.kill(run_log)
     if "error" in outcome:
         e = outcome["error"]
@@ -145,13 +147,16 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
     return TrainResult(output=output, checkpoint=ckpt, history=history)
 
 
-def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: int) -> None:
+def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: int,
+           on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Append the run log's new reports to `history`, advancing the progress bar and logging each."""
     import ray
 
     for m in ray.get(run_log.since.remote(len(history))):
         history.append(m)
         progress("train", int(m["step"]), total)
+        if on_report is not None:
+            on_report(m)
         log.info(
             "step %d/%d  loss %.4f  %s%.0f cells/s  data-wait %.0f%%",
             m["step"], total, m["loss"],

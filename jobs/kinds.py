@@ -1,0 +1,257 @@
+"""Job kinds: one pydantic union keyed on `kind`, each kind with its total demand, its entrypoint and its run.
+
+    kind: pretrain   engine.train.config.PretrainConfig   Ray Train DDP workers + their reader actors
+    kind: embed      engine.infer.config.EmbedConfig      inference actors over the store's shards
+    kind: stats      StatsJob                             gene statistics of a store (engine.preprocess.stats)
+    kind: ingest     IngestJob                            h5ad / AnnData zarr files -> a store (engine.store.ingest)
+    kind: sleep      SleepJob                             holds its resources for a while (cluster and queue checks)
+
+The scheduler admits a job only when its whole demand (every worker's CPUs, GPUs and memory, readers included)
+is free at once, and runs its entrypoint, `python -m jobs.cli run SPEC --address auto`, as a Ray Job. Relative
+paths in a spec are resolved against the submitting directory at submit time, since a job runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union
+
+from pydantic import Field
+
+from engine.config import Config, Section
+from engine.errors import SpecError
+from engine.infer.config import EmbedConfig
+from engine.preprocess.stats import StatsConfig
+from engine.store.ingest import IngestConfig
+from engine.train.config import PretrainConfig
+from jobs.scheduler.actor import entrypoint  # noqa: F401  (every kind's entrypoint: `cellray run SPEC`)
+
+log = logging.getLogger(__name__)
+
+
+
+class JobResources(Section):
+    error: ClassVar[type[Exception]] = SpecError
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float = Field(0.0, ge=0)  # Ray's `memory` resource, reserved for the job (0: none)
+
+
+class _JobConfig(Config):
+    error: ClassVar[type[Exception]] = SpecError
+    source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
+
+    def where(self, field: str) -> str:
+        return f"{self.source or 'spec'}: {field}"
+
+
+class StatsJob(_JobConfig):
+    """`cellray stats` as a job: statistics (and HVGs) of `store`, written into it."""
+
+    kind: Literal["stats"] = "stats"
+    name: str = Field("stats", min_length=1)
+    store: str
+    stats: StatsConfig = Field(default_factory=StatsConfig)  # hvg, flavor, batch_key, ... (not executor/address)
+    export: str | None = None  # also write the per-gene table (.csv / .parquet)
+    resources: JobResources = Field(default_factory=JobResources)
+
+
+class IngestJob(_JobConfig):
+    """`cellray ingest` as a job: `inputs` (h5ad / AnnData zarr) into a new store at `out`."""
+
+    kind: Literal["ingest"] = "ingest"
+    name: str = Field("ingest", min_length=1)
+    inputs: list[str] = Field(min_length=1)
+    out: str
+    ingest: IngestConfig = Field(default_factory=IngestConfig)  # vocab, obs_keys, shard_cells, ... (not executor/address)
+    resources: JobResources = Field(default_factory=JobResources)
+
+
+class SleepJob(_JobConfig):
+    """Holds `resources` for `seconds`, printing a line a second: smoke-tests a cluster and the queue."""
+
+    kind: Literal["sleep"] = "sleep"
+    name: str = Field("sleep", min_length=1)
+    seconds: float = Field(1.0, ge=0)
+    fail: str | None = None  # end with this error (exit 2) instead of success: a job that fails on its own
+    resources: JobResources = Field(default_factory=JobResources)
+
+
+JobSpec = Annotated[Union[PretrainConfig, EmbedConfig, StatsJob, IngestJob, SleepJob], Field(discriminator="kind")]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the scheduler knows of a kind of job."""
+
+    config: type[Config]
+    bundles: Callable[[Any], list[dict[str, float]]]  # every process group's resources: one bundle per worker
+    driver: Callable[[Any], dict[str, float]]  # what the entrypoint process itself reserves (Ray Jobs entrypoint_*)
+    paths: tuple[str, ...]  # dotted fields holding local paths, resolved at submit
+    preemptible: bool  # stopping it loses no work: a rerun resumes (checkpoints, committed parts)
+
+
+NONE = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
+
+
+def _resources(r: JobResources) -> dict[str, float]:
+    return {"CPU": r.cpus, "GPU": r.gpus, "memory": r.memory_gb * 2**30}
+
+
+def pretrain_bundles(spec: PretrainConfig) -> list[dict[str, float]]:
+    """One bundle per Ray Train worker with its reader actors (readers run on their trainer's node)."""
+    r = spec.resources
+    worker = {"CPU": r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader, "GPU": r.gpus_per_worker,
+              "memory": 0.0}
+    return [dict(worker) for _ in range(max(r.workers, 1))]  # workers: 0 runs the loop in the driver
+
+
+def pretrain_driver(spec: PretrainConfig) -> dict[str, float]:
+    r = spec.resources
+    if r.workers == 0:  # the training loop runs in the driver
+        return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, "memory": 0.0}
+    return dict(NONE)  # the workers and readers reserve their own
+
+
+def embed_workers(spec: EmbedConfig) -> int:
+    return max(spec.resources.workers, 1)  # 0 ("as many as fit") is one under the scheduler: demand is fixed
+
+
+def embed_bundles(spec: EmbedConfig) -> list[dict[str, float]]:
+    r = spec.resources
+    return [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, "memory": 0.0} for _ in range(embed_workers(spec))]
+
+
+def group_bundles(spec: StatsJob | IngestJob) -> list[dict[str, float]]:
+    """The placement group run_in_group reserves: one CPU per bundle; GPUs and memory on the first."""
+    r = spec.resources
+    bundles = [{"CPU": 1.0, "GPU": 0.0, "memory": 0.0} for _ in range(max(1, int(r.cpus)))]
+    bundles[0].update(GPU=r.gpus, memory=r.memory_gb * 2**30)
+    return bundles
+
+
+KINDS: dict[str, Kind] = {
+    "pretrain": Kind(PretrainConfig, pretrain_bundles, pretrain_driver,
+                     ("data.store", "train.output", "debug.trace_dir"), preemptible=True),
+    "embed": Kind(EmbedConfig, embed_bundles, lambda s: dict(NONE), ("checkpoint", "store", "out"), preemptible=True),
+    # stats and ingest run inside a placement group of their CPUs (see run_in_group): the driver reserves nothing
+    "stats": Kind(StatsJob, group_bundles, lambda s: dict(NONE), ("store", "export"), preemptible=False),
+    "ingest": Kind(IngestJob, group_bundles, lambda s: dict(NONE), ("inputs", "out"), preemptible=False),
+    "sleep": Kind(SleepJob, lambda s: [_resources(s.resources)], lambda s: _resources(s.resources), (),
+                  preemptible=False),
+}
+
+
+def bundles(spec: Any) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in b.items()} for b in KINDS[spec.kind].bundles(spec)]
+
+
+def demand(spec: Any) -> dict[str, float]:
+    """The whole job's resources: the sum of its bundles (the driver's share is one of them or nothing)."""
+    out = dict(NONE)
+    for b in bundles(spec):
+        out = {r: out[r] + b.get(r, 0.0) for r in out}
+    return out
+
+
+def resolve_paths(spec: Any, base: str | Path) -> Any:
+    """A copy of `spec` whose local relative paths are absolute (relative to `base`); URIs are kept."""
+    base = Path(base)
+
+    def fix(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        text = str(value)
+        return text if "://" in text or Path(text).is_absolute() else str((base / text).resolve())
+
+    data = spec.model_dump(mode="json")
+    for dotted in KINDS[spec.kind].paths:
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[last] = fix(node.get(last))
+    return type(spec).parse(data, spec.source or "spec").model_copy(update={"source": spec.source})
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_kind(spec: Any, address: str | None = None, progress: Callable | None = None) -> dict[str, Any]:
+    """Run a non-pretrain job spec (`cellray run` dispatches pretrain itself); returns a short summary."""
+    from jobs.scheduler.metrics import job_progress
+
+    if spec.kind == "sleep":
+        return run_sleep(spec)
+    if spec.kind == "embed":
+        from engine.infer.embed import embed
+
+        res = embed(spec.checkpoint, spec.store, spec.out, address=address, batch_size=spec.batch_size,
+                    num_actors=embed_workers(spec), overwrite=spec.overwrite, progress=job_progress(progress, spec.name))
+        return {"job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step}
+    if spec.kind in ("stats", "ingest"):
+        return run_in_group(spec, address)
+    raise SpecError(f"{spec.where('kind')}: no runner for kind {spec.kind!r}")
+
+
+def run_sleep(spec: SleepJob) -> dict[str, Any]:
+    t0 = time.monotonic()
+    tick = 0
+    while (left := spec.seconds - (time.monotonic() - t0)) > 0:
+        print(f"{spec.name}: holding {spec.resources.cpus:g} CPUs, {spec.resources.gpus:g} GPUs; "
+              f"tick {tick}, {left:.1f} s left", flush=True)
+        time.sleep(min(1.0, left))
+        tick += 1
+    if spec.fail:
+        raise SpecError(f"{spec.where('fail')}: {spec.fail}")
+    return {"job": spec.name, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _stage(spec: StatsJob | IngestJob) -> dict[str, Any]:
+    """The stage's body, run in a task inside the job's placement group: its Ray tasks stay within it."""
+    if spec.kind == "stats":
+        from engine.preprocess.stats import compute_stats, export_table
+
+        stats = compute_stats(spec.store, spec.stats.model_copy(update={"address": None}))
+        out = {"job": spec.name, "stats": stats.where, "cells": stats.n_cells, "genes": len(stats.genes)}
+        if spec.export:
+            out["export"] = str(export_table(stats, spec.export))
+        return out
+    from engine.store.ingest import ingest
+
+    store = ingest(spec.inputs, spec.out, spec.ingest.model_copy(update={"address": None}))
+    return {"job": spec.name, "store": str(store.path), "cells": store.n_cells, "shards": store.n_shards}
+
+
+def run_in_group(spec: StatsJob | IngestJob, address: str | None) -> dict[str, Any]:
+    """Run stats / ingest with every Ray task they start held inside a placement group of the job's CPUs
+    (capture_child_tasks), so the job uses what the scheduler admitted and no more."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from engine.errors import CellrayError
+    from engine.runtime import ray_session
+
+    with ray_session(address):
+        reserve = [{k: v for k, v in b.items() if v > 0} for b in group_bundles(spec)]
+        group = placement_group(reserve, strategy="PACK")
+        try:
+            if not group.wait(timeout_seconds=120):
+                raise SpecError(f"{spec.where('resources')}: {reserve} could not be reserved within 120 s")
+            body = ray.remote(num_cpus=0, max_retries=0)(_stage).options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True))
+            try:
+                return ray.get(body.remote(spec))
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, CellrayError):
+                    raise e.cause from None
+                raise
+        finally:
+            remove_placement_group(group)
