@@ -123,6 +123,8 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"attempts   {j['attempts']} (retries {j['retries']}, preemptions {j['preemptions']})"
           + (f"  Ray jobs: {', '.join(j['ray_ids'])}" if j["ray_ids"] else ""))
     print(f"spec       {j['spec_file']}")
+    for e in j.get("events", []):
+        print(f"  {e}")
     return 0
 
 

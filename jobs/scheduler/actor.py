@@ -105,6 +105,7 @@ class Scheduler:
                 demand=request["demand"], driver=request["driver"],
                 spec_file=self.store.write_spec(job_id, request["spec"]), submitted=now, queued_since=now,
             )
+            job.event(f"queued (priority {job.priority})", now)
             self.jobs[job_id] = job
             self._save()
         self.wake.set()
@@ -126,6 +127,7 @@ class Scheduler:
                 self._finish(job, STOPPED, "stopped while queued")
             elif job.state == RUNNING:
                 job.stop_reason, job.stop_requested, job.message = "user", time.time(), "stopping"
+                job.event("stop requested")
                 self._save()
                 self._stop_ray_job(job)
             return job.to_dict()
@@ -192,10 +194,11 @@ class Scheduler:
                 changed = True
                 continue
             status = info.status.value
+            if status == "RUNNING" and job.ray_status != "RUNNING":
+                job.event(f"running (attempt {job.attempts})")
+                job.started = job.started or time.time()
             if status != job.ray_status:
                 job.ray_status, changed = status, True
-            if status == "RUNNING" and job.started is None:
-                job.started = time.time()
             if status in ("PENDING", "RUNNING"):
                 if job.stop_reason and time.time() - (job.stop_requested or 0) > RESTOP_AFTER_S:
                     job.stop_requested = time.time()
@@ -228,11 +231,11 @@ class Scheduler:
         available = ray.available_resources()
         plan = admission.plan(queued, running, self.capacity(), available, strict=self.queueing == "strict")
         changed = False
-        for job_id in plan.preempt:
+        for job_id, waiting in plan.preempt.items():
             victim = self.jobs[job_id]
-            waiting = next((j for j, why in plan.waiting.items() if job_id in why), "a higher priority")
             victim.stop_reason, victim.stop_requested = "preempt", time.time()
             victim.message = f"preempted by {waiting}"
+            victim.event(f"preempted by {waiting}: stopping")
             self.metrics.preemption(victim)
             self._save()  # recorded before Ray is asked: a restarted scheduler knows why it stopped
             self._stop_ray_job(victim)
@@ -261,8 +264,10 @@ class Scheduler:
             self.client().submit_job(
                 entrypoint=entrypoint(job.spec_file, self.python),
                 submission_id=ray_id,
-                runtime_env={"working_dir": self.project, "excludes": EXCLUDES,
-                             "env_vars": {JOB_ID_ENV: job.id, "CELLRAY_ATTEMPT": str(attempt)}},
+                runtime_env={"working_dir": self.project, "excludes": EXCLUDES, "env_vars": {
+                    JOB_ID_ENV: job.id, "CELLRAY_ATTEMPT": str(attempt),
+                    # the driver's own ray.init(address, runtime_env=working_dir) ships the same files again
+                    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}},
                 metadata={"cellray_id": job.id, "name": job.name, "kind": job.kind, "priority": str(job.priority),
                           "attempt": str(attempt)},
                 entrypoint_num_cpus=drv.get("CPU", 0.0) or None,
@@ -284,6 +289,7 @@ class Scheduler:
             return False
         self.submit_failures.pop(job.id, None)
         self.metrics.admission(job, now)
+        job.event(f"admitted as Ray job {ray_id} after {now - job.queued_since:.1f} s in the queue", now)
         log.info("%s (%s, %s, priority %d): admitted as Ray job %s", job.id, job.name, job.kind, job.priority, ray_id)
         return True
 
@@ -339,11 +345,13 @@ class Scheduler:
         job.ray_status = job.stop_reason = job.stop_requested = None
         job.preemptions += int(preempted)
         job.message = why
+        job.event(why)
         log.info("%s: %s", job.id, why)
 
     def _finish(self, job: JobRecord, state: str, message: str) -> None:
         job.state, job.ended, job.message = state, time.time(), message
         job.stop_reason = job.stop_requested = None
+        job.event(f"{state}{': ' + message if message else ''}")
         self._save()
         log.info("%s: %s %s", job.id, state, message)
 

@@ -4,7 +4,8 @@ Order: priority (high first), then submission order. A job is admitted only when
 once (gang admission): Ray would otherwise start part of it and hold that part while the rest waits (Ray Jobs
 PENDING for up to 15 minutes, Ray Train's placement group retried without end). `strict` queueing (the default)
 lets nothing pass a job that waits, so a large job is never starved by a stream of small ones; `best-effort`
-lets smaller jobs behind it start meanwhile, as Kueue's BestEffortFIFO does.
+lets jobs behind it that fit start meanwhile, as Kueue's BestEffortFIFO does (the waiting job still comes first
+whenever room frees up, so only jobs that fit into the gaps pass it).
 
 Preemption: a waiting job may stop running jobs of strictly lower priority that are preemptible (pretraining
 resumes from its checkpoint, inference from its committed parts): the lowest priority first, and among equals the
@@ -58,7 +59,7 @@ def queue_order(queued: Iterable[JobRecord]) -> list[JobRecord]:
 @dataclass
 class Plan:
     admit: list[str] = field(default_factory=list)
-    preempt: list[str] = field(default_factory=list)
+    preempt: dict[str, str] = field(default_factory=dict)  # running job id -> the queued job it makes room for
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why it waits
 
 
@@ -91,7 +92,7 @@ def plan(
         if not fits(job.demand, add(free, releasing)):
             victims = _victims(job, running, taken, add(free, releasing))
             if victims:
-                out.preempt.extend(v.id for v in victims)
+                out.preempt.update({v.id: job.id for v in victims})
                 taken.update(v.id for v in victims)
                 releasing = add(releasing, total(victims))
                 out.waiting[job.id] = f"preempting {', '.join(v.id for v in victims)}"
@@ -104,8 +105,6 @@ def plan(
                 if rest.id not in out.admit and rest.id not in out.waiting:
                     out.waiting[rest.id] = f"behind {job.id}"
             break
-        # best-effort: the room this job waits for stays its own; smaller jobs may use the rest
-        free = {r: max(0.0, v) for r, v in add(free, job.demand, -1).items()}
     return out
 
 

@@ -177,6 +177,9 @@ def start_cluster(
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), run_env.get("PYTHONPATH", "")) if p)
     # Two more fixed default ports (44217, 44227) that two heads on one host would both want.
     run_env["AUTOSCALER_METRIC_PORT"], run_env["DASHBOARD_METRIC_PORT"] = str(autoscaler_port), str(dashboard_metric_port)
+    # `cellray cluster stop` ends the whole cluster: no 30 s node drain (it waits for idle workers, and the
+    # detached scheduler never is); running jobs go back to the queue when the cluster comes back.
+    run_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     store_bytes = object_store_mb * 2**20 if object_store_mb else _local_object_store_bytes()
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -251,6 +254,7 @@ def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)  # reap it if this process started it
+    log.debug("ray start (pid %d) ended after %.1f s", pid, timeout - (deadline - time.monotonic()))
     leftovers = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -263,6 +267,7 @@ def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
     for p in leftovers:
         with contextlib.suppress(psutil.Error):
             p.terminate()
+    log.debug("%d leftover process(es) of the cluster: %s", len(leftovers), [p.pid for p in leftovers])
     _, alive = psutil.wait_procs(leftovers, timeout=5)
     for p in alive:
         with contextlib.suppress(psutil.Error):

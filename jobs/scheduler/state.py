@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED)
 TERMINAL = (SUCCEEDED, FAILED, STOPPED)
 RESOURCES = ("CPU", "GPU", "memory")  # what a job demand counts, in Ray's names; memory in bytes
 STATE_FILE = "scheduler.json"
+MAX_EVENTS = 30
 SPECS_DIR = "specs"
 
 
@@ -50,6 +52,11 @@ class JobRecord:
     stop_reason: str | None = None  # "user" or "preempt" while a stop is under way
     stop_requested: float | None = None
     message: str = ""
+    events: list[str] = field(default_factory=list)  # "HH:MM:SS what happened", the last MAX_EVENTS
+
+    def event(self, text: str, now: float | None = None) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(now or time.time()))
+        self.events = [*self.events, f"{stamp} {text}"][-MAX_EVENTS:]
 
     @property
     def ray_id(self) -> str | None:
