@@ -2,9 +2,11 @@
 
     kind: pretrain   engine.train.config.PretrainConfig   Ray Train DDP workers + their reader actors
     kind: embed      engine.infer.config.EmbedConfig      inference actors over the store's shards
-    kind: stats      StatsJob                             gene statistics of a store (engine.preprocess.stats)
-    kind: ingest     IngestJob                            h5ad / AnnData zarr files -> a store (engine.store.ingest)
+    kind: stats      jobs.stage_jobs.StatsJob             gene statistics of a store (engine.preprocess.stats)
+    kind: ingest     jobs.stage_jobs.IngestJob            h5ad / AnnData zarr files -> a store (engine.store.ingest)
     kind: sleep      SleepJob                             holds its resources for a while (cluster and queue checks)
+
+`JobSpec` is their pydantic union, discriminated by `kind`; `KINDS[kind].config` is one kind's class.
 
 The scheduler admits a job only when its whole demand (every worker's CPUs, GPUs and memory, readers included)
 is free at once, and runs its entrypoint, `python -m jobs.cli run SPEC --address auto`, as a Ray Job. Relative
@@ -13,24 +15,25 @@ paths in a spec are resolved against the submitting directory at submit time, si
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Union
 
 from pydantic import Field
 
 from engine.config import Config, Section
 from engine.errors import SpecError
-from engine.infer.config import EmbedConfig
-from engine.preprocess.stats import StatsConfig
-from engine.store.ingest import IngestConfig
-from engine.train.config import PretrainConfig
 from jobs.scheduler.actor import entrypoint  # noqa: F401  (every kind's entrypoint: `cellray run SPEC`)
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from engine.infer.config import EmbedConfig
+    from engine.train.config import PretrainConfig
+    from jobs.stage_jobs import IngestJob, StatsJob
 
+log = logging.getLogger(__name__)
 
 
 class JobResources(Section):
@@ -49,28 +52,6 @@ class _JobConfig(Config):
         return f"{self.source or 'spec'}: {field}"
 
 
-class StatsJob(_JobConfig):
-    """`cellray stats` as a job: statistics (and HVGs) of `store`, written into it."""
-
-    kind: Literal["stats"] = "stats"
-    name: str = Field("stats", min_length=1)
-    store: str
-    stats: StatsConfig = Field(default_factory=StatsConfig)  # hvg, flavor, batch_key, ... (not executor/address)
-    export: str | None = None  # also write the per-gene table (.csv / .parquet)
-    resources: JobResources = Field(default_factory=JobResources)
-
-
-class IngestJob(_JobConfig):
-    """`cellray ingest` as a job: `inputs` (h5ad / AnnData zarr) into a new store at `out`."""
-
-    kind: Literal["ingest"] = "ingest"
-    name: str = Field("ingest", min_length=1)
-    inputs: list[str] = Field(min_length=1)
-    out: str
-    ingest: IngestConfig = Field(default_factory=IngestConfig)  # vocab, obs_keys, shard_cells, ... (not executor/address)
-    resources: JobResources = Field(default_factory=JobResources)
-
-
 class SleepJob(_JobConfig):
     """Holds `resources` for `seconds`, printing a line a second: smoke-tests a cluster and the queue."""
 
@@ -81,18 +62,21 @@ class SleepJob(_JobConfig):
     resources: JobResources = Field(default_factory=JobResources)
 
 
-JobSpec = Annotated[Union[PretrainConfig, EmbedConfig, StatsJob, IngestJob, SleepJob], Field(discriminator="kind")]
-
-
 @dataclass(frozen=True)
 class Kind:
-    """What the scheduler knows of a kind of job."""
+    """What the scheduler knows of a kind of job. Its config class is imported when first needed, so running a
+    light job (`kind: sleep`) does not import torch and the engine's stages."""
 
-    config: type[Config]
+    config_path: str  # "module:Class"
     bundles: Callable[[Any], list[dict[str, float]]]  # every process group's resources: one bundle per worker
     driver: Callable[[Any], dict[str, float]]  # what the entrypoint process itself reserves (Ray Jobs entrypoint_*)
     paths: tuple[str, ...]  # dotted fields holding local paths, resolved at submit
     preemptible: bool  # stopping it loses no work: a rerun resumes (checkpoints, committed parts)
+
+    @property
+    def config(self) -> type[Config]:
+        module, name = self.config_path.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 NONE = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
@@ -135,15 +119,26 @@ def group_bundles(spec: StatsJob | IngestJob) -> list[dict[str, float]]:
 
 
 KINDS: dict[str, Kind] = {
-    "pretrain": Kind(PretrainConfig, pretrain_bundles, pretrain_driver,
+    "pretrain": Kind("engine.train.config:PretrainConfig", pretrain_bundles, pretrain_driver,
                      ("data.store", "train.output", "debug.trace_dir"), preemptible=True),
-    "embed": Kind(EmbedConfig, embed_bundles, lambda s: dict(NONE), ("checkpoint", "store", "out"), preemptible=True),
-    # stats and ingest run inside a placement group of their CPUs (see run_in_group): the driver reserves nothing
-    "stats": Kind(StatsJob, group_bundles, lambda s: dict(NONE), ("store", "export"), preemptible=False),
-    "ingest": Kind(IngestJob, group_bundles, lambda s: dict(NONE), ("inputs", "out"), preemptible=False),
-    "sleep": Kind(SleepJob, lambda s: [_resources(s.resources)], lambda s: _resources(s.resources), (),
+    "embed": Kind("engine.infer.config:EmbedConfig", embed_bundles, lambda s: dict(NONE), ("checkpoint", "store", "out"),
+                  preemptible=True),
+    # stats and ingest run inside a placement group of their CPUs (jobs/stage_jobs.py): the driver reserves nothing
+    "stats": Kind("jobs.stage_jobs:StatsJob", group_bundles, lambda s: dict(NONE), ("store", "export"),
+                  preemptible=False),
+    "ingest": Kind("jobs.stage_jobs:IngestJob", group_bundles, lambda s: dict(NONE), ("inputs", "out"),
+                   preemptible=False),
+    "sleep": Kind("jobs.kinds:SleepJob", lambda s: [_resources(s.resources)], lambda s: _resources(s.resources), (),
                   preemptible=False),
 }
+
+
+def __getattr__(name: str) -> Any:
+    """`JobSpec`: the pydantic union of every kind, keyed on `kind` (built on first use: it imports them all)."""
+    if name == "JobSpec":
+        configs = tuple(k.config for k in KINDS.values())
+        return Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def bundles(spec: Any) -> list[dict[str, float]]:
@@ -196,6 +191,8 @@ def run_kind(spec: Any, address: str | None = None, progress: Callable | None = 
                     num_actors=embed_workers(spec), overwrite=spec.overwrite, progress=job_progress(progress, spec.name))
         return {"job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step}
     if spec.kind in ("stats", "ingest"):
+        from jobs.stage_jobs import run_in_group
+
         return run_in_group(spec, address)
     raise SpecError(f"{spec.where('kind')}: no runner for kind {spec.kind!r}")
 
@@ -211,47 +208,3 @@ def run_sleep(spec: SleepJob) -> dict[str, Any]:
     if spec.fail:
         raise SpecError(f"{spec.where('fail')}: {spec.fail}")
     return {"job": spec.name, "seconds": round(time.monotonic() - t0, 3)}
-
-
-def _stage(spec: StatsJob | IngestJob) -> dict[str, Any]:
-    """The stage's body, run in a task inside the job's placement group: its Ray tasks stay within it."""
-    if spec.kind == "stats":
-        from engine.preprocess.stats import compute_stats, export_table
-
-        stats = compute_stats(spec.store, spec.stats.model_copy(update={"address": None}))
-        out = {"job": spec.name, "stats": stats.where, "cells": stats.n_cells, "genes": len(stats.genes)}
-        if spec.export:
-            out["export"] = str(export_table(stats, spec.export))
-        return out
-    from engine.store.ingest import ingest
-
-    store = ingest(spec.inputs, spec.out, spec.ingest.model_copy(update={"address": None}))
-    return {"job": spec.name, "store": str(store.path), "cells": store.n_cells, "shards": store.n_shards}
-
-
-def run_in_group(spec: StatsJob | IngestJob, address: str | None) -> dict[str, Any]:
-    """Run stats / ingest with every Ray task they start held inside a placement group of the job's CPUs
-    (capture_child_tasks), so the job uses what the scheduler admitted and no more."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from engine.errors import CellrayError
-    from engine.runtime import ray_session
-
-    with ray_session(address):
-        reserve = [{k: v for k, v in b.items() if v > 0} for b in group_bundles(spec)]
-        group = placement_group(reserve, strategy="PACK")
-        try:
-            if not group.wait(timeout_seconds=120):
-                raise SpecError(f"{spec.where('resources')}: {reserve} could not be reserved within 120 s")
-            body = ray.remote(num_cpus=0, max_retries=0)(_stage).options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True))
-            try:
-                return ray.get(body.remote(spec))
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, CellrayError):
-                    raise e.cause from None
-                raise
-        finally:
-            remove_placement_group(group)

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from engine.errors import SpecError
-from engine.train.data import open_run_data
 from jobs.kinds import KINDS as _KINDS
-from jobs.kinds import JobSpec
 
-KINDS = {name: kind.config for name, kind in _KINDS.items()}
+if TYPE_CHECKING:
+    from jobs.kinds import JobSpec
+
+
+class _Configs(dict):
+    """kind -> its config class, imported on first use (a `kind: sleep` job never imports torch)."""
+
+    def __getitem__(self, kind: str) -> Any:
+        value = super().__getitem__(kind)
+        return value.config if hasattr(value, "config_path") else value
+
+
+KINDS = _Configs(_KINDS)
 
 
 def parse_spec(raw: Any, source: str = "spec") -> JobSpec:
@@ -42,5 +52,7 @@ def load_spec(path: str | os.PathLike, check_data: bool = True) -> JobSpec:
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     spec = parse_spec(raw, source=str(path))
     if check_data and spec.kind == "pretrain":
+        from engine.train.data import open_run_data
+
         open_run_data(spec)
     return spec

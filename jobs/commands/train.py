@@ -27,13 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from engine.train.driver import pretrain
     from jobs.progress import progress_bar
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, check_data=True)  # the store, obs keys and transforms too
     if spec.kind != "pretrain":
         return run_other_kind(spec, args)
+    from engine.train.driver import pretrain
+
     if args.check:
         print(f"{args.spec}: ok ({spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps)")
         return 0

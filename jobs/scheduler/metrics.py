@@ -93,7 +93,7 @@ def train_reporter(name: str) -> Callable[[dict[str, Any]], None]:
 
 
 def job_progress(progress: Callable | None, name: str = "") -> Callable[[str, int, int], None]:
-    """Wrap a progress callback: inference stages also set cellray_infer_parts_{done,total} for the dashboard."""
+    """Wrap a progress callback: inference stages also set cellray_infer_parts(_done) for the dashboard."""
     gauges: list[Any] = []
     tags = {"job": job_tag(name)}
 
@@ -110,7 +110,7 @@ def job_progress(progress: Callable | None, name: str = "") -> Callable[[str, in
             from ray.util.metrics import Gauge
 
             gauges.append(Gauge("cellray_infer_parts_done", "inference parts (store shards) done", ("job",)))
-            gauges.append(Gauge("cellray_infer_parts_total", "inference parts (store shards) in all", ("job",)))
+            gauges.append(Gauge("cellray_infer_parts", "inference parts (store shards) in all", ("job",)))
         gauges[0].set(float(done), tags=tags)
         gauges[1].set(float(total), tags=tags)
 
