@@ -46,3 +46,11 @@ class InferError(CellrayError):
 
 class SpecError(ConfigError):
     """A job spec that cannot run as written (jobs/ parses specs into engine configs)."""
+
+
+class ClusterError(CellrayError):
+    """A local cluster that cannot start or stop as asked, or a cluster.yaml that cannot work."""
+
+
+class SchedulerError(CellrayError):
+    """A job the scheduler refuses (it can never fit, unknown id, ...) or a scheduler that cannot be reached."""

@@ -19,7 +19,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.atomic import write_text_atomically, writer_lock
 from engine.errors import CellrayError, TrainError
@@ -32,6 +32,8 @@ from engine.train.loop import LoopContext, train_loop_per_worker
 from engine.train.metrics import METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
+
+OnReport = Callable[[dict[str, Any]], None]  # sees each metrics report as it arrives (e.g. dashboard gauges)
 
 
 @dataclass
@@ -69,8 +71,14 @@ def check_resources(config: PretrainConfig) -> None:
         )
 
 
-def pretrain(config: PretrainConfig, address: str | None = None, progress: Progress | None = None) -> TrainResult:
-    """Run a pretraining config on Ray Train; returns where its checkpoints and metrics are."""
+def pretrain(
+    config: PretrainConfig,
+    address: str | None = None,
+    progress: Progress | None = None,
+    on_report: OnReport | None = None,
+) -> TrainResult:
+    """Run a pretraining config on Ray Train; returns where its checkpoints and metrics are. `on_report` sees
+    each report (step, loss, cells_per_s, data_wait_frac, ...) as it arrives (e.g. dashboard gauges)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -130,7 +138,9 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
         earlier = read_metrics(output)  # a resumed run adds to the steps of earlier attempts
         history: list[dict[str, Any]] = []
         for attempt in range(config.train.max_failures + 1):
-            outcome = _fit_in_thread(trainer, run_log, history, earlier, output, progress, config.train.max_steps)
+            outcome = _fit_in_thread(
+                trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report
+            )
             if "result" in outcome:
                 break
             error = outcome["error"]
@@ -158,7 +168,9 @@ def pretrain(config: PretrainConfig, address: str | None = None, progress: Progr
     return TrainResult(output=output, checkpoint=ckpt, history=history)
 
 
-def _fit_in_thread(trainer, run_log, history, earlier, output: Path, progress: Progress, total: int) -> dict[str, Any]:
+def _fit_in_thread(
+    trainer, run_log, history, earlier, output: Path, progress: Progress, total: int, on_report: OnReport | None
+) -> dict[str, Any]:
     """trainer.fit() in a thread while this one polls the run log: progress, and metrics.jsonl rewritten as reports
     arrive (a driver killed mid-run loses at most the last half second of history)."""
     outcome: dict[str, Any] = {}
@@ -173,11 +185,11 @@ def _fit_in_thread(trainer, run_log, history, earlier, output: Path, progress: P
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
-        if _drain(run_log, history, progress, total):
+        if _drain(run_log, history, progress, total, on_report):
             write_text_atomically(
                 output / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in merge_by_step(earlier + history))
             )
-    _drain(run_log, history, progress, total)
+    _drain(run_log, history, progress, total, on_report)
     return outcome
 
 
@@ -203,7 +215,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: int) -> int:
+def _drain(
+    run_log, history: list[dict[str, Any]], progress: Progress, total: int, on_report: OnReport | None = None
+) -> int:
     """Append the run log's new reports to `history`, advancing the progress bar and logging each."""
     import ray
 
@@ -211,6 +225,8 @@ def _drain(run_log, history: list[dict[str, Any]], progress: Progress, total: in
     for m in new:
         history.append(m)
         progress("train", int(m["step"]), total)
+        if on_report is not None:
+            on_report(m)
         log.info(
             "step %d/%d  loss %.4f  %s%.0f cells/s  data-wait %.0f%%",
             m["step"],

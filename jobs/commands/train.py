@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a job spec (kind: pretrain or embed) on the local Ray or on --address")
+    p = sub.add_parser("run", help="run a job spec (pretrain, embed, stats, ingest, sleep) on the local Ray or on --address")
     p.add_argument("spec", type=Path, help="a YAML job spec, e.g. jobs/pretrain_vae.yaml")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.add_argument("--check", action="store_true", help="validate the spec (and its store) and exit")
@@ -36,21 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from engine.train.driver import pretrain
     from jobs.progress import progress_bar
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, check_data=True)  # the store, obs keys and transforms too
-    if spec.kind == "embed":
-        if args.check:
-            print(f"{args.spec}: ok (embed {spec.store} with {spec.checkpoint} into {spec.out})")
-            return 0
-        return _embed(spec, args.address, None, args.json)
+    if spec.kind != "pretrain":
+        return run_other_kind(spec, args)
+    from engine.train.driver import pretrain
+
     if args.check:
         print(f"{args.spec}: ok ({spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps)")
         return 0
+    from jobs.scheduler.metrics import train_reporter
+
     with progress_bar() as progress:
-        result = pretrain(spec, address=args.address, progress=progress)
+        result = pretrain(spec, address=args.address, progress=progress, on_report=train_reporter(spec.name))
     h = result.history
     summary = {
         "job": spec.name,
@@ -75,6 +75,20 @@ def run_job(args: argparse.Namespace) -> int:
         print(f"checkpoint: {summary['checkpoint']}")
         if summary["loss_curve"]:
             print(f"loss curve: {summary['loss_curve']}")
+    return 0
+
+
+def run_other_kind(spec, args: argparse.Namespace) -> int:
+    """`cellray run` of an embed, stats, ingest or sleep spec (jobs/kinds.py): what a scheduled job runs."""
+    from jobs.kinds import run_kind
+    from jobs.progress import progress_bar
+
+    if args.check:
+        print(f"{args.spec}: ok ({spec.kind} job {spec.name!r})")
+        return 0
+    with progress_bar() as progress:
+        summary = run_kind(spec, address=args.address, progress=progress)
+    print(json.dumps(summary) if args.json else "  ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 

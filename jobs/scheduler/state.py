@@ -1,0 +1,96 @@
+"""The scheduler's records and their store: one JSON file in the state directory, replaced atomically.
+
+One writer (the scheduler actor) and a handful of transitions per job: an atomic JSON file works on any shared
+filesystem (NFS, EFS, GCS FUSE), where SQLite's locking does not. The spec of every job is kept beside it, so a
+restarted scheduler, or a scheduler on a restarted cluster, has all it needs to run the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import write_text_atomically
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
+PREEMPTED = "PREEMPTED"  # an event, not a resting state: a preempted job goes back to QUEUED
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED)
+TERMINAL = (SUCCEEDED, FAILED, STOPPED)
+RESOURCES = ("CPU", "GPU", "memory")  # what a job demand counts, in Ray's names; memory in bytes
+STATE_FILE = "scheduler.json"
+MAX_EVENTS = 30
+SPECS_DIR = "specs"
+
+
+@dataclass
+class JobRecord:
+    id: str
+    seq: int  # submission order: FIFO within a priority
+    name: str
+    kind: str
+    priority: int
+    preemptible: bool
+    max_retries: int
+    demand: dict[str, float]  # the whole job: CPU, GPU, memory (bytes)
+    driver: dict[str, float]  # what the entrypoint process reserves itself
+    spec_file: str
+    state: str = QUEUED
+    submitted: float = 0.0
+    queued_since: float = 0.0  # submit, or the last return to the queue (preemption, retry)
+    admitted: float | None = None  # handed to Ray Jobs (the current attempt)
+    started: float | None = None  # Ray reported it RUNNING (the first attempt that ran)
+    ended: float | None = None
+    attempts: int = 0  # Ray Jobs submitted for it
+    retries: int = 0  # of those, reruns after a lost process or node
+    preemptions: int = 0
+    ray_ids: list[str] = field(default_factory=list)  # one Ray submission id per attempt
+    ray_status: str | None = None  # the current attempt's Ray status
+    stop_reason: str | None = None  # "user" or "preempt" while a stop is under way
+    stop_requested: float | None = None
+    message: str = ""
+    events: list[str] = field(default_factory=list)  # "HH:MM:SS what happened", the last MAX_EVENTS
+
+    def event(self, text: str, now: float | None = None) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(now or time.time()))
+        self.events = [*self.events, f"{stamp} {text}"][-MAX_EVENTS:]
+
+    @property
+    def ray_id(self) -> str | None:
+        return self.ray_ids[-1] if self.ray_ids else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class StateStore:
+    """STATE_DIR/scheduler.json (every job and the next sequence number) and STATE_DIR/specs/<id>.yaml."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.dir = Path(state_dir).expanduser()
+        (self.dir / SPECS_DIR).mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / STATE_FILE
+
+    def load(self) -> tuple[dict[str, JobRecord], int]:
+        if not self.path.exists():
+            return {}, 1
+        data = json.loads(self.path.read_text())
+        jobs = {d["id"]: JobRecord.from_dict(d) for d in data["jobs"]}
+        return jobs, int(data["next_seq"])
+
+    def save(self, jobs: dict[str, JobRecord], next_seq: int) -> None:
+        data = {"version": 1, "next_seq": next_seq, "jobs": [j.to_dict() for j in jobs.values()]}
+        write_text_atomically(self.path, json.dumps(data, indent=1))
+
+    def write_spec(self, job_id: str, text: str) -> str:
+        path = self.dir / SPECS_DIR / f"{job_id}.yaml"
+        write_text_atomically(path, text)
+        return str(path.resolve())

@@ -1,0 +1,389 @@
+"""The scheduler on a real Ray head (`cellray cluster start` in a temp dir, on free ports, 2 CPUs and 2 fake GPUs).
+
+One head for the whole module; the commands run through `jobs.cli.main` in one client process (tests/jobs/
+cli_worker.py). The queue tests use `kind: sleep` jobs (they hold their resources for a few seconds); the
+preemption test runs real pretraining on the tiny store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("cli_worker.py")
+pytestmark = pytest.mark.timeout(900)
+
+
+class Cli:
+    """`cellray ...` in the long-lived client process."""
+
+    def __init__(self, env: dict[str, str], log: Path, cwd: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(log, "w"), env=env, cwd=cwd, text=True)
+
+    def _ask(self, request: dict, timeout: float) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"{request} took over {timeout} s; client log tail:\n{self.tail()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the client process died; log tail:\n{self.tail()}")
+        return json.loads(line)
+
+    def __call__(self, *argv: str, timeout: float = 180) -> dict:
+        return self._ask({"argv": [str(a) for a in argv]}, timeout)
+
+    def ok(self, *argv: str, timeout: float = 180) -> str:
+        r = self(*argv, timeout=timeout)
+        assert r["rc"] == 0, f"cellray {' '.join(map(str, argv))}: rc {r['rc']}\n{r['out']}\n{r['err']}"
+        return r["out"]
+
+    def py(self, code: str, timeout: float = 120):
+        r = self._ask({"py": code}, timeout)
+        assert r["rc"] == 0, r["err"]
+        return r["value"]
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Head:
+    def __init__(self, cli: Cli, state: Path, work: Path):
+        self.cli, self.state, self.work = cli, state, work
+        self.info = json.loads((state / "cluster.json").read_text())
+
+    def spec(self, name: str, **fields) -> Path:
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"kind": "sleep", "name": name, **fields}))
+        return path
+
+    def submit(self, spec: Path, *flags: str) -> str:
+        return self.cli.ok("job", "submit", spec, *flags).strip()
+
+    def job(self, job_id: str) -> dict:
+        return json.loads(self.cli.ok("job", "status", job_id, "--json"))
+
+    def wait_for(self, job_id: str, condition, what: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            j = self.job(job_id)
+            if condition(j):
+                return j
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{job_id} never {what}: {j}")
+            time.sleep(0.3)
+
+    def running(self, job_id: str) -> dict:
+        return self.wait_for(job_id, lambda j: j["state"] == "RUNNING" and j["ray_status"] == "RUNNING", "ran")
+
+    def ended(self, job_id: str, timeout: float = 240) -> dict:
+        return self.wait_for(job_id, lambda j: j["state"] in ("SUCCEEDED", "FAILED", "STOPPED"), "ended", timeout)
+
+    def ray_jobs(self) -> dict[str, dict]:
+        """Every job Ray Jobs knows, by submission id, with its metadata (the dashboard's Jobs page)."""
+        return self.cli.py(
+            "from ray.job_submission import JobSubmissionClient\n"
+            f"c = JobSubmissionClient({self.info['dashboard_url']!r})\n"
+            "result = {j.submission_id: {'status': j.status.value, 'metadata': j.metadata} for j in c.list_jobs()"
+            " if j.submission_id}\n")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.info["metrics_url"], timeout=10) as r:
+            return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    work = tmp_path_factory.mktemp("work")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "CELLRAY_STATE_DIR": str(state), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cli = Cli(env, work / "client.log", work)
+    try:
+        cli.ok("cluster", "start", "--num-cpus", "2", "--num-gpus", "2", "--object-store-mb", "300",
+               "--system-config", json.dumps({"metrics_report_interval_ms": 500}), timeout=600)
+        yield Head(cli, state, work)
+    finally:
+        cli("cluster", "stop", timeout=120)
+        cli.close()
+    assert not (state / "cluster.json").exists()
+
+
+def _no_processes_of(temp_dir: str) -> list[str]:
+    import psutil
+
+    return [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
+            if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+
+
+# ------------------------------------------------------------------------------------------------ the queue
+
+
+def sample(text: str, name: str, **tags) -> float:
+    """The sum of a Prometheus series' samples with these tags."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in tags.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_priority_then_fifo_with_gang_admission_and_metrics(head):
+    """2 CPUs: A and B need both, C (priority 10) needs one. A runs; B and C wait QUEUED and never reach Ray
+    (no PENDING Ray job holds anything); when A ends C runs first, then B. The scraped metrics count them."""
+    before = head.metrics()
+    a = head.submit(head.spec("a", seconds=3, resources={"cpus": 2}))
+    head.running(a)
+    b = head.submit(head.spec("b", seconds=0, resources={"cpus": 2}))
+    c = head.submit(head.spec("c", seconds=0, resources={"cpus": 1}), "--priority", "10")
+    jc = head.wait_for(c, lambda j: j["message"] or j["state"] != "QUEUED", "was planned")
+    jb = head.job(b)
+    if head.job(a)["state"] == "RUNNING":
+        assert jb["state"] == jc["state"] == "QUEUED" and not jb["ray_ids"] and not jc["ray_ids"]
+        assert jc["message"].startswith("needs 1 CPU, 0 GPU; free 0 CPU, 2 GPU"), jc["message"]
+        assert jb["message"] == f"behind {c}"
+        cellray_ids = {v["metadata"].get("cellray_id") for v in head.ray_jobs().values()}
+        assert b not in cellray_ids and c not in cellray_ids  # never submitted, so never PENDING in Ray
+    for job in (a, b, c):
+        assert head.cli("job", "wait", job, timeout=300)["rc"] == 0  # SUCCEEDED
+    ja, jb, jc = head.job(a), head.job(b), head.job(c)
+    assert jc["admitted"] >= ja["ended"] - 1.0  # C waited for A (a tick's slack: A ends when Ray says so)
+    assert jb["admitted"] >= jc["ended"] - 1.0  # B (priority 0, submitted before C) waited for C
+    listing = head.cli.ok("job", "list")
+    assert re.search(rf"{c}\s+c\s+sleep\s+10\s+SUCCEEDED\s+1C 0G", listing), listing
+    assert {r["id"] for r in json.loads(head.cli.ok("job", "list", "--json"))} >= {a, b, c}
+    assert head.ray_jobs()[f"cellray-{c}-1"]["metadata"] == {
+        "cellray_id": c, "name": "c", "kind": "sleep", "priority": "10", "attempt": "1"}
+
+    deadline = time.monotonic() + 30  # the metrics agent exports every 0.5 s in this cluster
+    while True:
+        text = head.metrics()
+        got = {
+            "succeeded": sample(text, "ray_cellray_jobs", state="SUCCEEDED", kind="sleep"),
+            "queued": sample(text, "ray_cellray_jobs", state="QUEUED", kind="sleep"),
+            "admissions": sample(text, "ray_cellray_admissions_total", kind="sleep")
+            - sample(before, "ray_cellray_admissions_total", kind="sleep"),
+            "waits": sample(text, "ray_cellray_queue_wait_seconds_count", kind="sleep")
+            - sample(before, "ray_cellray_queue_wait_seconds_count", kind="sleep"),
+            "capacity_gpu": sample(text, "ray_cellray_capacity_resources", resource="GPU"),
+        }
+        want = {"succeeded": 3, "queued": 0, "admissions": 3, "waits": 3, "capacity_gpu": 2}
+        if got == want:
+            break
+        assert time.monotonic() < deadline, (got, want)
+        time.sleep(0.5)
+    # B and C waited for A: two of the three queue waits are over a second
+    assert sample(text, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0") - sample(
+        before, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0") == 1
+
+
+def test_job_that_can_never_fit_is_refused_at_submit(head):
+    r = head.cli("job", "submit", head.spec("big", seconds=1, resources={"cpus": 1, "gpus": 4}))
+    assert r["rc"] == 2 and r["out"] == ""
+    lines = r["err"].strip().splitlines()
+    assert len(lines) == 1 and "4 GPUs (the cluster has 2)" in lines[0] and "never run" in lines[0], r["err"]
+    assert all(j["name"] != "big" for j in json.loads(head.cli.ok("job", "list", "--json")))
+
+
+def test_logs_stop_and_wait_exit_codes(head):
+    """`job logs` shows a running job's log; a queued job stopped never reaches Ray; `job wait` exits 0 / 1 / 2;
+    a job that fails on its own is not retried."""
+    blocker = head.submit(head.spec("blocker", seconds=120, resources={"cpus": 2}))
+    head.running(blocker)
+    queued = head.submit(head.spec("queued", seconds=1, resources={"cpus": 1}))
+    assert head.job(queued)["state"] == "QUEUED"
+    assert head.cli.ok("job", "stop", queued).strip() == f"{queued}: STOPPED"
+    j = head.job(queued)
+    assert j["state"] == "STOPPED" and j["ray_ids"] == [] and j["attempts"] == 0
+    assert queued not in {v["metadata"].get("cellray_id") for v in head.ray_jobs().values()}
+    assert head.cli("job", "wait", queued)["rc"] == 1  # STOPPED
+    r = head.cli("job", "logs", queued)
+    assert r["rc"] == 0 and "has not run yet" in r["err"]
+
+    deadline = time.monotonic() + 120
+    while "tick 1," not in (out := head.cli.ok("job", "logs", blocker)):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.5)
+    assert head.job(blocker)["state"] == "RUNNING"
+    assert "blocker: holding 2 CPUs" in out and "jobs.cli run" in out
+    r = head.cli("job", "wait", blocker, "--timeout", "1")
+    assert r["rc"] == 2 and "still RUNNING after 1 s" in r["err"]
+    head.cli.ok("job", "stop", blocker)
+    assert head.cli("job", "wait", blocker, timeout=120)["rc"] == 1
+    assert head.job(blocker)["state"] == "STOPPED"
+
+    bad = head.submit(head.spec("broken", seconds=0, fail="the data are wrong"), "--max-retries", "2")
+    r = head.cli("job", "wait", bad, timeout=300)
+    assert r["rc"] == 1 and "the data are wrong" in r["out"]
+    jb = head.job(bad)
+    assert jb["state"] == "FAILED" and jb["attempts"] == 1 and jb["retries"] == 0  # an error of its own: no retry
+
+
+def test_lost_driver_is_retried(head):
+    import psutil
+
+    before = head.metrics()
+    job = head.submit(head.spec("fragile", seconds=30, resources={"cpus": 1}), "--max-retries", "1")
+    spec_file = head.running(job)["spec_file"]
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if spec_file in " ".join(p.info["cmdline"] or [])
+               and "jobs.cli" in " ".join(p.info["cmdline"] or [])]
+    assert drivers, "the job's driver process was not found"
+    for p in drivers:
+        p.kill()  # as the kernel's OOM killer or a lost node would
+    j = head.wait_for(job, lambda j: j["attempts"] == 2, "was retried")
+    assert j["retries"] == 1 and j["ray_ids"] == [f"cellray-{job}-1", f"cellray-{job}-2"], j
+    assert head.ray_jobs()[f"cellray-{job}-1"]["status"] == "FAILED"
+    head.running(job)
+    assert head.ray_jobs()[f"cellray-{job}-2"]["metadata"]["attempt"] == "2"
+    head.cli.ok("job", "stop", job)
+    assert head.ended(job)["state"] == "STOPPED"
+    deadline = time.monotonic() + 30
+    while sample(head.metrics(), "ray_cellray_retries_total", kind="sleep") - sample(
+            before, "ray_cellray_retries_total", kind="sleep") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_killed_scheduler_keeps_queue_and_readopts_running_job(head):
+    running = head.submit(head.spec("long", seconds=4, resources={"cpus": 2}))
+    ray_id = head.running(running)["ray_ids"][-1]
+    waiting = head.submit(head.spec("after", seconds=0, resources={"cpus": 1}), "--priority", "3")
+    before = head.cli.py("from jobs.scheduler.client import call\nresult = call('ping')['pid']")
+    head.cli.py("import ray\nray.kill(ray.get_actor('cellray-scheduler', namespace='cellray'), no_restart=False)")
+    after = head.cli.py("from jobs.scheduler.client import call\nresult = call('ping')['pid']")
+    assert after != before  # a new scheduler process, restarted by Ray from the state directory
+    assert head.job(waiting)["state"] == "QUEUED"
+    j = head.job(running)
+    assert j["state"] == "RUNNING" and j["ray_ids"] == [ray_id]  # re-adopted by its Ray submission id
+    jr, jw = head.ended(running), head.ended(waiting)
+    assert jr["state"] == jw["state"] == "SUCCEEDED" and jr["attempts"] == 1
+    assert jw["admitted"] >= jr["ended"] - 1.0
+
+
+# ------------------------------------------------------------------------------------------------ real kinds
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_h5ads) -> Path:
+    """The tiny inputs ingested in this process (no Ray needed here)."""
+    from engine.store.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("sched_store") / "tiny.store"
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch"), executor="local"))
+    return out
+
+
+def test_stats_job_runs_in_its_placement_group(head, store):
+    spec = head.work / "stats.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "stats", "name": "tiny-stats", "store": str(store),
+                                    "stats": {"hvg": 50},
+                                    "resources": {"cpus": 2}}))
+    job = head.submit(spec)
+    j = head.ended(job)
+    assert j["state"] == "SUCCEEDED", head.cli.ok("job", "logs", job)
+    from engine.preprocess.stats import load_stats
+
+    stats = load_stats(store)
+    assert int(stats.highly_variable.sum()) == 50 and stats.n_cells == 1483
+
+
+def pretrain_spec(store: Path, output: Path, trace: Path | None, steps: int) -> dict:
+    """A VAE in Ray Train's local mode (workers: 0, the loop in the job's driver, which reserves the CPU): the
+    checkpoint/resume path of every run, without a worker group's start-up cost."""
+    return {
+        "kind": "pretrain", "name": output.name,
+        "data": {"store": str(store), "batch_size": 64, "obs_keys": ["cell_type", "batch"], "seed": 3},
+        "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 32, "dropout": 0.0}},
+        "train": {"max_steps": steps, "lr": 1e-3, "checkpoint_every": 10, "report_every": 10, "keep_checkpoints": 50,
+                  "output": str(output), "max_failures": 0},
+        "resources": {"workers": 0, "cpus_per_worker": 1, "readers_per_worker": 0},
+        "debug": {"trace_dir": str(trace) if trace else None},
+    }
+
+
+def test_preempted_pretraining_resumes_from_checkpoint_exactly(head, store, tmp_path):
+    """A low-priority pretraining job is preempted by a higher-priority job that needs the CPUs, goes back to the
+    queue, resumes from its latest checkpoint, and ends with the steps and parameters of an uninterrupted run."""
+    import torch
+
+    from engine.train.checkpoint import MODEL_FILE, latest_checkpoint, read_meta
+
+    steps = 120
+    ref_spec = tmp_path / "ref.yaml"
+    ref_spec.write_text(yaml.safe_dump(pretrain_spec(store, tmp_path / "ref", None, steps)))
+    low_spec = tmp_path / "low.yaml"
+    low_spec.write_text(yaml.safe_dump(pretrain_spec(store, tmp_path / "low", tmp_path / "trace", steps)))
+
+    low = head.submit(low_spec)
+    head.running(low)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(tmp_path / "low", required=False) is None:  # at least one checkpoint to resume from
+        assert time.monotonic() < deadline and head.job(low)["state"] == "RUNNING", head.job(low)
+        time.sleep(0.2)
+    high = head.submit(head.spec("urgent", seconds=0, resources={"cpus": 2}), "--priority", "10")
+    ref = head.submit(ref_spec)  # the uninterrupted run of the same spec: it queues behind urgent, then runs beside low
+    j = head.wait_for(low, lambda j: j["preemptions"] >= 1, "was preempted", timeout=120)
+    assert any(f"preempted by {high}" in e for e in j["events"]), j["events"]
+    jh = head.ended(high)
+    assert jh["state"] == "SUCCEEDED"
+    jl = head.ended(low, timeout=600)
+    assert jl["state"] == "SUCCEEDED" and jl["attempts"] == 2 and jl["preemptions"] == 1, jl
+    assert jl["admitted"] >= jh["ended"] - 1.0
+
+    jr = head.ended(ref, timeout=600)
+    assert jr["state"] == "SUCCEEDED" and jr["attempts"] == 1 and jr["admitted"] >= jh["ended"] - 1.0, jr
+
+    # resumed, not restarted: the second attempt's first step follows a checkpoint of the first
+    trace = [json.loads(line) for line in (tmp_path / "trace" / "rank0.jsonl").read_text().splitlines()]
+    pids = list(dict.fromkeys(t["pid"] for t in trace))
+    assert len(pids) == 2, pids
+    first = [t["step"] for t in trace if t["pid"] == pids[0]]
+    second = [t["step"] for t in trace if t["pid"] == pids[1]]
+    assert second[0] > 1 and (second[0] - 1) % 10 == 0 and second[0] - 1 <= first[-1], (first[-1], second[0])
+    assert second == list(range(second[0], steps + 1))
+
+    got, want = latest_checkpoint(tmp_path / "low"), latest_checkpoint(tmp_path / "ref")
+    assert read_meta(got)["step"] == read_meta(want)["step"] == steps
+    a = torch.load(got / MODEL_FILE, weights_only=True)
+    b = torch.load(want / MODEL_FILE, weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    text = head.metrics()
+    assert re.search(r'ray_cellray_preemptions_total\{[^}]*kind="pretrain"[^}]*\} 1(\.0)?$', text, re.M), \
+        [ln for ln in text.splitlines() if "preemptions" in ln]
+
+
+def test_cluster_stop_leaves_no_process(head):
+    """Runs last: nothing of this cluster may outlive `cellray cluster stop` (other Rays on the host are untouched:
+    the stop signals only this cluster's process group and processes naming its temp dir)."""
+    temp_dir = head.info["temp_dir"]
+    assert _no_processes_of(temp_dir), "the cluster should be running before the stop"
+    head.cli.ok("cluster", "stop", timeout=120)
+    assert not (head.state / "cluster.json").exists()
+    deadline = time.monotonic() + 30
+    while left := _no_processes_of(temp_dir):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.5)
