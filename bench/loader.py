@@ -228,8 +228,8 @@ def ratio(a, b, digits: int = 2) -> float | None:
 
 def compare_rows_markdown(rows: list[dict]) -> list[str]:
     head = (
-        "| dataset | shards x cells | case | block x buffer | cellray | cellray (Ray actors) | annbatch | h5ad backed | "
-        "vs annbatch | cpu µs/cell cellray / Ray / annbatch | verify | decoded | of lim |"
+        "| dataset | shards x cells | case | block x buffer | cellray | cellray (Ray actors) | annbatch | "
+        "h5ad backed | vs annbatch | cpu µs/cell cellray / Ray / annbatch | verify | decoded | of lim |"
     )
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -266,8 +266,9 @@ def machine_note() -> str:
 
     load = os.getloadavg()[0]
     return (
-        f"<!-- {time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"{platform.machine()}, load average {load:.1f} at the end of the run -->"
+        f"<!-- {time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, load average {load:.1f} at the end "
+        "of the run -->"
     )
 
 
