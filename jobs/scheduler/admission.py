@@ -15,8 +15,8 @@ as free-to-be, so a waiting job never preempts twice for the same room.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from jobs.scheduler.state import RESOURCES, JobRecord
 
