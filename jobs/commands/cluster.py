@@ -57,7 +57,7 @@ def run_start(args: argparse.Namespace) -> int:
 
     from engine.errors import ClusterError
     from jobs.scheduler.client import connect, scheduler
-    from jobs.scheduler.cluster import start_cluster, stop_cluster
+    from jobs.scheduler.cluster import install_grafana_dashboard, start_cluster, stop_cluster
 
     try:
         system_config = json.loads(args.system_config) if args.system_config else None
@@ -75,7 +75,8 @@ def run_start(args: argparse.Namespace) -> int:
         raise
     print(f"cluster    {c.address}  ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)")
     print(f"dashboard  {c.dashboard_url}  (token: `ray get-auth-token`)")
-    print(f"metrics    {c.metrics_url}")
+    grafana = install_grafana_dashboard(c)
+    print(f"metrics    {c.metrics_url}" + (f"  (Grafana dashboard: {grafana})" if grafana else ""))
     print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})")
     print("submit     cellray job submit SPEC.yaml   |   stop: cellray cluster stop")
     return 0

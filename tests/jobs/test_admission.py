@@ -79,6 +79,19 @@ def test_preemption_frees_the_resource_that_is_short():
     assert p.preempt == {"gpu-job": "wants-gpu"}  # the newer CPU-only job is not stopped for nothing
 
 
+def test_scale_request_for_an_autoscaling_cluster():
+    from jobs.scheduler.admission import scale_request
+
+    up_now = {"CPU": 8.0, "GPU": 0.0, "memory": 0.0}  # the head only; GPU workers are added on demand
+    r = job("r", 1, cpu=2, state=RUNNING)
+    r.bundles = [{"CPU": 2.0}]
+    gpu = job("gpu", 2, cpu=8, gpu=2, priority=1)
+    gpu.bundles = [{"CPU": 4.0, "GPU": 1.0}] * 2
+    assert scale_request([gpu, job("small", 3)], [r], up_now) == [{"CPU": 2.0}] + gpu.bundles
+    assert scale_request([job("small", 3, cpu=7)], [r], up_now) == []  # fits these nodes once r ends
+    assert scale_request([], [r], up_now) == []
+
+
 def test_never_fits():
     assert never_fits({"CPU": 2, "GPU": 4, "memory": 0}, CAP) == ["4 GPUs (the cluster has 2)"]
     assert never_fits({"CPU": 4, "GPU": 2, "memory": 0}, CAP) == []
