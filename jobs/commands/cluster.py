@@ -55,10 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_start(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.scheduler.client import connect, scheduler
-    from jobs.scheduler.cluster import start_cluster, stop_cluster
-
     from engine.errors import ClusterError
+    from jobs.scheduler.client import connect, scheduler
+    from jobs.scheduler.cluster import install_grafana_dashboard, start_cluster, stop_cluster
 
     try:
         system_config = json.loads(args.system_config) if args.system_config else None
@@ -76,15 +75,19 @@ def run_start(args: argparse.Namespace) -> int:
         raise
     print(f"cluster    {c.address}  ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)")
     print(f"dashboard  {c.dashboard_url}  (token: `ray get-auth-token`)")
-    print(f"metrics    {c.metrics_url}")
+    grafana = install_grafana_dashboard(c)
+    print(f"metrics    {c.metrics_url}" + (f"  (Grafana dashboard: {grafana})" if grafana else ""))
     print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})")
     print("submit     cellray job submit SPEC.yaml   |   stop: cellray cluster stop")
     return 0
 
 
 def run_stop(args: argparse.Namespace) -> int:
+    import ray
+
     from jobs.scheduler.cluster import default_state_dir, stop_cluster
 
+    ray.shutdown()  # a process that was a driver of it (a notebook, a test) lets go first
     c = stop_cluster(args.state_dir)
     if c is None:
         print(f"no local cluster recorded in {args.state_dir or default_state_dir()}")
@@ -151,6 +154,8 @@ def run_attach(args: argparse.Namespace) -> int:
     capacity = capacity_of(args.cluster_config) if args.cluster_config else None
     connect(args.address)
     info = ray.get(scheduler(create_in=args.state_dir, queueing=args.queueing, capacity=capacity).ping.remote())
+    if Path(info["state_dir"]) != Path(args.state_dir).expanduser() / "scheduler":
+        print(f"note: a scheduler was already running on this cluster; it keeps its queue in {info['state_dir']}")
     print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})"
           + (f"; capacity {capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs" if capacity else ""))
     return 0

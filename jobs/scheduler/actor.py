@@ -72,6 +72,7 @@ class Scheduler:
         self.wake = threading.Event()
         self.metrics = SchedulerMetrics()
         self.submit_failures: dict[str, int] = {}
+        self.scale_requested: list[dict] | None = None
         self._client = None
         self.started = time.time()
         running = [j.id for j in self.jobs.values() if j.state == RUNNING]
@@ -102,7 +103,7 @@ class Scheduler:
             job = JobRecord(
                 id=job_id, seq=seq, name=request["name"], kind=request["kind"], priority=int(request["priority"]),
                 preemptible=bool(request["preemptible"]), max_retries=int(request["max_retries"]),
-                demand=request["demand"], driver=request["driver"],
+                demand=request["demand"], driver=request["driver"], bundles=request.get("bundles") or [],
                 spec_file=self.store.write_spec(job_id, request["spec"]), submitted=now, queued_since=now,
             )
             job.event(f"queued (priority {job.priority})", now)
@@ -230,6 +231,8 @@ class Scheduler:
         running = [j for j in self.jobs.values() if j.state == RUNNING]
         available = ray.available_resources()
         plan = admission.plan(queued, running, self.capacity(), available, strict=self.queueing == "strict")
+        if self.fixed_capacity:  # an autoscaling cluster: ask for the nodes the queue head waits for
+            self._request_nodes(admission.scale_request(queued, running, self._current_resources()))
         changed = False
         for job_id, waiting in plan.preempt.items():
             victim = self.jobs[job_id]
@@ -315,6 +318,25 @@ class Scheduler:
             return {r: float(self.fixed_capacity.get(r, 0.0)) for r in ("CPU", "GPU", "memory")}
         total = ray.cluster_resources()
         return {r: float(total.get(r, 0.0)) for r in ("CPU", "GPU", "memory")}
+
+    def _current_resources(self) -> dict[str, float]:
+        import ray
+
+        total = ray.cluster_resources()
+        return {r: float(total.get(r, 0.0)) for r in ("CPU", "GPU", "memory")}
+
+    def _request_nodes(self, bundles: list[dict]) -> None:
+        if bundles == self.scale_requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        try:
+            request_resources(bundles=[{k: v for k, v in b.items() if v > 0} for b in bundles])
+            self.scale_requested = bundles
+            log.info("asked the autoscaler for %d bundle(s)", len(bundles))
+        except Exception as e:  # no autoscaler: the queue works on the nodes there are
+            log.warning("request_resources failed: %s", e)
+            self.scale_requested = bundles
 
     def _bundle_problems(self, bundles: list[dict[str, float]]) -> list[str]:
         """A worker larger than every node can never be placed, whatever the totals say."""

@@ -15,8 +15,8 @@ as free-to-be, so a waiting job never preempts twice for the same room.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from jobs.scheduler.state import RESOURCES, JobRecord
 
@@ -127,3 +127,18 @@ def _victims(job: JobRecord, running: list[JobRecord], taken: set[str], free: di
             chosen.remove(c)
             room = add(room, c.demand, -1)
     return chosen
+
+
+def scale_request(queued: Iterable[JobRecord], running: Iterable[JobRecord], current: dict[str, float]) -> list[dict]:
+    """For an autoscaling cluster: the bundles the cluster must be able to hold so that the first queued job that
+    does not fit the nodes up now can start (every running job's bundles plus its own); [] when none waits on
+    missing nodes. Gang admission submits nothing until a job fits, so without this request the autoscaler would
+    never see the demand that should make it add nodes."""
+    running = list(running)
+    free = add(current, total(running), -1)
+    for job in queue_order(queued):
+        if not fits(job.demand, free):
+            if fits(job.demand, current):
+                return []  # it fits the nodes up now once running jobs end: no new node needed
+            return [b for j in running for b in j.bundles] + list(job.bundles)
+    return []

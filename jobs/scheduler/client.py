@@ -53,9 +53,9 @@ def connect(address: str | None = None, state_dir: str | os.PathLike | None = No
     """Connect this process to the cluster as a driver (once); returns the address."""
     import ray
 
+    if ray.is_initialized():  # already a driver of some cluster (a notebook, a test, `cluster start`): use it
+        return ray.get_runtime_context().gcs_address
     addr = resolve_address(address, state_dir)
-    if ray.is_initialized():
-        return addr
     use_token_auth()
     try:
         ray.init(address=addr, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)

@@ -231,6 +231,23 @@ def start_cluster(
     return cluster
 
 
+GRAFANA_DASHBOARD = PROJECT_ROOT / "jobs" / "grafana" / "cellray.json"
+
+
+def install_grafana_dashboard(cluster: LocalCluster) -> Path | None:
+    """Put cellray's Grafana dashboard beside Ray's own in the session's provisioning folder, so a Grafana started
+    with the session's grafana.ini shows it next to Ray's dashboards. Best effort (None when the folder is not
+    there, e.g. the dashboard is off)."""
+    import shutil
+
+    folder = Path(cluster.temp_dir) / "session_latest" / "metrics" / "grafana" / "dashboards"
+    if not folder.is_dir() or not GRAFANA_DASHBOARD.exists():
+        return None
+    dest = folder / "cellray_grafana_dashboard.json"
+    shutil.copyfile(GRAFANA_DASHBOARD, dest)
+    return dest
+
+
 def stop_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 30.0) -> LocalCluster | None:
     """Stop the cluster recorded in STATE_DIR, and only it. Returns it (None when none was recorded)."""
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()

@@ -52,6 +52,7 @@ class JobRecord:
     stop_reason: str | None = None  # "user" or "preempt" while a stop is under way
     stop_requested: float | None = None
     message: str = ""
+    bundles: list[dict[str, float]] = field(default_factory=list)  # one per worker: what an autoscaler must place
     events: list[str] = field(default_factory=list)  # "HH:MM:SS what happened", the last MAX_EVENTS
 
     def event(self, text: str, now: float | None = None) -> None:

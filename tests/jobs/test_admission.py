@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -10,6 +12,7 @@ from jobs.scheduler.admission import never_fits, plan
 from jobs.scheduler.state import QUEUED, RUNNING, JobRecord, StateStore
 from jobs.spec import parse_spec
 
+ROOT = Path(__file__).resolve().parents[2]
 CAP = {"CPU": 4.0, "GPU": 2.0, "memory": 8 * 2**30}
 
 
@@ -76,13 +79,26 @@ def test_preemption_frees_the_resource_that_is_short():
     assert p.preempt == {"gpu-job": "wants-gpu"}  # the newer CPU-only job is not stopped for nothing
 
 
+def test_scale_request_for_an_autoscaling_cluster():
+    from jobs.scheduler.admission import scale_request
+
+    up_now = {"CPU": 8.0, "GPU": 0.0, "memory": 0.0}  # the head only; GPU workers are added on demand
+    r = job("r", 1, cpu=2, state=RUNNING)
+    r.bundles = [{"CPU": 2.0}]
+    gpu = job("gpu", 2, cpu=8, gpu=2, priority=1)
+    gpu.bundles = [{"CPU": 4.0, "GPU": 1.0}] * 2
+    assert scale_request([gpu, job("small", 3)], [r], up_now) == [{"CPU": 2.0}] + gpu.bundles
+    assert scale_request([job("small", 3, cpu=7)], [r], up_now) == []  # fits these nodes once r ends
+    assert scale_request([], [r], up_now) == []
+
+
 def test_never_fits():
     assert never_fits({"CPU": 2, "GPU": 4, "memory": 0}, CAP) == ["4 GPUs (the cluster has 2)"]
     assert never_fits({"CPU": 4, "GPU": 2, "memory": 0}, CAP) == []
 
 
 def test_kind_demands_count_every_process(tmp_path):
-    vae = yaml.safe_load(open("jobs/pretrain_vae.yaml"))
+    vae = yaml.safe_load((ROOT / "jobs" / "pretrain_vae.yaml").read_text())
     spec = parse_spec(vae, "vae.yaml")
     assert demand(spec) == {"CPU": 2.0, "GPU": 0.0, "memory": 0.0}  # 2 x (0.5 worker + 1 x 0.5 reader)
     gpu = parse_spec({**vae, "resources": {"workers": 4, "cpus_per_worker": 2, "gpus_per_worker": 1,
@@ -133,3 +149,11 @@ def test_state_store_round_trip(tmp_path):
     jobs, next_seq = StateStore(tmp_path / "scheduler").load()
     assert next_seq == 3 and jobs["j0001"] == a and jobs["j0002"].ray_id == "cellray-j0002-1"
     assert store.write_spec("j0001", "kind: sleep\n").endswith("specs/j0001.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_specs_parse(path):
+    from jobs.spec import load_spec
+
+    spec = load_spec(path, check_data=False)
+    assert spec.kind in KINDS and demand(spec)["CPU"] > 0

@@ -30,8 +30,9 @@ class Cli:
 
     def __init__(self, env: dict[str, str], log: Path, cwd: Path):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(log, "w"), env=env, cwd=cwd, text=True)
+        with open(log, "w") as err:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err, env=env, cwd=cwd, text=True)
 
     def _ask(self, request: dict, timeout: float) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")
@@ -372,13 +373,17 @@ def test_preempted_pretraining_resumes_from_checkpoint_exactly(head, store, tmp_
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     text = head.metrics()
-    assert re.search(r'ray_cellray_preemptions_total\{[^}]*kind="pretrain"[^}]*\} 1(\.0)?$', text, re.M), \
+    assert re.search(r'ray_cellray_preemptions_total\{[^}]*kind="pretrain"[^}]*\} 1(\.0)?$', text, re.MULTILINE), \
         [ln for ln in text.splitlines() if "preemptions" in ln]
 
 
-def test_cluster_stop_leaves_no_process(head):
-    """Runs last: nothing of this cluster may outlive `cellray cluster stop` (other Rays on the host are untouched:
-    the stop signals only this cluster's process group and processes naming its temp dir)."""
+def test_cluster_stop_leaves_no_process_and_a_restart_keeps_the_queue(head):
+    """Runs last. `cellray cluster stop` ends this cluster and nothing else (its process group and the processes
+    naming its temp dir); started again on the same state directory, the scheduler keeps the queue, and a job
+    that was running when the cluster went away goes back to the queue and runs again."""
+    running = head.submit(head.spec("interrupted", seconds=6, resources={"cpus": 2}))
+    head.running(running)
+    queued = head.submit(head.spec("survivor", seconds=0, resources={"cpus": 1}))
     temp_dir = head.info["temp_dir"]
     assert _no_processes_of(temp_dir), "the cluster should be running before the stop"
     head.cli.ok("cluster", "stop", timeout=120)
@@ -387,3 +392,10 @@ def test_cluster_stop_leaves_no_process(head):
     while left := _no_processes_of(temp_dir):
         assert time.monotonic() < deadline, left
         time.sleep(0.5)
+
+    head.cli.ok("cluster", "start", "--num-cpus", "2", "--object-store-mb", "300", timeout=600)
+    jr, jq = head.ended(running), head.ended(queued)
+    assert jr["state"] == jq["state"] == "SUCCEEDED", (jr, jq)
+    assert jr["attempts"] == 2 and any("lost with the cluster" in e for e in jr["events"]), jr["events"]
+    assert jq["attempts"] == 1 and jq["admitted"] >= jr["ended"] - 1.0  # the queue order held across the restart
+    head.cli.ok("cluster", "stop", timeout=120)
