@@ -1,14 +1,14 @@
 """The typed configuration of an inference run (`kind: embed`): what `cellray embed` and job specs parse into.
 
-    kind: embed
-    name: pbmc-embed
-    checkpoint: runs/vae-demo          # a checkpoint directory, or a run's train.output folder (its latest)
-    store: data/demo.store
-    out: runs/vae-demo/embeddings.zarr # AnnData zarr directory (parts per shard); .h5ad assembled on request
-    batch_size: 1024
-    part_cells: null                   # cells per output part; null: one store shard (capped at 256 MB of output)
-    min_gene_overlap: 0.5              # refuse a store holding fewer of the checkpoint's genes than this
-    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+kind: embed
+name: pbmc-embed
+checkpoint: runs/vae-demo          # a checkpoint directory, or a run's train.output folder (its latest)
+store: data/demo.store
+out: runs/vae-demo/embeddings.zarr # AnnData zarr directory (parts per shard); .h5ad assembled on request
+batch_size: 1024
+part_cells: null                   # cells per output part; null: one store shard (capped at 256 MB of output)
+min_gene_overlap: 0.5              # refuse a store holding fewer of the checkpoint's genes than this
+resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
 """
 
 from __future__ import annotations

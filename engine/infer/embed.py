@@ -7,9 +7,7 @@
            (executor: local, or auto on a small store: one Embedder in this process, no Ray start-up)
         -> create the output skeleton (engine.infer.parts) unless a run with the same fingerprint left one
         -> hand the uncommitted parts to the actors, at most two in flight per actor
-    actor, per part: read its cells straight from the store's chunks, map genes and obs categories onto the
-        checkpoint's, run the training transforms (without masking) and the model batch by batch, then write,
-        rename and commit the part (engine.infer.parts.PartsOutput.write_part)
+    actor, per part (engine.infer.embedder): read its cells, run the model, write, rename and commit the part
     driver: write uns['cellray'], rename the finished directory to OUT (or assemble OUT.h5ad from it)
 
 The output is built as a hidden sibling `.OUT.parts` and renamed into place when complete. A rerun after any
@@ -28,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,25 +35,17 @@ import numpy as np
 import pandas as pd
 
 import models
-from engine.atomic import replace_atomically
+from engine.atomic import replace_atomically, writer_lock
 from engine.errors import CellrayError, InferError
 from engine.infer.config import EmbedConfig
-from engine.infer.parts import Layout, PartsOutput, checksum
-from engine.infer.predict import (
-    OBSM_KEY,
-    PRED_KEY,
-    PRED_PROB_KEY,
-    PROBA_KEY,
-    Head,
-    classifier_head,
-    predictions,
-    probabilities,
-)
-from engine.infer.vocab import GeneMap, category_maps, map_genes, obs_codes
+from engine.infer.embedder import Embedder, Plan, Run, inference_transforms, needs_stats
+from engine.infer.parts import Layout, PartsOutput
+from engine.infer.predict import OBSM_KEY, PRED_KEY, PRED_PROB_KEY, Head
+from engine.infer.vocab import GeneMap, category_maps, map_genes
 from engine.progress import Progress, silent
 from engine.runtime import LOCAL_MAX_BYTES, ray_session
 from engine.store.format import Store
-from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpoint, load_checkpoint, read_meta
+from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpoint, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -81,226 +70,6 @@ class EmbedResult:
     @property
     def cells_per_s(self) -> float:
         return self.n_cells * self.parts_run / max(1, self.parts) / self.seconds if self.seconds else 0.0
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What an actor is built from, resolved once by the driver (small: O(genes + shards)). A restarted actor is
-    built from it again, so it holds nothing that the run decides later (that comes with each part: `Run`)."""
-
-    checkpoint: str
-    store: str
-    transforms: list
-    pipeline_store: str | None  # the store whose vocabulary and statistics the transforms bind to; None: no store
-    genes: GeneMap
-    categories: dict[str, list[str] | None]  # obs key the model reads -> training categories (None: numeric)
-    out: str  # the output being built
-    batch_size: int
-    threads: int  # torch threads per actor (0: torch's default, for executor: local)
-    use_gpu: bool
-    fault_part: int | None = None
-    part_delay_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Run:
-    """The output a part belongs to: its layout, the run's fingerprint and the per-cell arrays it writes."""
-
-    layout: Layout
-    fingerprint: str
-    rows: tuple[str, ...]
-
-
-def inference_transforms(transforms: list) -> list:
-    """The training transforms minus masking: inference sees every value."""
-    return [t for t in transforms if not (t == "mask" or (isinstance(t, dict) and "mask" in t))]
-
-
-_STATS_STEPS = ("rank_tokens", "scale")
-
-
-def _needs_stats(transforms: list) -> bool:
-    for t in transforms:
-        name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
-        median_library = name == "normalize_total" and isinstance(params, dict) and params.get("target_sum", 1) is None
-        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or median_library:
-            return True
-    return False
-
-
-@dataclass
-class _Vocabulary:
-    """A stand-in store for transforms that need only the gene vocabulary (the training store is gone)."""
-
-    gene_ids: pd.Index
-    path: str = "checkpoint vocabulary"
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.gene_ids)
-
-
-class Embedder:
-    """Loads a checkpoint once; computes and writes parts of the output. A Ray actor in `run_embed`."""
-
-    def __init__(self, plan: Plan, actor_index: int = 0):
-        import torch
-
-        from engine.loading.chunks import StoreBlocks
-        from engine.preprocess.transforms import Pipeline
-
-        if plan.threads:
-            torch.set_num_threads(plan.threads)
-        self.plan = plan
-        self.device = torch.device("cuda") if plan.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        if plan.use_gpu and self.device.type == "cpu":
-            log.warning("a GPU was asked for, but torch sees no CUDA device here: running on CPU")
-        self.model, self.meta = load_checkpoint(plan.checkpoint)
-        self.model.to(self.device)
-        self.store = Store.open(plan.store)
-        self.blocks = StoreBlocks(self.store)
-        bind: Any = (Store.open(plan.pipeline_store) if plan.pipeline_store
-                     else _Vocabulary(pd.Index(self.meta["vocabulary"]["genes"])))
-        self.pipeline = Pipeline.from_spec(plan.transforms, bind) if plan.transforms else None
-        self.obs_keys = tuple(plan.categories)
-        self.head = classifier_head(self.model, plan.categories)
-        self.output = PartsOutput(plan.out)
-        self._obs_cache: collections.OrderedDict[int, pd.DataFrame] = collections.OrderedDict()
-        # An actor runs two parts at once (max_concurrency=2): one computes while the other writes its output.
-        # The model runs for one part at a time, so an actor keeps to about its one CPU or GPU.
-        self._compute_lock = threading.Lock()
-        self._obs_lock = threading.Lock()
-        self.actor_index = actor_index
-        self._metrics = _Metrics(actor_index)
-        self.compute(0, min(2, self.store.n_cells))  # warm up (numba's kernels, torch's first call) before any part
-
-    # -- reading
-
-    def _segments(self, start: int, stop: int) -> np.ndarray:
-        """Rows (shard, first, stop) covering global cells [start, stop) in store order."""
-        offsets = self.store.cell_offsets
-        segs = []
-        shard = int(np.searchsorted(offsets, start, side="right") - 1)
-        while start < stop:
-            hi = min(stop, int(offsets[shard + 1]))
-            segs.append((shard, start - int(offsets[shard]), hi - int(offsets[shard])))
-            start, shard = hi, shard + 1
-        return np.asarray(segs, dtype=np.int64).reshape(-1, 3)
-
-    def _obs(self, start: int, stop: int) -> pd.DataFrame:
-        parts = []
-        for shard, a, b in self._segments(start, stop):
-            shard = int(shard)
-            with self._obs_lock:
-                if shard not in self._obs_cache:
-                    self._obs_cache[shard] = self.store.read_obs(shard)
-                    while len(self._obs_cache) > 2:
-                        self._obs_cache.popitem(last=False)
-                obs = self._obs_cache[shard]
-            parts.append(obs.iloc[a:b])
-        return pd.concat(parts) if len(parts) > 1 else parts[0]
-
-    def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
-        """Cells [start, stop) (global) of the part starting at `offset`, as the model's torch batch."""
-        from engine.loading.tensors import to_torch
-        from engine.store.format import CSRBlock
-
-        indptr, indices, data = self.blocks.read(self._segments(start, stop))
-        block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
-        index = np.arange(start, stop, dtype=np.int64)
-        out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
-        cuda = self.device.type == "cuda"
-        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=cuda, device=self.device)
-
-    # -- computing
-
-    def compute(self, start: int, stop: int, obs: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
-        """The model's outputs for cells [start, stop): embedding, and class probabilities for a classifier."""
-        import torch
-
-        obs = self._obs(start, stop) if obs is None else obs
-        codes = {k: obs_codes(obs, k, cats) for k, cats in self.plan.categories.items()}
-        embs, probas = [], []
-        with self._compute_lock, torch.inference_mode():
-            for a in range(start, stop, self.plan.batch_size):
-                b = min(stop, a + self.plan.batch_size)
-                batch = self._batch(a, b, {k: v[a - start : b - start] for k, v in codes.items()})
-                embs.append(self.model.embed(batch).float().cpu().numpy())
-                if self.head is not None:
-                    probas.append(probabilities(self.model, batch).cpu().numpy())
-        out = {OBSM_KEY: np.concatenate(embs)}
-        if probas:
-            out[PROBA_KEY] = np.concatenate(probas)
-        return out
-
-    def describe(self) -> tuple[dict[str, int], Head | None]:
-        """Output widths (from the model run on the store's first cells) and the classifier head, if any."""
-        out = self.compute(0, min(2, self.store.n_cells))
-        return {k: int(v.shape[1]) for k, v in out.items()}, self.head
-
-    def run_part(self, part: int, run: Run) -> dict[str, Any]:
-        """Compute, write and commit one part; returns its commit record."""
-        t0, started = time.perf_counter(), time.time()
-        plan = self.plan
-        start, stop = run.layout.bounds(part)
-        obs = self._obs(start, stop).copy()
-        out = self.compute(start, stop, obs)
-        head = self.head
-        if head is not None:
-            pred, prob = predictions(out[PROBA_KEY], len(head.categories))
-            obs[PRED_KEY] = pd.Categorical.from_codes(pred, categories=head.categories)
-            obs[PRED_PROB_KEY] = prob
-        arrays = self.output.obs_arrays(obs)
-        arrays.update({f"obsm/{k}": v for k, v in out.items()})
-        missing = set(run.rows) ^ set(arrays)
-        if missing:
-            raise InferError(f"{plan.out}: part {part} does not match the output's arrays ({sorted(missing)})")
-        record = {"fingerprint": run.fingerprint, "checksum": checksum(out), "started": started,
-                  "compute_s": round(time.perf_counter() - t0, 4)}
-
-        def before_commit() -> None:
-            if plan.part_delay_s:
-                time.sleep(plan.part_delay_s)
-            if plan.fault_part == part:
-                marker = Path(plan.out) / ".cellray" / f"fault-{part}"
-                if not marker.exists():
-                    marker.touch()
-                    os._exit(1)  # an actor lost after renaming its chunks, before committing them
-
-        record = self.output.write_part(part, run.layout, arrays, record, before_commit)
-        self._metrics.part(stop - start, time.perf_counter() - t0)
-        return record
-
-
-class _Metrics:
-    """cellray_embed_* series on Ray's metrics endpoint (the dashboard), tagged by actor."""
-
-    def __init__(self, actor_index: int):
-        self.enabled = False
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                return
-            from ray.util.metrics import Counter, Gauge, Histogram
-
-            tags = ("actor",)
-            self.cells = Counter("cellray_embed_cells", "cells embedded and committed", tags)
-            self.parts = Counter("cellray_embed_parts", "output parts committed", tags)
-            self.rate = Gauge("cellray_embed_cells_per_s", "cells per second of the last part", tags)
-            self.seconds = Histogram("cellray_embed_part_seconds", "seconds per part", [1, 5, 15, 60, 300, 1200], tags)
-            self.tags = {"actor": str(actor_index)}
-            self.enabled = True
-        except Exception as e:  # metrics are an aid, never a reason to fail
-            log.debug("no metrics: %s", e)
-
-    def part(self, n_cells: int, seconds: float) -> None:
-        if not self.enabled:
-            return
-        self.cells.inc(n_cells, self.tags)
-        self.parts.inc(1, self.tags)
-        self.rate.set(n_cells / max(seconds, 1e-9), self.tags)
-        self.seconds.observe(seconds, self.tags)
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -331,11 +100,12 @@ def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap)
             pass
     if genes.index is None:
         elsewhere = train_path and Path(train_path).resolve() != store.path.resolve()
-        if transforms and _needs_stats(transforms) and elsewhere:
-            log.warning("the training store %s is gone: the transforms use the statistics of %s", train_path,
-                        store.path)
+        if transforms and needs_stats(transforms) and elsewhere:
+            log.warning(
+                "the training store %s is gone: the transforms use the statistics of %s", train_path, store.path
+            )
         return str(store.path.resolve())
-    if transforms and _needs_stats(transforms):
+    if transforms and needs_stats(transforms):
         raise InferError(
             f"{store.path}: the checkpoint's transforms need its training store's statistics, and {train_path} is gone "
             "(or changed); embed a store with the training vocabulary, or restore the training store"
@@ -383,6 +153,19 @@ def _completed(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def _ours(out: Path) -> bool:
+    """Whether `out` is an output of cellray embed (what --overwrite may replace)."""
+    if out.suffix == ".h5ad" and out.is_file():
+        import h5py
+
+        try:
+            with h5py.File(out, "r") as f:
+                return "uns/cellray/fingerprint" in f
+        except OSError:
+            return False
+    return (out / ".cellray" / "run.json").is_file()
+
+
 def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
     """How many actors, and each one's resources; refuses what the cluster cannot hold."""
     import ray
@@ -428,22 +211,32 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     pipeline_store = _bind_transforms(transforms, meta, store, genes)
     step = int(meta["step"])
     plan = Plan(
-        checkpoint=str(ckpt.resolve()), store=str(store.path.resolve()), transforms=transforms,
-        pipeline_store=pipeline_store, genes=genes, categories=categories, out=str(_staging(out).resolve()),
-        batch_size=config.batch_size, threads=max(1, int(config.resources.cpus_per_worker)),
-        use_gpu=config.resources.gpus_per_worker > 0, fault_part=config.debug.fault_part,
+        checkpoint=str(ckpt.resolve()),
+        store=str(store.path.resolve()),
+        transforms=transforms,
+        pipeline_store=pipeline_store,
+        genes=genes,
+        categories=categories,
+        out=str(_staging(out).resolve()),
+        batch_size=config.batch_size,
+        threads=max(1, int(config.resources.cpus_per_worker)),
+        use_gpu=config.resources.gpus_per_worker > 0,
+        fault_part=config.debug.fault_part,
         part_delay_s=config.debug.part_delay_s,
     )
     layout = Layout(store.n_cells, _part_cells(config, store))
     components = {
         "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{step}",
         "store": _digest([[s.n_cells, s.checksum] for s in store.manifest.shards] + [store.n_genes]),
-        "transforms": _digest([transforms, _stats_digest(pipeline_store), genes.fingerprint,
-                               gene_fingerprint(store.gene_ids), categories]),
+        "transforms": _digest(
+            [transforms, _stats_digest(pipeline_store), genes.fingerprint, gene_fingerprint(store.gene_ids), categories]
+        ),
         "layout": [layout.n_cells, layout.part_cells],
     }
     fingerprint = _digest(components)
     result = EmbedResult(out=out, n_cells=store.n_cells, dim=0, checkpoint=ckpt, step=step, parts=layout.n_parts)
+    if out.exists() and config.overwrite and not _ours(out):
+        raise InferError(f"{out}: exists and is not an output of cellray embed: refusing to replace it")
     if out.exists() and not config.overwrite:
         done = _completed(out)
         if done is not None and done["fingerprint"] == fingerprint:
@@ -463,10 +256,13 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
 
     r = config.resources
     local = config.executor == "local" or (
-        config.executor == "auto" and address is None and not r.workers and not r.gpus_per_worker
+        config.executor == "auto"
+        and address is None
+        and not r.workers
+        and not r.gpus_per_worker
         and store.x_bytes < LOCAL_MAX_BYTES
     )
-    with contextlib.nullcontext() if local else ray_session(address), output.lock():
+    with writer_lock(out), contextlib.nullcontext() if local else ray_session(address):
         run = output.read_run()  # again, under the lock
         if run is not None and (run.get("fingerprint") != fingerprint or config.overwrite):
             if run.get("fingerprint") != fingerprint and not config.overwrite:
@@ -480,14 +276,27 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
             if run is None:  # a fresh output: widths and head from the model, run by an actor on two cells
                 widths, head = embedder.describe() if local else _get(actors[0].describe.remote(), where)
                 rows = _create_skeleton(output, store, layout, widths, head)
-                run = {"fingerprint": fingerprint, "components": components, "rows": rows, "n_parts": layout.n_parts,
-                       "widths": widths, "head": dataclasses.asdict(head) if head else None, "complete": False}
+                run = {
+                    "fingerprint": fingerprint,
+                    "components": components,
+                    "rows": rows,
+                    "n_parts": layout.n_parts,
+                    "widths": widths,
+                    "head": dataclasses.asdict(head) if head else None,
+                    "complete": False,
+                }
                 output.write_run(run)
             spec = Run(layout, fingerprint, tuple(run["rows"]))
             output.clean(todo, list(spec.rows))
             result.parts_run = len(todo)
-            log.info("%s: %d parts, %d committed earlier, %d to do %s", out, layout.n_parts, len(done), len(todo),
-                     "in this process" if local else f"on {len(actors)} actors")
+            log.info(
+                "%s: %d parts, %d committed earlier, %d to do %s",
+                out,
+                layout.n_parts,
+                len(done),
+                len(todo),
+                "in this process" if local else f"on {len(actors)} actors",
+            )
             if todo and local:
                 _run_parts_here(embedder, spec, todo, len(done), progress)
             elif todo:
@@ -500,17 +309,24 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
         head = Head(**run["head"]) if run.get("head") else None
         output.finish({"cellray": _uns(ckpt, meta, store, plan, layout, fingerprint, components, head)})
         output.write_run({**run, "complete": True})
-    if out.suffix == ".zarr":
-        replace_atomically(output.root, out, overwrite=True)
-    else:
-        from engine.infer.h5ad import write_h5ad
+        if out.suffix == ".zarr":
+            replace_atomically(output.root, out, overwrite=True, replaceable=_ours)
+        else:
+            from engine.infer.h5ad import write_h5ad
 
-        write_h5ad(output.root, out, overwrite=True)
-        shutil.rmtree(output.root, ignore_errors=True)
+            write_h5ad(output.root, out, overwrite=True)
+            shutil.rmtree(output.root, ignore_errors=True)
     result.dim, result.predicts = int(run["widths"][OBSM_KEY]), head.label_key if head else None
     result.seconds = time.perf_counter() - t0
-    log.info("wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s", out, result.n_cells, result.dim,
-             result.parts, result.parts_run, result.cells_per_s)
+    log.info(
+        "wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s",
+        out,
+        result.n_cells,
+        result.dim,
+        result.parts,
+        result.parts_run,
+        result.cells_per_s,
+    )
     return result
 
 
@@ -548,8 +364,13 @@ def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: P
         cells_done += int(record["rows"])
         progress("embed", n_done, layout.n_parts)
         progress("cells", cells_done, cells_todo)
-        log.debug("part %d committed (%d/%d), %.0f cells/s", part, n_done, layout.n_parts,
-                  cells_done / (time.perf_counter() - t0))
+        log.debug(
+            "part %d committed (%d/%d), %.0f cells/s",
+            part,
+            n_done,
+            layout.n_parts,
+            cells_done / (time.perf_counter() - t0),
+        )
         if queue:
             nxt = queue.popleft()
             pending[actors[i].run_part.remote(nxt, run)] = (nxt, i)
@@ -586,8 +407,9 @@ def _get(ref, where: str, part: int | None = None) -> Any:
         ) from e
 
 
-def _create_skeleton(output: PartsOutput, store: Store, layout: Layout, widths: dict[str, int],
-                     head: Head | None) -> list[str]:
+def _create_skeleton(
+    output: PartsOutput, store: Store, layout: Layout, widths: dict[str, int], head: Head | None
+) -> list[str]:
     """The output's arrays, empty: obs with the store's columns (unified categories) and the prediction
     columns, obsm with the model's outputs."""
     template = store.read_obs(0).iloc[:0].copy()
@@ -600,8 +422,16 @@ def _create_skeleton(output: PartsOutput, store: Store, layout: Layout, widths: 
     return output.create(layout, template, {k: (w, "float32") for k, w in widths.items()})
 
 
-def _uns(ckpt: Path, meta: dict, store: Store, plan: Plan, layout: Layout, fingerprint: str, components: dict,
-         head: Head | None) -> dict[str, Any]:
+def _uns(
+    ckpt: Path,
+    meta: dict,
+    store: Store,
+    plan: Plan,
+    layout: Layout,
+    fingerprint: str,
+    components: dict,
+    head: Head | None,
+) -> dict[str, Any]:
     uns = {
         "model": meta["model"]["name"],
         "checkpoint": str(ckpt.resolve()),
@@ -638,6 +468,13 @@ def embed(
     resources = dict(options.pop("resources", {}))
     if num_actors:
         resources["workers"] = num_actors
-    config = EmbedConfig(checkpoint=str(checkpoint), store=str(store), out=str(out), batch_size=batch_size,
-                         overwrite=overwrite, resources=resources, **options)
+    config = EmbedConfig(
+        checkpoint=str(checkpoint),
+        store=str(store),
+        out=str(out),
+        batch_size=batch_size,
+        overwrite=overwrite,
+        resources=resources,
+        **options,
+    )
     return run_embed(config, address=address, progress=progress)

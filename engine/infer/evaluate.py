@@ -29,8 +29,9 @@ def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 15, max_cells: in
     return correct / max(1, len(x))
 
 
-def embedding_sample(out: str | Path, label_key: str, key: str = "X_cellray", max_cells: int = 20_000,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def embedding_sample(
+    out: str | Path, label_key: str, key: str = "X_cellray", max_cells: int = 20_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, labels) of up to `max_cells` random cells of an output (.zarr or .h5ad), reading only the
     label column and those cells' rows: an atlas-sized output is never loaded whole."""
     import anndata as ad

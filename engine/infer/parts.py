@@ -19,7 +19,6 @@ the driver holds the layout and records, a writer holds one part.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.atomic import write_text_atomically
+from engine.atomic import remove, write_text_atomically
 from engine.errors import InferError
 
 log = logging.getLogger(__name__)
@@ -104,20 +103,6 @@ class PartsOutput:
     def write_run(self, run: dict[str, Any]) -> None:
         write_text_atomically(self.meta_dir / RUN_FILE, json.dumps(run, indent=1))
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """One driver per output at a time (the OS drops the lock of a killed driver)."""
-        self.meta_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.meta_dir / "lock", "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise InferError(f"{self.root}: another cellray embed is writing this output right now") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     # -- the skeleton (driver)
 
     def create(self, layout: Layout, obs_template: pd.DataFrame, obsm: dict[str, tuple[int, str]]) -> list[str]:
@@ -139,20 +124,20 @@ class PartsOutput:
         for path in rows:
             self._resize(path, layout)
         for name, (width, dtype) in obsm.items():
-            g.create_array(f"obsm/{name}", shape=(layout.n_cells, width), chunks=(layout.part_cells, width),
-                           dtype=dtype, attributes=ARRAY_ATTRS)
+            g.create_array(
+                f"obsm/{name}",
+                shape=(layout.n_cells, width),
+                chunks=(layout.part_cells, width),
+                dtype=dtype,
+                attributes=ARRAY_ATTRS,
+            )
             rows.append(f"obsm/{name}")
         return rows
 
     def reset(self) -> None:
-        """Remove everything of an earlier run (arrays, records, temporaries) but the lock this driver holds."""
+        """Remove everything of an earlier run: arrays, records, temporaries (the driver holds the writer lock)."""
         for child in self.root.iterdir() if self.root.is_dir() else ():
-            if child.name == META_DIR:
-                for sub in child.iterdir():
-                    if sub.name != "lock":
-                        shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
-            else:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            remove(child)
 
     def _resize(self, path: str, layout: Layout) -> None:
         """An empty per-cell array written by anndata, given the whole store's length and one chunk per part."""
@@ -245,8 +230,9 @@ class PartsOutput:
                 out[f"obs/{col}"] = values.to_numpy()
         return out
 
-    def write_part(self, part: int, layout: Layout, arrays: dict[str, np.ndarray], record: dict[str, Any],
-                   before_commit=None) -> dict[str, Any]:
+    def write_part(
+        self, part: int, layout: Layout, arrays: dict[str, np.ndarray], record: dict[str, Any], before_commit=None
+    ) -> dict[str, Any]:
         """Write, rename and commit one part. `arrays`: every per-cell array path -> this part's rows."""
         import zarr
 

@@ -55,8 +55,9 @@ def training_genes(meta: dict[str, Any]) -> list[str] | None:
     return vocab.get("genes")
 
 
-def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str,
-              min_overlap: float = MIN_GENE_OVERLAP) -> GeneMap:
+def map_genes(
+    store_genes: pd.Index, meta: dict[str, Any], where: str, min_overlap: float = MIN_GENE_OVERLAP
+) -> GeneMap:
     """Map a store's gene ids onto the checkpoint's training vocabulary.
 
     Missing training genes stay zero (a warning gives the count); a store with fewer than `min_overlap` of the
@@ -66,8 +67,11 @@ def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str,
     store_genes = pd.Index([str(g) for g in store_genes])
     genes = training_genes(meta)
     if genes is None:
-        log.warning("%s: the checkpoint records no gene vocabulary; assuming the store's %d genes in its order",
-                    where, len(store_genes))
+        log.warning(
+            "%s: the checkpoint records no gene vocabulary; assuming the store's %d genes in its order",
+            where,
+            len(store_genes),
+        )
         return GeneMap(None, len(store_genes), 0, 0, gene_fingerprint(store_genes))
     fingerprint = meta["vocabulary"].get("fingerprint") or gene_fingerprint(genes)
     if len(store_genes) == len(genes) and gene_fingerprint(store_genes) == fingerprint:
@@ -83,17 +87,27 @@ def map_genes(store_genes: pd.Index, meta: dict[str, Any], where: str,
             f"are in the store; at least {100 * min_overlap:.0f}% are needed (min_gene_overlap)"
         )
     if n_missing:
-        log.warning("%s: %d of the checkpoint's %d genes are not in the store; they are zero for every cell",
-                    where, n_missing, len(genes))
+        log.warning(
+            "%s: %d of the checkpoint's %d genes are not in the store; they are zero for every cell",
+            where,
+            n_missing,
+            len(genes),
+        )
     n_dropped = len(store_genes) - n_present
     if n_dropped:
-        log.info("%s: %d store genes are not in the checkpoint's vocabulary; the model does not see them", where,
-                 n_dropped)
+        log.info(
+            "%s: %d store genes are not in the checkpoint's vocabulary; the model does not see them", where, n_dropped
+        )
     return GeneMap(index, len(genes), n_missing, n_dropped, fingerprint)
 
 
-def category_maps(meta: dict[str, Any], store_schema: dict[str, dict[str, Any]], keys: tuple[str, ...],
-                  where: str, labels: tuple[str, ...] = ()) -> dict[str, list[str] | None]:
+def category_maps(
+    meta: dict[str, Any],
+    store_schema: dict[str, dict[str, Any]],
+    keys: tuple[str, ...],
+    where: str,
+    labels: tuple[str, ...] = (),
+) -> dict[str, list[str] | None]:
     """For each obs key the model reads: the training categories its codes index (None: numeric, used as is).
 
     A key the store lacks is read as missing (code -1) for every cell, with a warning unless it is one of
@@ -104,8 +118,9 @@ def category_maps(meta: dict[str, Any], store_schema: dict[str, dict[str, Any]],
     for key in keys:
         if key not in store_schema:
             if key not in labels:
-                log.warning("%s: obs has no column %r (the model reads it): every cell gets the missing value",
-                            where, key)
+                log.warning(
+                    "%s: obs has no column %r (the model reads it): every cell gets the missing value", where, key
+                )
             out[key] = list(recorded.get(key) or [])
             continue
         cats = recorded.get(key, store_schema[key].get("categories"))

@@ -83,6 +83,10 @@ def open_anndata(store: str | os.PathLike | Store, chunk_cells: int = DEFAULT_CH
 
 def gene_sums(x) -> np.ndarray:
     """Per-gene totals of a dask array of CSR chunks, computed chunk by chunk (float64)."""
-    partial = x.map_blocks(lambda b: np.asarray(b.sum(axis=0), dtype=np.float64).reshape(1, -1),
-                           chunks=((1,) * x.numblocks[0], x.chunks[1]), dtype=np.float64, meta=np.empty((0, 0)))
+    partial = x.map_blocks(
+        lambda b: np.asarray(b.sum(axis=0), dtype=np.float64).reshape(1, -1),
+        chunks=((1,) * x.numblocks[0], x.chunks[1]),
+        dtype=np.float64,
+        meta=np.empty((0, 0)),
+    )
     return partial.sum(axis=0).compute()

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=run_job)
 
-    p = sub.add_parser("embed", help="embed every cell of a store with a trained checkpoint into an AnnData (resumable)")
+    p = sub.add_parser("embed", help="embed every cell of a store with a checkpoint into an AnnData (resumable)")
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint dir, or a run's train.output folder (latest)")
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path,
