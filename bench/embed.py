@@ -40,8 +40,13 @@ def make_store(n_cells: int, n_genes: int, nnz: int) -> Path:
         OUT.mkdir(parents=True, exist_ok=True)
         h5ad = OUT / f"synthetic-{n_cells}x{n_genes}.h5ad"
         synthetic_counts(n_cells, n_genes, nnz_per_cell=nnz, seed=0).write_h5ad(h5ad)
-        ingest([h5ad], store, IngestConfig(shard_cells=max(10_000, n_cells // 8), obs_keys=("cell_type",),
-                                           overwrite=True, executor="local"))
+        ingest(
+            [h5ad],
+            store,
+            IngestConfig(
+                shard_cells=max(10_000, n_cells // 8), obs_keys=("cell_type",), overwrite=True, executor="local"
+            ),
+        )
         h5ad.unlink()
     return store
 
@@ -52,11 +57,18 @@ def make_checkpoint(store: Path) -> Path:
 
     out = OUT / f"vae-{store.stem}"
     if not list(out.glob("checkpoint_*")):
-        pretrain(parse_spec({
-            "kind": "pretrain", "name": "bench-embed", "data": {"store": str(store), "batch_size": 256},
-            "model": MODEL, "train": {"max_steps": 2, "checkpoint_every": 2, "output": str(out)},
-            "resources": {"workers": 0},
-        }))
+        pretrain(
+            parse_spec(
+                {
+                    "kind": "pretrain",
+                    "name": "bench-embed",
+                    "data": {"store": str(store), "batch_size": 256},
+                    "model": MODEL,
+                    "train": {"max_steps": 2, "checkpoint_every": 2, "output": str(out)},
+                    "resources": {"workers": 0},
+                }
+            )
+        )
     return out
 
 
@@ -65,15 +77,26 @@ def cellray_run(checkpoint: Path, store: Path, workers: int) -> dict:
     from engine.infer.embed import run_embed
 
     out = OUT / f"emb-w{workers}.zarr"
-    config = EmbedConfig(checkpoint=str(checkpoint), store=str(store), out=str(out), batch_size=BATCH, overwrite=True,
-                         executor="ray", resources={"workers": workers, "cpus_per_worker": 1})
+    config = EmbedConfig(
+        checkpoint=str(checkpoint),
+        store=str(store),
+        out=str(out),
+        batch_size=BATCH,
+        overwrite=True,
+        executor="ray",
+        resources={"workers": workers, "cpus_per_worker": 1},
+    )
     t0 = time.perf_counter()
     res = run_embed(config)
     wall = time.perf_counter() - t0
     records = [json.loads(f.read_text()) for f in (out / ".cellray" / "parts").glob("*.json")]
     span = max(r["committed"] for r in records) - min(r["started"] for r in records)
-    return {"steady_cells_per_s": res.n_cells / span, "end_to_end_cells_per_s": res.n_cells / wall, "wall_s": wall,
-            "parts": res.parts}
+    return {
+        "steady_cells_per_s": res.n_cells / span,
+        "end_to_end_cells_per_s": res.n_cells / wall,
+        "wall_s": wall,
+        "parts": res.parts,
+    }
 
 
 def plain_loop(checkpoint: Path, store: Path) -> dict:
@@ -127,18 +150,31 @@ def main() -> None:
     plain = med(runs["plain"], "cells_per_s")
     w1, w2 = med(runs["w1"], "steady_cells_per_s"), med(runs["w2"], "steady_cells_per_s")
     w1_e2e, w2_e2e = med(runs["w1"], "end_to_end_cells_per_s"), med(runs["w2"], "end_to_end_cells_per_s")
-    print(f"store: {n_cells} cells x {n_genes} genes, ~{nnz} non-zeros/cell, {runs['w1'][0]['parts']} parts; "
-          f"VAE 128/16; batch {BATCH}; median of {repeats}")
+    print(
+        f"store: {n_cells} cells x {n_genes} genes, ~{nnz} non-zeros/cell, {runs['w1'][0]['parts']} parts; "
+        f"VAE 128/16; batch {BATCH}; median of {repeats}"
+    )
     print(f"plain torch loop, in memory, 1 thread : {plain:10,.0f} cells/s")
     print(f"cellray embed, 1 worker (steady)      : {w1:10,.0f} cells/s  ({w1 / plain:.2f}x the plain loop)")
     print(f"cellray embed, 2 workers (steady)     : {w2:10,.0f} cells/s  ({w2 / w1:.2f}x 1 worker)")
     print(f"end to end (actor start-up, model load): 1 worker {w1_e2e:,.0f} cells/s, 2 workers {w2_e2e:,.0f} cells/s")
-    print(json.dumps({
-        "bench": "embed", "cells": n_cells, "genes": n_genes, "repeats": repeats,
-        "plain_cells_per_s": round(plain), "cellray_1w_cells_per_s": round(w1), "cellray_2w_cells_per_s": round(w2),
-        "ratio_1w_vs_plain": round(w1 / plain, 3), "scaling_2w_vs_1w": round(w2 / w1, 3),
-        "end_to_end_1w_cells_per_s": round(w1_e2e), "end_to_end_2w_cells_per_s": round(w2_e2e),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "embed",
+                "cells": n_cells,
+                "genes": n_genes,
+                "repeats": repeats,
+                "plain_cells_per_s": round(plain),
+                "cellray_1w_cells_per_s": round(w1),
+                "cellray_2w_cells_per_s": round(w2),
+                "ratio_1w_vs_plain": round(w1 / plain, 3),
+                "scaling_2w_vs_1w": round(w2 / w1, 3),
+                "end_to_end_1w_cells_per_s": round(w1_e2e),
+                "end_to_end_2w_cells_per_s": round(w2_e2e),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def pca_knn(store_path: Path, label: str) -> tuple[float, float]:
     return knn_accuracy(a.obsm["X_pca"], obs[label].to_numpy(), k=K), seconds
 
 
-def run_dataset(name: str, inputs: list[Path], label: str, work: Path, steps: int, batch: int, workers: int, n_hidden: int) -> dict:
+def run_dataset(
+    name: str, inputs: list[Path], label: str, work: Path, steps: int, batch: int, workers: int, n_hidden: int
+) -> dict:
     import anndata as ad
 
     from engine.infer.embed import OBSM_KEY, embed
@@ -87,8 +89,20 @@ def run_dataset(name: str, inputs: list[Path], label: str, work: Path, steps: in
             "name": name,
             "data": {"store": str(store), "batch_size": batch, "obs_keys": [], "val_fraction": 0.0},
             "model": {"name": "vae", "config": {"n_latent": 10, "n_hidden": n_hidden, "kl_warmup_steps": steps // 4}},
-            "train": {"max_steps": steps, "lr": 3e-3, "warmup_steps": 10, "checkpoint_every": steps, "report_every": max(1, steps // 10), "output": str(work / f"run-{name}")},
-            "resources": {"workers": workers, "cpus_per_worker": 0.5, "readers_per_worker": 1 if workers else 0, "cpus_per_reader": 0.5},
+            "train": {
+                "max_steps": steps,
+                "lr": 3e-3,
+                "warmup_steps": 10,
+                "checkpoint_every": steps,
+                "report_every": max(1, steps // 10),
+                "output": str(work / f"run-{name}"),
+            },
+            "resources": {
+                "workers": workers,
+                "cpus_per_worker": 0.5,
+                "readers_per_worker": 1 if workers else 0,
+                "cpus_per_reader": 0.5,
+            },
         }
     )
     t0 = time.perf_counter()
@@ -115,8 +129,10 @@ def run_dataset(name: str, inputs: list[Path], label: str, work: Path, steps: in
         "loss_last": round(h[-1]["loss"], 2),
     }
     print(
-        f"{name:16s} {row['cells']:>6d} cells {row['labels']:>2d} labels ({label}): kNN@{K} VAE {vae:.3f}  PCA-50 {pca:.3f}  "
-        f"ratio {vae / pca:.3f}  (train {train_s:.0f} s, {steps} steps, loss {row['loss_first']} -> {row['loss_last']})",
+        f"{name:16s} {row['cells']:>6d} cells {row['labels']:>2d} labels ({label}): kNN@{K} VAE {vae:.3f}  PCA-50 "
+        f"{pca:.3f}  "
+        f"ratio {vae / pca:.3f}  (train {train_s:.0f} s, {steps} steps, loss {row['loss_first']} -> "
+        f"{row['loss_last']})",
         flush=True,
     )
     return row
@@ -149,7 +165,9 @@ def main() -> None:
             kang = [d / "kang_ctrl.h5ad", d / "kang_stim.h5ad"]
             rows.append(run_dataset("kang", kang, "dataset", work, 300, 256, workers, 128))
     summary = {r["dataset"]: {k: r[k] for k in ("vae_knn", "pca50_knn", "ratio_vs_pca")} for r in rows}
-    print(json.dumps({"k": K, "workers": workers, **{f"{ds}_{k}": v for ds, m in summary.items() for k, v in m.items()}}))
+    print(
+        json.dumps({"k": K, "workers": workers, **{f"{ds}_{k}": v for ds, m in summary.items() for k, v in m.items()}})
+    )
 
 
 if __name__ == "__main__":

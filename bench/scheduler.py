@@ -60,8 +60,12 @@ def cellray_once(spec: Path, client) -> dict[str, float]:
     t_done = wait_status(client, ray_ids[-1], {"SUCCEEDED", "FAILED", "STOPPED"})
     while call("get", job_id)["state"] == "RUNNING":  # the scheduler sees it end (next pass)
         time.sleep(0.02)
-    return {"submit_call": t_submitted - t0, "admitted": t_admitted - t0, "running": t_running - t0,
-            "succeeded": t_done - t0}
+    return {
+        "submit_call": t_submitted - t0,
+        "admitted": t_admitted - t0,
+        "running": t_running - t0,
+        "succeeded": t_done - t0,
+    }
 
 
 def ray_jobs_once(spec: Path, client, n: int) -> dict[str, float]:
@@ -69,9 +73,12 @@ def ray_jobs_once(spec: Path, client, n: int) -> dict[str, float]:
     from jobs.scheduler.actor import EXCLUDES, entrypoint
 
     t0 = time.perf_counter()
-    ray_id = client.submit_job(entrypoint=entrypoint(str(spec), sys.executable), submission_id=f"plain-{n}",
-                               runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES},
-                               entrypoint_num_cpus=1)
+    ray_id = client.submit_job(
+        entrypoint=entrypoint(str(spec), sys.executable),
+        submission_id=f"plain-{n}",
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES},
+        entrypoint_num_cpus=1,
+    )
     t_submitted = time.perf_counter()
     t_running = wait_status(client, ray_id, {"RUNNING", "SUCCEEDED"})
     t_done = wait_status(client, ray_id, {"SUCCEEDED", "FAILED", "STOPPED"})
@@ -116,7 +123,8 @@ def main() -> None:
         return statistics.median(r[key] for r in rows)
 
     result = {
-        "repeats": repeats, "cluster_start_s": round(t_up, 2),
+        "repeats": repeats,
+        "cluster_start_s": round(t_up, 2),
         "cellray_submit_call_s": round(med(ours, "submit_call"), 3),
         "cellray_admitted_s": round(med(ours, "admitted"), 3),
         "cellray_running_s": round(med(ours, "running"), 3),
@@ -127,10 +135,14 @@ def main() -> None:
     result["running_ratio"] = round(result["cellray_running_s"] / result["ray_jobs_running_s"], 3)
     print(f"idle local cluster (2 CPUs), medians of {repeats}; cluster start + scheduler {t_up:.1f} s")
     print(f"{'':24}{'submit call':>12}{'admitted':>10}{'RUNNING':>10}{'SUCCEEDED':>11}")
-    print(f"{'cellray job submit':24}{result['cellray_submit_call_s']:>12.3f}{result['cellray_admitted_s']:>10.3f}"
-          f"{result['cellray_running_s']:>10.3f}{result['cellray_succeeded_s']:>11.3f}")
-    print(f"{'Ray Jobs submit_job':24}{med(plain, 'submit_call'):>12.3f}{'-':>10}"
-          f"{result['ray_jobs_running_s']:>10.3f}{result['ray_jobs_succeeded_s']:>11.3f}")
+    print(
+        f"{'cellray job submit':24}{result['cellray_submit_call_s']:>12.3f}{result['cellray_admitted_s']:>10.3f}"
+        f"{result['cellray_running_s']:>10.3f}{result['cellray_succeeded_s']:>11.3f}"
+    )
+    print(
+        f"{'Ray Jobs submit_job':24}{med(plain, 'submit_call'):>12.3f}{'-':>10}"
+        f"{result['ray_jobs_running_s']:>10.3f}{result['ray_jobs_succeeded_s']:>11.3f}"
+    )
     print(f"submit -> RUNNING: cellray / Ray Jobs = {result['running_ratio']:.2f}x")
     print(json.dumps(result))
 

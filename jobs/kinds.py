@@ -90,8 +90,11 @@ def _resources(r: JobResources) -> dict[str, float]:
 def pretrain_bundles(spec: PretrainConfig) -> list[dict[str, float]]:
     """One bundle per Ray Train worker with its reader actors (readers run on their trainer's node)."""
     r = spec.resources
-    worker = {"CPU": r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader, "GPU": r.gpus_per_worker,
-              "memory": 0.0}
+    worker = {
+        "CPU": r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader,
+        "GPU": r.gpus_per_worker,
+        "memory": 0.0,
+    }
     return [dict(worker) for _ in range(max(r.workers, 1))]  # workers: 0 runs the loop in the driver
 
 
@@ -120,17 +123,34 @@ def group_bundles(spec: StatsJob | IngestJob) -> list[dict[str, float]]:
 
 
 KINDS: dict[str, Kind] = {
-    "pretrain": Kind("engine.train.config:PretrainConfig", pretrain_bundles, pretrain_driver,
-                     ("data.store", "train.output", "debug.trace_dir"), preemptible=True),
-    "embed": Kind("engine.infer.config:EmbedConfig", embed_bundles, lambda s: dict(NONE), ("checkpoint", "store", "out"),
-                  preemptible=True),
+    "pretrain": Kind(
+        "engine.train.config:PretrainConfig",
+        pretrain_bundles,
+        pretrain_driver,
+        ("data.store", "train.output", "debug.trace_dir"),
+        preemptible=True,
+    ),
+    "embed": Kind(
+        "engine.infer.config:EmbedConfig",
+        embed_bundles,
+        lambda s: dict(NONE),
+        ("checkpoint", "store", "out"),
+        preemptible=True,
+    ),
     # stats and ingest run inside a placement group of their CPUs (jobs/stage_jobs.py): the driver reserves nothing
-    "stats": Kind("jobs.stage_jobs:StatsJob", group_bundles, lambda s: dict(NONE), ("store", "export"),
-                  preemptible=False),
-    "ingest": Kind("jobs.stage_jobs:IngestJob", group_bundles, lambda s: dict(NONE), ("inputs", "out"),
-                   preemptible=False),
-    "sleep": Kind("jobs.kinds:SleepJob", lambda s: [_resources(s.resources)], lambda s: _resources(s.resources), (),
-                  preemptible=False),
+    "stats": Kind(
+        "jobs.stage_jobs:StatsJob", group_bundles, lambda s: dict(NONE), ("store", "export"), preemptible=False
+    ),
+    "ingest": Kind(
+        "jobs.stage_jobs:IngestJob", group_bundles, lambda s: dict(NONE), ("inputs", "out"), preemptible=False
+    ),
+    "sleep": Kind(
+        "jobs.kinds:SleepJob",
+        lambda s: [_resources(s.resources)],
+        lambda s: _resources(s.resources),
+        (),
+        preemptible=False,
+    ),
 }
 
 
@@ -201,8 +221,11 @@ def run_sleep(spec: SleepJob) -> dict[str, Any]:
     t0 = time.monotonic()
     tick = 0
     while (left := spec.seconds - (time.monotonic() - t0)) > 0:
-        print(f"{spec.name}: holding {spec.resources.cpus:g} CPUs, {spec.resources.gpus:g} GPUs; "
-              f"tick {tick}, {left:.1f} s left", flush=True)
+        print(
+            f"{spec.name}: holding {spec.resources.cpus:g} CPUs, {spec.resources.gpus:g} GPUs; "
+            f"tick {tick}, {left:.1f} s left",
+            flush=True,
+        )
         time.sleep(min(1.0, left))
         tick += 1
     if spec.fail:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from engine.progress import Progress, silent
 
@@ -23,7 +23,11 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
             return Text(f"{task.speed:,.0f}/s" if task.speed else "")
 
     with Progress(
-        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), Rate(),
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        Rate(),
         transient=False,
     ) as progress:
         tasks: dict[str, int] = {}

@@ -34,7 +34,9 @@ class IngestJob(_JobConfig):
     name: str = Field("ingest", min_length=1)
     inputs: list[str] = Field(min_length=1)
     out: str
-    ingest: IngestConfig = Field(default_factory=IngestConfig)  # vocab, obs_keys, shard_cells, ... (not executor/address)
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig
+    )  # vocab, obs_keys, shard_cells, ... (not executor/address)
     resources: JobResources = Field(default_factory=JobResources)
 
 
@@ -71,7 +73,8 @@ def run_in_group(spec: StatsJob | IngestJob, address: str | None) -> dict[str, A
             if not group.wait(timeout_seconds=120):
                 raise SpecError(f"{spec.where('resources')}: {reserve} could not be reserved within 120 s")
             body = ray.remote(num_cpus=0, max_retries=0)(_stage).options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True))
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+            )
             try:
                 return ray.get(body.remote(spec))
             except ray.exceptions.RayTaskError as e:

@@ -64,4 +64,16 @@ def build(name: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
     return cls(config)
 
 
-__all__ = ["DataSummary", "Loss", "ModelError", "REGISTRY", "build", "get", "make_config", "names", "VAE", "Transformer", "Probe"]
+__all__ = [
+    "DataSummary",
+    "Loss",
+    "ModelError",
+    "REGISTRY",
+    "build",
+    "get",
+    "make_config",
+    "names",
+    "VAE",
+    "Transformer",
+    "Probe",
+]

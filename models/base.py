@@ -22,7 +22,9 @@ class DataSummary:
         n = self.obs_categories.get(key)
         if n is None:
             known = sorted(k for k, v in self.obs_categories.items() if v is not None)
-            raise ValueError(f"{field_name}: obs column {key!r} is not a categorical column of the data (categorical: {known})")
+            raise ValueError(
+                f"{field_name}: obs column {key!r} is not a categorical column of the data (categorical: {known})"
+            )
         return n + 1
 
 

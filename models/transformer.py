@@ -67,7 +67,9 @@ class TransformerConfig:
 
     @classmethod
     def debug(cls, n_genes: int = 64, **kw) -> TransformerConfig:
-        return cls(**{"n_genes": n_genes, "n_bins": 11, "max_len": 32, "d_model": 32, "n_heads": 2, "n_layers": 1, **kw})
+        return cls(
+            **{"n_genes": n_genes, "n_bins": 11, "max_len": 32, "d_model": 32, "n_heads": 2, "n_layers": 1, **kw}
+        )
 
 
 class Block(nn.Module):
@@ -86,7 +88,9 @@ class Block(nn.Module):
         B, T, D = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, T): attend only to real tokens
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         h = h + self.proj(a.transpose(1, 2).reshape(B, T, D))
         return h + self.ff(self.ln2(h))
 
@@ -148,7 +152,9 @@ class Transformer(nn.Module):
         bins = 1 + (rank.clamp(min=0) * (nb - 1)) // n
         return torch.where(nz, bins, torch.zeros_like(bins))
 
-    def _encode(self, genes: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, genes: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         keep = genes >= 0
         tok = torch.where(keep, genes, torch.full_like(genes, self.pad_id))

@@ -85,7 +85,9 @@ class VAEConfig:
         if self.norm not in ("layer", "batch", "none"):
             raise ValueError(f"norm is {self.norm!r}, expected 'layer', 'batch' or 'none'")
         if self.batch_representation not in ("one-hot", "embedding"):
-            raise ValueError(f"batch_representation is {self.batch_representation!r}, expected 'one-hot' or 'embedding'")
+            raise ValueError(
+                f"batch_representation is {self.batch_representation!r}, expected 'one-hot' or 'embedding'"
+            )
         if self.n_latent < 1 or self.n_hidden < 1 or self.n_layers < 1:
             raise ValueError("n_latent, n_hidden and n_layers must be >= 1")
 
@@ -146,7 +148,7 @@ class VAE(nn.Module):
         x = dense_x(batch)
         cov = self._covariate(batch)
         mean, logvar = self.encode(x, cov)
-        std = torch.exp(0.5 * logvar) + 1e-4 ** 0.5  # scvi's var_eps, on the std
+        std = torch.exp(0.5 * logvar) + 1e-4**0.5  # scvi's var_eps, on the std
         z = mean + std * torch.randn_like(std)
         h = self.decoder(self._cat(z, cov))
         library = torch.log(x.sum(dim=1, keepdim=True).clamp(min=1.0))

@@ -67,8 +67,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpointer:
     """Saves a rank's part of each checkpoint (reported to Ray Train) and restores the newest complete one."""
 
-    def __init__(self, output: str, *, rank: int, world_size: int, meta: dict[str, Any], keep: int,
-                 local_mode: bool, output_is_local: bool):
+    def __init__(
+        self,
+        output: str,
+        *,
+        rank: int,
+        world_size: int,
+        meta: dict[str, Any],
+        keep: int,
+        local_mode: bool,
+        output_is_local: bool,
+    ):
         self.output = Path(output)
         self.rank = rank
         self.world_size = world_size
@@ -80,15 +89,27 @@ class Checkpointer:
     def write(self, d: Path, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
             torch.save(
-                {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                 "scheduler": state.scheduler.state_dict(), "step": state.step},
+                {
+                    "model": state.model.state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "scheduler": state.scheduler.state_dict(),
+                    "step": state.step,
+                },
                 d / STATE_FILE,
             )
             torch.save(state.model.state_dict(), d / MODEL_FILE)
-            meta = {"step": state.step, "epoch": state.epoch, "world_size": self.world_size, **self.meta, "metrics": metrics}
+            meta = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "world_size": self.world_size,
+                **self.meta,
+                "metrics": metrics,
+            }
             (d / META_FILE).write_text(json.dumps(meta, indent=1))
-        torch.save({"loader": state.loader.state_dict(), "rng": rng_state(), "epoch": state.epoch, "step": state.step},
-                   d / f"rank{self.rank}.pt")
+        torch.save(
+            {"loader": state.loader.state_dict(), "rng": rng_state(), "epoch": state.epoch, "step": state.step},
+            d / f"rank{self.rank}.pt",
+        )
 
     def save(self, state: TrainState, metrics: dict[str, Any]) -> None:
         """Write this rank's part and report it with `metrics` to Ray Train (a barrier across ranks)."""
@@ -200,7 +221,9 @@ def latest_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | 
         if best is None or step > best[0]:
             best = (step, meta.parent)
     if best is None and required:
-        raise TrainError(f"{path}: no checkpoint here (expected a run's train.output folder or a checkpoint_* directory)")
+        raise TrainError(
+            f"{path}: no checkpoint here (expected a run's train.output folder or a checkpoint_* directory)"
+        )
     return best[1] if best else None
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine.atomic import write_text_atomically, writer_lock
 from engine.errors import CellrayError, TrainError

@@ -12,18 +12,31 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     cluster = sub.add_parser("cluster", help="a local Ray cluster with the cellray scheduler; check cluster.yaml")
     cmds = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
-    state = {"default": None, "type": Path, "metavar": "DIR",
-             "help": "where the cluster and the queue are recorded (default: CELLRAY_STATE_DIR, else ~/.cellray)"}
+    state = {
+        "default": None,
+        "type": Path,
+        "metavar": "DIR",
+        "help": "where the cluster and the queue are recorded (default: CELLRAY_STATE_DIR, else ~/.cellray)",
+    }
 
-    p = cmds.add_parser("start", help="start a Ray head on this machine (dashboard on 127.0.0.1, token auth) "
-                                      "and the scheduler")
+    p = cmds.add_parser(
+        "start", help="start a Ray head on this machine (dashboard on 127.0.0.1, token auth) and the scheduler"
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs (default: this machine's)")
     p.add_argument("--num-gpus", type=int, default=None, help="GPUs (default: detected)")
     p.add_argument("--object-store-mb", type=int, default=None, help="object store size (default 10%% of RAM)")
-    p.add_argument("--queueing", default="strict", choices=["strict", "best-effort"],
-                   help="strict: nothing passes a waiting job (default); best-effort: smaller jobs may")
-    p.add_argument("--system-config", default=None, metavar="JSON",
-                   help='Ray system config overrides, e.g. \'{"metrics_report_interval_ms": 1000}\'')
+    p.add_argument(
+        "--queueing",
+        default="strict",
+        choices=["strict", "best-effort"],
+        help="strict: nothing passes a waiting job (default); best-effort: smaller jobs may",
+    )
+    p.add_argument(
+        "--system-config",
+        default=None,
+        metavar="JSON",
+        help="Ray system config overrides, e.g. '{\"metrics_report_interval_ms\": 1000}'",
+    )
     p.add_argument("--state-dir", **state)
     p.set_defaults(func=run_start)
 
@@ -39,12 +52,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("attach", help="start the scheduler on a running Ray cluster (on the head: cluster.yaml does)")
     p.add_argument("--address", default=None, help="the cluster (default: RAY_ADDRESS; `auto` on the head)")
-    p.add_argument("--state-dir", type=str, required=True, metavar="DIR",
-                   help="the queue's directory, on shared storage on a real cluster")
+    p.add_argument(
+        "--state-dir",
+        type=str,
+        required=True,
+        metavar="DIR",
+        help="the queue's directory, on shared storage on a real cluster",
+    )
     p.add_argument("--queueing", default="strict", choices=["strict", "best-effort"])
-    p.add_argument("--cluster-config", type=Path, default=None, metavar="YAML",
-                   help="size the queue by this cluster-launcher config's largest cluster (autoscaling), e.g. "
-                        "~/ray_bootstrap_config.yaml; default: the nodes up now")
+    p.add_argument(
+        "--cluster-config",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="size the queue by this cluster-launcher config's largest cluster (autoscaling), e.g. "
+        "~/ray_bootstrap_config.yaml; default: the nodes up now",
+    )
     p.set_defaults(func=run_attach)
 
     p = cmds.add_parser("check", help="validate a cluster-launcher config offline (Ray's schema + cellray's rules)")
@@ -63,8 +86,13 @@ def run_start(args: argparse.Namespace) -> int:
         system_config = json.loads(args.system_config) if args.system_config else None
     except json.JSONDecodeError as e:
         raise ClusterError(f"--system-config: not JSON ({e})") from None
-    c = start_cluster(args.state_dir, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                      object_store_mb=args.object_store_mb, system_config=system_config)
+    c = start_cluster(
+        args.state_dir,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        object_store_mb=args.object_store_mb,
+        system_config=system_config,
+    )
     try:
         connect(c.address)
         info = ray.get(scheduler(create_in=c.state_dir, queueing=args.queueing).ping.remote())
@@ -104,24 +132,39 @@ def run_status(args: argparse.Namespace) -> int:
 
     local = None if args.address else LocalCluster.load(args.state_dir or default_state_dir())
     if local is not None and not local.alive():
-        print(f"the local cluster at {local.address} is not running (stale {local.state_dir}/cluster.json); "
-              "`cellray cluster start` starts one")
+        print(
+            f"the local cluster at {local.address} is not running (stale {local.state_dir}/cluster.json); "
+            "`cellray cluster start` starts one"
+        )
         return 1
     address = connect(args.address or (local.address if local else None), args.state_dir)
     resources = ray.cluster_resources()
     info = call("info")
     if args.json:
-        print(json.dumps({"address": address, "resources": resources, "scheduler": info,
-                          "dashboard": local.dashboard_url if local else None}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "address": address,
+                    "resources": resources,
+                    "scheduler": info,
+                    "dashboard": local.dashboard_url if local else None,
+                },
+                indent=1,
+            )
+        )
         return 0
-    print(f"cluster    {address}  ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
-          f"{len([n for n in ray.nodes() if n['Alive']])} node(s))")
+    print(
+        f"cluster    {address}  ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
+        f"{len([n for n in ray.nodes() if n['Alive']])} node(s))"
+    )
     if local:
         print(f"dashboard  {local.dashboard_url}")
         print(f"metrics    {local.metrics_url}")
     adm, cap = info["admitted"], info["capacity"]
-    print(f"scheduler  {info['state_dir']} ({info['queueing']}); admitted {adm['CPU']:g}/{cap['CPU']:g} CPUs, "
-          f"{adm['GPU']:g}/{cap['GPU']:g} GPUs")
+    print(
+        f"scheduler  {info['state_dir']} ({info['queueing']}); admitted {adm['CPU']:g}/{cap['CPU']:g} CPUs, "
+        f"{adm['GPU']:g}/{cap['GPU']:g} GPUs"
+    )
     print("jobs       " + ", ".join(f"{n} {s}" for s, n in info["jobs"].items()))
     return 0
 
@@ -156,8 +199,10 @@ def run_attach(args: argparse.Namespace) -> int:
     info = ray.get(scheduler(create_in=args.state_dir, queueing=args.queueing, capacity=capacity).ping.remote())
     if Path(info["state_dir"]) != Path(args.state_dir).expanduser() / "scheduler":
         print(f"note: a scheduler was already running on this cluster; it keeps its queue in {info['state_dir']}")
-    print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})"
-          + (f"; capacity {capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs" if capacity else ""))
+    print(
+        f"scheduler  queue in {info['state_dir']} ({info['queueing']})"
+        + (f"; capacity {capacity['CPU']:g} CPUs, {capacity['GPU']:g} GPUs" if capacity else "")
+    )
     return 0
 
 

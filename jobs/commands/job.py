@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = jobs.add_parser(name, help=help)
         if id_arg:
             p.add_argument("id", help="the job id `cellray job submit` printed (e.g. j0003)")
-        p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else `cellray cluster start`'s)")
+        p.add_argument(
+            "--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else `cellray cluster start`'s)"
+        )
         p.set_defaults(func=func)
         return p
 
@@ -28,8 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", type=Path, help="a YAML job spec (kind: pretrain, embed, stats, ingest, sleep)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first and may preempt lower (default 0)")
     p.add_argument("--name", default=None, help="job name (default: the spec's name)")
-    p.add_argument("--max-retries", type=int, default=0, metavar="N",
-                   help="rerun after a lost process or node, at most N times (never after a spec or data error)")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rerun after a lost process or node, at most N times (never after a spec or data error)",
+    )
     p.add_argument("--no-preempt", action="store_true", help="never preempt this job (pretrain and embed jobs can be)")
 
     p = add("list", "every job: id, name, kind, priority, state, demand, times, attempts", run_list, id_arg=False)
@@ -66,9 +73,14 @@ def run_submit(args: argparse.Namespace) -> int:
     spec = resolve_paths(spec, Path.cwd())
     kind = KINDS[spec.kind]
     request = {
-        "name": spec.name, "kind": spec.kind, "priority": args.priority, "max_retries": args.max_retries,
+        "name": spec.name,
+        "kind": spec.kind,
+        "priority": args.priority,
+        "max_retries": args.max_retries,
         "preemptible": kind.preemptible and not args.no_preempt,
-        "demand": demand(spec), "bundles": bundles(spec), "driver": kind.driver(spec),
+        "demand": demand(spec),
+        "bundles": bundles(spec),
+        "driver": kind.driver(spec),
         "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
     }
     _connect(args)
@@ -96,8 +108,21 @@ def run_list(args: argparse.Namespace) -> int:
         print(json.dumps(jobs, indent=1))
         return 0
     header = ("ID", "NAME", "KIND", "PRIO", "STATE", "DEMAND", "SUBMITTED", "STARTED", "ENDED", "ATTEMPTS")
-    rows = [(j["id"], j["name"], j["kind"], str(j["priority"]), j["state"], _demand(j["demand"]), _time(j["submitted"]),
-             _time(j["started"]), _time(j["ended"]), str(j["attempts"])) for j in jobs]
+    rows = [
+        (
+            j["id"],
+            j["name"],
+            j["kind"],
+            str(j["priority"]),
+            j["state"],
+            _demand(j["demand"]),
+            _time(j["submitted"]),
+            _time(j["started"]),
+            _time(j["ended"]),
+            str(j["attempts"]),
+        )
+        for j in jobs
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -112,16 +137,29 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(j, indent=1))
         return 0
-    wait = (j["admitted"] or time.time()) - j["queued_since"] if j["state"] != "QUEUED" else time.time() - j["queued_since"]
-    print(f"{j['id']}  {j['name']}  ({j['kind']}, priority {j['priority']}"
-          f"{', preemptible' if j['preemptible'] else ''}, max retries {j['max_retries']})")
-    print(f"state      {j['state']}" + (f" (Ray: {j['ray_status']})" if j["ray_status"] else "")
-          + (f"  {j['message']}" if j["message"] else ""))
+    wait = (
+        (j["admitted"] or time.time()) - j["queued_since"]
+        if j["state"] != "QUEUED"
+        else time.time() - j["queued_since"]
+    )
+    print(
+        f"{j['id']}  {j['name']}  ({j['kind']}, priority {j['priority']}"
+        f"{', preemptible' if j['preemptible'] else ''}, max retries {j['max_retries']})"
+    )
+    print(
+        f"state      {j['state']}"
+        + (f" (Ray: {j['ray_status']})" if j["ray_status"] else "")
+        + (f"  {j['message']}" if j["message"] else "")
+    )
     print(f"demand     {_demand(j['demand'])}")
-    print(f"submitted  {_time(j['submitted'])}   started {_time(j['started'])}   ended {_time(j['ended'])}"
-          f"   queued {wait:.1f} s")
-    print(f"attempts   {j['attempts']} (retries {j['retries']}, preemptions {j['preemptions']})"
-          + (f"  Ray jobs: {', '.join(j['ray_ids'])}" if j["ray_ids"] else ""))
+    print(
+        f"submitted  {_time(j['submitted'])}   started {_time(j['started'])}   ended {_time(j['ended'])}"
+        f"   queued {wait:.1f} s"
+    )
+    print(
+        f"attempts   {j['attempts']} (retries {j['retries']}, preemptions {j['preemptions']})"
+        + (f"  Ray jobs: {', '.join(j['ray_ids'])}" if j["ray_ids"] else "")
+    )
     print(f"spec       {j['spec_file']}")
     for e in j.get("events", []):
         print(f"  {e}")

@@ -10,16 +10,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="per-gene statistics and highly variable genes of a store (stored in STORE/stats)")
     p.add_argument("store", type=Path)
     p.add_argument("--hvg", type=int, default=None, metavar="N", help="select N highly variable genes")
-    p.add_argument("--flavor", default="seurat_v3", choices=["seurat_v3", "seurat", "cell_ranger"],
-                   help="HVG method as in scanpy: seurat_v3 on counts (default), seurat on log-normalized, cell_ranger on normalized")
+    p.add_argument(
+        "--flavor",
+        default="seurat_v3",
+        choices=["seurat_v3", "seurat", "cell_ranger"],
+        help="HVG method as in scanpy: seurat_v3 on counts (default), seurat on log-normalized, "
+        "cell_ranger on normalized",
+    )
     p.add_argument("--batch-key", default=None, metavar="KEY", help="obs column: select HVGs per batch and combine")
-    p.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target of the normalized layers and medians")
+    p.add_argument(
+        "--target-sum", type=float, default=1e4, help="normalize_total target of the normalized layers and medians"
+    )
     p.add_argument("--n-bins", type=int, default=20, help="mean bins of the seurat / cell_ranger flavors")
     p.add_argument("--span", type=float, default=0.3, help="loess span of seurat_v3")
     p.add_argument("--block-cells", type=int, default=32768, help="at most this many cells per task")
-    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"],
-                   help="Ray tasks, or in this process (local); auto = local below 5M non-zeros")
-    p.add_argument("--export", type=Path, default=None, metavar="PATH", help="also write the per-gene table (.csv or .parquet)")
+    p.add_argument(
+        "--executor",
+        default="auto",
+        choices=["auto", "ray", "local"],
+        help="Ray tasks, or in this process (local); auto = local below 5M non-zeros",
+    )
+    p.add_argument(
+        "--export", type=Path, default=None, metavar="PATH", help="also write the per-gene table (.csv or .parquet)"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(func=run_stats)
 
@@ -45,9 +58,14 @@ def run_stats(args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         stats = compute_stats(args.store, config, progress=progress)
     lib = stats.library
-    print(f"wrote {stats.where}: {stats.n_cells:,} cells x {len(stats.genes):,} genes; "
-          f"{int((stats.nnz > 0).sum()):,} genes detected")
-    print(f"library size  median {lib['median']:,.1f}  mean {lib['mean']:,.1f}  [{lib['min']:,.0f}, {lib['max']:,.0f}]  zero cells {lib['zero_cells']}")
+    print(
+        f"wrote {stats.where}: {stats.n_cells:,} cells x {len(stats.genes):,} genes; "
+        f"{int((stats.nnz > 0).sum()):,} genes detected"
+    )
+    print(
+        f"library size  median {lib['median']:,.1f}  mean {lib['mean']:,.1f}  [{lib['min']:,.0f}, {lib['max']:,.0f}] "
+        f" zero cells {lib['zero_cells']}"
+    )
     if stats.hvg:
         hv = stats.highly_variable
         batch = f", batch key {stats.hvg['batch_key']}" if stats.hvg["batch_key"] else ""

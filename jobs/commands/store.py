@@ -20,13 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", default=None, help="take counts from this layer instead of X")
     p.add_argument("--no-shuffle", action="store_true", help="keep input order (default: pre-shuffle all cells)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle")
-    p.add_argument("--shard-size", default="128MB", help="cells per shard (e.g. 100000) or uncompressed bytes of X (e.g. 128MB)")
+    p.add_argument(
+        "--shard-size", default="128MB", help="cells per shard (e.g. 100000) or uncompressed bytes of X (e.g. 128MB)"
+    )
     p.add_argument("--codec", default="blosc-lz4", choices=["blosc-lz4", "blosc-zstd", "zstd"])
     p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values (e.g. normalised data)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
-    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"],
-                   help="ray tasks, or in-process (local); auto = local for inputs under 512 MB of X")
+    p.add_argument(
+        "--executor",
+        default="auto",
+        choices=["auto", "ray", "local"],
+        help="ray tasks, or in-process (local); auto = local for inputs under 512 MB of X",
+    )
     p.set_defaults(func=run_ingest)
 
     p = sub.add_parser("info", help="print a store's manifest summary")
@@ -68,8 +74,8 @@ def parse_size(text: str) -> tuple[int | None, int | None]:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from engine.store.ingest import IngestConfig, ingest
     from engine.store.format import Codec
+    from engine.store.ingest import IngestConfig, ingest
     from jobs.progress import progress_bar
 
     cells, nbytes = parse_size(args.shard_size)
@@ -109,12 +115,22 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     nnz = sum(s.nnz for s in m.shards)
     print(f"store        {store.path}  ({m.format} v{m.version}, created {m.created})")
-    print(f"cells        {m.n_cells:,} in {len(m.shards)} shard(s)   genes {m.n_genes:,}   non-zeros {nnz:,} ({nnz / max(m.n_cells, 1):.0f}/cell)")
-    print(f"X            counts {m.count_dtype}, gene indices {m.index_dtype}, codec {m.codec.name} (level {m.codec.level}, {m.codec.shuffle}), {m.chunk_elements:,} values/chunk")
+    print(
+        f"cells        {m.n_cells:,} in {len(m.shards)} shard(s)   genes {m.n_genes:,}   non-zeros {nnz:,} "
+        f"({nnz / max(m.n_cells, 1):.0f}/cell)"
+    )
+    print(
+        f"X            counts {m.count_dtype}, gene indices {m.index_dtype}, codec {m.codec.name} (level "
+        f"{m.codec.level}, {m.codec.shuffle}), {m.chunk_elements:,} values/chunk"
+    )
     print(f"shuffled     {m.shuffle.get('shuffled')} (seed {m.shuffle.get('seed')})")
     for col, sch in m.obs_schema.items():
         cats = sch.get("categories")
-        detail = f"{len(cats)} categories: {', '.join(cats[:6])}{', ...' if len(cats) > 6 else ''}" if cats is not None else sch["dtype"]
+        detail = (
+            f"{len(cats)} categories: {', '.join(cats[:6])}{', ...' if len(cats) > 6 else ''}"
+            if cats is not None
+            else sch["dtype"]
+        )
         print(f"obs          {col:<14} {detail}")
     for p in m.provenance:
         print(f"source       {p['dataset']:<14} {p['n_cells']:>10,} cells  {p['path']} [{p['field']}]")

@@ -55,8 +55,9 @@ def killed_by_signal(exit_code: int | None) -> bool:
 class Scheduler:
     """The queue. Methods are called from the CLI (`cellray job ...`) through Ray; the loop runs in a thread."""
 
-    def __init__(self, state_dir: str, queueing: str = "strict", capacity: dict[str, float] | None = None,
-                 tick_s: float = 0.5):
+    def __init__(
+        self, state_dir: str, queueing: str = "strict", capacity: dict[str, float] | None = None, tick_s: float = 0.5
+    ):
         from engine.runtime import PROJECT_ROOT
 
         if queueing not in ("strict", "best-effort"):
@@ -77,15 +78,24 @@ class Scheduler:
         self.started = time.time()
         running = [j.id for j in self.jobs.values() if j.state == RUNNING]
         queued = [j.id for j in self.jobs.values() if j.state == QUEUED]
-        log.warning("cellray scheduler up (state %s): re-adopting %d running job(s) %s, %d queued",
-                    self.store.dir, len(running), running, len(queued))
+        log.warning(
+            "cellray scheduler up (state %s): re-adopting %d running job(s) %s, %d queued",
+            self.store.dir,
+            len(running),
+            running,
+            len(queued),
+        )
         threading.Thread(target=self._loop, name="cellray-scheduler", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------------ calls
 
     def ping(self) -> dict[str, Any]:
-        return {"state_dir": str(self.store.dir), "queueing": self.queueing, "pid": os.getpid(),
-                "started": self.started}
+        return {
+            "state_dir": str(self.store.dir),
+            "queueing": self.queueing,
+            "pid": os.getpid(),
+            "started": self.started,
+        }
 
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
         """Queue a job. `request`: name, kind, priority, preemptible, max_retries, demand, bundles, driver, spec
@@ -101,10 +111,19 @@ class Scheduler:
             job_id = f"j{seq:04d}"
             now = time.time()
             job = JobRecord(
-                id=job_id, seq=seq, name=request["name"], kind=request["kind"], priority=int(request["priority"]),
-                preemptible=bool(request["preemptible"]), max_retries=int(request["max_retries"]),
-                demand=request["demand"], driver=request["driver"], bundles=request.get("bundles") or [],
-                spec_file=self.store.write_spec(job_id, request["spec"]), submitted=now, queued_since=now,
+                id=job_id,
+                seq=seq,
+                name=request["name"],
+                kind=request["kind"],
+                priority=int(request["priority"]),
+                preemptible=bool(request["preemptible"]),
+                max_retries=int(request["max_retries"]),
+                demand=request["demand"],
+                driver=request["driver"],
+                bundles=request.get("bundles") or [],
+                spec_file=self.store.write_spec(job_id, request["spec"]),
+                submitted=now,
+                queued_since=now,
             )
             job.event(f"queued (priority {job.priority})", now)
             self.jobs[job_id] = job
@@ -152,9 +171,13 @@ class Scheduler:
         with self.lock:
             running = [j for j in self.jobs.values() if j.state == RUNNING]
             counts = {s: sum(j.state == s for j in self.jobs.values()) for s in (QUEUED, RUNNING, *TERMINAL)}
-        return {**self.ping(), "capacity": self.capacity(), "admitted": admission.total(running),
-                "available": {r: ray.available_resources().get(r, 0.0) for r in ("CPU", "GPU", "memory")},
-                "jobs": counts}
+        return {
+            **self.ping(),
+            "capacity": self.capacity(),
+            "admitted": admission.total(running),
+            "available": {r: ray.available_resources().get(r, 0.0) for r in ("CPU", "GPU", "memory")},
+            "jobs": counts,
+        }
 
     def tick(self) -> None:
         """One pass of the loop now (the loop also runs on its own)."""
@@ -216,8 +239,11 @@ class Scheduler:
             elif (error in LOST_ERRORS or killed_by_signal(info.driver_exit_code)) and job.retries < job.max_retries:
                 job.retries += 1
                 self.metrics.retry(job)
-                self._requeue(job, f"attempt {job.attempts} lost ({error}, exit code {info.driver_exit_code}); "
-                                   f"retry {job.retries} of {job.max_retries}")
+                self._requeue(
+                    job,
+                    f"attempt {job.attempts} lost ({error}, exit code {info.driver_exit_code}); "
+                    f"retry {job.retries} of {job.max_retries}",
+                )
             else:
                 self._finish(job, FAILED, _last_line(info.message) or f"{error} (exit code {info.driver_exit_code})")
         return changed
@@ -267,12 +293,23 @@ class Scheduler:
             self.client().submit_job(
                 entrypoint=entrypoint(job.spec_file, self.python),
                 submission_id=ray_id,
-                runtime_env={"working_dir": self.project, "excludes": EXCLUDES, "env_vars": {
-                    JOB_ID_ENV: job.id, "CELLRAY_ATTEMPT": str(attempt),
-                    # the driver's own ray.init(address, runtime_env=working_dir) ships the same files again
-                    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}},
-                metadata={"cellray_id": job.id, "name": job.name, "kind": job.kind, "priority": str(job.priority),
-                          "attempt": str(attempt)},
+                runtime_env={
+                    "working_dir": self.project,
+                    "excludes": EXCLUDES,
+                    "env_vars": {
+                        JOB_ID_ENV: job.id,
+                        "CELLRAY_ATTEMPT": str(attempt),
+                        # the driver's own ray.init(address, runtime_env=working_dir) ships the same files again
+                        "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
+                    },
+                },
+                metadata={
+                    "cellray_id": job.id,
+                    "name": job.name,
+                    "kind": job.kind,
+                    "priority": str(job.priority),
+                    "attempt": str(attempt),
+                },
                 entrypoint_num_cpus=drv.get("CPU", 0.0) or None,
                 entrypoint_num_gpus=drv.get("GPU", 0.0) or None,
                 entrypoint_memory=int(drv.get("memory", 0.0)) or None,

@@ -48,8 +48,11 @@ def describe(res: dict[str, float]) -> str:
 def never_fits(demand: dict[str, float], capacity: dict[str, float]) -> list[str]:
     """What a job needs beyond the whole (empty) cluster: one phrase per resource."""
     names = {"CPU": "CPUs", "GPU": "GPUs", "memory": "bytes of memory"}
-    return [f"{demand[r]:g} {names[r]} (the cluster has {capacity.get(r, 0.0):g})"
-            for r in RESOURCES if demand.get(r, 0.0) > capacity.get(r, 0.0) + EPS]
+    return [
+        f"{demand[r]:g} {names[r]} (the cluster has {capacity.get(r, 0.0):g})"
+        for r in RESOURCES
+        if demand.get(r, 0.0) > capacity.get(r, 0.0) + EPS
+    ]
 
 
 def queue_order(queued: Iterable[JobRecord]) -> list[JobRecord]:
@@ -110,8 +113,11 @@ def plan(
 
 def _victims(job: JobRecord, running: list[JobRecord], taken: set[str], free: dict[str, float]) -> list[JobRecord]:
     """The fewest, lowest-priority preemptible running jobs whose resources make `job` fit; [] if none do."""
-    candidates = [r for r in running if r.preemptible and r.stop_reason is None and r.id not in taken
-                  and r.priority < job.priority]
+    candidates = [
+        r
+        for r in running
+        if r.preemptible and r.stop_reason is None and r.id not in taken and r.priority < job.priority
+    ]
     candidates.sort(key=lambda r: (r.priority, -(r.admitted or 0.0), -r.seq))
     chosen: list[JobRecord] = []
     room = dict(free)

@@ -21,8 +21,10 @@ from jobs.scheduler.cluster import LocalCluster, default_state_dir
 log = logging.getLogger(__name__)
 
 SCHEDULER_DIR = "scheduler"  # STATE_DIR/scheduler: the queue (scheduler.json, specs/)
-NO_CLUSTER = ("no cluster: start one with `cellray cluster start`, or pass --address HOST:PORT "
-              "(or set RAY_ADDRESS) for a running Ray cluster")
+NO_CLUSTER = (
+    "no cluster: start one with `cellray cluster start`, or pass --address HOST:PORT "
+    "(or set RAY_ADDRESS) for a running Ray cluster"
+)
 
 
 def use_token_auth() -> None:
@@ -30,8 +32,11 @@ def use_token_auth() -> None:
     it, after ~24 s of retries)."""
     if os.environ.get("RAY_AUTH_MODE"):
         return
-    has_token = (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                 or (Path.home() / ".ray" / "auth_token").exists())
+    has_token = (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").exists()
+    )
     if has_token:
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
@@ -77,11 +82,21 @@ def scheduler(create_in: str | None = None, queueing: str = "strict", capacity: 
         create_in = os.environ.get("CELLRAY_STATE_DIR", "~/.cellray")  # expanded on the head
     from jobs.scheduler.actor import Scheduler
 
-    actor = ray.remote(Scheduler).options(
-        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=0,
-        resources={"node:__internal_head__": 0.001},  # on the head: it outlives worker nodes
-    ).remote(str(Path(create_in) / SCHEDULER_DIR), queueing, capacity)
+    actor = (
+        ray.remote(Scheduler)
+        .options(
+            name=NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=0,
+            max_concurrency=16,
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},  # on the head: it outlives worker nodes
+        )
+        .remote(str(Path(create_in) / SCHEDULER_DIR), queueing, capacity)
+    )
     ray.get(actor.ping.remote(), timeout=120)
     return actor
 
@@ -102,7 +117,9 @@ def call(method: str, *args: Any, timeout: float = 60.0, retry: bool = True) -> 
             raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             if not retry or time.monotonic() > deadline:
-                raise SchedulerError(f"the cellray scheduler is not answering ({type(e).__name__}); try again") from None
+                raise SchedulerError(
+                    f"the cellray scheduler is not answering ({type(e).__name__}); try again"
+                ) from None
             time.sleep(0.5)
         except ray.exceptions.GetTimeoutError:
             raise SchedulerError(f"the cellray scheduler did not answer `{method}` within {timeout:g} s") from None

@@ -38,8 +38,15 @@ STATE_ENV = "CELLRAY_STATE_DIR"
 # Ray's sockets live at TEMP/session_<date>_<pid>/sockets/plasma_store; a Unix socket path has at most 107 bytes.
 MAX_TEMP_DIR_LEN = 40
 PORT_NAMES = (
-    "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-    "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+    "port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "runtime-env-agent-port",
 )
 WORKER_PORTS = 200
 START_ATTEMPTS = 3  # a private range for worker processes, below Linux's ephemeral ports (32768+)
@@ -162,8 +169,9 @@ def start_cluster(
     state_dir.mkdir(parents=True, exist_ok=True)
     old = LocalCluster.load(state_dir)
     if old is not None and old.alive():
-        raise ClusterError(f"{state_dir}: a cluster is already running at {old.address} (pid {old.pid}); "
-                           "`cellray cluster stop` first")
+        raise ClusterError(
+            f"{state_dir}: a cluster is already running at {old.address} (pid {old.pid}); `cellray cluster stop` first"
+        )
     temp_dir = temp_dir_for(state_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
     *main_ports, autoscaler_port, dashboard_metric_port = free_ports(len(PORT_NAMES) + 2)
@@ -176,16 +184,29 @@ def start_cluster(
     # The head's workers import this project (the scheduler actor, jobs' drivers before their working_dir).
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), run_env.get("PYTHONPATH", "")) if p)
     # Two more fixed default ports (44217, 44227) that two heads on one host would both want.
-    run_env["AUTOSCALER_METRIC_PORT"], run_env["DASHBOARD_METRIC_PORT"] = str(autoscaler_port), str(dashboard_metric_port)
+    run_env["AUTOSCALER_METRIC_PORT"], run_env["DASHBOARD_METRIC_PORT"] = (
+        str(autoscaler_port),
+        str(dashboard_metric_port),
+    )
     # `cellray cluster stop` ends the whole cluster: no 30 s node drain (it waits for idle workers, and the
     # detached scheduler never is); running jobs go back to the queue when the cluster comes back.
     run_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     store_bytes = object_store_mb * 2**20 if object_store_mb else _local_object_store_bytes()
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--object-store-memory={store_bytes}",
-        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--object-store-memory={store_bytes}",
+        f"--min-worker-port={worker_low}",
+        f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
         *(f"--{name}={port}" for name, port in ports.items()),
     ]
     if num_cpus is not None:
@@ -199,8 +220,15 @@ def start_cluster(
     for attempt in range(1, START_ATTEMPTS + 1):
         address_file.unlink(missing_ok=True)
         with open(log_path, "w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env,
-                                    start_new_session=True, cwd=state_dir)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=run_env,
+                start_new_session=True,
+                cwd=state_dir,
+            )
         deadline = time.monotonic() + timeout
         while not address_file.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -63,14 +63,22 @@ def cellray_problems(config: dict[str, Any]) -> list[str]:
         return problems  # Ray's schema check already said so
     head_res = (types[head] or {}).get("resources") or {}
     if head_res.get("GPU", 0):
-        problems.append(f"available_node_types.{head}: the head should be a CPU node (resources.GPU: 0); "
-                        "GPU nodes are workers the autoscaler can add and remove")
-    gpu_workers = [name for name, t in types.items()
-                   if name != head and ((t or {}).get("resources") or {}).get("GPU", 0) >= 1
-                   and (t or {}).get("max_workers", 0) >= 1]
+        problems.append(
+            f"available_node_types.{head}: the head should be a CPU node (resources.GPU: 0); "
+            "GPU nodes are workers the autoscaler can add and remove"
+        )
+    gpu_workers = [
+        name
+        for name, t in types.items()
+        if name != head
+        and ((t or {}).get("resources") or {}).get("GPU", 0) >= 1
+        and (t or {}).get("max_workers", 0) >= 1
+    ]
     if not gpu_workers:
-        problems.append("available_node_types: no GPU worker type (a type other than the head with resources.GPU >= 1 "
-                        "and max_workers >= 1)")
+        problems.append(
+            "available_node_types: no GPU worker type (a type other than the head with resources.GPU >= 1 "
+            "and max_workers >= 1)"
+        )
 
     head_start = _commands(config, "head_start_ray_commands")
     worker_start = _commands(config, "worker_start_ray_commands")
@@ -78,35 +86,46 @@ def cellray_problems(config: dict[str, Any]) -> list[str]:
         problems.append("head_start_ray_commands: no `ray start --head`")
     hosts = _flag(head_start, "dashboard-host")
     if not hosts:
-        problems.append("head_start_ray_commands: `ray start --head` needs --dashboard-host=127.0.0.1 "
-                        "(Ray's default for the launcher is 0.0.0.0; reach it with `ray dashboard cluster.yaml`)")
+        problems.append(
+            "head_start_ray_commands: `ray start --head` needs --dashboard-host=127.0.0.1 "
+            "(Ray's default for the launcher is 0.0.0.0; reach it with `ray dashboard cluster.yaml`)"
+        )
     for h in hosts:
         if h.strip("'\"") not in ("127.0.0.1", "localhost"):
-            problems.append(f"head_start_ray_commands: --dashboard-host={h}: the dashboard must listen on 127.0.0.1 "
-                            "only (reach it with `ray dashboard cluster.yaml`)")
+            problems.append(
+                f"head_start_ray_commands: --dashboard-host={h}: the dashboard must listen on 127.0.0.1 "
+                "only (reach it with `ray dashboard cluster.yaml`)"
+            )
     for key, text in (("head_start_ray_commands", head_start), ("worker_start_ray_commands", worker_start)):
         if not re.search(r"RAY_AUTH_MODE=token", text):
             problems.append(f"{key}: token auth is off: start Ray with RAY_AUTH_MODE=token on every node")
     mounts = config.get("file_mounts") or {}
-    setup_all = _commands(config, "setup_commands", "head_setup_commands", "worker_setup_commands",
-                          "initialization_commands")
+    setup_all = _commands(
+        config, "setup_commands", "head_setup_commands", "worker_setup_commands", "initialization_commands"
+    )
     if TOKEN_FILE not in mounts and "RAY_AUTH_TOKEN" not in head_start + worker_start + setup_all:
-        problems.append(f"file_mounts: no token for the nodes: mount {TOKEN_FILE} (`ray get-auth-token --generate` "
-                        "makes one) or set RAY_AUTH_TOKEN")
+        problems.append(
+            f"file_mounts: no token for the nodes: mount {TOKEN_FILE} (`ray get-auth-token --generate` "
+            "makes one) or set RAY_AUTH_TOKEN"
+        )
     setup = _commands(config, "setup_commands")
     if not re.search(r"pip install[^\n]*(cellray|-e\s+\S*cellray|-e\s+\.)", setup):
         problems.append("setup_commands: cellray is not installed on the nodes (e.g. `pip install -e ~/cellray`)")
     if "cluster attach" not in head_start:
-        problems.append("head_start_ray_commands: the scheduler is not started (`cellray cluster attach --address "
-                        "auto --state-dir /shared/...` after `ray start --head`)")
+        problems.append(
+            "head_start_ray_commands: the scheduler is not started (`cellray cluster attach --address "
+            "auto --state-dir /shared/...` after `ray start --head`)"
+        )
     else:
         dirs = _flag(head_start, "state-dir")
         if not dirs:
             problems.append("head_start_ray_commands: `cellray cluster attach` needs --state-dir on shared storage")
         for d in dirs:
             if d.startswith(LOCAL_DIRS) or d.startswith("~"):
-                problems.append(f"head_start_ray_commands: --state-dir {d} is on the head's own disk: put the "
-                                "scheduler's state on shared storage (NFS, EFS, a bucket mount) so it outlives the head")
+                problems.append(
+                    f"head_start_ray_commands: --state-dir {d} is on the head's own disk: put the "
+                    "scheduler's state on shared storage (NFS, EFS, a bucket mount) so it outlives the head"
+                )
     max_workers = config.get("max_workers")
     mins = sum(int((t or {}).get("min_workers", 0)) for n, t in types.items() if n != head)
     if isinstance(max_workers, int) and mins > max_workers:
@@ -114,5 +133,7 @@ def cellray_problems(config: dict[str, Any]) -> list[str]:
     for name, t in types.items():
         t = t or {}
         if int(t.get("min_workers", 0)) > int(t.get("max_workers", t.get("min_workers", 0))):
-            problems.append(f"available_node_types.{name}: min_workers {t['min_workers']} > max_workers {t['max_workers']}")
+            problems.append(
+                f"available_node_types.{name}: min_workers {t['min_workers']} > max_workers {t['max_workers']}"
+            )
     return problems

@@ -26,15 +26,22 @@ class SchedulerMetrics:
 
         self.jobs = Gauge("cellray_jobs", "cellray jobs by state and kind", tag_keys=("state", "kind"))
         self.admissions = Counter("cellray_admissions", "jobs admitted (handed to Ray Jobs)", tag_keys=("kind",))
-        self.preemptions = Counter("cellray_preemptions", "running jobs preempted for higher priorities",
-                                   tag_keys=("kind",))
+        self.preemptions = Counter(
+            "cellray_preemptions", "running jobs preempted for higher priorities", tag_keys=("kind",)
+        )
         self.retries = Counter("cellray_retries", "jobs requeued after a lost process or node", tag_keys=("kind",))
-        self.queue_wait = Histogram("cellray_queue_wait_seconds", "seconds from queued to admitted",
-                                    boundaries=QUEUE_WAIT_BOUNDARIES, tag_keys=("kind",))
-        self.admitted = Gauge("cellray_admitted_resources", "resources held by admitted jobs (memory in bytes)",
-                              tag_keys=("resource",))
-        self.capacity = Gauge("cellray_capacity_resources", "resources of the cluster as the scheduler sees them",
-                              tag_keys=("resource",))
+        self.queue_wait = Histogram(
+            "cellray_queue_wait_seconds",
+            "seconds from queued to admitted",
+            boundaries=QUEUE_WAIT_BOUNDARIES,
+            tag_keys=("kind",),
+        )
+        self.admitted = Gauge(
+            "cellray_admitted_resources", "resources held by admitted jobs (memory in bytes)", tag_keys=("resource",)
+        )
+        self.capacity = Gauge(
+            "cellray_capacity_resources", "resources of the cluster as the scheduler sees them", tag_keys=("resource",)
+        )
         self.seen: set[tuple[str, str]] = set()
 
     def update(self, jobs: list[JobRecord], capacity: dict[str, float], admitted: dict[str, float]) -> None:
@@ -74,13 +81,16 @@ def train_reporter(name: str) -> Callable[[dict[str, Any]], None]:
         from ray.util.metrics import Gauge
 
         if not gauges:
-            gauges.extend(Gauge(n, d, tag_keys=("job",)) for n, d in (
-                ("cellray_train_step", "optimizer steps done"),
-                ("cellray_train_loss", "training loss (mean over the last report window)"),
-                ("cellray_train_cells_per_s", "training cells per second, all workers"),
-                ("cellray_train_data_wait_fraction", "fraction of step time spent waiting for data"),
-                ("cellray_train_step_seconds", "seconds per optimizer step (between reports)"),
-            ))
+            gauges.extend(
+                Gauge(n, d, tag_keys=("job",))
+                for n, d in (
+                    ("cellray_train_step", "optimizer steps done"),
+                    ("cellray_train_loss", "training loss (mean over the last report window)"),
+                    ("cellray_train_cells_per_s", "training cells per second, all workers"),
+                    ("cellray_train_data_wait_fraction", "fraction of step time spent waiting for data"),
+                    ("cellray_train_step_seconds", "seconds per optimizer step (between reports)"),
+                )
+            )
         step, now = int(m["step"]), time.monotonic()
         values = [step, m.get("loss"), m.get("cells_per_s"), m.get("data_wait_frac")]
         if last and step > last[0][1]:

@@ -23,7 +23,7 @@ os.dup2(2, 1)  # fd 1 now goes to stderr: stray output cannot corrupt the replie
 sys.stdout = os.fdopen(1, "w", buffering=1)
 logging.basicConfig(level=logging.INFO, stream=sys.__stderr__, format="%(levelname)s %(name)s: %(message)s")
 
-from jobs.cli import main
+from jobs.cli import main  # noqa: E402 (after the logging set-up above)
 
 namespace: dict = {}
 for line in sys.stdin:
@@ -44,7 +44,9 @@ for line in sys.stdin:
         except BaseException:
             err.write(traceback.format_exc())
             rc = -1
-    reply.write(json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "value": value}, default=str) + "\n")
+    reply.write(
+        json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "value": value}, default=str) + "\n"
+    )
     reply.flush()
 sys.stderr.flush()
 os._exit(0)  # at the end of the tests the cluster is gone: skip Ray's shutdown handshake with it

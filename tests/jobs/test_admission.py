@@ -16,11 +16,32 @@ ROOT = Path(__file__).resolve().parents[2]
 CAP = {"CPU": 4.0, "GPU": 2.0, "memory": 8 * 2**30}
 
 
-def job(id: str, seq: int, cpu: float = 1, gpu: float = 0, priority: int = 0, state: str = QUEUED,
-        preemptible: bool = False, admitted: float | None = None, stop_reason: str | None = None) -> JobRecord:
-    return JobRecord(id=id, seq=seq, name=id, kind="pretrain" if preemptible else "sleep", priority=priority,
-                     preemptible=preemptible, max_retries=0, demand={"CPU": cpu, "GPU": gpu, "memory": 0.0},
-                     driver={}, spec_file="", state=state, admitted=admitted, stop_reason=stop_reason)
+def job(
+    id: str,
+    seq: int,
+    cpu: float = 1,
+    gpu: float = 0,
+    priority: int = 0,
+    state: str = QUEUED,
+    preemptible: bool = False,
+    admitted: float | None = None,
+    stop_reason: str | None = None,
+) -> JobRecord:
+    return JobRecord(
+        id=id,
+        seq=seq,
+        name=id,
+        kind="pretrain" if preemptible else "sleep",
+        priority=priority,
+        preemptible=preemptible,
+        max_retries=0,
+        demand={"CPU": cpu, "GPU": gpu, "memory": 0.0},
+        driver={},
+        spec_file="",
+        state=state,
+        admitted=admitted,
+        stop_reason=stop_reason,
+    )
 
 
 def test_priority_then_fifo():
@@ -73,8 +94,10 @@ def test_no_preemption_of_equal_priority_nor_twice_for_the_same_room():
 
 
 def test_preemption_frees_the_resource_that_is_short():
-    running = [job("cpu-job", 1, cpu=2, state=RUNNING, preemptible=True, admitted=2.0),
-               job("gpu-job", 2, cpu=1, gpu=2, state=RUNNING, preemptible=True, admitted=1.0)]
+    running = [
+        job("cpu-job", 1, cpu=2, state=RUNNING, preemptible=True, admitted=2.0),
+        job("gpu-job", 2, cpu=1, gpu=2, state=RUNNING, preemptible=True, admitted=1.0),
+    ]
     p = plan([job("wants-gpu", 3, cpu=1, gpu=1, priority=1)], running, CAP)
     assert p.preempt == {"gpu-job": "wants-gpu"}  # the newer CPU-only job is not stopped for nothing
 
@@ -101,13 +124,32 @@ def test_kind_demands_count_every_process(tmp_path):
     vae = yaml.safe_load((ROOT / "jobs" / "pretrain_vae.yaml").read_text())
     spec = parse_spec(vae, "vae.yaml")
     assert demand(spec) == {"CPU": 2.0, "GPU": 0.0, "memory": 0.0}  # 2 x (0.5 worker + 1 x 0.5 reader)
-    gpu = parse_spec({**vae, "resources": {"workers": 4, "cpus_per_worker": 2, "gpus_per_worker": 1,
-                                           "readers_per_worker": 2, "cpus_per_reader": 1}}, "gpu.yaml")
+    gpu = parse_spec(
+        {
+            **vae,
+            "resources": {
+                "workers": 4,
+                "cpus_per_worker": 2,
+                "gpus_per_worker": 1,
+                "readers_per_worker": 2,
+                "cpus_per_reader": 1,
+            },
+        },
+        "gpu.yaml",
+    )
     assert demand(gpu) == {"CPU": 16.0, "GPU": 4.0, "memory": 0.0}
     assert bundles(gpu) == [{"CPU": 4.0, "GPU": 1.0, "memory": 0.0}] * 4
     assert KINDS["pretrain"].driver(gpu)["CPU"] == 0  # the workers reserve their own
-    emb = parse_spec({"kind": "embed", "checkpoint": "c", "store": "s", "out": "o.zarr",
-                      "resources": {"workers": 3, "gpus_per_worker": 1}}, "e.yaml")
+    emb = parse_spec(
+        {
+            "kind": "embed",
+            "checkpoint": "c",
+            "store": "s",
+            "out": "o.zarr",
+            "resources": {"workers": 3, "gpus_per_worker": 1},
+        },
+        "e.yaml",
+    )
     assert demand(emb) == {"CPU": 3.0, "GPU": 3.0, "memory": 0.0} and KINDS["embed"].preemptible
     sleep = parse_spec({"kind": "sleep", "resources": {"cpus": 2, "memory_gb": 1}}, "s.yaml")
     assert demand(sleep) == KINDS["sleep"].driver(sleep) == {"CPU": 2.0, "GPU": 0.0, "memory": 2.0**30}
@@ -116,8 +158,9 @@ def test_kind_demands_count_every_process(tmp_path):
 
 
 def test_paths_resolve_against_the_submitting_directory(tmp_path):
-    spec = parse_spec({"kind": "ingest", "inputs": ["a.h5ad", "/abs/b.h5ad", "s3://bucket/c.zarr"], "out": "x.store"},
-                      "i.yaml")
+    spec = parse_spec(
+        {"kind": "ingest", "inputs": ["a.h5ad", "/abs/b.h5ad", "s3://bucket/c.zarr"], "out": "x.store"}, "i.yaml"
+    )
     fixed = resolve_paths(spec, tmp_path)
     assert fixed.inputs == [str(tmp_path / "a.h5ad"), "/abs/b.h5ad", "s3://bucket/c.zarr"]
     assert fixed.out == str(tmp_path / "x.store")
@@ -125,12 +168,15 @@ def test_paths_resolve_against_the_submitting_directory(tmp_path):
     assert again.model_dump() == fixed.model_dump()  # what the scheduler stores parses back to the same spec
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"kind": "sleep", "resources": {"cpus": 0}}, "resources.cpus"),
-    ({"kind": "sleep", "seconds": 1, "extra": 1}, "extra"),
-    ({"kind": "stats"}, "store"),
-    ({"kind": "nope"}, "expected one of ['embed', 'ingest', 'pretrain', 'sleep', 'stats']"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"kind": "sleep", "resources": {"cpus": 0}}, "resources.cpus"),
+        ({"kind": "sleep", "seconds": 1, "extra": 1}, "extra"),
+        ({"kind": "stats"}, "store"),
+        ({"kind": "nope"}, "expected one of ['embed', 'ingest', 'pretrain', 'sleep', 'stats']"),
+    ],
+)
 def test_bad_specs_name_the_field(raw, message):
     from engine.errors import SpecError
 

@@ -40,27 +40,41 @@ def _break(edit) -> dict:
 def _replace_in(key: str, old: str, new: str):
     def edit(c):
         c[key] = [cmd.replace(old, new) for cmd in c[key]]
+
     return edit
 
 
 BROKEN = {
-    "fractional GPU": (lambda c: c["available_node_types"]["gpu_1x"]["resources"].update(GPU=0.5), "Ray's cluster schema"),
+    "fractional GPU": (
+        lambda c: c["available_node_types"]["gpu_1x"]["resources"].update(GPU=0.5),
+        "Ray's cluster schema",
+    ),
     "unknown key": (lambda c: c.update(max_wrokers=3), "Additional properties are not allowed"),
     "head type missing": (lambda c: c.update(head_node_type="nope"), "head_node_type"),
     "no GPU worker": (lambda c: [c["available_node_types"].pop(k) for k in ("gpu_1x", "gpu_4x")], "no GPU worker type"),
     "GPU head": (lambda c: c["available_node_types"]["head"]["resources"].update(GPU=1), "should be a CPU node"),
-    "dashboard on all addresses": (_replace_in("head_start_ray_commands", "--dashboard-host=127.0.0.1",
-                                               "--dashboard-host=0.0.0.0"), "--dashboard-host=0.0.0.0"),
-    "no dashboard host": (_replace_in("head_start_ray_commands", "--dashboard-host=127.0.0.1", ""),
-                          "needs --dashboard-host=127.0.0.1"),
-    "token auth off": (_replace_in("worker_start_ray_commands", "export RAY_AUTH_MODE=token;", ""),
-                       "worker_start_ray_commands: token auth is off"),
+    "dashboard on all addresses": (
+        _replace_in("head_start_ray_commands", "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
+        "--dashboard-host=0.0.0.0",
+    ),
+    "no dashboard host": (
+        _replace_in("head_start_ray_commands", "--dashboard-host=127.0.0.1", ""),
+        "needs --dashboard-host=127.0.0.1",
+    ),
+    "token auth off": (
+        _replace_in("worker_start_ray_commands", "export RAY_AUTH_MODE=token;", ""),
+        "worker_start_ray_commands: token auth is off",
+    ),
     "token not shipped": (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "no token for the nodes"),
     "cellray not installed": (lambda c: c.update(setup_commands=c["setup_commands"][:1]), "cellray is not installed"),
-    "state on the head's disk": (_replace_in("head_start_ray_commands", "/mnt/shared/cellray", "/tmp/cellray"),
-                                 "--state-dir /tmp/cellray is on the head's own disk"),
-    "no scheduler": (lambda c: c.update(head_start_ray_commands=c["head_start_ray_commands"][:2]),
-                     "the scheduler is not started"),
+    "state on the head's disk": (
+        _replace_in("head_start_ray_commands", "/mnt/shared/cellray", "/tmp/cellray"),
+        "--state-dir /tmp/cellray is on the head's own disk",
+    ),
+    "no scheduler": (
+        lambda c: c.update(head_start_ray_commands=c["head_start_ray_commands"][:2]),
+        "the scheduler is not started",
+    ),
     "min above max": (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=5), "min_workers"),
 }
 

@@ -31,8 +31,15 @@ class Cli:
     def __init__(self, env: dict[str, str], log: Path, cwd: Path):
         self.log = log
         with open(log, "w") as err:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, env=env, cwd=cwd, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=cwd,
+                text=True,
+            )
 
     def _ask(self, request: dict, timeout: float) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")
@@ -107,7 +114,8 @@ class Head:
             "from ray.job_submission import JobSubmissionClient\n"
             f"c = JobSubmissionClient({self.info['dashboard_url']!r})\n"
             "result = {j.submission_id: {'status': j.status.value, 'metadata': j.metadata} for j in c.list_jobs()"
-            " if j.submission_id}\n")
+            " if j.submission_id}\n"
+        )
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.info["metrics_url"], timeout=10) as r:
@@ -118,13 +126,29 @@ class Head:
 def head(tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
     work = tmp_path_factory.mktemp("work")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CELLRAY_STATE_DIR": str(state), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_DEDUP_LOGS": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "CELLRAY_STATE_DIR": str(state),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "RAY_DEDUP_LOGS": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     cli = Cli(env, work / "client.log", work)
     try:
-        cli.ok("cluster", "start", "--num-cpus", "2", "--num-gpus", "2", "--object-store-mb", "300",
-               "--system-config", json.dumps({"metrics_report_interval_ms": 500}), timeout=600)
+        cli.ok(
+            "cluster",
+            "start",
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "2",
+            "--object-store-mb",
+            "300",
+            "--system-config",
+            json.dumps({"metrics_report_interval_ms": 500}),
+            timeout=600,
+        )
         yield Head(cli, state, work)
     finally:
         cli("cluster", "stop", timeout=120)
@@ -135,8 +159,11 @@ def head(tmp_path_factory):
 def _no_processes_of(temp_dir: str) -> list[str]:
     import psutil
 
-    return [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
-            if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    return [
+        " ".join(p.info["cmdline"] or [])[:120]
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in a for a in (p.info["cmdline"] or []))
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ the queue
@@ -176,7 +203,12 @@ def test_priority_then_fifo_with_gang_admission_and_metrics(head):
     assert re.search(rf"{c}\s+c\s+sleep\s+10\s+SUCCEEDED\s+1C 0G", listing), listing
     assert {r["id"] for r in json.loads(head.cli.ok("job", "list", "--json"))} >= {a, b, c}
     assert head.ray_jobs()[f"cellray-{c}-1"]["metadata"] == {
-        "cellray_id": c, "name": "c", "kind": "sleep", "priority": "10", "attempt": "1"}
+        "cellray_id": c,
+        "name": "c",
+        "kind": "sleep",
+        "priority": "10",
+        "attempt": "1",
+    }
 
     deadline = time.monotonic() + 30  # the metrics agent exports every 0.5 s in this cluster
     while True:
@@ -196,8 +228,11 @@ def test_priority_then_fifo_with_gang_admission_and_metrics(head):
         assert time.monotonic() < deadline, (got, want)
         time.sleep(0.5)
     # B and C waited for A: two of the three queue waits are over a second
-    assert sample(text, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0") - sample(
-        before, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0") == 1
+    assert (
+        sample(text, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0")
+        - sample(before, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0")
+        == 1
+    )
 
 
 def test_job_that_can_never_fit_is_refused_at_submit(head):
@@ -248,8 +283,11 @@ def test_lost_driver_is_retried(head):
     before = head.metrics()
     job = head.submit(head.spec("fragile", seconds=30, resources={"cpus": 1}), "--max-retries", "1")
     spec_file = head.running(job)["spec_file"]
-    drivers = [p for p in psutil.process_iter(["cmdline"]) if spec_file in " ".join(p.info["cmdline"] or [])
-               and "jobs.cli" in " ".join(p.info["cmdline"] or [])]
+    drivers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if spec_file in " ".join(p.info["cmdline"] or []) and "jobs.cli" in " ".join(p.info["cmdline"] or [])
+    ]
     assert drivers, "the job's driver process was not found"
     for p in drivers:
         p.kill()  # as the kernel's OOM killer or a lost node would
@@ -261,8 +299,11 @@ def test_lost_driver_is_retried(head):
     head.cli.ok("job", "stop", job)
     assert head.ended(job)["state"] == "STOPPED"
     deadline = time.monotonic() + 30
-    while sample(head.metrics(), "ray_cellray_retries_total", kind="sleep") - sample(
-            before, "ray_cellray_retries_total", kind="sleep") != 1:
+    while (
+        sample(head.metrics(), "ray_cellray_retries_total", kind="sleep")
+        - sample(before, "ray_cellray_retries_total", kind="sleep")
+        != 1
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.5)
 
@@ -298,9 +339,11 @@ def store(tmp_path_factory, tiny_h5ads) -> Path:
 
 def test_stats_job_runs_in_its_placement_group(head, store):
     spec = head.work / "stats.yaml"
-    spec.write_text(yaml.safe_dump({"kind": "stats", "name": "tiny-stats", "store": str(store),
-                                    "stats": {"hvg": 50},
-                                    "resources": {"cpus": 2}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"kind": "stats", "name": "tiny-stats", "store": str(store), "stats": {"hvg": 50}, "resources": {"cpus": 2}}
+        )
+    )
     job = head.submit(spec)
     j = head.ended(job)
     assert j["state"] == "SUCCEEDED", head.cli.ok("job", "logs", job)
@@ -314,11 +357,19 @@ def pretrain_spec(store: Path, output: Path, trace: Path | None, steps: int) -> 
     """A VAE in Ray Train's local mode (workers: 0, the loop in the job's driver, which reserves the CPU): the
     checkpoint/resume path of every run, without a worker group's start-up cost."""
     return {
-        "kind": "pretrain", "name": output.name,
+        "kind": "pretrain",
+        "name": output.name,
         "data": {"store": str(store), "batch_size": 64, "obs_keys": ["cell_type", "batch"], "seed": 3},
         "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 32, "dropout": 0.0}},
-        "train": {"max_steps": steps, "lr": 1e-3, "checkpoint_every": 10, "report_every": 10, "keep_checkpoints": 50,
-                  "output": str(output), "max_failures": 0},
+        "train": {
+            "max_steps": steps,
+            "lr": 1e-3,
+            "checkpoint_every": 10,
+            "report_every": 10,
+            "keep_checkpoints": 50,
+            "output": str(output),
+            "max_failures": 0,
+        },
         "resources": {"workers": 0, "cpus_per_worker": 1, "readers_per_worker": 0},
         "debug": {"trace_dir": str(trace) if trace else None},
     }
@@ -373,8 +424,9 @@ def test_preempted_pretraining_resumes_from_checkpoint_exactly(head, store, tmp_
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     text = head.metrics()
-    assert re.search(r'ray_cellray_preemptions_total\{[^}]*kind="pretrain"[^}]*\} 1(\.0)?$', text, re.MULTILINE), \
-        [ln for ln in text.splitlines() if "preemptions" in ln]
+    assert re.search(r'ray_cellray_preemptions_total\{[^}]*kind="pretrain"[^}]*\} 1(\.0)?$', text, re.MULTILINE), [
+        ln for ln in text.splitlines() if "preemptions" in ln
+    ]
 
 
 def test_cluster_stop_leaves_no_process_and_a_restart_keeps_the_queue(head):

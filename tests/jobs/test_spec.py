@@ -43,7 +43,11 @@ def edit(d: dict, path: str, value) -> dict:
 @pytest.mark.parametrize(
     "path,value,message",
     [
-        ("model.name", "gpt9", r"spec.yaml: model.name: unknown model 'gpt9': expected one of \['probe', 'transformer', 'vae'\]"),
+        (
+            "model.name",
+            "gpt9",
+            r"spec.yaml: model.name: unknown model 'gpt9': expected one of \['probe', 'transformer', 'vae'\]",
+        ),
         ("model.config", {"n_latnet": 4}, r"spec.yaml: model: model 'vae' has no config field\(s\) \['n_latnet'\]"),
         ("model.config", {"likelihood": "poisson"}, r"spec.yaml: model: model 'vae': likelihood is 'poisson'"),
         ("data.batch_size", 0, r"spec.yaml: data.batch_size: Input should be greater than 0"),
@@ -65,7 +69,9 @@ def write(tmp_path: Path, d: dict) -> Path:
 
 
 def test_missing_store_and_spec_file(tmp_path):
-    with pytest.raises(SpecError, match=r"spec.yaml: data.store: no such store '.*nowhere.store' \(run `cellray ingest` first\)"):
+    with pytest.raises(
+        SpecError, match=r"spec.yaml: data.store: no such store '.*nowhere.store' \(run `cellray ingest` first\)"
+    ):
         load_spec(write(tmp_path, base(str(tmp_path / "nowhere.store"))))
     with pytest.raises(SpecError, match="no such job spec"):
         load_spec(tmp_path / "absent.yaml")
@@ -85,7 +91,9 @@ def test_unknown_transform_and_obs_key_against_a_real_store(tmp_path, tiny_store
         load_spec(write(tmp_path, d))
     d = base(str(tiny_store))
     d["model"]["config"]["batch_key"] = "batch"
-    with pytest.raises(SpecError, match=r"model.config: the model reads obs column 'batch': list it in data.obs_keys too"):
+    with pytest.raises(
+        SpecError, match=r"model.config: the model reads obs column 'batch': list it in data.obs_keys too"
+    ):
         load_spec(write(tmp_path, d))
     d["data"]["obs_keys"] = ["cell_type", "batch"]
     d["data"]["transforms"] = [{"normalize_total": {"target_sum": 1e4}}, "log1p"]

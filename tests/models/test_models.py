@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -122,19 +123,21 @@ def test_registry_and_config_errors():
     with pytest.raises(models.ModelError, match="likelihood"):
         models.make_config("vae", {"likelihood": "poisson"})
     cfg = models.make_config("vae", {"n_latent": 3, "n_genes": 10})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n_latent = 4  # frozen
 
 
 def test_transformer_reads_engine_transform_outputs(tiny_store):
     """The kernels' own outputs: full-width bins (kept to max_len highest), and rank tokens padded past `lengths`."""
-    from engine.store.format import Store
     from engine.preprocess.transforms import Pipeline
+    from engine.store.format import Store
 
     store = Store.open(tiny_store)
     block = store.read_csr(0, 0, 32)
     index = np.arange(32)
-    binned = Pipeline.from_spec([{"normalize_total": {"target_sum": 1e4}}, "log1p", {"binning": {"n_bins": 11}}, "mask"], store)
+    binned = Pipeline.from_spec(
+        [{"normalize_total": {"target_sum": 1e4}}, "log1p", {"binning": {"n_bins": 11}}, "mask"], store
+    )
     out = {k: torch.from_numpy(np.asarray(v)) for k, v in binned(block, index).items()}
     model = models.build("transformer", models.get("transformer").Config.debug(n_genes=store.n_genes, max_len=16))
     genes, values, mask = model.tokens(out)

@@ -34,16 +34,24 @@ def _pretrain(store: Path, out: Path, model: dict, obs_keys: list[str], transfor
 @pytest.fixture(scope="session")
 def vae_checkpoint(tiny_store, ray_local, tmp_path_factory) -> Path:
     """A VAE with a batch covariate, trained in-process (resources.workers: 0) for a few steps."""
-    return _pretrain(tiny_store, tmp_path_factory.mktemp("ckpt") / "vae",
-                     {"name": "vae", "config": {"n_latent": 3, "n_hidden": 16, "batch_key": "batch"}}, ["batch"])
+    return _pretrain(
+        tiny_store,
+        tmp_path_factory.mktemp("ckpt") / "vae",
+        {"name": "vae", "config": {"n_latent": 3, "n_hidden": 16, "batch_key": "batch"}},
+        ["batch"],
+    )
 
 
 @pytest.fixture(scope="session")
 def probe_checkpoint(tiny_store, ray_local, tmp_path_factory) -> Path:
     """A classifier of cell_type (the probe) on log-normalized expression."""
-    return _pretrain(tiny_store, tmp_path_factory.mktemp("ckpt") / "probe",
-                     {"name": "probe", "config": {"label_key": "cell_type", "n_hidden": 8, "log1p": False}},
-                     ["cell_type"], [{"normalize_total": {"target_sum": 1e4}}, "log1p"])
+    return _pretrain(
+        tiny_store,
+        tmp_path_factory.mktemp("ckpt") / "probe",
+        {"name": "probe", "config": {"label_key": "cell_type", "n_hidden": 8, "log1p": False}},
+        ["cell_type"],
+        [{"normalize_total": {"target_sum": 1e4}}, "log1p"],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -72,11 +80,22 @@ def driver_subprocess(script: str, env: dict | None = None) -> subprocess.Popen:
     """A Python driver in its own process, connected to this session's Ray (it never starts or stops one)."""
     import ray
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token", **(env or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+        **(env or {}),
+    }
     prologue = "import ray, logging; ray.init(address='auto', logging_level=logging.WARNING)\n"
-    return subprocess.Popen([sys.executable, "-c", prologue + script], env=env, cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", prologue + script],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def direct_vae_embedding(checkpoint: Path, store) -> np.ndarray:
@@ -100,5 +119,6 @@ def helpers():
     """The helpers above, for test modules (tests are not a package: they cannot import this file)."""
     import types
 
-    return types.SimpleNamespace(store_obs=store_obs, driver_subprocess=driver_subprocess,
-                                 direct_vae_embedding=direct_vae_embedding)
+    return types.SimpleNamespace(
+        store_obs=store_obs, driver_subprocess=driver_subprocess, direct_vae_embedding=direct_vae_embedding
+    )

@@ -92,10 +92,18 @@ def test_kind_embed_spec_runs_the_same_path(vae_checkpoint, tiny_store, tmp_path
 
     spec = tmp_path / "embed.yaml"
     out = tmp_path / "spec-emb.zarr"
-    spec.write_text(yaml.safe_dump({
-        "kind": "embed", "name": "tiny-embed", "checkpoint": str(vae_checkpoint), "store": str(tiny_store),
-        "out": str(out), "part_cells": 500,
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "embed",
+                "name": "tiny-embed",
+                "checkpoint": str(vae_checkpoint),
+                "store": str(tiny_store),
+                "out": str(out),
+                "part_cells": 500,
+            }
+        )
+    )
     assert main(["run", str(spec), "--check"]) == 0
     assert main(["run", str(spec), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

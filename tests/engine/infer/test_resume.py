@@ -82,8 +82,9 @@ def test_driver_killed_half_way_rerun_completes(vae_checkpoint, tiny_store, refe
     _assert_equals_reference(out, reference_embedding)
 
 
-def test_part_without_commit_record_is_redone(vae_checkpoint, tiny_store, reference_output, reference_embedding,
-                                              tmp_path):
+def test_part_without_commit_record_is_redone(
+    vae_checkpoint, tiny_store, reference_output, reference_embedding, tmp_path
+):
     import zarr
 
     out = tmp_path / "emb.zarr"
@@ -97,14 +98,24 @@ def test_part_without_commit_record_is_redone(vae_checkpoint, tiny_store, refere
     assert not (out / ".cellray" / "tmp").exists()
 
 
-def test_another_fingerprint_is_refused_in_one_line(vae_checkpoint, probe_checkpoint, tiny_store, reference_output,
-                                                    tmp_path, capsys):
+def test_another_fingerprint_is_refused_in_one_line(
+    vae_checkpoint, probe_checkpoint, tiny_store, reference_output, tmp_path, capsys
+):
     out = tmp_path / "emb.zarr"
     _unfinished_copy(reference_output, out)
     with pytest.raises(InferError, match="unfinished run with another layout"):
         embed(vae_checkpoint, tiny_store, out, part_cells=100)
-    args = ["embed", "--checkpoint", str(probe_checkpoint), "--store", str(tiny_store), "--out", str(out),
-            "--part-cells", "150"]
+    args = [
+        "embed",
+        "--checkpoint",
+        str(probe_checkpoint),
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(out),
+        "--part-cells",
+        "150",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
@@ -121,8 +132,11 @@ def _write_store(path: Path, n_cells: int, shard_cells: int, genes: list[str], s
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    schema = {"dataset": {"dtype": "category", "categories": ["big"]}, "obs_name": {"dtype": "string"},
-              "batch": {"dtype": "category", "categories": ["b0", "b1"]}}
+    schema = {
+        "dataset": {"dtype": "category", "categories": ["big"]},
+        "obs_name": {"dtype": "string"},
+        "batch": {"dtype": "category", "categories": ["b0", "b1"]},
+    }
     shards, nnz_per_cell = [], 10
     for k, start in enumerate(range(0, n_cells, shard_cells)):
         n = min(shard_cells, n_cells - start)
@@ -132,12 +146,26 @@ def _write_store(path: Path, n_cells: int, shard_cells: int, genes: list[str], s
         data = rng.integers(1, 20, n * nnz_per_cell).astype(np.uint16)
         indptr = np.arange(0, n * nnz_per_cell + 1, nnz_per_cell, dtype=np.int64)
         names = [f"cell{i}" for i in range(start, start + n)]
-        obs = pd.DataFrame({"dataset": pd.Categorical(["big"] * n, categories=["big"]), "obs_name": names,
-                            "batch": pd.Categorical.from_codes(rng.integers(0, 2, n), categories=["b0", "b1"])},
-                           index=[f"big:{x}" for x in names])
+        obs = pd.DataFrame(
+            {
+                "dataset": pd.Categorical(["big"] * n, categories=["big"]),
+                "obs_name": names,
+                "batch": pd.Categorical.from_codes(rng.integers(0, 2, n), categories=["b0", "b1"]),
+            },
+            index=[f"big:{x}" for x in names],
+        )
         shards.append(write_shard(root, k, indptr, indices, data, obs, pd.Index(genes), Codec()))
-    manifest = Manifest(n_cells=n_cells, n_genes=len(genes), count_dtype="uint16", index_dtype="uint16", codec=Codec(),
-                        chunk_elements=1 << 16, shards=shards, obs_schema=schema, provenance=[])
+    manifest = Manifest(
+        n_cells=n_cells,
+        n_genes=len(genes),
+        count_dtype="uint16",
+        index_dtype="uint16",
+        codec=Codec(),
+        chunk_elements=1 << 16,
+        shards=shards,
+        obs_schema=schema,
+        provenance=[],
+    )
     write_root(root, manifest, pd.DataFrame({"gene_symbols": genes}, index=pd.Index(genes)))
     return Store.open(path)
 

@@ -23,8 +23,11 @@ def _ingest_with_vocab(tiny_h5ads, path, genes) -> Store:
     """The tiny inputs ingested again (same cells, same shuffle) onto another gene vocabulary."""
     vocab = path.parent / f"{path.name}.genes.txt"
     vocab.write_text("\n".join(genes))
-    return ingest(tiny_h5ads, path, IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch"), vocab=str(vocab),
-                                                 executor="local"))
+    return ingest(
+        tiny_h5ads,
+        path,
+        IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch"), vocab=str(vocab), executor="local"),
+    )
 
 
 def test_checkpoint_records_the_training_vocabulary(vae_checkpoint, tiny_store):
@@ -35,8 +38,9 @@ def test_checkpoint_records_the_training_vocabulary(vae_checkpoint, tiny_store):
     assert vocab["obs_categories"] == {"batch": ["b0", "b1"]}
 
 
-def test_genes_in_another_order_give_identical_embeddings(vae_checkpoint, tiny_store, tiny_h5ads, reference_embedding,
-                                                         tmp_path):
+def test_genes_in_another_order_give_identical_embeddings(
+    vae_checkpoint, tiny_store, tiny_h5ads, reference_embedding, tmp_path
+):
     import anndata as ad
 
     genes = [str(g) for g in Store.open(tiny_store).gene_ids]

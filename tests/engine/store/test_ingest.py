@@ -1,6 +1,5 @@
 """Ingest: round trip against anndata, bad inputs, bounded memory. Real h5ad/zarr files, real local Ray."""
 
-
 import anndata as ad
 import numpy as np
 import pandas as pd
