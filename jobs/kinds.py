@@ -209,7 +209,10 @@ def run_kind(spec: Any, address: str | None = None, progress: Callable | None = 
         from engine.infer.embed import run_embed  # the code path of `cellray embed`
 
         res = run_embed(spec, address=address, progress=job_progress(progress, spec.name))
-        return {"job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step}
+        return {
+            "job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step,
+            "parts": res.parts, "parts_run": res.parts_run,
+        }  # fmt: skip
     if spec.kind in ("stats", "ingest"):
         from jobs.stage_jobs import run_in_group
 

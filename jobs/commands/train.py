@@ -56,6 +56,8 @@ def run_job(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, check_data=True)  # the store, obs keys and transforms too
+    if spec.kind == "embed" and not args.check:
+        return _embed(spec, args.address, None, args.json)  # what `cellray embed` runs, with its summary
     if spec.kind != "pretrain":
         return run_other_kind(spec, args)
     from engine.train.driver import pretrain
