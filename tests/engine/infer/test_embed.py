@@ -120,3 +120,21 @@ def test_knn_accuracy_separates_clusters():
     emb = rng.normal(size=(300, 4)) + np.repeat(np.eye(3, 4) * 10, 100, axis=0)
     assert knn_accuracy(emb, labels, k=5) == 1.0
     assert knn_accuracy(rng.normal(size=(300, 4)), labels, k=5) < 0.6
+
+
+def test_a_corrupted_chunk_under_embed_is_one_line_exit_2(vae_checkpoint, tiny_store, tmp_path, capsys):
+    """Bad bytes in the store end the run with the store error (store, shard, array, chunk), nothing written."""
+    import shutil
+    from pathlib import Path
+
+    store = Path(shutil.copytree(tiny_store, tmp_path / "bad.store"))
+    chunk = sorted((store / "shards" / "00001" / "X" / "data" / "c").iterdir())[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[40] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    out = tmp_path / "emb.zarr"
+    capsys.readouterr()
+    code = main(["embed", "--checkpoint", str(vae_checkpoint), "--store", str(store), "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "shards/00001/X/data" in err[0], err
+    assert not out.exists()
