@@ -2,6 +2,7 @@
 
     python bench/loader.py [--quick] [--repeats N] [--rounds N] [--readme]     the peer comparison
     python bench/loader.py --scaling [--readme]                                 CPU per cell vs store size and shards
+    python bench/loader.py --multinode                                          3 ranks on 3 nodes vs on 1 node
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
@@ -468,6 +469,71 @@ def scaling(args) -> None:
                       "load_average": round(os.getloadavg()[0], 1), "rows": rows}))  # fmt: skip
 
 
+MULTINODE_DRIVER = r"""
+import json, sys, time
+import psutil, ray
+from ray.cluster_utils import Cluster
+
+store, n_nodes, world, epochs = sys.argv[1], int(sys.argv[2]), 3, int(sys.argv[3])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+try:
+    per_node = [[r for r in range(world) if r % n_nodes == k] for k in range(n_nodes)]
+    for ranks in per_node:
+        cluster.add_node(num_cpus=len(ranks), resources={f"rank{r}": 1 for r in ranks})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+
+    @ray.remote(num_cpus=0.25)
+    class Rank:
+        def run(self, rank):
+            from engine.loading.loader import Loader
+
+            loader = Loader(store, 4096, rank=rank, world_size=world, mode="ray", num_workers=1, reader_cpus=0.5,
+                            output="csr")
+            for _ in loader:  # warm-up: readers started, caches and numba loaded
+                pass
+            procs = [psutil.Process()] + [psutil.Process(ray.get(a.pid.remote())) for a in loader._actors]
+            cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
+            cells = sum(b["X"].shape[0] for _ in range(epochs) for b in loader)
+            cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
+            same = [ray.get(a.node_id.remote()) == ray.get_runtime_context().get_node_id() for a in loader._actors]
+            loader.close()
+            return {"cells": cells, "cpu": cpu, "readers_on_rank_node": all(same)}
+
+    ranks = [Rank.options(resources={f"rank{r}": 0.01}).remote() for r in range(world)]
+    out = ray.get([a.run.remote(r) for r, a in enumerate(ranks)])
+    print(json.dumps({"cpu_s_per_cell": sum(o["cpu"] for o in out) / sum(o["cells"] for o in out),
+                      "readers_on_rank_node": all(o["readers_on_rank_node"] for o in out)}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def multinode(args) -> None:
+    """3 ranks in Ray mode on a 3-node `ray.cluster_utils.Cluster` (all on this host) vs the same 3 ranks on one
+    node: total CPU per cell of the ranks and their readers. Readers beside their rank make both the same work."""
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    store, _ = prepare("a_synth_200k", 200_000, 2_000, 100, args.chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    got: dict[int, list[float]] = {1: [], 3: []}
+    for _ in range(args.rounds or 2):
+        for n_nodes in (1, 3):
+            out = subprocess.run([sys.executable, "-c", MULTINODE_DRIVER, str(store), str(n_nodes),
+                                  str(args.repeats or 3)], capture_output=True, text=True, env=env)  # fmt: skip
+            if out.returncode != 0:
+                raise RuntimeError(f"multi-node run failed:\n{out.stderr[-3000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            assert res["readers_on_rank_node"], "a reader actor ran off its rank's node"
+            got[n_nodes].append(res["cpu_s_per_cell"])
+    one, three = median(got[1]), median(got[3])
+    print(f"3 ranks, Ray readers, (a): CPU {fmt_us(one)} µs/cell on 1 node, {fmt_us(three)} on 3 nodes "
+          f"({three / one:.2f}x)")  # fmt: skip
+    print(json.dumps({"bench": "loader-multinode", "cpu_s_per_cell_1_node": one, "cpu_s_per_cell_3_nodes": three,
+                      "ratio": round(three / one, 3), "load_average": round(os.getloadavg()[0], 1)}))  # fmt: skip
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
         kw = json.loads(sys.argv[3])
@@ -480,6 +546,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scaling", action="store_true", help="CPU per cell over store size and shard count")
+    ap.add_argument("--multinode", action="store_true", help="CPU per cell of 3 ranks on 3 nodes vs on one node")
     ap.add_argument("--repeats", type=int, default=None, help="timed epochs per loader and round (median reported)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of all loaders in turn (evens out a busy machine)")
     ap.add_argument("--block-size", type=int, default=None, help="cells per block (default: the Loader's, ~one chunk)")
@@ -492,6 +559,9 @@ def main() -> None:
 
     from engine.runtime import init_ray
 
+    if args.multinode:
+        multinode(args)
+        return
     if args.scaling:
         init_ray(num_cpus=2)  # ingest of the 1M/2M stores runs as Ray tasks
         scaling(args)

@@ -136,6 +136,7 @@ class Loader:
         self._reader = BufferReader(self.store, transforms, output, self.obs_keys, direct_io)  # validates options
         self._pool: ThreadPoolExecutor | None = None
         self._actors: list = []
+        self._inflight: set = set()  # read calls not fetched yet (close lets them finish: no retry noise)
         self._views = None  # engine.loading.shm.SharedViews: batches the reader actors hand over in shared memory
         self._carry: list = []
         self._ray_metrics = None
@@ -172,6 +173,9 @@ class Loader:
         if self._actors:
             import ray
 
+            if self._inflight:  # let reads under way finish (a buffer each), rather than kill them mid-task
+                ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=5.0)
+                self._inflight.clear()
             for a in self._actors:
                 ray.kill(a)
             self._actors = []
@@ -262,6 +266,7 @@ class Loader:
         # one call per buffer: a ray.get costs ~1 ms, so fetch a buffer's batches at once. Beside this process the
         # reader puts them in shared memory (engine/loading/shm.py); `released` hands back what we are done with
         ref = self._actors[i].read_many.remote([plan], self._views.released(i))
+        self._inflight.add(ref)
         return {"ref": ref, "batches": None, "actor": i}
 
     def _result(self, plan: BufferPlan, handle, b: int) -> dict[str, Any]:
@@ -274,7 +279,9 @@ class Loader:
         for _attempt in range(3):
             try:
                 if handle["batches"] is None:
-                    res = ray.get(handle.pop("ref"))
+                    ref = handle.pop("ref")
+                    self._inflight.discard(ref)
+                    res = ray.get(ref)
                     handle["batches"] = self._views.attach(res["buffers"][0], handle["actor"], res["dropped"])
                 out, handle["batches"][b] = handle["batches"][b], None
                 return out
