@@ -60,7 +60,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
-            object_store_memory=_local_object_store_bytes(),
+            object_store_memory=local_object_store_bytes(),
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
@@ -153,7 +153,7 @@ def stop_orphaned_embedded_rays() -> list[int]:
     return stopped
 
 
-def _local_object_store_bytes() -> int:
+def local_object_store_bytes() -> int:
     """A modest object store for an embedded Ray: cellray streams, so it never needs 30% of RAM."""
     import psutil
 

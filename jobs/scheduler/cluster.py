@@ -163,7 +163,7 @@ def start_cluster(
     timeout: float = 90.0,
 ) -> LocalCluster:
     """Start a Ray head for this machine (dashboard on 127.0.0.1, token auth) and record it in STATE_DIR."""
-    from engine.runtime import _local_object_store_bytes
+    from engine.runtime import local_object_store_bytes
 
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def start_cluster(
     # `cellray cluster stop` ends the whole cluster: no 30 s node drain (it waits for idle workers, and the
     # detached scheduler never is); running jobs go back to the queue when the cluster comes back.
     run_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    store_bytes = object_store_mb * 2**20 if object_store_mb else _local_object_store_bytes()
+    store_bytes = object_store_mb * 2**20 if object_store_mb else local_object_store_bytes()
     cmd = [
         sys.executable,
         "-m",
