@@ -199,8 +199,13 @@ def test_missing_layer_and_existing_output(tmp_path, ray_local):
     with pytest.raises(InputError, match="already exists"):
         ingest([good], out)
     assert (out / "keep.txt").read_text() == "mine"  # nothing lost
-    store = ingest([good], out, IngestConfig(overwrite=True))
-    assert store.n_cells == 40 and not (out / "keep.txt").exists()
+    with pytest.raises(InputError, match="not a cellray store"):  # --overwrite replaces only a store
+        ingest([good], out, IngestConfig(overwrite=True))
+    assert (out / "keep.txt").read_text() == "mine"
+    real = tmp_path / "real.store"
+    ingest([good], real)
+    store = ingest([good], real, IngestConfig(overwrite=True, seed=1))  # a store is replaced
+    assert store.n_cells == 40 and store.manifest.shuffle["seed"] == 1
 
 
 # -------------------------------------------------------------------------------------------- memory
