@@ -55,7 +55,7 @@ demo: env
 	@rm -rf runs/vae-demo  # a fresh run: the store was just re-ingested (a rerun of a spec otherwise resumes)
 	$(BIN)/cellray run jobs/pretrain_vae.yaml
 	$(BIN)/cellray embed --checkpoint runs/vae-demo --store $(DEMO_STORE) --out runs/vae-demo/embeddings.h5ad \
-	  --label-key dataset --overwrite
+	  --workers 2 --label-key dataset --overwrite  # 2 inference actors; one committed part per shard
 	@echo "demo done: embeddings runs/vae-demo/embeddings.h5ad (obsm['X_cellray']), loss curve runs/vae-demo/loss.png," \
 	  "metrics runs/vae-demo/metrics.jsonl"
 

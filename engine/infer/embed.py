@@ -64,12 +64,15 @@ class EmbedResult:
     step: int
     parts: int = 0  # parts of the output
     parts_run: int = 0  # parts this run computed (the rest were committed by an earlier run)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call, Ray and actor start-up included
+    cells_run: int = 0  # cells of the parts this run computed
+    parts_seconds: float = 0.0  # from the first part's start to the last commit
     predicts: str | None = None  # the obs column a classifier head predicts
 
     @property
     def cells_per_s(self) -> float:
-        return self.n_cells * self.parts_run / max(1, self.parts) / self.seconds if self.seconds else 0.0
+        """Throughput of the parts this run computed (start-up excluded)."""
+        return self.cells_run / self.parts_seconds if self.parts_seconds > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -297,10 +300,11 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
                 len(todo),
                 "in this process" if local else f"on {len(actors)} actors",
             )
-            if todo and local:
-                _run_parts_here(embedder, spec, todo, len(done), progress)
-            elif todo:
-                _run_parts(actors, spec, todo, len(done), progress, where)
+            if todo:
+                run_parts = _run_parts_here if local else _run_parts
+                records = run_parts(embedder if local else actors, spec, todo, len(done), progress, where)
+                result.cells_run = sum(r["rows"] for r in records)
+                result.parts_seconds = max(r["committed"] for r in records) - min(r["started"] for r in records)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -340,15 +344,16 @@ def _start_actors(config: EmbedConfig, plan: Plan, n_parts: int) -> list:
     return [actor_cls.options(**opts).remote(plan, i) for i in range(n)]
 
 
-def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: Progress, where: str) -> None:
-    """Hand `todo` to the actors, at most IN_FLIGHT_PER_ACTOR each; report parts done/total and cells."""
+def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: Progress, where: str) -> list[dict]:
+    """Hand `todo` to the actors, at most IN_FLIGHT_PER_ACTOR each; report parts done/total and cells. Returns the
+    commit records (small: a few numbers per part)."""
     import ray
 
     layout = run.layout
     queue = collections.deque(todo)
     pending: dict[Any, tuple[int, int]] = {}
     cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
-    cells_done, t0 = 0, time.perf_counter()
+    cells_done, t0, records = 0, time.perf_counter(), []
     progress("embed", n_done, layout.n_parts)
     progress("cells", 0, cells_todo)
     for i, actor in enumerate(actors):
@@ -360,6 +365,7 @@ def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: P
         ready, _ = ray.wait(list(pending), num_returns=1)
         part, i = pending.pop(ready[0])
         record = _get(ready[0], where, part)
+        records.append({k: record[k] for k in ("rows", "started", "committed")})
         n_done += 1
         cells_done += int(record["rows"])
         progress("embed", n_done, layout.n_parts)
@@ -374,20 +380,26 @@ def _run_parts(actors: list, run: Run, todo: list[int], n_done: int, progress: P
         if queue:
             nxt = queue.popleft()
             pending[actors[i].run_part.remote(nxt, run)] = (nxt, i)
+    return records
 
 
-def _run_parts_here(embedder: Embedder, run: Run, todo: list[int], n_done: int, progress: Progress) -> None:
+def _run_parts_here(
+    embedder: Embedder, run: Run, todo: list[int], n_done: int, progress: Progress, where: str
+) -> list[dict]:
     """The same parts, one after another in this process (executor: local)."""
     layout = run.layout
     cells_todo = sum(layout.bounds(k)[1] - layout.bounds(k)[0] for k in todo)
-    cells_done = 0
+    cells_done, records = 0, []
     progress("embed", n_done, layout.n_parts)
     progress("cells", 0, cells_todo)
     for part in todo:
-        cells_done += int(embedder.run_part(part, run)["rows"])
+        record = embedder.run_part(part, run)
+        records.append({k: record[k] for k in ("rows", "started", "committed")})
+        cells_done += int(record["rows"])
         n_done += 1
         progress("embed", n_done, layout.n_parts)
         progress("cells", cells_done, cells_todo)
+    return records
 
 
 def _get(ref, where: str, part: int | None = None) -> Any:

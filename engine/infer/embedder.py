@@ -77,6 +77,7 @@ _STATS_STEPS = ("rank_tokens", "scale")
 
 
 def needs_stats(transforms: list) -> bool:
+    """Whether a transform spec reads the store's gene statistics (HVGs, moments, medians, median library size)."""
     for t in transforms:
         name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
         median_library = name == "normalize_total" and isinstance(params, dict) and params.get("target_sum", 1) is None
@@ -161,7 +162,7 @@ class Embedder:
         return pd.concat(parts) if len(parts) > 1 else parts[0]
 
     def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
-        """Cells [start, stop) (global) of the part starting at `offset`, as the model's torch batch."""
+        """Cells [start, stop) of the store (global ids), with their obs codes, as the model's torch batch."""
         from engine.loading.tensors import to_torch
         from engine.store.format import CSRBlock
 

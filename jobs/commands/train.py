@@ -160,7 +160,7 @@ def _embed(config, address: str | None, label_key: str | None, as_json: bool = F
     pred = f", predictions of {res.predicts!r} in obs['cellray_pred']" if res.predicts else ""
     print(
         f"{res.out}: {res.n_cells} cells x {res.dim} dims in obsm['{OBSM_KEY}']{pred} (checkpoint step {res.step}; "
-        f"{res.parts_run} of {res.parts} parts this run, {res.cells_per_s:.0f} cells/s)"
+        f"{res.parts_run} of {res.parts} parts this run, {res.cells_per_s:.0f} cells/s, {res.seconds:.0f} s in all)"
     )
     if label_key:
         emb, labels = embedding_sample(res.out, label_key)

@@ -4,6 +4,7 @@ anndata/scanpy as .zarr and .h5ad; `kind: embed` specs run the same path."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from engine.infer.evaluate import knn_accuracy
 from engine.infer.parts import checksum
 from engine.store.format import Store
 from jobs.cli import main
+from jobs.spec import load_spec
 
 
 def test_zarr_output_is_plain_anndata_in_store_order(reference_embedding, vae_checkpoint, tiny_store, helpers):
@@ -109,9 +111,17 @@ def test_kind_embed_spec_runs_the_same_path(vae_checkpoint, tiny_store, tmp_path
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cells"] == Store.open(tiny_store).n_cells and summary["parts"] == 3
     assert ad.read_zarr(out).obsm[OBSM_KEY].shape == (summary["cells"], 3)
+    example = load_spec(Path(__file__).resolve().parents[3] / "jobs" / "embed_vae.yaml")
+    assert example.kind == "embed" and example.resources.workers == 2 and example.out.endswith(".zarr")
     spec.write_text(yaml.safe_dump({"kind": "embed", "checkpoint": "x", "store": "y", "out": "z", "batch_size": 0}))
     assert main(["run", str(spec)]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_cluster_has_is_refused_before_anything_starts(vae_checkpoint, tiny_store, tmp_path):
+    with pytest.raises(InferError, match=r"1 inference actors x 1 GPUs do not fit the cluster \(4 CPUs, 0 GPUs\)"):
+        embed(vae_checkpoint, tiny_store, tmp_path / "gpu.zarr", resources={"gpus_per_worker": 1})
+    assert not list(tmp_path.iterdir())  # no output, no lock, no parts directory
 
 
 def test_knn_accuracy_separates_clusters():
