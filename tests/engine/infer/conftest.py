@@ -56,11 +56,12 @@ def probe_checkpoint(tiny_store, ray_local, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_output(vae_checkpoint, tiny_store, ray_local, tmp_path_factory) -> Path:
-    """An uninterrupted run (150-cell parts: they straddle the 400-cell shards): its output directory."""
+    """An uninterrupted run (150-cell parts: they straddle the 400-cell shards): its output directory. In-process
+    (executor auto on a tiny store): the tests that compare with it run their parts on Ray actors."""
     from engine.infer.embed import embed
 
     out = tmp_path_factory.mktemp("reference") / "emb.zarr"
-    embed(vae_checkpoint, tiny_store, out, num_actors=2, part_cells=150)
+    embed(vae_checkpoint, tiny_store, out, part_cells=150)
     return out
 
 

@@ -77,7 +77,7 @@ def test_driver_killed_half_way_rerun_completes(vae_checkpoint, tiny_store, refe
         proc.wait()
     committed = len(list(records.glob("*.json")))
     assert 3 <= committed < N_PARTS and not out.exists()
-    res = embed(vae_checkpoint, tiny_store, out, num_actors=2, part_cells=150)  # the rerun: no delay, same fingerprint
+    res = embed(vae_checkpoint, tiny_store, out, part_cells=150)  # the rerun (in-process): same fingerprint, no delay
     assert 1 <= res.parts_run <= N_PARTS - 3
     _assert_equals_reference(out, reference_embedding)
 
