@@ -34,7 +34,7 @@ from engine.infer.predict import (
     probabilities,
 )
 from engine.infer.vocab import GeneMap, obs_codes
-from engine.store.format import Store
+from engine.store.format import CSRBlock, Store
 from engine.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,14 @@ class Embedder:
     def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
         """Cells [start, stop) of the store (global ids), with their obs codes, as the model's torch batch."""
         from engine.loading.tensors import to_torch
-        from engine.store.format import CSRBlock
 
         indptr, indices, data = self.blocks.read(self._segments(start, stop))
         block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
         index = np.arange(start, stop, dtype=np.int64)
         out = self.pipeline(block, index) if self.pipeline is not None else {"X": block}
         cuda = self.device.type == "cuda"
+        if not cuda and isinstance(out["X"], CSRBlock):  # on CPU scipy densifies ~2x faster than torch's sparse CSR
+            out = {**out, "X": _dense(out["X"])}
         return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=cuda, device=self.device)
 
     # -- computing
@@ -235,6 +236,14 @@ class Embedder:
         record = self.output.write_part(part, run.layout, arrays, record, before_commit)
         self._metrics.part(stop - start, time.perf_counter() - t0)
         return record
+
+
+def _dense(block: CSRBlock) -> np.ndarray:
+    """A CSR block as a dense float32 matrix (what the models' `dense_x` would make of it)."""
+    import scipy.sparse as sp
+
+    data = block.data if block.data.dtype == np.float32 else block.data.astype(np.float32)
+    return sp.csr_matrix((data, block.indices, block.indptr), shape=(block.n_cells, block.n_genes)).toarray()
 
 
 class _Metrics:
