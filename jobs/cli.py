@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from jobs.scheduler.client import use_token_auth
+
+    use_token_auth()  # `--address` clusters started with token auth refuse a client without it (Ray's own rule)
     try:
         return int(args.func(args) or 0)
     except CellrayError as e:
