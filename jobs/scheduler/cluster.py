@@ -259,6 +259,11 @@ def stop_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 30
     return cluster
 
 
+def _names(arg: str, temp_dir: str) -> bool:
+    """Whether a command-line argument names this cluster's temp dir (and not another one it is a prefix of)."""
+    return arg == temp_dir or arg.endswith("=" + temp_dir) or temp_dir + "/" in arg
+
+
 def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
     """SIGTERM `ray start --block` (it stops the processes it started), then SIGKILL what is left of its process
     group and of any process whose command line names the cluster's temp dir."""
@@ -277,7 +282,7 @@ def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
         try:
             if p.pid == os.getpid():
                 continue
-            if os.getpgid(p.pid) == pid or any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+            if os.getpgid(p.pid) == pid or any(_names(arg, temp_dir) for arg in (p.info["cmdline"] or [])):
                 leftovers.append(p)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
