@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.insecure:
         os.environ[INSECURE_ENV] = "1"
+    from jobs.scheduler.client import use_token_auth
+
+    use_token_auth()  # `--address` clusters started with token auth refuse a client without it (Ray's own rule)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

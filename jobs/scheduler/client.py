@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,14 @@ def use_token_auth() -> None:
         or os.environ.get("RAY_AUTH_TOKEN_PATH")
         or (Path.home() / ".ray" / "auth_token").exists()
     )
-    if has_token:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    if not has_token:
+        return
+    if "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray loads
+        return
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
-        _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's config in this process
+    _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's config in this process
 
 
 def resolve_address(address: str | None, state_dir: str | os.PathLike | None = None) -> str:

@@ -160,7 +160,7 @@ def start_cluster(
     object_store_mb: int | None = None,
     system_config: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
-    timeout: float = 90.0,
+    timeout: float = 150.0,
 ) -> LocalCluster:
     """Start a Ray head for this machine (dashboard on 127.0.0.1, token auth) and record it in STATE_DIR."""
     from engine.runtime import local_object_store_bytes
@@ -174,50 +174,51 @@ def start_cluster(
         )
     temp_dir = temp_dir_for(state_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
-    *main_ports, autoscaler_port, dashboard_metric_port = free_ports(len(PORT_NAMES) + 2)
-    ports = dict(zip(PORT_NAMES, main_ports))
-    worker_low = free_port_range(WORKER_PORTS)
     _ensure_token()
-
-    run_env = {**os.environ, **(env or {})}
-    run_env["RAY_AUTH_MODE"] = "token"
+    base_env = {**os.environ, **(env or {})}
+    base_env["RAY_AUTH_MODE"] = "token"
     # The head's workers import this project (the scheduler actor, jobs' drivers before their working_dir).
-    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), run_env.get("PYTHONPATH", "")) if p)
-    # Two more fixed default ports (44217, 44227) that two heads on one host would both want.
-    run_env["AUTOSCALER_METRIC_PORT"], run_env["DASHBOARD_METRIC_PORT"] = (
-        str(autoscaler_port),
-        str(dashboard_metric_port),
-    )
+    base_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), base_env.get("PYTHONPATH", "")) if p)
     # `cellray cluster stop` ends the whole cluster: no 30 s node drain (it waits for idle workers, and the
     # detached scheduler never is); running jobs go back to the queue when the cluster comes back.
-    run_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    base_env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     store_bytes = object_store_mb * 2**20 if object_store_mb else local_object_store_bytes()
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray.scripts.scripts",
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        f"--object-store-memory={store_bytes}",
-        f"--min-worker-port={worker_low}",
-        f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
-        *(f"--{name}={port}" for name, port in ports.items()),
-    ]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={int(num_cpus)}")
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={int(num_gpus)}")
-    if system_config:
-        cmd.append(f"--system-config={json.dumps(system_config)}")
     log_path = state_dir / "ray-start.log"
     address_file = temp_dir / "ray_current_cluster"
     for attempt in range(1, START_ATTEMPTS + 1):
+        # fresh ports each attempt: one taken meanwhile by another process fails the start
+        *main_ports, autoscaler_port, dashboard_metric_port = free_ports(len(PORT_NAMES) + 2)
+        ports = dict(zip(PORT_NAMES, main_ports))
+        worker_low = free_port_range(WORKER_PORTS)
+        # Two more fixed default ports (44217, 44227) that two heads on one host would both want.
+        run_env = {
+            **base_env,
+            "AUTOSCALER_METRIC_PORT": str(autoscaler_port),
+            "DASHBOARD_METRIC_PORT": str(dashboard_metric_port),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            f"--object-store-memory={store_bytes}",
+            f"--min-worker-port={worker_low}",
+            f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
+            *(f"--{name}={port}" for name, port in ports.items()),
+        ]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={int(num_cpus)}")
+        if num_gpus is not None:
+            cmd.append(f"--num-gpus={int(num_gpus)}")
+        if system_config:
+            cmd.append(f"--system-config={json.dumps(system_config)}")
         address_file.unlink(missing_ok=True)
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
@@ -234,13 +235,20 @@ def start_cluster(
             time.sleep(0.2)
         if address_file.exists():
             break
+        slow = proc.poll() is None
         _stop_group(proc.pid, str(temp_dir))
         text = log_path.read_text()
-        # Ray waits a fixed 30 s for its raylet to register: on a loaded machine that can pass; try again.
-        if "timed out during startup" in text and attempt < START_ATTEMPTS:
-            log.warning("ray start --head: the raylet did not register in time (machine busy?); trying again")
+        # Ray waits a fixed 30 s for its raylet to register; on a loaded machine that (or our own deadline) can
+        # pass: try again.
+        if (slow or "timed out during startup" in text) and attempt < START_ATTEMPTS:
+            log.warning(
+                "ray start --head: not up after %s (machine busy?); trying again",
+                f"{timeout:.0f} s" if slow else "Ray's 30 s raylet wait",
+            )
             continue
         tail = "; ".join(text.strip().splitlines()[-3:])
+        if slow:
+            tail = f"not up after {timeout:.0f} s; {tail}"
         raise ClusterError(f"ray start --head failed (log {log_path}): {tail}")
     cluster = LocalCluster(
         state_dir=str(state_dir),
@@ -287,6 +295,11 @@ def stop_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 30
     return cluster
 
 
+def _names(arg: str, temp_dir: str) -> bool:
+    """Whether a command-line argument names this cluster's temp dir (and not another one it is a prefix of)."""
+    return arg == temp_dir or arg.endswith("=" + temp_dir) or temp_dir + "/" in arg
+
+
 def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
     """SIGTERM `ray start --block` (it stops the processes it started), then SIGKILL what is left of its process
     group and of any process whose command line names the cluster's temp dir."""
@@ -305,7 +318,7 @@ def _stop_group(pid: int, temp_dir: str, timeout: float = 30.0) -> None:
         try:
             if p.pid == os.getpid():
                 continue
-            if os.getpgid(p.pid) == pid or any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+            if os.getpgid(p.pid) == pid or any(_names(arg, temp_dir) for arg in (p.info["cmdline"] or [])):
                 leftovers.append(p)
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue

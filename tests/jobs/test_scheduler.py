@@ -309,7 +309,7 @@ def test_lost_driver_is_retried(head):
 
 
 def test_killed_scheduler_keeps_queue_and_readopts_running_job(head):
-    running = head.submit(head.spec("long", seconds=4, resources={"cpus": 2}))
+    running = head.submit(head.spec("long", seconds=120, resources={"cpus": 2}))
     ray_id = head.running(running)["ray_ids"][-1]
     waiting = head.submit(head.spec("after", seconds=0, resources={"cpus": 1}), "--priority", "3")
     before = head.cli.py("from jobs.scheduler.client import call\nresult = call('ping')['pid']")
@@ -319,9 +319,11 @@ def test_killed_scheduler_keeps_queue_and_readopts_running_job(head):
     assert head.job(waiting)["state"] == "QUEUED"
     j = head.job(running)
     assert j["state"] == "RUNNING" and j["ray_ids"] == [ray_id]  # re-adopted by its Ray submission id
+    head.cli.ok("job", "stop", running)  # the new scheduler controls it: stops it through Ray
     jr, jw = head.ended(running), head.ended(waiting)
-    assert jr["state"] == jw["state"] == "SUCCEEDED" and jr["attempts"] == 1
+    assert jr["state"] == "STOPPED" and jr["attempts"] == 1 and jw["state"] == "SUCCEEDED"
     assert jw["admitted"] >= jr["ended"] - 1.0
+    assert head.ray_jobs()[ray_id]["status"] == "STOPPED"
 
 
 # ------------------------------------------------------------------------------------------------ real kinds
