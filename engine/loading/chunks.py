@@ -23,6 +23,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from engine.store.format import Store
 log = logging.getLogger(__name__)
 
 _MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
+_U32 = struct.Struct("<I")
 INDPTR_CACHE_BYTES = 64 * 2**20  # decoded indptr chunks kept per reader: all of them for stores up to ~8M cells
 # Check each chunk's crc32c before decoding it (format v2). Only bench/loader.py turns this off, to measure the cost.
 VERIFY_CHECKSUMS = True
@@ -160,8 +162,12 @@ class ArrayReader:
         self.path = path
         self.layout = layout
         self.strict = strict
-        self._files: _LRU = _LRU(max_open_files)  # file id -> (bytes view or None, index)
-        self._lock = threading.Lock()  # the LRU is shared by reader threads
+        self._per_file = layout.file_elems // layout.chunk_elems
+        self._max_open = max_open_files
+        # file id -> (map, uint8 view of it, [(offset, nbytes)] per chunk); the map is None for an absent v1 file.
+        # Lookups take no lock (dict reads are atomic); opening one, and evicting the oldest, does.
+        self._files: dict[int, tuple[Any, np.ndarray | None, list[tuple[int, int]]]] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, strict: bool = True) -> ArrayReader | None:
@@ -177,19 +183,26 @@ class ArrayReader:
         file_id = chunk * self.layout.chunk_elems // self.layout.file_elems
         return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
 
-    def _file(self, file_id: int) -> tuple[np.ndarray | None, np.ndarray]:
-        with self._lock:
-            return self._files.get_or(file_id, lambda: self._open_file(file_id))
+    def _file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
+        entry = self._files.get(file_id)
+        if entry is None:
+            with self._lock:
+                entry = self._files.get(file_id)
+                if entry is None:
+                    entry = self._open_file(file_id)
+                    while len(self._files) >= self._max_open:
+                        self._files.pop(next(iter(self._files)))  # the oldest: maps close when unused
+                    self._files[file_id] = entry
+        return entry
 
-    def _open_file(self, file_id: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(the file's bytes as a read-only uint8 view of its map, or None if absent; the (offset, nbytes) index of
-        its chunks). An unsharded file is one chunk spanning the whole file."""
+    def _open_file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
+        """(the file's map and a read-only uint8 view of it, or None if absent; the (offset, nbytes) of each of its
+        chunks). An unsharded file is one chunk spanning the whole file."""
         lay = self.layout
         per_file = lay.file_elems // lay.chunk_elems
         first = file_id * per_file
         name = f"{lay.key_prefix}{file_id}"
         file = self.path / name
-        missing_index = np.full((per_file, 2), _MISSING, dtype=np.uint64)
         try:
             fh = open(file, "rb")
         except FileNotFoundError:
@@ -197,14 +210,16 @@ class ArrayReader:
                 last = min(first + per_file, lay.n_chunks) - 1
                 what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
                 raise StoreError(f"{self.path}: chunk file {name} ({what}) is missing") from None
-            return None, missing_index  # v1: zarr writes no file when every chunk in it equals the fill value
+            # v1: zarr writes no file when every chunk in it equals the fill value
+            return None, None, [(_MISSING, _MISSING)] * per_file
         with fh:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 raise StoreError(f"{self.path}: chunk file {name} is empty (truncated)")
-            buf = np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
-            return buf, np.array([[0, size]], dtype=np.uint64)
+            return mm, buf, [(0, size)]
         nbytes = per_file * 16 + 4
         last = min(first + per_file, max(1, lay.n_chunks)) - 1
         what = f"chunks {first}-{last}"
@@ -223,50 +238,47 @@ class ArrayReader:
         present = index[:, 0] != _MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
-        return buf, index
+        return mm, buf, [(int(o), int(n)) for o, n in index.tolist()]
 
     def compressed_chunks(self) -> Iterator[np.ndarray]:
         """Every chunk's compressed bytes (checksum removed), in order (benchmarks time decoding them alone)."""
         for c in range(self.layout.n_chunks):
             raw = self._raw(c)
             if raw is not None:
-                yield raw
+                yield raw[0]
 
-    def _raw(self, c: int) -> np.ndarray | None:
-        """Chunk c's compressed bytes, its checksum verified and removed; None for a v1 chunk never written."""
-        lay = self.layout
-        per_file = lay.file_elems // lay.chunk_elems
-        file_id, k = divmod(c, per_file)
-        buf, index = self._file(file_id)
-        off, n = int(index[k, 0]), int(index[k, 1])
+    def _raw(self, c: int) -> tuple[np.ndarray, Any, int] | None:
+        """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
+        a v1 chunk never written. Per-chunk work here is kept to plain ints: small blocks decode thousands a second."""
+        file_id, k = divmod(c, self._per_file)
+        mm, buf, index = self._file(file_id)
+        off, n = index[k]
         if off == _MISSING:
-            if self.strict and c < lay.n_chunks:
+            if self.strict and c < self.layout.n_chunks:
                 raise StoreError(f"{self._where(c)} is missing from its chunk file's index")
             return None
-        raw = buf[off : off + n]
-        if lay.checksum:
+        if self.layout.checksum:
+            n -= 4
             if (
-                n < 4
+                n < 0
                 or VERIFY_CHECKSUMS
-                and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little")
+                and google_crc32c.value(buf[off : off + n]) != _U32.unpack_from(mm, off + n)[0]
             ):
                 raise StoreError(f"{self._where(c)} fails its crc32c checksum (corrupted)")
-            raw = raw[:-4]
-        return raw
+        return buf[off : off + n], mm, off
 
     def decode(self, c: int, dest: np.ndarray) -> None:
         """Chunk c into dest (chunk_elems elements), checked: present, checksum, decodes to the chunk's size."""
-        raw = self._raw(c)
-        if raw is None:  # v1: never written, all fill value
+        got = self._raw(c)
+        if got is None:  # v1: never written, all fill value
             dest[:] = self.layout.fill_value
             return
+        raw, mm, off = got
         codec = self.layout.codec
         # decoders fill a larger destination silently: a blosc header states the decoded size, check it (zstd
         # refuses a smaller destination, and the checksum covers the rest)
-        if codec == "blosc" and len(raw) >= 16 and int(raw[4:8].view("<u4")[0]) != dest.nbytes:
-            raise StoreError(
-                f"{self._where(c)} holds {int(raw[4:8].view('<u4')[0])} bytes, expected {dest.nbytes} (corrupted)"
-            )
+        if codec == "blosc" and len(raw) >= 16 and (size := _U32.unpack_from(mm, off + 4)[0]) != dest.nbytes:
+            raise StoreError(f"{self._where(c)} holds {size} bytes, expected {dest.nbytes} (corrupted)")
         try:
             decompress(codec, raw, dest)
         except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
