@@ -101,7 +101,13 @@ class VAEConfig:
 
     @classmethod
     def debug(cls, n_genes: int = 64, **kw) -> VAEConfig:
+        """A few thousand parameters: unit tests."""
         return cls(**{"n_genes": n_genes, "n_latent": 4, "n_hidden": 16, "dropout": 0.0, "kl_warmup_steps": 10, **kw})
+
+    @classmethod
+    def small(cls, **kw) -> VAEConfig:
+        """Trains in a minute on 2 CPU cores (the bench/quality.py figures); sizes from the data."""
+        return cls(**{"n_latent": 10, "n_hidden": 128, "kl_warmup_steps": 100, **kw})
 
 
 class VAE(nn.Module):

@@ -8,25 +8,36 @@ import numpy as np
 import pandas as pd
 
 
-def knn_accuracy(emb: np.ndarray, labels: np.ndarray, k: int = 15, max_cells: int = 20_000, seed: int = 0) -> float:
-    """Leave-one-out kNN label accuracy (majority of the k nearest neighbours, Euclidean) on up to max_cells."""
+def knn_accuracy(
+    emb: np.ndarray, labels: np.ndarray, k: int = 15, max_cells: int = 20_000, seed: int = 0, folds: int = 0
+) -> float:
+    """kNN label accuracy (majority of the k nearest neighbours, Euclidean) on up to max_cells.
+
+    folds=0: leave-one-out (every other cell is a neighbour candidate); folds=N: N-fold cross-validation (cells
+    split at random into N folds; each fold's labels are predicted from the other folds' cells only)."""
     import torch
 
     labels = np.asarray(labels)
     keep = np.flatnonzero(np.asarray(pd.notna(labels)))
+    rng = np.random.default_rng(seed)
     if len(keep) > max_cells:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, max_cells, replace=False))
+        keep = np.sort(rng.choice(keep, max_cells, replace=False))
     codes, y = np.unique(labels[keep], return_inverse=True)
     x = torch.from_numpy(np.ascontiguousarray(emb[keep], dtype=np.float32))
     y = torch.from_numpy(y)
+    n = len(x)
+    # fold of each cell; leave-one-out is n folds of one cell
+    fold = torch.from_numpy(rng.permutation(n) % folds) if folds > 0 else torch.arange(n)
     correct = 0
-    for start in range(0, len(x), 2048):
-        d = torch.cdist(x[start : start + 2048], x)
-        d[torch.arange(d.shape[0]), torch.arange(start, start + d.shape[0])] = float("inf")  # leave self out
-        nn = d.topk(min(k, len(x) - 1), largest=False).indices
+    for start in range(0, n, 2048):
+        rows = torch.arange(start, min(n, start + 2048))
+        d = torch.cdist(x[rows], x)
+        d[fold[rows][:, None] == fold[None, :]] = float("inf")  # neighbours only from the other folds
+        kk = min(k, n - int(torch.bincount(fold).max()))
+        nn = d.topk(kk, largest=False).indices
         votes = torch.nn.functional.one_hot(y[nn], len(codes)).sum(1)
-        correct += int((votes.argmax(1) == y[start : start + 2048]).sum())
-    return correct / max(1, len(x))
+        correct += int((votes.argmax(1) == y[rows]).sum())
+    return correct / max(1, n)
 
 
 def embedding_sample(

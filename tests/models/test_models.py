@@ -102,14 +102,18 @@ def test_transformer_takes_kernel_tokens():
     model = debug_model("transformer")
     genes = torch.randint(0, 64, (8, 20))
     genes[:, 15:] = -1
-    values = torch.randint(0, 11, (8, 20))
+    values = torch.randint(1, 11, (8, 20))
+    values[:, 12] = 0  # a zero bin: not a token
     mask = torch.zeros(8, 20, dtype=torch.bool)
     mask[:, ::3] = True
-    batch = {"genes": genes, "values": values, "mask": mask}
+    batch = {"genes": genes, "values": values, "mask": mask, "index": torch.arange(8)}
     out = model.loss(batch)
-    assert out.terms["masked"] == float((mask & (genes >= 0)).sum())
+    assert out.terms["masked"] == float((mask & (genes >= 0) & (values > 0)).sum())
+    model.eval()
     e1 = model.embed(batch)
     changed = dict(batch, values=torch.where(genes < 0, 7, values))  # change only padded positions
+    assert torch.allclose(e1, model.embed(changed), atol=1e-6)
+    changed = dict(batch, genes=torch.where(values == 0, 63, genes))  # or the genes of zero bins
     assert torch.allclose(e1, model.embed(changed), atol=1e-6)
 
 
@@ -128,7 +132,8 @@ def test_registry_and_config_errors():
 
 
 def test_transformer_reads_engine_transform_outputs(tiny_store):
-    """The kernels' own outputs: full-width bins (kept to max_len highest), and rank tokens padded past `lengths`."""
+    """The kernels' own outputs: full-width bins (kept: max_len of each cell's expressed genes), and rank tokens
+    padded past `lengths`."""
     from engine.preprocess.transforms import Pipeline
     from engine.store.format import Store
 
@@ -142,9 +147,10 @@ def test_transformer_reads_engine_transform_outputs(tiny_store):
     model = models.build("transformer", models.get("transformer").Config.debug(n_genes=store.n_genes, max_len=16))
     genes, values, mask = model.tokens(out)
     assert genes.shape == values.shape == mask.shape == (32, 16)
-    # every kept token is among the cell's highest bins
-    kth = out["values"].topk(16, dim=1).values[:, -1:]
-    assert (values >= kth).all()
+    # every kept token is an expressed gene of the cell, with its own bin; a cell keeps min(max_len, expressed)
+    assert ((values > 0) == (genes >= 0)).all()
+    assert torch.equal(values[genes >= 0], out["values"].gather(1, genes.clamp(min=0))[genes >= 0])
+    assert torch.equal((genes >= 0).sum(1), (out["values"] > 0).sum(1).clamp(max=16))
     assert np.isfinite(model.loss(out).loss.item()) and model.embed(out).shape == (32, 32)
 
     lengths = torch.tensor([3, 0, 5])
