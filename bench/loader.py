@@ -79,7 +79,8 @@ def make_store(name: str, inputs: list[Path], chunk_elements: int, shard_cells: 
 
     store = OUT / f"{name}-c{chunk_elements}.store"
     if not store.exists():
-        cfg = IngestConfig(obs_keys=("cell_type",), overwrite=True, chunk_elements=chunk_elements)
+        obs_keys = () if name == "c_kang" else ("cell_type",)  # the Kang files carry no cell types
+        cfg = IngestConfig(obs_keys=obs_keys, overwrite=True, chunk_elements=chunk_elements)
         if shard_cells:
             cfg = cfg.model_copy(update={"shard_cells": shard_cells})
         ingest(inputs, store, cfg)

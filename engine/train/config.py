@@ -98,6 +98,7 @@ class DebugConfig(_Section):
 
     trace_dir: str | None = None  # every rank logs the cell ids of each step and its final parameters here
     fault: FaultConfig | None = None  # rank `rank` exits hard once, at optimizer step `step`
+    min_step_seconds: float = Field(0.0, ge=0)  # pace each step to last at least this long (kill drills mid-run)
 
 
 class PretrainConfig(Config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +45,20 @@ class StepTrace:
 
 class FaultDrill:
     """`debug.fault: {rank, step}`: that rank exits hard once, at that step, as a lost worker would. A marker
-    file in the output folder makes it fire once per run, not again after Ray Train restarts the group."""
+    file in the output folder makes it fire once per run, not again after Ray Train restarts the group.
+    `debug.min_step_seconds` paces the steps, so that a drill killing the run from outside lands mid-run."""
 
     def __init__(self, debug: DebugConfig, output: str, rank: int):
         fault = debug.fault
         self.step = fault.step if fault is not None and fault.rank == rank else None
         self.marker = Path(output) / f".fault-{rank}-{self.step}"
+        self.min_step_seconds = debug.min_step_seconds
+        self.last = time.monotonic()
 
     def maybe_fail(self, step: int) -> None:
+        if self.min_step_seconds:  # a paced run: a drill can kill it mid-way on any machine
+            time.sleep(max(0.0, self.last + self.min_step_seconds - time.monotonic()))
+            self.last = time.monotonic()
         if self.step is not None and step == self.step and not self.marker.exists():
             self.marker.touch()
             os._exit(1)  # a worker lost mid-run: Ray Train restarts the group from the last checkpoint

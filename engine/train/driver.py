@@ -83,6 +83,7 @@ def pretrain(
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     progress = progress or silent
     data = open_run_data(config)
@@ -106,7 +107,10 @@ def pretrain(
     # one driver per output folder: a second `cellray run` of the same spec fails at once instead of racing
     with writer_lock(output), ray_session(address):
         check_resources(config)
-        run_log = ray.remote(RunLog).options(num_cpus=0).remote()
+        # On the driver's own node: the log must outlive the loss of any worker node (a node-loss drill found it
+        # placed on the node it then removed).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote()
         ctx = LoopContext(
             config=config,
             store=str(data.store.path.resolve()),

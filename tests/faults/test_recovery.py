@@ -28,6 +28,10 @@ from engine.preprocess.stats import StatsConfig, compute_stats
 from engine.store.format import Store
 from tests.faults.conftest import chunk_files, flip_byte
 
+# Ray clusters of their own (or `cellray` processes with an embedded Ray): one such test at a time under
+# `pytest -n 2` (see the Makefile)
+pytestmark = pytest.mark.xdist_group("own_cluster")
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
@@ -111,6 +115,7 @@ def test_killed_run_resumes_with_its_whole_history(tiny_store, tmp_path):
         "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16}},
         "train": {"max_steps": 25, "checkpoint_every": 5, "report_every": 5, "output": str(tmp_path / "run")},
         "resources": {"workers": 1, "cpus_per_worker": 0.5, "readers_per_worker": 0},
+        "debug": {"min_step_seconds": 0.4},  # 10 s of steps: the kill lands mid-run however fast the machine
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -35,6 +35,6 @@ def test_bad_input_exits_2_with_one_clear_line(tmp_path, ray_local, capsys):
     assert "synth.h5ad: field 'layers/counts' not found (layers present: [])" in err and "Traceback" not in err
     assert main(["info", str(tmp_path / "nothing.store")]) == 2
     assert main(["ingest", str(h5ad), "--out", str(tmp_path / "y.store"), "--shard-size", "lots"]) == 2
-    assert "--shard-size 'lots': expected a cell count" in capsys.readouterr().err
+    assert "--shard-size 'lots': expected a positive cell count" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: unknown option
         main(["ingest", str(h5ad), "--out", str(tmp_path / "y.store"), "--shard-sise", "10"])
