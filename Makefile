@@ -7,9 +7,6 @@ DATA ?= $(HOME)/.cache/cellray-data
 FETCH := ../shared/data/fetch_real.sh
 DEMO_STORE ?= data/demo.store
 PYTEST_ARGS ?=
-# pytest-xdist processes: much of a Ray test is waiting (start-up, polling), so two overlap well on 2 cores;
-# tests that start Ray clusters of their own share one xdist group and so run one at a time
-TEST_WORKERS ?= 2
 
 .PHONY: env test lint demo bench peers clean
 
@@ -30,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 # ruff first: a style or import error fails fast, before the 10-minute suite
 test: env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check .

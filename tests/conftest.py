@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -15,20 +14,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 SHARED_DATA_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fetch_real.sh"
-
-
-def pytest_configure(config):
-    """Ray's auth token exists before any test starts a Ray: with pytest-xdist, two clusters starting at once would
-    each write a fresh ~/.ray/auth_token, and one of them would then hold a token the file no longer has."""
-    if hasattr(config, "workerinput") or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    from ray._private.authentication.authentication_token_setup import (
-        _get_default_token_path,
-        generate_and_save_token,
-    )
-
-    if not _get_default_token_path().exists():
-        generate_and_save_token()
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +41,7 @@ def real_data_dir(tmp_path_factory) -> Path:
     dest = Path(os.environ.get("CELLRAY_DATA", Path.home() / ".cache" / "cellray-data"))
     if not SHARED_DATA_SCRIPT.exists():
         pytest.skip(f"{SHARED_DATA_SCRIPT} not found: real datasets unavailable on this machine")
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest / ".fetch.lock", "w") as lock:  # pytest-xdist workers fetch one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        subprocess.run(["bash", str(SHARED_DATA_SCRIPT), str(dest)], check=True, capture_output=True)
+    subprocess.run(["bash", str(SHARED_DATA_SCRIPT), str(dest)], check=True, capture_output=True)
     return dest
 
 

@@ -227,6 +227,18 @@ def latest_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | 
     return best[1] if best else None
 
 
+def checkpoint_metrics(output: str | os.PathLike) -> list[dict[str, Any]]:
+    """The report saved with each complete checkpoint under a run's output folder: what a driver killed before it
+    could log them still left on disk (its workers may have gone on to the next checkpoint)."""
+    found = []
+    for meta_file in Path(output).glob(f"checkpoint_*/{META_FILE}"):
+        if checkpoint_complete(meta_file.parent):
+            metrics = read_meta(meta_file.parent).get("metrics")
+            if isinstance(metrics, dict) and "step" in metrics:
+                found.append(metrics)
+    return found
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a checkpoint (or of a run folder's latest one), in eval mode on CPU, and its meta."""
     ckpt = latest_checkpoint(path)

@@ -26,7 +26,7 @@ from engine.atomic import write_text_atomically, writer_lock
 from engine.errors import CellrayError, TrainError
 from engine.progress import Progress, silent
 from engine.runtime import ray_session
-from engine.train.checkpoint import latest_checkpoint
+from engine.train.checkpoint import checkpoint_metrics, latest_checkpoint
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 from engine.train.loop import LoopContext, train_loop_per_worker
@@ -140,7 +140,8 @@ def pretrain(
                 logging_config=LoggingConfig(log_level="DEBUG" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
             ),
         )
-        earlier = read_metrics(output)  # a resumed run adds to the steps of earlier attempts
+        # a resumed run adds to the steps of earlier attempts, including reports only its checkpoints kept
+        earlier = merge_by_step(checkpoint_metrics(output) + read_metrics(output))
         history: list[dict[str, Any]] = []
         for attempt in range(config.train.max_failures + 1):
             outcome = _fit_in_thread(

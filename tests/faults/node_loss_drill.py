@@ -23,7 +23,9 @@ def main(store: str, work: str) -> None:
     from jobs.spec import parse_spec
 
     steps, batch = 16, 64
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # a lost node is declared dead after ~1.5 s of failed health checks (Ray's default: ~15 s)
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=cluster.address)
     trace = Path(work) / "trace"

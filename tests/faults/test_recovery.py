@@ -2,7 +2,7 @@
 
 - a killed ingest leaves a temporary that the next ingest removes (saying so); two writers of one store never race;
 - a killed `cellray run` reruns to the end with its whole metrics history, and the next command stops the Ray
-  processes the killed one left listening;
+  processes the killed one left listening, and leaves Ray's token file private (0600);
 - a corrupted chunk under stats (Ray tasks) and training (Ray Train workers + reader actors) ends the run at once
   with the store error, not after retries;
 - a 3-epoch soak in Ray mode: every delivered cell's values equal the store's.
@@ -27,10 +27,6 @@ from engine.errors import CellrayError, StoreError
 from engine.preprocess.stats import StatsConfig, compute_stats
 from engine.store.format import Store
 from tests.faults.conftest import chunk_files, flip_byte
-
-# Ray clusters of their own (or `cellray` processes with an embedded Ray): one such test at a time under
-# `pytest -n 2` (see the Makefile)
-pytestmark = pytest.mark.xdist_group("own_cluster")
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -132,9 +128,12 @@ def test_killed_run_resumes_with_its_whole_history(tiny_store, tmp_path):
     proc.wait()
     seen = steps()
     assert 10 <= seen[-1] < 25
+    token = Path.home() / ".ray" / "auth_token"
+    token.chmod(0o644)  # as Ray writes it: readable by everyone
     rerun = cellray("run", "spec.yaml", cwd=tmp_path)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
+    assert token.stat().st_mode & 0o077 == 0, "an embedded run leaves the token file private (0600)"
     assert steps() == list(range(5, 26, 5)), steps()  # step 5 to the end: the first attempt's steps are kept
     assert "25 steps" in out
     assert ray_processes(session) == []  # the killed command's Ray no longer runs
@@ -207,13 +206,3 @@ def test_embedded_ray_refuses_to_start_without_token_auth(tiny_store, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "--insecure" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_the_token_file_is_private_after_an_embedded_run(tiny_store, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "stats", str(tiny_store), "--executor", "ray"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    token = Path.home() / ".ray" / "auth_token"
-    assert token.exists() and token.stat().st_mode & 0o077 == 0

@@ -22,8 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("cli_worker.py")
-# clusters of their own: one such test at a time under `pytest -n 2` (see the Makefile)
-pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("own_cluster")]
+pytestmark = pytest.mark.timeout(900)
 
 
 class Cli:

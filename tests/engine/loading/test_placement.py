@@ -12,11 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-# Ray clusters of their own (or `cellray` processes with an embedded Ray): one such test at a time under
-# `pytest -n 2` (see the Makefile)
-pytestmark = pytest.mark.xdist_group("own_cluster")
 
 ROOT = Path(__file__).resolve().parents[3]
 
