@@ -199,7 +199,7 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
       check is the first to read each compressed chunk from memory, which the decoder then finds in cache."""
     import threading
 
-    import engine.loading.chunks as chunks
+    import engine.store.chunkfile as chunks
     from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
 
@@ -250,7 +250,7 @@ def decode_limit(store: Path, passes: int = 3) -> float:
     """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass)."""
     from numcodecs import blosc
 
-    from engine.loading.chunks import ArrayReader, decompress
+    from engine.store.chunkfile import ArrayReader, decompress
     from engine.store.format import Store
 
     blosc.use_threads = False  # one core: blosc would otherwise use its own threads on this (main) thread
@@ -595,9 +595,9 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
         kw = json.loads(sys.argv[3])
         if not kw.pop("verify"):
-            import engine.loading.chunks
+            import engine.store.chunkfile
 
-            engine.loading.chunks.VERIFY_CHECKSUMS = False
+            engine.store.chunkfile.VERIFY_CHECKSUMS = False
         print(json.dumps(_time_loader(Path(sys.argv[2]), "local", kw.pop("epochs"), **kw)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

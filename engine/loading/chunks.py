@@ -1,50 +1,28 @@
-"""Direct, verified reads of a store's X arrays: cell ranges of many shards with one decode per chunk.
+"""Cell ranges of many shards of a store, read as one concatenated CSR with one decode per chunk.
 
-zarr-python pays a fixed cost per request (async machinery, selection objects) that dominates when a loader
-reads many small random blocks. The store's arrays are plain zarr v3 with a fixed, simple layout, so this module
-reads them directly:
-
-- X/data and X/indices: 1-D, `sharding_indexed` (index at the end, itself crc32c-checked), inner codecs
-  `bytes` + blosc or zstd (+ `crc32c` in format v2). Each shard file is memory-mapped and its index checked once.
-- X/indptr: 1-D, plainly chunked (one file per chunk of 65,536 cells), `bytes` + zstd (+ `crc32c`). Its chunks
-  are decoded the same way and cached per shard (bounded), so a block of a big shard costs no zarr-python call.
-
-Every chunk is checked before it is decoded: its crc32c (format v2), its presence (a missing chunk file or an index
-entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
-zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
-decompressed straight from the page cache into a reused per-thread buffer (blosc and zstd release the GIL, so
-reader threads overlap). Any other layout, or a remote store, falls back to zarr-python (`Store.read_array`, also
-checked), which stays the reference: tests compare the two.
+The arrays are read through `engine.store.chunkfile.ArrayReader` (direct, every chunk verified). The chunks every
+segment of a buffer needs are merged per shard into runs and each run is decoded once into a reused per-thread pool;
+X/indptr chunks are decoded the same way and cached per shard (bounded), so a block of a big shard costs no
+zarr-python call. A layout the direct reader does not handle, or a remote store, goes through `Store.read_array`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import mmap
-import os
-import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import google_crc32c
 import numpy as np
 
 from engine.errors import StoreError
+from engine.store.chunkfile import ArrayReader
 from engine.store.csr import CSRRows, gather_rows_csr
 from engine.store.format import Store
 
 log = logging.getLogger(__name__)
 
-_MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
-_U32 = struct.Struct("<I")
 INDPTR_CACHE_BYTES = 64 * 2**20  # decoded indptr chunks kept per reader: all of them for stores up to ~8M cells
-# Check each chunk's crc32c before decoding it (format v2). Only bench/loader.py turns this off, to measure the cost.
-VERIFY_CHECKSUMS = True
 
 
 class _LRU(OrderedDict):
@@ -61,235 +39,6 @@ class _LRU(OrderedDict):
         while len(self) > self.capacity:
             self.popitem(last=False)
         return value
-
-
-@dataclass(frozen=True)
-class _Layout:
-    dtype: np.dtype
-    shape: int
-    file_elems: int  # elements per file: a zarr shard (outer chunk), or one chunk when not sharded
-    chunk_elems: int  # elements per compressed chunk
-    codec: str  # blosc | zstd | none
-    checksum: bool  # each compressed chunk ends in a little-endian crc32c of the bytes before it
-    sharded: bool
-    fill_value: float
-    key_prefix: str  # "c/" (default encoding, "/" separator) or "c."
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.shape // self.chunk_elems)
-
-
-def _chunk_codecs(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
-    """(codec, checksum) of a chain `bytes(little) [+ blosc|zstd] [+ crc32c]`, or None for any other chain."""
-    if not codecs or codecs[0]["name"] != "bytes":
-        return None
-    if (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
-        return None
-    names = [c["name"] for c in codecs[1:]]
-    checksum = bool(names) and names[-1] == "crc32c"
-    if checksum:
-        names = names[:-1]
-    codec = {(): "none", ("blosc",): "blosc", ("zstd",): "zstd"}.get(tuple(names))
-    return None if codec is None else (codec, checksum)
-
-
-def _parse_layout(path: Path) -> _Layout | None:
-    """The layout of a 1-D zarr v3 array this reader handles (sharded or plainly chunked), else None."""
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        if meta.get("zarr_format") != 3 or len(meta["shape"]) != 1 or meta["chunk_grid"]["name"] != "regular":
-            return None
-        enc = meta["chunk_key_encoding"]
-        if enc["name"] != "default":
-            return None
-        codecs = meta["codecs"]
-        file_elems = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
-            cfg = codecs[0]["configuration"]
-            if cfg.get("index_location", "end") != "end" or [c["name"] for c in cfg["index_codecs"]] != [
-                "bytes",
-                "crc32c",
-            ]:
-                return None
-            parsed, sharded, chunk_elems = _chunk_codecs(cfg["codecs"]), True, int(cfg["chunk_shape"][0])
-        else:
-            parsed, sharded, chunk_elems = _chunk_codecs(codecs), False, file_elems
-        if parsed is None or file_elems % chunk_elems:
-            return None
-        return _Layout(
-            dtype=np.dtype(meta["data_type"]).newbyteorder("<"),
-            shape=int(meta["shape"][0]),
-            file_elems=file_elems,
-            chunk_elems=chunk_elems,
-            codec=parsed[0],
-            checksum=parsed[1],
-            sharded=sharded,
-            fill_value=meta.get("fill_value") or 0,
-            key_prefix=f"c{enc.get('configuration', {}).get('separator', '/')}",
-        )
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-
-
-def decompress(codec: str, raw, dest: np.ndarray | None = None):
-    """Decode one chunk (its compressed bytes, without a checksum), into `dest` when given (no extra copy)."""
-    if codec == "blosc":
-        from numcodecs import blosc
-
-        return blosc.decompress(raw, dest)
-    if codec == "zstd":
-        from numcodecs import zstd
-
-        return zstd.decompress(raw, dest)
-    if dest is not None:
-        dest.view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-        return dest
-    return raw
-
-
-class ArrayReader:
-    """Element ranges of one 1-D zarr v3 array on a local filesystem, every chunk verified.
-
-    Shard files are memory-mapped (read-only), so a chunk is checked and decompressed straight from the page cache
-    into its destination: no read() copy and no intermediate buffer. `strict` (format v2): every chunk inside the
-    array must exist; otherwise (v1) a chunk zarr did not write reads as the fill value."""
-
-    def __init__(self, path: Path, layout: _Layout, strict: bool = True, max_open_files: int = 64):
-        self.path = path
-        self.layout = layout
-        self.strict = strict
-        self._per_file = layout.file_elems // layout.chunk_elems
-        self._max_open = max_open_files
-        # file id -> (map, uint8 view of it, [(offset, nbytes)] per chunk); the map is None for an absent v1 file.
-        # Lookups take no lock (dict reads are atomic); opening one, and evicting the oldest, does.
-        self._files: dict[int, tuple[Any, np.ndarray | None, list[tuple[int, int]]]] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, path: Path, strict: bool = True) -> ArrayReader | None:
-        layout = _parse_layout(path)
-        return None if layout is None else cls(path, layout, strict)
-
-    def close(self) -> None:
-        with self._lock:
-            self._files.clear()  # maps close when the last view into them is gone
-
-    def _where(self, chunk: int) -> str:
-        """`STORE/shards/NNNNN/X/NAME: chunk K (file c/F)`: how every error names the place."""
-        file_id = chunk * self.layout.chunk_elems // self.layout.file_elems
-        return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
-
-    def _file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
-        entry = self._files.get(file_id)
-        if entry is None:
-            with self._lock:
-                entry = self._files.get(file_id)
-                if entry is None:
-                    entry = self._open_file(file_id)
-                    while len(self._files) >= self._max_open:
-                        self._files.pop(next(iter(self._files)))  # the oldest: maps close when unused
-                    self._files[file_id] = entry
-        return entry
-
-    def _open_file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
-        """(the file's map and a read-only uint8 view of it, or None if absent; the (offset, nbytes) of each of its
-        chunks). An unsharded file is one chunk spanning the whole file."""
-        lay = self.layout
-        per_file = lay.file_elems // lay.chunk_elems
-        first = file_id * per_file
-        name = f"{lay.key_prefix}{file_id}"
-        file = self.path / name
-        try:
-            fh = open(file, "rb")
-        except FileNotFoundError:
-            if self.strict:
-                last = min(first + per_file, lay.n_chunks) - 1
-                what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
-                raise StoreError(f"{self.path}: chunk file {name} ({what}) is missing") from None
-            # v1: zarr writes no file when every chunk in it equals the fill value
-            return None, None, [(_MISSING, _MISSING)] * per_file
-        with fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
-                raise StoreError(f"{self.path}: chunk file {name} is empty (truncated)")
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = np.frombuffer(mm, dtype=np.uint8)
-        if not lay.sharded:
-            return mm, buf, [(0, size)]
-        nbytes = per_file * 16 + 4
-        last = min(first + per_file, max(1, lay.n_chunks)) - 1
-        what = f"chunks {first}-{last}"
-        if size < nbytes:
-            raise StoreError(
-                f"{self.path}: chunk file {name} ({what}) has {size} bytes, shorter than its index ({nbytes} bytes): "
-                "truncated"
-            )
-        raw = buf[size - nbytes :]
-        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
-            raise StoreError(
-                f"{self.path}: chunk file {name} ({what}): its chunk index fails its crc32c checksum "
-                "(corrupted or truncated file)"
-            )
-        index = raw[:-4].view("<u8").reshape(per_file, 2)
-        present = index[:, 0] != _MISSING
-        if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
-            raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
-        return mm, buf, [(int(o), int(n)) for o, n in index.tolist()]
-
-    def compressed_chunks(self) -> Iterator[np.ndarray]:
-        """Every chunk's compressed bytes (checksum removed), in order (benchmarks time decoding them alone)."""
-        for c in range(self.layout.n_chunks):
-            raw = self._raw(c)
-            if raw is not None:
-                yield raw[0]
-
-    def _raw(self, c: int) -> tuple[np.ndarray, Any, int] | None:
-        """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
-        a v1 chunk never written. Per-chunk work here is kept to plain ints: small blocks decode thousands a second."""
-        file_id, k = divmod(c, self._per_file)
-        mm, buf, index = self._file(file_id)
-        off, n = index[k]
-        if off == _MISSING:
-            if self.strict and c < self.layout.n_chunks:
-                raise StoreError(f"{self._where(c)} is missing from its chunk file's index")
-            return None
-        if self.layout.checksum:
-            n -= 4
-            if (
-                n < 0
-                or VERIFY_CHECKSUMS
-                and google_crc32c.value(buf[off : off + n]) != _U32.unpack_from(mm, off + n)[0]
-            ):
-                raise StoreError(f"{self._where(c)} fails its crc32c checksum (corrupted)")
-        return buf[off : off + n], mm, off
-
-    def decode(self, c: int, dest: np.ndarray) -> None:
-        """Chunk c into dest (chunk_elems elements), checked: present, checksum, decodes to the chunk's size."""
-        got = self._raw(c)
-        if got is None:  # v1: never written, all fill value
-            dest[:] = self.layout.fill_value
-            return
-        raw, mm, off = got
-        codec = self.layout.codec
-        # decoders fill a larger destination silently: a blosc header states the decoded size, check it (zstd
-        # refuses a smaller destination, and the checksum covers the rest)
-        if codec == "blosc" and len(raw) >= 16 and (size := _U32.unpack_from(mm, off + 4)[0]) != dest.nbytes:
-            raise StoreError(f"{self._where(c)} holds {size} bytes, expected {dest.nbytes} (corrupted)")
-        try:
-            decompress(codec, raw, dest)
-        except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
-            raise StoreError(f"{self._where(c)} does not decode ({type(e).__name__}: {e})") from None
-
-    def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
-        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
-        chunk = self.layout.chunk_elems
-        for (c0, c1), base in zip(runs, bases):
-            for c in range(c0, c1 + 1):
-                self.decode(c, pool[base + (c - c0) * chunk : base + (c - c0 + 1) * chunk])
 
 
 class StoreBlocks:

@@ -40,6 +40,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from engine.errors import StoreError
+from engine.store.chunkfile import ArrayReader
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +333,16 @@ class Store:
         return self._x[shard]
 
     def read_array(self, shard: int, name: str, lo: int, hi: int) -> np.ndarray:
-        """Elements [lo, hi) of X/`name` of a shard through zarr-python, every chunk checked: a chunk file that
-        is missing, fails its checksum or does not decode is a StoreError naming store, shard, array and chunk."""
-        arr = self.shard_x(shard)[name]
+        """Elements [lo, hi) of X/`name` of a shard, every chunk checked: a chunk that is missing (its file, or its
+        entry in a shard file's index), fails its checksum or does not decode is a StoreError naming store, shard,
+        array and chunk. Format v2 arrays are read by `chunkfile.ArrayReader` (zarr-python would read a chunk its
+        shard index marks missing as zeros); anything else through zarr-python."""
+        arr = self.shard_x(shard)[name]  # checks the shard against the manifest first
+        if self.manifest.version >= 2 and (reader := ArrayReader.open(Path(self.where(shard, name)))) is not None:
+            try:
+                return reader.read(lo, hi)
+            finally:
+                reader.close()
         per_file = arr.shards[0] if arr.shards else arr.chunks[0]
         if self.manifest.version >= 2 and hi > lo:
             sep = "/" if arr.metadata.chunk_key_encoding.separator == "/" else "."
