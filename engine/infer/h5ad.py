@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from engine.atomic import atomic_path
+from engine.infer.parts import quiet_zarr
 
 
 def _attr(value: Any) -> Any:
@@ -65,6 +66,6 @@ def write_h5ad(zarr_path: str | os.PathLike, out: str | os.PathLike, overwrite: 
 
     src = zarr.open_group(str(zarr_path), mode="r")
     out = Path(out)
-    with atomic_path(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+    with quiet_zarr(), atomic_path(out, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         _copy(src, f)
     return out

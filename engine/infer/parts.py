@@ -69,11 +69,13 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """anndata's notes on zarr v3 (autosharding, consolidated metadata) concern layouts we do not use."""
+def quiet_zarr() -> Iterator[None]:
+    """anndata's notes on zarr v3 (autosharding, consolidated metadata) concern layouts we do not use; zarr's note
+    on OUT/.cellray (the commit records, kept beside the AnnData on purpose) is expected."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        warnings.filterwarnings("ignore", message=r"Object at \.cellray is not recognized")
         yield
 
 
@@ -115,7 +117,7 @@ class PartsOutput:
         self.reset()
         g = zarr.open_group(str(self.root), mode="a", zarr_format=3)
         g.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        with _quiet():
+        with quiet_zarr():
             ad.io.write_elem(g, "obs", obs_template.iloc[:0])
             ad.io.write_elem(g, "var", pd.DataFrame(index=pd.Index([], dtype=str)))
             for key in ("obsm", "layers", "obsp", "varm", "varp", "uns"):
@@ -158,7 +160,7 @@ class PartsOutput:
         import zarr
 
         g = zarr.open_group(str(self.root), mode="r+")
-        with _quiet():
+        with quiet_zarr():
             ad.io.write_elem(g, "uns", uns)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
