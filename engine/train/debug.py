@@ -55,7 +55,8 @@ class FaultDrill:
         self.min_step_seconds = debug.min_step_seconds
         self.last = time.monotonic()
 
-    def maybe_fail(self, step: int) -> None:
+    def after_step(self, step: int) -> None:
+        """Pace the step (`min_step_seconds`), then exit if this is the fault's rank and step."""
         if self.min_step_seconds:  # a paced run: a drill can kill it mid-way on any machine
             time.sleep(max(0.0, self.last + self.min_step_seconds - time.monotonic()))
             self.last = time.monotonic()

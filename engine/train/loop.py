@@ -142,7 +142,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
                 continue
             state.step += 1
             trace.step(state.step, state.epoch)
-            drill.maybe_fail(state.step)
+            drill.after_step(state.step)
             last = state.step == total_steps
             do_ckpt = state.step % t.checkpoint_every == 0 or last
             do_val = val_loader is not None and (bool(t.val_every) and state.step % t.val_every == 0 or last)

@@ -13,7 +13,6 @@ from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
 from engine.loading.readers import BufferReader, make_reader_actor
 from engine.loading.sampler import Sampler, SamplerConfig
-from engine.store.chunkfile import ArrayReader
 from engine.store.csr import gather_csr, gather_dense
 from engine.store.format import Store
 
@@ -86,25 +85,6 @@ def test_corrupted_shard_file_names_the_file(chunky_store, tmp_path):
     g.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match=r"shards/00001/X/indices: chunk 0 \(file c/0\)"):
         StoreBlocks(Store.open(bad)).read(np.array([[1, 0, 5]]))
-
-
-def test_plain_chunked_arrays_are_read_directly_other_layouts_fall_back(tmp_path):
-    import zarr
-
-    arr = zarr.create_array(str(tmp_path / "plain"), shape=(100,), chunks=(10,), dtype="int32")
-    arr[:] = np.arange(100)
-    reader = ArrayReader.open(tmp_path / "plain")
-    assert reader is not None and not reader.layout.sharded and reader.layout.n_chunks == 10
-    out = np.empty(10, dtype=np.int32)
-    reader.decode(3, out)
-    assert np.array_equal(out, np.arange(30, 40))
-    two_d = zarr.create_array(str(tmp_path / "2d"), shape=(10, 10), chunks=(5, 5), dtype="int32")
-    two_d[:] = 1
-    gz = zarr.create_array(
-        str(tmp_path / "gzip"), shape=(100,), chunks=(10,), dtype="int32", compressors=[zarr.codecs.GzipCodec()]
-    )
-    gz[:] = 1
-    assert ArrayReader.open(tmp_path / "2d") is None and ArrayReader.open(tmp_path / "gzip") is None
 
 
 def test_gather_kernels_match_scipy():
