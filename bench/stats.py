@@ -39,11 +39,11 @@ def worker(side: str, store_path: str) -> None:
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
     if side == "cellray":
-        from engine.preprocess.stats import LOCAL_MAX_NNZ, StatsConfig, compute_stats
-        from engine.runtime import init_ray
+        from engine.preprocess.stats import StatsConfig, compute_stats
+        from engine.runtime import choose_local, init_ray
         from engine.store.format import Store
 
-        if sum(s.nnz for s in Store.open(store_path).manifest.shards) >= LOCAL_MAX_NNZ:
+        if not choose_local("auto", None, Store.open(store_path).x_bytes):
             init_ray()  # compute_stats would start it; started here so that its start-up is reported apart
         t1 = time.perf_counter()
         s = compute_stats(store_path, StatsConfig(hvg=N_TOP, flavor="seurat_v3"), write=False)
