@@ -3,6 +3,7 @@
     python bench/loader.py [--quick] [--repeats N] [--rounds N] [--readme]     the peer comparison
     python bench/loader.py --scaling [--readme]                                 CPU per cell vs store size and shards
     python bench/loader.py --multinode                                          3 ranks on 3 nodes vs on 1 node
+    python bench/loader.py --profile STORE [STORE ...]                          one reader thread, profiled
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
@@ -567,6 +568,51 @@ finally:
 """
 
 
+def profile(stores: list[str], top: int = 8) -> None:
+    """CPU per cell of one reader thread (`BufferReader.read`, CSR, the Loader's default block and buffer) over two
+    epochs of each store, and where it goes (cProfile, by own time). Stores: paths, or names under bench/out/loader
+    (built by the default run and `--scaling`). Shows what a store's size costs per call: the README's L3 note."""
+    import cProfile
+    import pstats
+    import threading
+
+    from engine.loading.loader import Loader
+    from engine.loading.readers import BufferReader
+
+    rows = []
+    for name in stores:
+        path = Path(name) if Path(name).exists() else OUT / name
+        loader = Loader(path, BATCH, mode="local", output="csr")
+        plans = [loader.sampler.buffer(e, j) for e in range(2) for j in range(loader.sampler.n_buffers)]
+        reader = BufferReader(loader.store, None, "csr")
+        result: dict = {}
+
+        def run(reader: BufferReader, plans: list, result: dict) -> None:
+            reader.read(plans[0])  # warm: files mapped, indptr cached
+            prof = cProfile.Profile()
+            t0 = time.thread_time()
+            prof.enable()
+            cells = sum(p.n_cells for p in plans if reader.read(p) is not None)
+            prof.disable()
+            result["cpu_us_per_cell"] = (time.thread_time() - t0) / cells * 1e6
+            stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, ncalls, own time, cumulative, ...)
+            total = sum(v[2] for v in stats.values())
+            ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+            result["own_time_share"] = {f"{k[2]} ({Path(k[0]).name})": round(v[2] / total, 3) for k, v in ranked}
+
+        thread = threading.Thread(target=run, args=(reader, plans, result))  # a reader thread, as in local mode
+        thread.start()
+        thread.join()
+        reader.close()
+        loader.close()
+        cells = loader.store.n_cells
+        print(f"{path.name}: {cells:,} cells, {loader.store.n_shards} shards: {result['cpu_us_per_cell']:.2f} µs/cell")
+        for fn, share in result["own_time_share"].items():
+            print(f"    {share:6.1%}  {fn}")
+        rows.append({"store": path.name, "cells": cells, "shards": loader.store.n_shards, **result})
+    print(json.dumps({"bench": "loader-profile", "rows": rows}))
+
+
 def multinode(args) -> None:
     """3 ranks in Ray mode on a 3-node `ray.cluster_utils.Cluster` (all on this host) vs the same 3 ranks on one
     node: total CPU per cell of the ranks and their readers. Readers beside their rank make both the same work."""
@@ -612,7 +658,11 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray reader-actor mode")
     ap.add_argument("--no-transforms", action="store_true", help="skip the normalize+log1p+densify case")
     ap.add_argument("--readme", action="store_true", help="write this run's table into README.md")
+    ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.profile)
+        return
 
     from engine.runtime import init_ray
 

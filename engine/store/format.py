@@ -337,12 +337,13 @@ class Store:
         entry in a shard file's index), fails its checksum or does not decode is a StoreError naming store, shard,
         array and chunk. Format v2 arrays are read by `chunkfile.ArrayReader` (zarr-python would read a chunk its
         shard index marks missing as zeros); anything else through zarr-python."""
-        arr = self.shard_x(shard)[name]  # checks the shard against the manifest first
+        x = self.shard_x(shard)  # checks the shard against the manifest first
         if self.manifest.version >= 2 and (reader := ArrayReader.open(Path(self.where(shard, name)))) is not None:
             try:
                 return reader.read(lo, hi)
             finally:
                 reader.close()
+        arr = x[name]  # zarr-python: v1 stores and layouts the direct reader does not handle
         per_file = arr.shards[0] if arr.shards else arr.chunks[0]
         if self.manifest.version >= 2 and hi > lo:
             sep = "/" if arr.metadata.chunk_key_encoding.separator == "/" else "."
