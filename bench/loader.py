@@ -248,27 +248,33 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
 
 
 def decode_limit(store: Path, passes: int = 3) -> float:
-    """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass)."""
-    from numcodecs import blosc
+    """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass): the
+    same decoder calls as the reader (`engine.store.chunk_kernel`, a file's chunks per call, checksums not checked),
+    into one reused buffer."""
+    import numpy as np
 
-    from engine.store.chunkfile import ArrayReader, decompress
+    from engine.store import chunk_kernel
+    from engine.store.chunkfile import ArrayReader
     from engine.store.format import Store
 
-    blosc.use_threads = False  # one core: blosc would otherwise use its own threads on this (main) thread
     s = Store.open(store)
-    raws = []
+    files = []  # (file, offsets, nbytes, checksum, chunk bytes)
     for shard in range(s.n_shards):
         for name in ("data", "indices"):
             r = ArrayReader.open(Path(s.where(shard, name)))
-            raws += [(r.layout.codec, raw) for raw in r.compressed_chunks()]
-            r.close()
+            lay = r.layout
+            for file_id in range(-(-lay.n_chunks * lay.chunk_elems // lay.file_elems)):
+                f = r._file(file_id)
+                n = min(len(f.offsets), lay.n_chunks - file_id * (lay.file_elems // lay.chunk_elems))
+                files.append((f.buf, f.offsets[:n], f.nbytes[:n], lay.checksum, lay.chunk_elems * lay.dtype.itemsize))
+    dest = np.empty(max(len(o) * cb for _, o, _, _, cb in files), dtype=np.uint8)
     best = float("inf")
     for _ in range(passes):
         t0 = time.perf_counter()
-        for codec, raw in raws:
-            decompress(codec, raw)
+        for buf, offsets, nbytes, checksum, chunk_bytes in files:
+            if chunk_kernel.decode_blosc_chunks(buf, offsets, nbytes, checksum, False, dest, chunk_bytes) >= 0:
+                raise RuntimeError(f"{store}: a chunk did not decode")
         best = min(best, time.perf_counter() - t0)
-    blosc.use_threads = None
     return s.n_cells / best
 
 
@@ -568,7 +574,7 @@ finally:
 """
 
 
-def profile(stores: list[str], top: int = 8) -> None:
+def profile(stores: list[str], top: int = int(os.environ.get("PROFILE_TOP", 8))) -> None:
     """CPU per cell of one reader thread (`BufferReader.read`, CSR, the Loader's default block and buffer) over two
     epochs of each store, and where it goes (cProfile, by own time). Stores: paths, or names under bench/out/loader
     (built by the default run and `--scaling`). Shows what a store's size costs per call: the README's L3 note."""

@@ -73,10 +73,15 @@ class SamplerConfig(Config):
         return self.buffer_batches * self.batch_size
 
 
+BLOCK_ELEMENTS = 1 << 16  # non-zeros per block the default block size aims at
+
+
 def auto_block_size(n_cells: int, nnz: int, chunk_elements: int) -> int:
-    """Cells per block so that a block spans about one compressed chunk (a power of two in [32, 4096])."""
+    """Cells per block so that a block holds about `BLOCK_ELEMENTS` non-zeros, and at least one compressed chunk
+    (a power of two in [32, 4096]). A random block decodes about one chunk more than it uses, so chunks several times
+    smaller than a block (the store default) keep that waste small."""
     per_cell = max(1.0, nnz / max(1, n_cells))
-    cells = chunk_elements / per_cell
+    cells = max(BLOCK_ELEMENTS, chunk_elements) / per_cell
     return int(min(4096, max(32, 2 ** round(math.log2(max(1.0, cells))))))
 
 

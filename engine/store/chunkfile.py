@@ -26,12 +26,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import google_crc32c
 import numpy as np
 
 from engine.errors import StoreError
+from engine.store import chunk_kernel
 
 MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
 _U32 = struct.Struct("<I")
@@ -127,6 +128,27 @@ def decompress(codec: str, raw, dest: np.ndarray | None = None):
     return raw
 
 
+class _MappedFile(NamedTuple):
+    """One file of an array: its map and a read-only uint8 view of it (None for a v1 file never written), and each
+    chunk's (offset, nbytes) as Python ints (`index`) and as int64 arrays (the kernel's; -1: missing)."""
+
+    map: Any
+    buf: np.ndarray | None
+    index: list[tuple[int, int]]
+    offsets: np.ndarray
+    nbytes: np.ndarray
+
+    @classmethod
+    def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray) -> _MappedFile:
+        signed = np.ascontiguousarray(index, dtype="<u8").view("<i8")  # MISSING (2**64 - 1) reads as -1
+        return cls(mm, buf, [(int(o), int(n)) for o, n in index.tolist()], signed[:, 0].copy(), signed[:, 1].copy())
+
+    @classmethod
+    def absent(cls, n_chunks: int) -> _MappedFile:
+        missing = np.full(n_chunks, -1, dtype=np.int64)
+        return cls(None, None, [(MISSING, MISSING)] * n_chunks, missing, missing)
+
+
 class ArrayReader:
     """Element ranges of one 1-D zarr v3 array on a local filesystem, every chunk verified.
 
@@ -140,9 +162,9 @@ class ArrayReader:
         self.strict = strict
         self._per_file = layout.file_elems // layout.chunk_elems
         self._max_open = max_open_files
-        # file id -> (map, uint8 view of it, [(offset, nbytes)] per chunk); the map is None for an absent v1 file.
-        # Lookups take no lock (dict reads are atomic); opening one, and evicting the oldest, does.
-        self._files: dict[int, tuple[Any, np.ndarray | None, list[tuple[int, int]]]] = {}
+        # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one, and evicting
+        # the oldest, does.
+        self._files: dict[int, _MappedFile] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -159,7 +181,7 @@ class ArrayReader:
         file_id = chunk * self.layout.chunk_elems // self.layout.file_elems
         return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
 
-    def _file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
+    def _file(self, file_id: int) -> _MappedFile:
         entry = self._files.get(file_id)
         if entry is None:
             with self._lock:
@@ -171,9 +193,8 @@ class ArrayReader:
                     self._files[file_id] = entry
         return entry
 
-    def _open_file(self, file_id: int) -> tuple[Any, np.ndarray | None, list[tuple[int, int]]]:
-        """(the file's map and a read-only uint8 view of it, or None if absent; the (offset, nbytes) of each of its
-        chunks). An unsharded file is one chunk spanning the whole file."""
+    def _open_file(self, file_id: int) -> _MappedFile:
+        """The file mapped, its chunk index read and checked. An unsharded file is one chunk spanning the file."""
         lay = self.layout
         per_file = lay.file_elems // lay.chunk_elems
         first = file_id * per_file
@@ -187,7 +208,7 @@ class ArrayReader:
                 what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
                 raise StoreError(f"{self.path}: chunk file {name} ({what}) is missing") from None
             # v1: zarr writes no file when every chunk in it equals the fill value
-            return None, None, [(MISSING, MISSING)] * per_file
+            return _MappedFile.absent(per_file)
         with fh:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
@@ -195,7 +216,7 @@ class ArrayReader:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
-            return mm, buf, [(0, size)]
+            return _MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"))
         nbytes = per_file * 16 + 4
         last = min(first + per_file, max(1, lay.n_chunks)) - 1
         what = f"chunks {first}-{last}"
@@ -214,7 +235,7 @@ class ArrayReader:
         present = index[:, 0] != MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
-        return mm, buf, [(int(o), int(n)) for o, n in index.tolist()]
+        return _MappedFile.of(mm, buf, index)
 
     def compressed_chunks(self) -> Iterator[np.ndarray]:
         """Every chunk's compressed bytes (checksum removed), in order (benchmarks time decoding them alone)."""
@@ -227,7 +248,7 @@ class ArrayReader:
         """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
         a v1 chunk never written. Per-chunk work here is kept to plain ints: small blocks decode thousands a second."""
         file_id, k = divmod(c, self._per_file)
-        mm, buf, index = self._file(file_id)
+        mm, buf, index, _, _ = self._file(file_id)
         off, n = index[k]
         if off == MISSING:
             if self.strict and c < self.layout.n_chunks:
@@ -261,11 +282,32 @@ class ArrayReader:
             raise StoreError(f"{self._where(c)} does not decode ({type(e).__name__}: {e})") from None
 
     def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
-        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems]."""
+        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems].
+
+        blosc chunks go through `chunk_kernel` (one call per run and file, no Python per chunk); a chunk it stops at
+        (missing, failing a check) is read again by `decode`, which raises the error naming it (or, in a v1 store,
+        fills a chunk never written), and the kernel goes on after it."""
         chunk = self.layout.chunk_elems
+        fast = self.layout.codec == "blosc" and chunk_kernel.available()
+        chunk_bytes = chunk * self.layout.dtype.itemsize
         for (c0, c1), base in zip(runs, bases):
-            for c in range(c0, c1 + 1):
-                self.decode(c, pool[base + (c - c0) * chunk : base + (c - c0 + 1) * chunk])
+            c = c0
+            while c <= c1:
+                file_id, k0 = divmod(c, self._per_file)
+                n = min(self._per_file - k0, c1 - c + 1)  # chunks of the run in this file
+                at = base + (c - c0) * chunk
+                done = 0
+                if fast and (f := self._file(file_id)).buf is not None:
+                    got = chunk_kernel.decode_blosc_chunks(
+                        f.buf, f.offsets[k0 : k0 + n], f.nbytes[k0 : k0 + n], self.layout.checksum, VERIFY_CHECKSUMS,
+                        pool[at : at + n * chunk], chunk_bytes,
+                    )  # fmt: skip
+                    done = n if got < 0 else got
+                if done < n:  # the Python path: every chunk, or the one the kernel stopped at
+                    for j in range(done, done + 1 if fast else n):
+                        self.decode(c + j, pool[at + j * chunk : at + (j + 1) * chunk])
+                    done = done + 1 if fast else n
+                c += done
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Elements [lo, hi) as a new array, every chunk they touch checked and decoded once."""

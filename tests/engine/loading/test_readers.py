@@ -19,11 +19,11 @@ from engine.store.format import Store
 
 @pytest.fixture(scope="module")
 def chunky_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
-    """The tiny inputs, unshuffled, with 128-element chunks: many chunks per shard and several files each."""
+    """The tiny inputs, unshuffled, with 32-element chunks: many chunks per shard and several files each."""
     from engine.store.ingest import IngestConfig, ingest
 
     out = tmp_path_factory.mktemp("readers") / "chunky.store"
-    ingest(tiny_h5ads, out, IngestConfig(shard_cells=500, obs_keys=("cell_type",), shuffle=False, chunk_elements=128))
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=500, obs_keys=("cell_type",), shuffle=False, chunk_elements=32))
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine.errors import CellrayError, SamplerError
-from engine.loading.sampler import Sampler, SamplerConfig, split_mask
+from engine.loading.sampler import Sampler, SamplerConfig, auto_block_size, split_mask
 
 SHARDS = [401, 333, 97, 652]  # odd sizes, 1,483 cells
 
@@ -163,3 +163,13 @@ def test_planning_1e9_cells_for_256_ranks_is_fast_and_small():
     assert first.n_batches == cfg.buffer_batches and last.n_batches >= 1
     assert elapsed < 2.0, f"planning took {elapsed:.2f} s"
     assert peak < 500 * 2**20, f"planning peaked at {peak / 2**20:.0f} MB"
+
+
+def test_default_block_holds_about_65536_non_zeros_and_at_least_one_chunk():
+    for per_cell in (20, 100, 700, 1_500):
+        n_cells = 200_000
+        block = auto_block_size(n_cells, n_cells * per_cell, 16_384)
+        assert 2**15 / 1.5 <= block * per_cell <= 2**17 * 1.5  # about 65,536 (a power of two of cells)
+        assert block == auto_block_size(n_cells, n_cells * per_cell, 65_536)  # small chunks leave the block alone
+    assert auto_block_size(200_000, 200_000 * 500, 1 << 20) * 500 >= 1 << 19  # a big chunk: a block spans about one
+    assert auto_block_size(1_000, 1_000, 16_384) == 4096 and auto_block_size(10, 10**9, 16_384) == 32  # the bounds

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
+from engine.errors import StoreError
+from engine.store import chunk_kernel
 from engine.store.chunkfile import ArrayReader
 
 
@@ -34,3 +36,57 @@ def test_other_layouts_are_left_to_zarr_python(tmp_path):
     gz[:] = 1
     assert ArrayReader.open(tmp_path / "2d") is None and ArrayReader.open(tmp_path / "gzip") is None
     assert ArrayReader.open(tmp_path / "nothing") is None
+
+
+def _blosc_store_array(path, values, chunk: int, per_file: int):
+    """A 1-D array laid out as a store's X/data: sharded, blosc, crc32c after each chunk."""
+    arr = zarr.create_array(
+        str(path),
+        shape=values.shape,
+        chunks=(chunk,),
+        shards=(chunk * per_file,),
+        dtype=values.dtype,
+        compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), zarr.codecs.Crc32cCodec()],
+        config={"write_empty_chunks": True},
+    )
+    arr[:] = values
+    return arr
+
+
+def test_chunk_kernel_decodes_runs_across_files_like_zarr_python(tmp_path):
+    """The store's layout goes through the one-call kernel (available on every platform cellray ships for), and runs
+    crossing file boundaries equal zarr-python's reads."""
+    values = np.random.default_rng(1).integers(0, 50, 10_000).astype(np.uint16)
+    arr = _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=8)
+    reader = ArrayReader.open(tmp_path / "a")
+    assert chunk_kernel.available() and reader.layout.codec == "blosc" and reader.layout.checksum
+    f = reader._file(0)
+    dest = np.empty(8 * 100, dtype=np.uint16)
+    assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, True, dest, 200) == -1
+    assert np.array_equal(dest, values[:800])
+    for lo, hi in [(0, 10_000), (750, 1_650), (799, 801), (9_950, 10_000)]:
+        assert np.array_equal(reader.read(lo, hi), arr[lo:hi])
+
+
+@pytest.mark.parametrize("damage", ["byte", "header_size"])
+def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, damage):
+    values = np.random.default_rng(2).integers(0, 50, 1_600).astype(np.uint16)
+    _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=16)
+    reader = ArrayReader.open(tmp_path / "a")
+    off, n = reader._file(0).index[5]
+    file = tmp_path / "a" / "c" / "0"
+    raw = bytearray(file.read_bytes())
+    if damage == "byte":
+        raw[off + n // 2] ^= 0xFF  # inside the compressed bytes: the checksum fails
+    else:
+        raw[off + 4 : off + 8] = (400).to_bytes(4, "little")  # the header's decoded size: caught with checks off too
+    file.write_bytes(bytes(raw))
+    reader = ArrayReader.open(tmp_path / "a")
+    f = reader._file(0)
+    dest = np.zeros(1_600, dtype=np.uint16)
+    verify = damage == "byte"
+    assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, verify, dest, 200) == 5
+    assert np.array_equal(dest[:500], values[:500]) and not dest[500:].any()  # nothing decoded past the bad chunk
+    with pytest.raises(StoreError, match=r"chunk 5 \(file c/0\)"):
+        reader.read(0, 1_600)
+    assert np.array_equal(reader.read(0, 500), values[:500]) and np.array_equal(reader.read(600, 1_600), values[600:])
