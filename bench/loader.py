@@ -19,8 +19,7 @@ Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell, one shard
 Columns: `cpu` is CPU microseconds per cell of everything that loads: the loading process (all its threads) for
 cellray local mode and annbatch; the consumer, its reader actors and the raylet for Ray mode. `verify` is what
 checking each chunk's crc32c costs a reader: 1 - its CPU with checks off / on, each buffer read both ways back to
-back in one reader thread (see `verify_cost`; the JSON also has `crc_share`, the time inside the checks, an upper
-bound);
+back in one reader thread (see `verify_cost`);
 `decoded` is elements decompressed per element delivered; `decode 1c` the rate at which one core only decompresses
 every chunk of the store once, `of lim` cellray's share of it. The loaders take turns (`--rounds`), so load from
 other processes hits each alike; the CPU columns are the steadier figures on a shared machine.
@@ -195,9 +194,8 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
     """What checking chunk checksums costs a reader, reading the loader's buffers in one reader thread:
     - "cost": 1 - CPU with checks off / CPU with checks on. Each buffer is read with checks on and off back to back,
       the order alternating from buffer to buffer, so load from other processes and cache warmth hit both alike
-      (thread CPU time, summed over `rounds` passes);
-    - "crc_share": time inside the crc32c calls / the reader's CPU with checks on: an upper bound, because the
-      check is the first to read each compressed chunk from memory, which the decoder then finds in cache."""
+      (thread CPU time, summed over `rounds` passes). The checks run inside the decode kernel
+      (`engine.store.chunk_kernel`), so this pairing is the one measure of them."""
     import threading
 
     import engine.store.chunkfile as chunks
@@ -212,22 +210,10 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
             cells += plans[-1].n_cells
         epoch += 1
     reader = BufferReader(loader.store, None, "csr")
-    real = chunks.google_crc32c
-    spent = [0.0]
-
-    class TimedCrc:
-        @staticmethod
-        def value(data):
-            t0 = time.perf_counter()
-            v = real.value(data)
-            spent[0] += time.perf_counter() - t0
-            return v
-
     cpu = {True: 0.0, False: 0.0}
 
     def run() -> None:
         reader.read(plans[0])
-        chunks.google_crc32c = TimedCrc
         try:
             for r in range(rounds):
                 for i, plan in enumerate(plans):
@@ -237,14 +223,14 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
                         reader.read(plan)
                         cpu[flag] += time.thread_time() - t0
         finally:
-            chunks.google_crc32c, chunks.VERIFY_CHECKSUMS = real, True
+            chunks.VERIFY_CHECKSUMS = True
 
     thread = threading.Thread(target=run)  # a reader thread, as in local mode (blosc runs single-threaded there)
     thread.start()
     thread.join()
     reader.close()
     loader.close()
-    return {"cost": 1 - cpu[False] / cpu[True], "crc_share": spent[0] / cpu[True]}
+    return {"cost": 1 - cpu[False] / cpu[True]}
 
 
 def decode_limit(store: Path, passes: int = 3) -> float:
@@ -414,7 +400,6 @@ def compare(args, peer: str | None) -> None:
                     "decode_limit": limit,
                     "decoded": m["decoded"],
                     "verify_cost": None if with_t else round(checks["cost"], 4),
-                    "crc_share": None if with_t else round(checks["crc_share"], 4),
                     "ratio_vs_annbatch": ratio(m["local"], m["annbatch"]),
                     "cpu_ratio_vs_annbatch": ratio(m["annbatch_cpu"], m["local_cpu"]),
                     "ray_vs_local": ratio(m["ray"], m["local"]),

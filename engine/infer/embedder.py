@@ -106,6 +106,7 @@ class Embedder:
 
         from engine.loading.chunks import StoreBlocks
         from engine.preprocess.transforms import Pipeline
+        from engine.store import chunk_kernel
 
         if plan.threads:
             torch.set_num_threads(plan.threads)
@@ -117,6 +118,7 @@ class Embedder:
         self.model.to(self.device)
         self.store = Store.open(plan.store)
         self.blocks = StoreBlocks(self.store)
+        chunk_kernel.warm()  # numba's start-up here, not inside the first part's time
         bind: Any = (
             Store.open(plan.pipeline_store)
             if plan.pipeline_store

@@ -220,6 +220,10 @@ def reader_actor_class():
             # a reader is one thread of work by design (its CPU share is reserved), so decode on this thread
             blosc.use_threads = False
             self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
+            if direct_io:
+                from engine.store import chunk_kernel
+
+                chunk_kernel.warm()  # numba's start-up at set-up, not inside the first read
             self.arena = None  # batches in shared memory, when the consumer is on this node
             if shared is not None and shared[0] == ray.get_runtime_context().get_node_id():
                 from engine.loading.shm import Arena

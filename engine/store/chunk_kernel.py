@@ -46,6 +46,14 @@ def available() -> bool:
     return _functions() is not None
 
 
+def warm() -> None:
+    """Load the compiled kernel now (numba's cache and JIT start-up, ~0.1-0.5 s in a fresh process), so that a
+    reader pays it when it is set up rather than inside its first read."""
+    if available():
+        empty = np.empty(0, dtype=np.int64)
+        decode_blosc_chunks(np.empty(0, dtype=np.uint8), empty, empty, True, True, np.empty(0, dtype=np.uint8), 1)
+
+
 # The C functions are called through their addresses, passed as plain integers: the kernel caches like any other
 # (a ctypes function object would be a "dynamic global") and each call is dispatched on ints and arrays only.
 _I8P = ir.IntType(8).as_pointer()

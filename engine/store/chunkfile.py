@@ -32,7 +32,6 @@ import google_crc32c
 import numpy as np
 
 from engine.errors import StoreError
-from engine.store import chunk_kernel
 
 MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
 _U32 = struct.Struct("<I")
@@ -287,6 +286,8 @@ class ArrayReader:
         blosc chunks go through `chunk_kernel` (one call per run and file, no Python per chunk); a chunk it stops at
         (missing, failing a check) is read again by `decode`, which raises the error naming it (or, in a v1 store,
         fills a chunk never written), and the kernel goes on after it."""
+        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
+
         chunk = self.layout.chunk_elems
         fast = self.layout.codec == "blosc" and chunk_kernel.available()
         chunk_bytes = chunk * self.layout.dtype.itemsize
