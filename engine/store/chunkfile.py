@@ -12,8 +12,9 @@ Every chunk is checked before it is decoded: its crc32c (format v2), its presenc
 entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
 zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
 decompressed straight from the page cache into their destination (blosc and zstd release the GIL, so reader threads
-overlap). `Store.read_array` and the loader's `StoreBlocks` both read through `ArrayReader`; any other layout falls
-back to zarr-python.
+overlap). A run of blosc chunks is checked and decoded in one numba call (`engine.store.chunk_kernel`): the same
+checks, no Python per chunk. `Store.read_array` and the loader's `StoreBlocks` both read through `ArrayReader`; any
+other layout falls back to zarr-python.
 """
 
 from __future__ import annotations
@@ -129,23 +130,22 @@ def decompress(codec: str, raw, dest: np.ndarray | None = None):
 
 class _MappedFile(NamedTuple):
     """One file of an array: its map and a read-only uint8 view of it (None for a v1 file never written), and each
-    chunk's (offset, nbytes) as Python ints (`index`) and as int64 arrays (the kernel's; -1: missing)."""
+    chunk's offset and nbytes in it (int64; -1: missing, which the zarr index writes as 2**64 - 1)."""
 
     map: Any
     buf: np.ndarray | None
-    index: list[tuple[int, int]]
     offsets: np.ndarray
     nbytes: np.ndarray
 
     @classmethod
     def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray) -> _MappedFile:
         signed = np.ascontiguousarray(index, dtype="<u8").view("<i8")  # MISSING (2**64 - 1) reads as -1
-        return cls(mm, buf, [(int(o), int(n)) for o, n in index.tolist()], signed[:, 0].copy(), signed[:, 1].copy())
+        return cls(mm, buf, signed[:, 0].copy(), signed[:, 1].copy())
 
     @classmethod
     def absent(cls, n_chunks: int) -> _MappedFile:
         missing = np.full(n_chunks, -1, dtype=np.int64)
-        return cls(None, None, [(MISSING, MISSING)] * n_chunks, missing, missing)
+        return cls(None, None, missing, missing)
 
 
 class ArrayReader:
@@ -245,11 +245,12 @@ class ArrayReader:
 
     def _raw(self, c: int) -> tuple[np.ndarray, Any, int] | None:
         """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
-        a v1 chunk never written. Per-chunk work here is kept to plain ints: small blocks decode thousands a second."""
+        a v1 chunk never written. blosc runs go through `chunk_kernel` instead; this is the path of other codecs
+        (X/indptr), of v1 stores' missing chunks, and of the chunk the kernel stopped at (to name its fault)."""
         file_id, k = divmod(c, self._per_file)
-        mm, buf, index, _, _ = self._file(file_id)
-        off, n = index[k]
-        if off == MISSING:
+        mm, buf, offsets, nbytes = self._file(file_id)
+        off, n = int(offsets[k]), int(nbytes[k])
+        if off < 0:
             if self.strict and c < self.layout.n_chunks:
                 raise StoreError(f"{self._where(c)} is missing from its chunk file's index")
             return None

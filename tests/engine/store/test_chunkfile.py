@@ -73,7 +73,8 @@ def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, dam
     values = np.random.default_rng(2).integers(0, 50, 1_600).astype(np.uint16)
     _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=16)
     reader = ArrayReader.open(tmp_path / "a")
-    off, n = reader._file(0).index[5]
+    f = reader._file(0)
+    off, n = int(f.offsets[5]), int(f.nbytes[5])
     file = tmp_path / "a" / "c" / "0"
     raw = bytearray(file.read_bytes())
     if damage == "byte":
