@@ -47,7 +47,7 @@ def available() -> bool:
 
 
 def warm() -> None:
-    """Load the compiled kernel now (numba's cache and JIT start-up, ~0.1-0.5 s in a fresh process), so that a
+    """Load the compiled kernel now (numba's cache and JIT start-up: ~1.3 s in a fresh process here), so that a
     reader pays it when it is set up rather than inside its first read."""
     if available():
         empty = np.empty(0, dtype=np.int64)

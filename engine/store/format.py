@@ -51,7 +51,7 @@ MANIFEST_KEY = "cellray"
 # Elements per compressed chunk of X/data and X/indices, and chunks per file (zarr sharding). A random block of
 # cells decodes about one chunk more than it uses: chunks of a quarter of the loader's default block (65,536
 # values) keep that to ~1.2x (1.5-1.9x with 65,536-value chunks), and `engine.store.chunk_kernel` decodes a run of
-# small chunks in one call. Files stay 16 MB of values (256 chunks).
+# small chunks in one call. A file holds 4,194,304 values, as before.
 DEFAULT_CHUNK_ELEMENTS = 1 << 14
 DEFAULT_CHUNKS_PER_FILE = 256
 INDPTR_CHUNK = 1 << 16  # cells per chunk of X/indptr
