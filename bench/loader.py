@@ -117,10 +117,9 @@ def time_cellray(store: Path, mode: str, epochs: int, verify: bool = True, **kw)
 def _ray_processes(loader) -> list:
     """The processes that do a Ray-mode loader's work: this one, its reader actors, and this node's raylet."""
     import psutil
-    import ray
 
     procs = [psutil.Process()]
-    procs += [psutil.Process(ray.get(a.pid.remote())) for a in loader._actors]
+    procs += [psutil.Process(r.pid) for r in loader.reader_processes()]
     procs += [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
     return procs
 
@@ -133,10 +132,14 @@ def _cpu_seconds(procs) -> float:
     return total
 
 
-def _time_loader(store: Path, mode: str, epochs: int, group: int = 1, **kw) -> dict:
+def _time_loader(
+    store: Path, mode: str, epochs: int, group: int = 1, block_size: int | None = None, buffer_blocks: int = 16, **kw
+) -> dict:
     from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
 
-    loader = Loader(store, BATCH, mode=mode, **kw)
+    plan = SamplerConfig(batch_size=BATCH, block_size=block_size, buffer_blocks=buffer_blocks)
+    loader = Loader(store, plan, mode=mode, **kw)
     rates, cpu, procs = [], [], None
     try:
         for epoch in range(epochs + 1):  # the first sample warms up (numba cache, torch import, file opens)
@@ -149,7 +152,7 @@ def _time_loader(store: Path, mode: str, epochs: int, group: int = 1, **kw) -> d
             if epoch:
                 rates.append(cells / (time.perf_counter() - t0))
                 cpu.append(((_cpu_seconds(procs) if procs else time.process_time()) - c0) / cells)
-        stats = loader._reader.blocks.stats if mode == "local" else {}
+        stats = loader.decode_stats() if mode == "local" else {}
     finally:
         loader.close()
     decoded = stats["decoded"] / stats["used"] if stats.get("used") else None
@@ -201,8 +204,10 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
     import engine.store.chunkfile as chunks
     from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
+    from engine.loading.sampler import SamplerConfig
 
-    loader = Loader(store, BATCH, mode="local", output="csr", block_size=block, buffer_blocks=buffer_blocks)
+    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
+    loader = Loader(store, plan, mode="local", output="csr")
     plans, cells, epoch = [], 0, 0
     while cells < min_cells:
         for j in range(loader.sampler.n_buffers):
@@ -250,7 +255,7 @@ def decode_limit(store: Path, passes: int = 3) -> float:
             r = ArrayReader.open(Path(s.where(shard, name)))
             lay = r.layout
             for file_id in range(-(-lay.n_chunks * lay.chunk_elems // lay.file_elems)):
-                f = r._file(file_id)
+                f = r.mapped_file(file_id)
                 n = min(len(f.offsets), lay.n_chunks - file_id * (lay.file_elems // lay.chunk_elems))
                 files.append((f.buf, f.offsets[:n], f.nbytes[:n], lay.checksum, lay.chunk_elems * lay.dtype.itemsize))
     dest = np.empty(max(len(o) * cb for _, o, _, _, cb in files), dtype=np.uint8)
@@ -332,6 +337,7 @@ def compare(args, peer: str | None) -> None:
     import inspect
 
     from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
@@ -349,7 +355,7 @@ def compare(args, peer: str | None) -> None:
     for name, label, n_cells, n_genes, nnz, shard_cells in datasets:
         store, inputs = prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
         s = Store.open(store)
-        probe = Loader(store, BATCH, mode="local", block_size=args.block_size)
+        probe = Loader(store, SamplerConfig(batch_size=BATCH, block_size=args.block_size), mode="local")
         block = probe.config.block_size
         # a buffer holds at least one batch (cellray rounds it up; annbatch refuses less): same count for both
         buffer_blocks = max(args.buffer_blocks or defaults["buffer_blocks"].default, -(-BATCH // block))
@@ -537,15 +543,19 @@ try:
         def run(self, rank):
             from engine.loading.loader import Loader
 
-            loader = Loader(store, 4096, rank=rank, world_size=world, mode="ray", num_workers=1, reader_cpus=0.5,
-                            output="csr")
+            from engine.loading.readers import ReadOptions
+            from engine.loading.sampler import SamplerConfig
+
+            loader = Loader(store, SamplerConfig(batch_size=4096), rank=rank, world_size=world, mode="ray",
+                            output="csr", reading=ReadOptions(readers=1, cpus_per_reader=0.5))
             for _ in loader:  # warm-up: readers started, caches and numba loaded
                 pass
-            procs = [psutil.Process()] + [psutil.Process(ray.get(a.pid.remote())) for a in loader._actors]
+            readers = loader.reader_processes()
+            procs = [psutil.Process()] + [psutil.Process(r.pid) for r in readers]
             cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
             cells = sum(b["X"].shape[0] for _ in range(epochs) for b in loader)
             cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
-            same = [ray.get(a.node_id.remote()) == ray.get_runtime_context().get_node_id() for a in loader._actors]
+            same = [r.node_id == ray.get_runtime_context().get_node_id() for r in readers]
             loader.close()
             return {"cells": cells, "cpu": cpu, "readers_on_rank_node": all(same)}
 
@@ -569,11 +579,12 @@ def profile(stores: list[str], top: int = int(os.environ.get("PROFILE_TOP", 8)))
 
     from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
+    from engine.loading.sampler import SamplerConfig
 
     rows = []
     for name in stores:
         path = Path(name) if Path(name).exists() else OUT / name
-        loader = Loader(path, BATCH, mode="local", output="csr")
+        loader = Loader(path, SamplerConfig(batch_size=BATCH), mode="local", output="csr")
         plans = [loader.sampler.buffer(e, j) for e in range(2) for j in range(loader.sampler.n_buffers)]
         reader = BufferReader(loader.store, None, "csr")
         result: dict = {}

@@ -155,6 +155,7 @@ def held_out(checkpoint: Path, store: Path, spec) -> dict[str, float]:
     import torch
 
     from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
     from engine.train.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
@@ -166,13 +167,12 @@ def held_out(checkpoint: Path, store: Path, spec) -> dict[str, float]:
         torch.random.fork_rng(devices=[]),
         Loader(
             store,
-            batch_size=256,
+            SamplerConfig(
+                batch_size=256, split="val", val_fraction=spec.data.val_fraction, remainder="pad", shuffle=False
+            ),
             transforms=spec.data.transforms or None,
             obs_keys=tuple(spec.data.obs_keys),
-            split="val",
-            val_fraction=spec.data.val_fraction,
             mode="local",
-            remainder="pad",
         ) as loader,
     ):
         torch.manual_seed(0)

@@ -95,8 +95,8 @@ def main() -> None:
     import ray
     from ray.job_submission import JobSubmissionClient
 
+    from jobs.cluster.local import start_cluster, stop_cluster
     from jobs.scheduler.client import connect, scheduler
-    from jobs.scheduler.cluster import start_cluster, stop_cluster
 
     with tempfile.TemporaryDirectory(prefix="cellray-bench-") as d:
         state = Path(d) / "state"

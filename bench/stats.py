@@ -91,7 +91,7 @@ def prepare(work: Path, quick: bool) -> dict[str, Path]:
     stores = {}
     with ray_session():
         for name, paths in inputs.items():
-            stores[name] = ingest(paths, work / f"{name}.store", IngestConfig(shard_cells=20_000)).path
+            stores[name] = ingest(paths, work / f"{name}.store", IngestConfig(shard_cells=20_000)).store.path
     return stores
 
 

@@ -90,13 +90,14 @@ def in_memory_run(store: Path, model: str, steps: int) -> dict:
 
     import models
     from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
     from engine.train.data import open_run_data
 
     spec = spec_for(store, Path("unused"), model, steps, 0, False)
     config = open_run_data(spec).model_config
     _, transforms = MODELS[model]
     with Loader(
-        store, batch_size=BATCH, transforms=transforms or None, mode="local", obs_keys=("cell_type",)
+        store, SamplerConfig(batch_size=BATCH), transforms=transforms or None, mode="local", obs_keys=("cell_type",)
     ) as loader:
         batches = [b for _, b in zip(range(20), loader)]
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ plus runtime.py (where work runs: in-process or Ray), errors.py, config.py (the 
 helpers atomic.py, hashing.py, progress.py. A stage imports only the stages above it in this list.
 
 The public entry points are importable from here without importing torch or Ray up front:
-`Store`, `open_anndata`, `ingest`, `Pipeline`, `compute_stats`, `Loader`, `pretrain`, `embed`.
+`Store`, `open_anndata`, `ingest`, `Pipeline`, `compute_stats`, `Loader` (with `SamplerConfig`, `ReadOptions`),
+`pretrain`, `embed`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _PUBLIC = {
     "StatsConfig": "engine.preprocess.stats",
     "load_stats": "engine.preprocess.stats",
     "Loader": "engine.loading.loader",
+    "SamplerConfig": "engine.loading.sampler",
+    "ReadOptions": "engine.loading.readers",
     "PretrainConfig": "engine.train.config",
     "pretrain": "engine.train.driver",
     "load_checkpoint": "engine.train.checkpoint",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import CellrayError
+from engine.errors import CellrayError, cellray_cause
 from engine.progress import Progress, silent
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,9 @@ def map_tasks(
         except ray.exceptions.RayTaskError as e:
             for ref in pending:
                 ray.cancel(ref)
-            if isinstance(e.cause, CellrayError):
-                raise e.cause from None
+            cause = cellray_cause(e)
+            if cause is not None:
+                raise cause from None
             raise
         done += 1
         report(stage, done, len(calls))

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from engine.errors import CellrayError
+from engine.errors import CellrayError, causes
 from engine.runtime import INSECURE_ENV
 
 # Modules under jobs.commands, each with `register(subparsers)` adding its subcommands.
@@ -38,21 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(error: BaseException) -> tuple[str, bool]:
     """(one line for the user, whether it is an expected error rather than a bug in cellray)."""
-    seen: set[int] = set()
-    todo = [error]
-    while todo:  # the error behind Ray's wrappers (RayTaskError.cause, TrainingFailedError's worker failures)
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(error):  # the error behind Ray's wrappers
         if isinstance(e, CellrayError):
             return str(e), True
         if isinstance(e, OSError) and e.strerror:
             where = f"{e.filename}: " if e.filename else ""
             return f"{where}{e.strerror}", True
-        cause = getattr(e, "cause", None)
-        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__]
-        todo += list(getattr(e, "worker_failures", {}).values())
     text = str(error).strip().splitlines()
     return f"internal error: {type(error).__name__}: {text[0] if text else ''} (rerun with --debug for details)", False
 

@@ -94,6 +94,25 @@ def tiny_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def multinode_drill(tiny_store, tmp_path_factory) -> dict:
+    """What tests/multinode_drill.py saw on its 4-node `ray.cluster_utils.Cluster` (reader placement, then the loss of
+    a node during training), run once for the tests that check it: one cluster start for both."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    work = tmp_path_factory.mktemp("multinode")
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "multinode_drill.py"), str(tiny_store), str(work)],
+        env=env, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -36,10 +36,10 @@ import pandas as pd
 
 import models
 from engine.atomic import replace_atomically, writer_lock
-from engine.errors import CellrayError, InferError
+from engine.errors import CellrayError, InferError, cellray_cause
 from engine.infer.config import EmbedConfig
 from engine.infer.embedder import Embedder, Plan, Run, inference_transforms, needs_stats
-from engine.infer.parts import Layout, PartsOutput
+from engine.infer.parts import Layout, PartsOutput, finished_output, is_embed_output
 from engine.infer.predict import OBSM_KEY, PRED_KEY, PRED_PROB_KEY, Head
 from engine.infer.vocab import GeneMap, category_maps, map_genes
 from engine.progress import Progress, silent
@@ -49,7 +49,7 @@ from engine.train.checkpoint import MODEL_FILE, gene_fingerprint, latest_checkpo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "run_embed"]
+__all__ = ["OBSM_KEY", "EmbedResult", "Embedder", "embed", "plan_embed", "run_embed"]
 
 MAX_PART_CELLS = 131_072  # default cap on a part (one store shard): 256 MB of outputs at 512 dims
 IN_FLIGHT_PER_ACTOR = 2  # an actor computes one part while it writes the one before
@@ -134,41 +134,6 @@ def _staging(out: Path) -> Path:
     return out.parent / f".{out.name}.parts"
 
 
-def _completed(out: Path) -> dict[str, Any] | None:
-    """{fingerprint, dim, predicts} of a finished output at `out` (None: not a finished cellray output)."""
-    import anndata as ad
-
-    try:
-        if out.suffix == ".h5ad":
-            import h5py
-
-            with h5py.File(out, "r") as f:
-                uns = ad.io.read_elem(f["uns/cellray"])
-                dim = f["obsm"][OBSM_KEY].shape[1]
-        else:
-            run = PartsOutput(out).read_run()
-            if not run or not run.get("complete"):
-                return None
-            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
-            dim = run["widths"][OBSM_KEY]
-        return {"fingerprint": str(uns["fingerprint"]), "dim": int(dim), "predicts": uns.get("label_key")}
-    except (OSError, KeyError, ValueError, CellrayError):
-        return None
-
-
-def _ours(out: Path) -> bool:
-    """Whether `out` is an output of cellray embed (what --overwrite may replace)."""
-    if out.suffix == ".h5ad" and out.is_file():
-        import h5py
-
-        try:
-            with h5py.File(out, "r") as f:
-                return "uns/cellray/fingerprint" in f
-        except OSError:
-            return False
-    return (out / ".cellray" / "run.json").is_file()
-
-
 def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
     """How many actors, and each one's resources; refuses what the cluster cannot hold."""
     import ray
@@ -191,12 +156,27 @@ def _actors(config: EmbedConfig, n_parts: int) -> tuple[int, dict[str, float]]:
     return max(1, min(n, n_parts)), opts
 
 
-def run_embed(config: EmbedConfig, address: str | None = None, progress: Progress | None = None) -> EmbedResult:
-    """Embed every cell of `config.store` with `config.checkpoint`; write `config.out` (see the module doc)."""
-    import ray
+@dataclass(frozen=True)
+class Resolved:
+    """What an embed run resolved before it writes anything: the checkpoint, the store, the actors' `Plan`, the
+    output's layout and the fingerprint that ties committed parts to all of them."""
 
-    t0 = time.perf_counter()
-    progress = progress or silent
+    out: Path
+    checkpoint: Path
+    meta: dict[str, Any]
+    store: Store
+    plan: Plan
+    layout: Layout
+    components: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def plan_embed(config: EmbedConfig) -> Resolved:
+    """Check an embed config against its checkpoint and store, and resolve what the run will do (writes nothing)."""
     out = Path(config.out)
     if out.suffix not in (".h5ad", ".zarr"):
         raise InferError(f"{out}: --out must end in .zarr (an AnnData zarr directory) or .h5ad")
@@ -212,7 +192,6 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     labels = (model_cfg.label_key,) if getattr(model_cfg, "n_classes", 0) else ()
     categories = category_maps(meta, store.manifest.obs_schema, tuple(model_cfg.obs_keys()), where, labels)
     pipeline_store = _bind_transforms(transforms, meta, store, genes)
-    step = int(meta["step"])
     plan = Plan(
         checkpoint=str(ckpt.resolve()),
         store=str(store.path.resolve()),
@@ -229,92 +208,57 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     )
     layout = Layout(store.n_cells, _part_cells(config, store))
     components = {
-        "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{step}",
+        "checkpoint": _sha256_file(ckpt / MODEL_FILE) + f"@{int(meta['step'])}",
         "store": _digest([[s.n_cells, s.checksum] for s in store.manifest.shards] + [store.n_genes]),
         "transforms": _digest(
             [transforms, _stats_digest(pipeline_store), genes.fingerprint, gene_fingerprint(store.gene_ids), categories]
         ),
         "layout": [layout.n_cells, layout.part_cells],
     }
-    fingerprint = _digest(components)
-    result = EmbedResult(out=out, n_cells=store.n_cells, dim=0, checkpoint=ckpt, step=step, parts=layout.n_parts)
-    if out.exists() and config.overwrite and not _ours(out):
+    return Resolved(out, ckpt, meta, store, plan, layout, components, _digest(components))
+
+
+def run_embed(config: EmbedConfig, address: str | None = None, progress: Progress | None = None) -> EmbedResult:
+    """Embed every cell of `config.store` with `config.checkpoint`; write `config.out` (see the module doc)."""
+    t0 = time.perf_counter()
+    r = plan_embed(config)
+    out = r.out
+    result = EmbedResult(
+        out=out, n_cells=r.store.n_cells, dim=0, checkpoint=r.checkpoint, step=r.step, parts=r.layout.n_parts
+    )
+    if out.exists() and config.overwrite and not is_embed_output(out):
         raise InferError(f"{out}: exists and is not an output of cellray embed: refusing to replace it")
     if out.exists() and not config.overwrite:
-        done = _completed(out)
-        if done is not None and done["fingerprint"] == fingerprint:
+        done = finished_output(out)
+        if done is not None and done["fingerprint"] == r.fingerprint:
             log.info("%s: already complete for this checkpoint, store and transforms", out)
             result.dim, result.predicts = done["dim"], done["predicts"]
             result.seconds = time.perf_counter() - t0
             return result
         raise InferError(f"{out}: already exists (pass --overwrite to replace it)")
-    output = PartsOutput(plan.out)
+    output = PartsOutput(r.plan.out)
     previous = output.read_run()
-    if previous is not None and previous.get("fingerprint") != fingerprint and not config.overwrite:
-        changed = [k for k, v in components.items() if previous.get("components", {}).get(k) != v]
+    if previous is not None and previous.get("fingerprint") != r.fingerprint and not config.overwrite:
+        changed = [k for k, v in r.components.items() if previous.get("components", {}).get(k) != v]
         raise InferError(
             f"{out}: an unfinished run with another {' and '.join(changed) or 'fingerprint'} is in {output.root} "
-            f"(fingerprint {previous.get('fingerprint')}, now {fingerprint}): pass --overwrite to start over"
+            f"(fingerprint {previous.get('fingerprint')}, now {r.fingerprint}): pass --overwrite to start over"
         )
-
-    r = config.resources
+    res = config.resources
     local = config.executor == "local" or (
         config.executor == "auto"
         and address is None
-        and not r.workers
-        and not r.gpus_per_worker
-        and store.x_bytes < LOCAL_MAX_BYTES
+        and not res.workers
+        and not res.gpus_per_worker
+        and r.store.x_bytes < LOCAL_MAX_BYTES
     )
     with writer_lock(out), contextlib.nullcontext() if local else ray_session(address):
-        run = output.read_run()  # again, under the lock
-        if run is not None and (run.get("fingerprint") != fingerprint or config.overwrite):
-            if run.get("fingerprint") != fingerprint and not config.overwrite:
-                raise InferError(f"{out}: another run changed {output.root} meanwhile; run again")
-            run = None
-        done = output.committed(fingerprint) if run is not None else {}
-        todo = [k for k in range(layout.n_parts) if k not in done]
-        actors = [] if local or not todo else _start_actors(config, plan, len(todo))
-        embedder = Embedder(dataclasses.replace(plan, threads=0)) if local and (todo or run is None) else None
-        try:
-            if run is None:  # a fresh output: widths and head from the model, run by an actor on two cells
-                widths, head = embedder.describe() if local else _get(actors[0].describe.remote(), where)
-                rows = _create_skeleton(output, store, layout, widths, head)
-                run = {
-                    "fingerprint": fingerprint,
-                    "components": components,
-                    "rows": rows,
-                    "n_parts": layout.n_parts,
-                    "widths": widths,
-                    "head": dataclasses.asdict(head) if head else None,
-                    "complete": False,
-                }
-                output.write_run(run)
-            spec = Run(layout, fingerprint, tuple(run["rows"]))
-            output.clean(todo, list(spec.rows))
-            result.parts_run = len(todo)
-            log.info(
-                "%s: %d parts, %d committed earlier, %d to do %s",
-                out,
-                layout.n_parts,
-                len(done),
-                len(todo),
-                "in this process" if local else f"on {len(actors)} actors",
-            )
-            if todo:
-                run_parts = _run_parts_here if local else _run_parts
-                records = run_parts(embedder if local else actors, spec, todo, len(done), progress, where)
-                result.cells_run = sum(r["rows"] for r in records)
-                result.parts_seconds = max(r["committed"] for r in records) - min(r["started"] for r in records)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-        if len(output.committed(fingerprint)) != layout.n_parts:
-            raise InferError(f"{out}: some parts are not committed; run again to finish them")
+        run = _embed_parts(config, r, output, local, progress or silent, result)
         head = Head(**run["head"]) if run.get("head") else None
-        output.finish({"cellray": _uns(ckpt, meta, store, plan, layout, fingerprint, components, head)})
+        output.finish({"cellray": _uns(r, head)})
         output.write_run({**run, "complete": True})
         if out.suffix == ".zarr":
-            replace_atomically(output.root, out, overwrite=True, replaceable=_ours)
+            replace_atomically(output.root, out, overwrite=True, replaceable=is_embed_output)
         else:
             from engine.infer.h5ad import write_h5ad
 
@@ -324,14 +268,59 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     result.seconds = time.perf_counter() - t0
     log.info(
         "wrote %s: %d cells x %d dims, %d parts (%d this run), %.0f cells/s",
-        out,
-        result.n_cells,
-        result.dim,
-        result.parts,
-        result.parts_run,
-        result.cells_per_s,
-    )
+        out, result.n_cells, result.dim, result.parts, result.parts_run, result.cells_per_s,
+    )  # fmt: skip
     return result
+
+
+def _embed_parts(
+    config: EmbedConfig, r: Resolved, output: PartsOutput, local: bool, progress: Progress, result: EmbedResult
+) -> dict[str, Any]:
+    """Create the output (or take up the unfinished run of the same fingerprint) and compute every part not yet
+    committed, on actors or in this process. Returns the run record; fills `result`'s counts and timings."""
+    import ray
+
+    where, layout, fingerprint = str(r.store.path), r.layout, r.fingerprint
+    run = output.read_run()  # again, under the lock
+    if run is not None and (run.get("fingerprint") != fingerprint or config.overwrite):
+        if run.get("fingerprint") != fingerprint and not config.overwrite:
+            raise InferError(f"{r.out}: another run changed {output.root} meanwhile; run again")
+        run = None
+    done = output.committed(fingerprint) if run is not None else {}
+    todo = [k for k in range(layout.n_parts) if k not in done]
+    actors = [] if local or not todo else _start_actors(config, r.plan, len(todo))
+    embedder = Embedder(dataclasses.replace(r.plan, threads=0)) if local and (todo or run is None) else None
+    try:
+        if run is None:  # a fresh output: widths and head from the model, run by an actor on two cells
+            widths, head = embedder.describe() if local else _get(actors[0].describe.remote(), where)
+            run = {
+                "fingerprint": fingerprint,
+                "components": r.components,
+                "rows": _create_skeleton(output, r.store, layout, widths, head),
+                "n_parts": layout.n_parts,
+                "widths": widths,
+                "head": dataclasses.asdict(head) if head else None,
+                "complete": False,
+            }
+            output.write_run(run)
+        spec = Run(layout, fingerprint, tuple(run["rows"]))
+        output.clean(todo, list(spec.rows))
+        result.parts_run = len(todo)
+        log.info(
+            "%s: %d parts, %d committed earlier, %d to do %s",
+            r.out, layout.n_parts, len(done), len(todo), "in this process" if local else f"on {len(actors)} actors",
+        )  # fmt: skip
+        if todo:
+            run_parts = _run_parts_here if local else _run_parts
+            records = run_parts(embedder if local else actors, spec, todo, len(done), progress, where)
+            result.cells_run = sum(rec["rows"] for rec in records)
+            result.parts_seconds = max(rec["committed"] for rec in records) - min(rec["started"] for rec in records)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if len(output.committed(fingerprint)) != layout.n_parts:
+        raise InferError(f"{r.out}: some parts are not committed; run again to finish them")
+    return run
 
 
 def _start_actors(config: EmbedConfig, plan: Plan, n_parts: int) -> list:
@@ -409,8 +398,9 @@ def _get(ref, where: str, part: int | None = None) -> Any:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, CellrayError):
-            raise e.cause from None
+        cause = cellray_cause(e)
+        if cause is not None:
+            raise cause from None
         raise InferError(f"{where}: part {part} failed: {e.cause!r}") from e
     except ray.exceptions.RayActorError as e:
         raise InferError(
@@ -434,28 +424,19 @@ def _create_skeleton(
     return output.create(layout, template, {k: (w, "float32") for k, w in widths.items()})
 
 
-def _uns(
-    ckpt: Path,
-    meta: dict,
-    store: Store,
-    plan: Plan,
-    layout: Layout,
-    fingerprint: str,
-    components: dict,
-    head: Head | None,
-) -> dict[str, Any]:
+def _uns(r: Resolved, head: Head | None) -> dict[str, Any]:
     uns = {
-        "model": meta["model"]["name"],
-        "checkpoint": str(ckpt.resolve()),
-        "step": int(meta["step"]),
-        "store": str(store.path.resolve()),
-        "vocabulary_fingerprint": plan.genes.fingerprint,
-        "genes_missing": int(plan.genes.n_missing),
-        "transforms": json.dumps(plan.transforms),
-        "fingerprint": fingerprint,
-        "components": {k: v if isinstance(v, str) else json.dumps(v) for k, v in components.items()},
-        "parts": int(layout.n_parts),
-        "part_cells": int(layout.part_cells),
+        "model": r.meta["model"]["name"],
+        "checkpoint": str(r.checkpoint.resolve()),
+        "step": r.step,
+        "store": str(r.store.path.resolve()),
+        "vocabulary_fingerprint": r.plan.genes.fingerprint,
+        "genes_missing": int(r.plan.genes.n_missing),
+        "transforms": json.dumps(r.plan.transforms),
+        "fingerprint": r.fingerprint,
+        "components": {k: v if isinstance(v, str) else json.dumps(v) for k, v in r.components.items()},
+        "parts": int(r.layout.n_parts),
+        "part_cells": int(r.layout.part_cells),
     }
     if head is not None:
         uns["label_key"] = head.label_key

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from engine.atomic import remove, write_text_atomically
-from engine.errors import InferError
+from engine.errors import CellrayError, InferError
+from engine.infer.predict import OBSM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +289,41 @@ def _obs_row_arrays(obs_group) -> list[str]:
         else:
             paths.append(col)
     return paths
+
+
+# ------------------------------------------------------------------------------------------------ finished outputs
+
+
+def finished_output(out: Path) -> dict[str, Any] | None:
+    """{fingerprint, dim, predicts} of a finished output at `out` (None: not a finished cellray output)."""
+    import anndata as ad
+
+    try:
+        if out.suffix == ".h5ad":
+            import h5py
+
+            with h5py.File(out, "r") as f:
+                uns = ad.io.read_elem(f["uns/cellray"])
+                dim = f["obsm"][OBSM_KEY].shape[1]
+        else:
+            run = PartsOutput(out).read_run()
+            if not run or not run.get("complete"):
+                return None
+            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
+            dim = run["widths"][OBSM_KEY]
+        return {"fingerprint": str(uns["fingerprint"]), "dim": int(dim), "predicts": uns.get("label_key")}
+    except (OSError, KeyError, ValueError, CellrayError):
+        return None
+
+
+def is_embed_output(out: Path) -> bool:
+    """Whether `out` is an output of cellray embed (what --overwrite may replace)."""
+    if out.suffix == ".h5ad" and out.is_file():
+        import h5py
+
+        try:
+            with h5py.File(out, "r") as f:
+                return "uns/cellray/fingerprint" in f
+        except OSError:
+            return False
+    return (out / ".cellray" / "run.json").is_file()

@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+from pydantic import Field
 
-from engine.errors import CellrayError
+from engine.config import Config
+from engine.errors import LoaderError, cellray_cause
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
 from engine.loading.sampler import BufferPlan, split_mask
@@ -58,7 +62,7 @@ class BufferReader:
         direct_io: bool = True,
     ):
         if output not in ("dense", "csr"):
-            raise CellrayError(f"output is {output!r}: expected 'dense' or 'csr'")
+            raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.blocks = StoreBlocks(self.store, direct=direct_io)
         self.pipeline = build_pipeline(transforms, self.store)
@@ -69,7 +73,7 @@ class BufferReader:
         self.obs_keys = tuple(obs_keys)
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
-            raise CellrayError(
+            raise LoaderError(
                 f"{self.store.path}: obs_keys {missing} are not in the store; it has "
                 f"{list(self.store.manifest.obs_schema)}"
             )
@@ -93,7 +97,7 @@ class BufferReader:
                 local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
             local = local[skip : skip + take]
             if len(local) != take:
-                raise CellrayError(
+                raise LoaderError(
                     f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}"
                 )
             rows.append(base + local)
@@ -108,11 +112,11 @@ class BufferReader:
         obs_a = {k: np.concatenate(v) for k, v in obs.items()}
         n = plan.n_cells
         if len(rows_a) != n:
-            raise CellrayError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
+            raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
 
         rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
         if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
-            p = np.asarray(plan.balance["weights"], dtype=np.float64)[obs_a[plan.balance["key"]]]
+            p = plan.balance.weights[obs_a[plan.balance.key]]
             if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
                 log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
                 p = np.ones(n)
@@ -161,8 +165,8 @@ class BufferReader:
 
     def _obs_needed(self, plan: BufferPlan) -> list[str]:
         keys = list(self.obs_keys)
-        if plan.balance is not None and plan.balance["key"] not in keys:
-            keys.append(plan.balance["key"])
+        if plan.balance is not None and plan.balance.key not in keys:
+            keys.append(plan.balance.key)
         return keys
 
     def _raw_x(self, pool, rows):
@@ -267,19 +271,18 @@ def reader_actor_class():
 _ACTOR_CLASS = None
 
 
-def make_reader_actor(
+def start_reader_actor(
     store_path: str,
     transforms: Any,
     output: str,
     obs_keys: Sequence[str],
     direct_io: bool = True,
     num_cpus: float = 0.5,
-    node_id: str | None = None,
     max_restarts: int = 3,
     share_memory: str | None = None,
 ):
-    """A reader actor placed on `node_id` (the node of the rank it feeds; soft, so it still starts elsewhere
-    if that node is gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads.
+    """A reader actor on this node (the node of the rank it feeds; soft, so it still starts elsewhere if this node's
+    resources are gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads.
     `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
     segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
@@ -289,12 +292,145 @@ def make_reader_actor(
     if _ACTOR_CLASS is None:
         _ACTOR_CLASS = reader_actor_class()
     here = ray.get_runtime_context().get_node_id()
-    node_id = node_id or here
     return _ACTOR_CLASS.options(
         num_cpus=num_cpus,
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
     ).remote(
         str(store_path), transforms, output, tuple(obs_keys), direct_io, (here, share_memory) if share_memory else None
     )
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class ReadOptions(Config):
+    """How a Loader reads: how many readers, their CPUs (Ray mode), how far ahead, through which chunk reader."""
+
+    error: ClassVar[type[Exception]] = LoaderError
+
+    readers: int = Field(2, gt=0)  # reader threads (mode "local") or reader actors (mode "ray")
+    cpus_per_reader: float = Field(0.5, ge=0)  # each reader actor's CPU reservation
+    prefetch: int | None = Field(None, gt=0)  # batches read ahead of the consumer; default two buffers (at least one)
+    direct_io: bool = True  # engine.store.chunkfile's checked reader; False reads through zarr-python
+
+
+@dataclass
+class InFlight:
+    """One buffer being read, and where its batches come from."""
+
+    plan: BufferPlan
+    future: Future | None = None  # thread reading
+    ref: Any = None  # actor reading: the read call's ObjectRef, until its batches are fetched
+    reader: int = 0  # actor reading: the actor that reads it
+    batches: list | None = None  # fetched; each is set to None once handed out (its memory freed)
+
+
+class ReaderProcess(NamedTuple):
+    pid: int
+    node_id: str
+
+
+class ThreadReading:
+    """Buffers read by threads of this process, sharing one BufferReader."""
+
+    def __init__(self, reader: BufferReader, threads: int):
+        self.reader = reader
+        self.threads = threads
+        self.reissued = 0  # threads never die: nothing is re-read
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, plan: BufferPlan) -> InFlight:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cellray-reader")
+        return InFlight(plan, future=self._pool.submit(self.reader.read, plan))
+
+    def batch(self, job: InFlight, b: int) -> dict[str, Any]:
+        if job.batches is None:
+            job.batches = job.future.result()
+        out, job.batches[b] = job.batches[b], None
+        return out
+
+    def processes(self) -> list[ReaderProcess]:
+        return []  # the reading is this process's own work
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class ActorReading:
+    """Buffers read by Ray reader actors on this node, one actor call per buffer. Beside this process the actors
+    hand batches over in shared memory (engine/loading/shm.py). A lost actor is replaced and its buffer re-read; an
+    error in the read itself (bad bytes, a bad spec) is deterministic: raised as cellray's own error, never retried."""
+
+    def __init__(self, store: Store, transforms: Any, output: str, obs_keys: Sequence[str], options: ReadOptions):
+        self.args = (str(store.path), transforms, output, tuple(obs_keys), options.direct_io)
+        self.options = options
+        self.reissued = 0
+        self._actors: list = []
+        self._views = None  # engine.loading.shm.SharedViews
+        self._inflight: set = set()  # read calls not fetched yet (close lets them finish: no retry noise)
+
+    def submit(self, plan: BufferPlan) -> InFlight:
+        if not self._actors:
+            from engine.loading.shm import SharedViews
+
+            self._views = SharedViews()
+            self._actors = [self._new_actor() for _ in range(self.options.readers)]
+        i = plan.index % len(self._actors)
+        # one call per buffer: a ray.get costs ~1 ms, so a buffer's batches come at once; `released` hands back the
+        # shared segments this process is done with
+        ref = self._actors[i].read_many.remote([plan], self._views.released(i))
+        self._inflight.add(ref)
+        return InFlight(plan, ref=ref, reader=i)
+
+    def batch(self, job: InFlight, b: int) -> dict[str, Any]:
+        import ray
+
+        for _attempt in range(3):
+            try:
+                if job.batches is None:
+                    self._inflight.discard(job.ref)
+                    res = ray.get(job.ref)
+                    job.batches = self._views.attach(res["buffers"][0], job.reader, res["dropped"])
+                out, job.batches[b] = job.batches[b], None
+                return out
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                # Ray's own retries are spent (or the actor is gone for good): replace it and re-issue the buffer
+                plan = job.plan
+                log.warning("reader for buffer %d of epoch %d died (%s); re-issuing it", plan.index, plan.epoch, e)
+                self._actors[job.reader] = self._new_actor()
+                self._views.forget(job.reader)
+                job.ref, job.reader = (again := self.submit(plan)).ref, again.reader
+                self.reissued += 1
+            except ray.exceptions.RayTaskError as e:
+                cause = cellray_cause(e)
+                if cause is not None:
+                    raise cause from None
+                raise
+        raise LoaderError(f"buffer {job.plan.index} of epoch {job.plan.epoch} failed on 3 fresh readers")
+
+    def processes(self) -> list[ReaderProcess]:
+        import ray
+
+        return [ReaderProcess(*ray.get([a.pid.remote(), a.node_id.remote()])) for a in self._actors]
+
+    def close(self) -> None:
+        if self._actors:
+            import ray
+
+            if self._inflight:  # let reads under way finish (a buffer each), rather than kill them mid-task
+                ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=5.0)
+                self._inflight.clear()
+            for a in self._actors:
+                ray.kill(a)
+            self._actors = []
+        if self._views is not None:
+            self._views.close()
+            self._views = None
+
+    def _new_actor(self):
+        return start_reader_actor(*self.args, self.options.cpus_per_reader, share_memory=self._views.prefix)

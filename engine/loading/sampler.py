@@ -42,30 +42,39 @@ from pydantic import Field, model_validator
 from engine.config import Config
 from engine.errors import SamplerError
 from engine.hashing import mix64
+from engine.store.format import Store
 
 SPLIT_SALT = 0x5EED_CE11_0000_0001  # fixed: the split must not move when the shuffle seed does
 
 
 class SamplerConfig(Config):
+    """What a rank reads and in which order: batches, blocks, buffers, split, remainder policy, class balance."""
+
     error: ClassVar[type[Exception]] = SamplerError
 
     batch_size: int = Field(gt=0)
-    block_size: int = Field(1024, gt=0)  # contiguous cells per read; see `auto_block_size`
+    block_size: int | None = Field(None, gt=0)  # contiguous cells per read; None: `auto_block_size` for the store
     buffer_blocks: int = Field(16, gt=0)  # blocks shuffled together in memory
     seed: int = 0
     shuffle: bool = True
     split: Literal["train", "val", "all"] = "train"
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     remainder: Literal["drop", "pad"] = "drop"
+    balance_by: str | None = None  # a categorical obs column: resample each buffer so its classes come equally
+    class_weights: dict[str, float] | None = None  # with balance_by: weight per category (default 1 / frequency)
 
     @model_validator(mode="after")
-    def _val_split_not_empty(self) -> SamplerConfig:
+    def _consistent(self) -> SamplerConfig:
         if self.split == "val" and self.val_fraction == 0.0:
             raise ValueError("split='val' with val_fraction=0: the validation split is empty (set val_fraction)")
+        if self.class_weights is not None and self.balance_by is None:
+            raise ValueError("class_weights needs balance_by (the obs column they weigh)")
         return self
 
     @property
     def buffer_batches(self) -> int:
+        if self.block_size is None:
+            raise SamplerError("block_size is not resolved: plan with Sampler.for_store, which picks it for the store")
         return max(1, math.ceil(self.buffer_blocks * self.block_size / self.batch_size))
 
     @property
@@ -83,6 +92,43 @@ def auto_block_size(n_cells: int, nnz: int, chunk_elements: int) -> int:
     per_cell = max(1.0, nnz / max(1, n_cells))
     cells = max(BLOCK_ELEMENTS, chunk_elements) / per_cell
     return int(min(4096, max(32, 2 ** round(math.log2(max(1.0, cells))))))
+
+
+# ------------------------------------------------------------------------------------------------ balance
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Class-balanced buffers: each buffer is resampled with replacement, a cell drawn with p ~ weights[its code]."""
+
+    key: str  # the categorical obs column
+    weights: np.ndarray  # float64 per category code, then a trailing 0 that code -1 (missing) indexes
+
+
+def class_balance(store: Store, key: str, class_weights: dict[str, float] | None) -> Balance:
+    """Weights per category of `key`: the given ones, or inverse class frequency (one pass over the obs codes)."""
+    schema = store.manifest.obs_schema.get(key)
+    if schema is None or "categories" not in schema:
+        raise SamplerError(
+            f"{store.path}: balance_by={key!r} needs a categorical obs column; have {list(store.manifest.obs_schema)}"
+        )
+    cats = list(schema["categories"])
+    if class_weights is not None:
+        unknown = sorted(set(class_weights) - set(cats))
+        if unknown:
+            raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({cats})")
+        w = np.array([float(class_weights.get(c, 0.0)) for c in cats])
+    else:
+        from engine.loading.chunks import StoreBlocks
+
+        blocks = StoreBlocks(store)
+        counts = np.zeros(len(cats), dtype=np.int64)
+        for shard in range(store.n_shards):
+            codes = blocks.obs_codes(shard, key)
+            counts += np.bincount(codes[codes >= 0], minlength=len(cats))[: len(cats)]
+        blocks.close()
+        w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    return Balance(key, np.concatenate([w, [0.0]]))
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -142,7 +188,7 @@ class BufferPlan:
     shuffle: bool
     split: str
     val_fraction: float
-    balance: dict[str, Any] | None = None  # {"key": obs column, "weights": float64 array indexed by code}
+    balance: Balance | None = None
     remainder: str = "drop"
 
     @property
@@ -161,7 +207,8 @@ class _Epoch:
 
 
 class Sampler:
-    """Plans epochs for one rank. `shard_cells` is the manifest's cell count per shard."""
+    """Plans epochs for one rank. `shard_cells` is the manifest's cell count per shard; `Sampler.for_store` also
+    resolves the config's block size and class balance for a store."""
 
     def __init__(
         self,
@@ -169,10 +216,14 @@ class Sampler:
         config: SamplerConfig,
         rank: int = 0,
         world_size: int = 1,
-        balance: dict[str, Any] | None = None,
+        balance: Balance | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise SamplerError(f"rank {rank} is outside world_size {world_size}")
+        if config.block_size is None:
+            raise SamplerError("block_size is not resolved: plan with Sampler.for_store, which picks it for the store")
+        if config.balance_by is not None and balance is None:
+            raise SamplerError(f"balance_by={config.balance_by!r} needs the store: plan with Sampler.for_store")
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.balance = balance
@@ -189,6 +240,17 @@ class Sampler:
         self.epoch = 0
         self.batches_done = 0
         self._cache: dict[int, _Epoch] = {}
+
+    @classmethod
+    def for_store(cls, store: Store, config: SamplerConfig, rank: int = 0, world_size: int = 1) -> Sampler:
+        """The plan of `rank` over `store`: the default block size picked for the store (`auto_block_size`), and
+        the class weights of `balance_by` read from it."""
+        m = store.manifest
+        if config.block_size is None:
+            block = auto_block_size(m.n_cells, sum(s.nnz for s in m.shards), m.chunk_elements)
+            config = config.model_copy(update={"block_size": block})
+        balance = None if config.balance_by is None else class_balance(store, config.balance_by, config.class_weights)
+        return cls([s.n_cells for s in m.shards], config, rank, world_size, balance)
 
     def for_rank(self, rank: int) -> Sampler:
         """The same plan seen by another rank, sharing the O(blocks) tables and the epoch cache."""

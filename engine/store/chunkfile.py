@@ -24,7 +24,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -128,7 +128,7 @@ def decompress(codec: str, raw, dest: np.ndarray | None = None):
     return raw
 
 
-class _MappedFile(NamedTuple):
+class MappedFile(NamedTuple):
     """One file of an array: its map and a read-only uint8 view of it (None for a v1 file never written), and each
     chunk's offset and nbytes in it (int64; -1: missing, which the zarr index writes as 2**64 - 1)."""
 
@@ -138,12 +138,12 @@ class _MappedFile(NamedTuple):
     nbytes: np.ndarray
 
     @classmethod
-    def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray) -> _MappedFile:
+    def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray) -> MappedFile:
         signed = np.ascontiguousarray(index, dtype="<u8").view("<i8")  # MISSING (2**64 - 1) reads as -1
         return cls(mm, buf, signed[:, 0].copy(), signed[:, 1].copy())
 
     @classmethod
-    def absent(cls, n_chunks: int) -> _MappedFile:
+    def absent(cls, n_chunks: int) -> MappedFile:
         missing = np.full(n_chunks, -1, dtype=np.int64)
         return cls(None, None, missing, missing)
 
@@ -163,7 +163,7 @@ class ArrayReader:
         self._max_open = max_open_files
         # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one, and evicting
         # the oldest, does.
-        self._files: dict[int, _MappedFile] = {}
+        self._files: dict[int, MappedFile] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -180,7 +180,8 @@ class ArrayReader:
         file_id = chunk * self.layout.chunk_elems // self.layout.file_elems
         return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
 
-    def _file(self, file_id: int) -> _MappedFile:
+    def mapped_file(self, file_id: int) -> MappedFile:
+        """File `file_id` of the array mapped, its chunk index read and checked (kept open; the oldest closes first)."""
         entry = self._files.get(file_id)
         if entry is None:
             with self._lock:
@@ -192,7 +193,7 @@ class ArrayReader:
                     self._files[file_id] = entry
         return entry
 
-    def _open_file(self, file_id: int) -> _MappedFile:
+    def _open_file(self, file_id: int) -> MappedFile:
         """The file mapped, its chunk index read and checked. An unsharded file is one chunk spanning the file."""
         lay = self.layout
         per_file = lay.file_elems // lay.chunk_elems
@@ -207,7 +208,7 @@ class ArrayReader:
                 what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
                 raise StoreError(f"{self.path}: chunk file {name} ({what}) is missing") from None
             # v1: zarr writes no file when every chunk in it equals the fill value
-            return _MappedFile.absent(per_file)
+            return MappedFile.absent(per_file)
         with fh:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
@@ -215,7 +216,7 @@ class ArrayReader:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
-            return _MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"))
+            return MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"))
         nbytes = per_file * 16 + 4
         last = min(first + per_file, max(1, lay.n_chunks)) - 1
         what = f"chunks {first}-{last}"
@@ -234,21 +235,14 @@ class ArrayReader:
         present = index[:, 0] != MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
-        return _MappedFile.of(mm, buf, index)
-
-    def compressed_chunks(self) -> Iterator[np.ndarray]:
-        """Every chunk's compressed bytes (checksum removed), in order (benchmarks time decoding them alone)."""
-        for c in range(self.layout.n_chunks):
-            raw = self._raw(c)
-            if raw is not None:
-                yield raw[0]
+        return MappedFile.of(mm, buf, index)
 
     def _raw(self, c: int) -> tuple[np.ndarray, Any, int] | None:
         """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
         a v1 chunk never written. blosc runs go through `chunk_kernel` instead; this is the path of other codecs
         (X/indptr), of v1 stores' missing chunks, and of the chunk the kernel stopped at (to name its fault)."""
         file_id, k = divmod(c, self._per_file)
-        mm, buf, offsets, nbytes = self._file(file_id)
+        mm, buf, offsets, nbytes = self.mapped_file(file_id)
         off, n = int(offsets[k]), int(nbytes[k])
         if off < 0:
             if self.strict and c < self.layout.n_chunks:
@@ -299,7 +293,7 @@ class ArrayReader:
                 n = min(self._per_file - k0, c1 - c + 1)  # chunks of the run in this file
                 at = base + (c - c0) * chunk
                 done = 0
-                if fast and (f := self._file(file_id)).buf is not None:
+                if fast and (f := self.mapped_file(file_id)).buf is not None:
                     got = chunk_kernel.decode_blosc_chunks(
                         f.buf, f.offsets[k0 : k0 + n], f.nbytes[k0 : k0 + n], self.layout.checksum, VERIFY_CHECKSUMS,
                         pool[at : at + n * chunk], chunk_bytes,

@@ -408,9 +408,3 @@ class Store:
         if elem.attrs.get("encoding-type") == "categorical":
             return np.asarray(elem["codes"][:]).astype(np.int64)
         return np.asarray(ad.io.read_elem(elem))
-
-    def read_shard(self, shard: int):
-        """The whole shard as an in-memory AnnData (through anndata itself, as any user would)."""
-        import anndata as ad
-
-        return ad.read_zarr(str(self.path / self.manifest.shards[shard].path))

@@ -21,6 +21,7 @@ import pickle
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,7 +40,6 @@ from engine.store.format import (
     DEFAULT_CHUNK_ELEMENTS,
     Codec,
     Manifest,
-    ShardInfo,
     Store,
     is_store,
     smallest_uint,
@@ -123,25 +123,32 @@ def _peak_rss_sampler():
     return finish
 
 
-def scatter_range(
-    path: str,
-    field_layer: str | None,
-    input_id: int,
-    start: int,
-    stop: int,
-    global_offset: int,
-    obs: pd.DataFrame,
-    gene_map: np.ndarray,
-    n_genes: int,
-    n_cells_total: int,
-    shard_cells: int,
-    scatter_dir: str,
-    config: IngestConfig,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ScatterTask:
+    """Pass 1's work on rows [start, stop) of one input: what `scatter_range` needs, picklable for a Ray task."""
+
+    path: str
+    layer: str | None
+    input_id: int
+    start: int
+    stop: int
+    global_offset: int  # the input's first cell among all inputs' cells
+    obs: pd.DataFrame  # the kept obs columns of these rows
+    gene_map: np.ndarray  # input gene -> vocabulary position (-1: dropped)
+    n_genes: int
+    n_cells_total: int
+    shard_cells: int
+    scatter_dir: str
+    config: IngestConfig
+
+
+def scatter_range(task: ScatterTask) -> dict[str, Any]:
     """Pass 1 for rows [start, stop) of one input: validate, remap, and append cells to their shard buckets."""
-    source = Source(Path(path), field_layer, annotations=False)
+    t, config = task, task.config
+    path, start, stop, gene_map, n_genes = t.path, t.start, t.stop, t.gene_map, t.n_genes
+    source = Source(Path(path), t.layer, annotations=False)
     rss = _peak_rss_sampler()  # after opening: measures the working set, not imports and obs/var
-    permute = FeistelPermutation(n_cells_total, config.seed) if config.shuffle else None
+    permute = FeistelPermutation(t.n_cells_total, config.seed) if config.shuffle else None
     files: dict[int, Any] = {}
     max_value, nnz, integer = 0.0, 0, True
     try:
@@ -165,19 +172,19 @@ def scatter_range(
                 max_value = max(max_value, float(remapped.data.max()))
                 integer = integer and bool(np.all(remapped.data == np.floor(remapped.data)))
             nnz += remapped.nnz
-            gid = np.arange(global_offset + a, global_offset + b, dtype=np.int64)
+            gid = np.arange(t.global_offset + a, t.global_offset + b, dtype=np.int64)
             pos = permute(gid) if permute is not None else gid
-            bucket = pos // shard_cells
-            obs_block = obs.iloc[a - start : b - start]
+            bucket = pos // t.shard_cells
+            obs_block = t.obs.iloc[a - start : b - start]
             order = np.argsort(bucket, kind="stable")
             cuts = np.flatnonzero(np.diff(bucket[order])) + 1
             for rows in np.split(order, cuts):
                 k = int(bucket[rows[0]])
                 part = remapped[rows]
                 if k not in files:
-                    d = Path(scatter_dir) / f"{k:05d}"
+                    d = Path(t.scatter_dir) / f"{k:05d}"
                     d.mkdir(parents=True, exist_ok=True)
-                    files[k] = open(d / f"{input_id:05d}_{start:012d}.pkl", "wb")
+                    files[k] = open(d / f"{t.input_id:05d}_{start:012d}.pkl", "wb")
                 pickle.dump(
                     {
                         "pos": pos[rows],
@@ -307,13 +314,40 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class IngestReport:
+    seconds: float
+    peak_task_rss_growth: int  # bytes: the largest working set of one scatter or write task
+    tasks: list[dict[str, Any]]  # each task's own record (cells, nnz, peak RSS, shard info)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    store: Store  # the new store, opened
+    report: IngestReport
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The inputs as the two passes see them: opened once, the vocabulary and obs schema unified."""
+
+    sources: list[Source]
+    names: list[str]  # each input's dataset name
+    var: pd.DataFrame  # the store's vocabulary
+    gene_maps: list[np.ndarray]
+    obs_frames: list[pd.DataFrame]
+    schema: dict[str, dict[str, Any]]
+    n_cells: int
+    nnz_estimate: int
+
+
 def ingest(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     config: IngestConfig = IngestConfig(),
     progress: Progress | None = None,
-) -> Store:
-    """Ingest `inputs` into a new store at `out`; returns the opened store. See the module docstring.
+) -> IngestResult:
+    """Ingest `inputs` into a new store at `out`; returns it opened, with a report. See the module docstring.
 
     `out` is locked while it is written (a second ingest to it fails at once); with `overwrite`, an existing
     `out` is replaced only if it is a cellray store."""
@@ -328,11 +362,8 @@ def ingest(
         return _ingest(inputs, out, config, progress or silent)
 
 
-def _ingest(inputs: Sequence[str | os.PathLike], out: Path, config: IngestConfig, progress: Progress) -> Store:
-    import zarr
-
-    t0 = time.perf_counter()
-    paths = [Path(p) for p in inputs]
+def _open_inputs(paths: Sequence[Path], config: IngestConfig) -> _Inputs:
+    """Open every input, skip empty ones, build one vocabulary and one obs schema; the sources are closed again."""
     sources: list[Source] = []
     for p in paths:
         s = Source(p, config.layer)
@@ -345,78 +376,95 @@ def _ingest(inputs: Sequence[str | os.PathLike], out: Path, config: IngestConfig
         raise InputError(f"inputs {[str(p) for p in paths]}: every input has zero cells")
     names = _unique_names([s.path for s in sources])
     var = build_vocabulary(sources, config.vocab)
-    gene_ids = var.index
-    gene_maps = [check_source(s, gene_ids, config.obs_keys) for s in sources]
+    gene_maps = [check_source(s, var.index, config.obs_keys) for s in sources]
     for key in config.obs_keys:
         if not any(key in s.obs.columns for s in sources):
             columns = sorted({c for s in sources for c in s.obs.columns})
             raise InputError(f"--obs {key}: no input has an obs column {key!r} (their columns: {columns})")
     obs_frames = [_obs_for(s, n, config.obs_keys) for s, n in zip(sources, names)]
-    schema = _obs_schema(obs_frames, config.obs_keys)
-    n_total = sum(s.n_obs for s in sources)
-    nnz_est = sum(s.nnz_estimate for s in sources)
+    inputs = _Inputs(
+        sources=sources,
+        names=names,
+        var=var,
+        gene_maps=gene_maps,
+        obs_frames=obs_frames,
+        schema=_obs_schema(obs_frames, config.obs_keys),
+        n_cells=sum(s.n_obs for s in sources),
+        nnz_estimate=sum(s.nnz_estimate for s in sources),
+    )
+    for s in sources:
+        s.close()
+    return inputs
+
+
+def _scatter_tasks(inputs: _Inputs, shard_cells: int, scatter_dir: Path, config: IngestConfig) -> list[ScatterTask]:
+    """One scatter task per ~shard of input rows: enough parallelism, few bucket files."""
+    tasks, offset = [], 0
+    for i, s in enumerate(inputs.sources):
+        for a in range(0, s.n_obs, shard_cells):
+            b = min(s.n_obs, a + shard_cells)
+            tasks.append(
+                ScatterTask(
+                    path=str(s.path),
+                    layer=config.layer,
+                    input_id=i,
+                    start=a,
+                    stop=b,
+                    global_offset=offset,
+                    obs=inputs.obs_frames[i].iloc[a:b],
+                    gene_map=inputs.gene_maps[i],
+                    n_genes=len(inputs.var),
+                    n_cells_total=inputs.n_cells,
+                    shard_cells=shard_cells,
+                    scatter_dir=str(scatter_dir),
+                    config=config,
+                )
+            )
+        offset += s.n_obs
+    return tasks
+
+
+def _ingest(paths: Sequence[str | os.PathLike], out: Path, config: IngestConfig, progress: Progress) -> IngestResult:
+    import zarr
+
+    t0 = time.perf_counter()
+    inputs = _open_inputs([Path(p) for p in paths], config)
+    gene_ids = inputs.var.index
+    n_total = inputs.n_cells
     index_dtype = smallest_uint(max(len(gene_ids) - 1, 0))
     if index_dtype.itemsize < 2:
         index_dtype = np.dtype(np.uint16)
-    bytes_per_cell = max(1.0, nnz_est / n_total * (4 + index_dtype.itemsize))
-    shard_cells = config.shard_cells or max(1024, int(config.shard_bytes / bytes_per_cell))
-    shard_cells = min(shard_cells, n_total)
+    bytes_per_cell = max(1.0, inputs.nnz_estimate / n_total * (4 + index_dtype.itemsize))
+    shard_cells = min(config.shard_cells or max(1024, int(config.shard_bytes / bytes_per_cell)), n_total)
     n_shards = -(-n_total // shard_cells)
-    read_cells = max(64, min(config.read_cells, shard_cells))
-    cfg = config.model_copy(update={"read_cells": read_cells})
-    for s in sources:
-        s.close()
+    cfg = config.model_copy(update={"read_cells": max(64, min(config.read_cells, shard_cells))})
     log.info(
-        "ingest %d cells x %d genes from %d input(s) into %d shard(s)", n_total, len(gene_ids), len(sources), n_shards
-    )
-
-    executor = "local" if choose_local(config.executor, config.address, nnz_est * (4 + index_dtype.itemsize)) else "ray"
-    log.info("executor: %s", executor)
+        "ingest %d cells x %d genes from %d input(s) into %d shard(s)",
+        n_total, len(gene_ids), len(inputs.sources), n_shards,
+    )  # fmt: skip
+    local = choose_local(config.executor, config.address, inputs.nnz_estimate * (4 + index_dtype.itemsize))
+    log.info("executor: %s", "local" if local else "ray")
 
     tmp = temporary_sibling(out.resolve())
     scatter_dir = tmp / "_scatter"
     scatter_dir.mkdir(parents=True)
     try:
-        with ray_session(config.address) if executor == "ray" else contextlib.nullcontext():
-            # one scatter task per ~shard of input rows: enough parallelism, few bucket files
-            calls, offset = [], 0
-            for i, s in enumerate(sources):
-                for a in range(0, s.n_obs, shard_cells):
-                    b = min(s.n_obs, a + shard_cells)
-                    calls.append(
-                        (
-                            str(s.path),
-                            config.layer,
-                            i,
-                            a,
-                            b,
-                            offset,
-                            obs_frames[i].iloc[a:b],
-                            gene_maps[i],
-                            len(gene_ids),
-                            n_total,
-                            shard_cells,
-                            str(scatter_dir),
-                            cfg,
-                        )
-                    )
-                offset += s.n_obs
+        with contextlib.nullcontext() if local else ray_session(config.address):
+            tasks = _scatter_tasks(inputs, shard_cells, scatter_dir, cfg)
             results = list(
-                map_tasks(scatter_range, calls, local=executor == "local", stage="scatter", progress=progress)
+                map_tasks(scatter_range, [(t,) for t in tasks], local=local, stage="scatter", progress=progress)
             )
             integer = all(r["integer"] for r in results)
-            max_value = max(r["max_value"] for r in results)
-            count_dtype = smallest_uint(int(max_value)) if integer else np.dtype(np.float32)
+            count_dtype = smallest_uint(int(max(r["max_value"] for r in results))) if integer else np.dtype(np.float32)
             if count_dtype.itemsize < 2:
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             calls = [
-                (str(tmp), str(scatter_dir), k, gene_ids, schema, count_dtype.str, index_dtype.str, cfg)
+                (str(tmp), str(scatter_dir), k, gene_ids, inputs.schema, count_dtype.str, index_dtype.str, cfg)
                 for k in range(n_shards)
             ]
-            written = list(map_tasks(write_bucket, calls, local=executor == "local", stage="write", progress=progress))
+            written = list(map_tasks(write_bucket, calls, local=local, stage="write", progress=progress))
         shutil.rmtree(scatter_dir, ignore_errors=True)
-        shards: list[ShardInfo] = [w["info"] for w in written]
         manifest = Manifest(
             n_cells=n_total,
             n_genes=len(gene_ids),
@@ -424,15 +472,15 @@ def _ingest(inputs: Sequence[str | os.PathLike], out: Path, config: IngestConfig
             index_dtype=index_dtype.name,
             codec=config.codec,
             chunk_elements=config.chunk_elements,
-            shards=shards,
-            obs_schema=schema,
+            shards=[w["info"] for w in written],
+            obs_schema=inputs.schema,
             provenance=[
                 {"path": str(s.path.resolve()), "dataset": n, "n_cells": s.n_obs, "field": s.field}
-                for s, n in zip(sources, names)
+                for s, n in zip(inputs.sources, inputs.names)
             ],
             shuffle={"shuffled": config.shuffle, "seed": config.seed},
         )
-        write_root(root, manifest, var)
+        write_root(root, manifest, inputs.var)
         replace_atomically(tmp, out, overwrite=config.overwrite, replaceable=is_store)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -441,11 +489,6 @@ def _ingest(inputs: Sequence[str | os.PathLike], out: Path, config: IngestConfig
     peak = max(r["peak_rss"] for r in results + written)
     log.info(
         "ingested %d cells in %.1f s (%.0f cells/s); peak task RSS growth %.0f MB",
-        n_total,
-        elapsed,
-        n_total / elapsed,
-        peak / 2**20,
-    )
-    store = Store.open(out)
-    store.ingest_report = {"seconds": elapsed, "peak_task_rss_growth": peak, "tasks": results + written}
-    return store
+        n_total, elapsed, n_total / elapsed, peak / 2**20,
+    )  # fmt: skip
+    return IngestResult(Store.open(out), IngestReport(elapsed, peak, results + written))

@@ -27,6 +27,17 @@ class _Section(Section):
     error: ClassVar[type[Exception]] = SpecError
 
 
+class LoaderOptions(_Section):
+    """data.loader: the read plan's and the readers' settings beyond data's own (null: the engine's default)."""
+
+    block_size: int | None = Field(None, gt=0)  # contiguous cells per read (default: picked for the store)
+    buffer_blocks: int | None = Field(None, gt=0)  # blocks shuffled together
+    remainder: Literal["drop", "pad"] | None = None  # the training split's policy (validation always pads)
+    balance_by: str | None = None  # a categorical obs column: class-balanced batches
+    class_weights: dict[str, float] | None = None  # with balance_by (default: inverse frequency)
+    prefetch: int | None = Field(None, gt=0)  # batches read ahead
+
+
 class DataConfig(_Section):
     store: str
     batch_size: int = Field(512, gt=0)
@@ -34,7 +45,7 @@ class DataConfig(_Section):
     obs_keys: list[str] = Field(default_factory=list)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
-    loader: dict[str, Any] = Field(default_factory=dict)  # extra engine.loading.Loader keyword arguments
+    loader: LoaderOptions = Field(default_factory=LoaderOptions)
 
 
 class ModelChoice(_Section):

@@ -11,7 +11,7 @@ from engine.errors import CellrayError, SpecError
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.preprocess.transforms import Pipeline
 from engine.store.format import Store
-from engine.train.config import PretrainConfig
+from engine.train.config import DataConfig, PretrainConfig
 
 
 @dataclass
@@ -46,18 +46,38 @@ def open_run_data(config: PretrainConfig) -> RunData:
     return RunData(store=store, pipeline=pipeline, model_config=resolve_model_config(config, store, pipeline))
 
 
+def sampler_config(data: DataConfig, split: str) -> SamplerConfig:
+    """The read plan of the training or validation split: data's settings, then data.loader's (validation is
+    never shuffled and always padded, so a small split still gives every rank a batch)."""
+    options = data.loader.model_dump(exclude_none=True, exclude={"prefetch"})
+    if split == "val":
+        options.update(remainder="pad", shuffle=False, balance_by=None, class_weights=None)
+    return SamplerConfig(
+        batch_size=data.batch_size, seed=data.seed, split=split, val_fraction=data.val_fraction, **options
+    )
+
+
 def check_progress(config: PretrainConfig, store: Store) -> None:
     """Refuse a run that can make no progress: a rank whose share of the training split is less than one batch
     (it would loop over empty epochs forever)."""
     world = max(1, config.resources.workers)
-    remainder = config.data.loader.get("remainder", "drop")
-    split = SamplerConfig(batch_size=config.data.batch_size, split="train", val_fraction=config.data.val_fraction)
     try:
-        n_train = Sampler([s.n_cells for s in store.manifest.shards], split).n_split_cells
+        plan = sampler_config(config.data, "train")
     except CellrayError as e:
-        raise SpecError(f"{config.where('data.val_fraction')}: {e}") from None
+        raise SpecError(f"{config.where('data.loader')}: {e}") from None
+    balance = plan.balance_by
+    if balance is not None and "categories" not in store.manifest.obs_schema.get(balance, {}):
+        raise SpecError(
+            f"{config.where('data.loader.balance_by')}: {balance!r} is not a categorical obs column of the store; "
+            f"it has {list(store.manifest.obs_schema)}"
+        )
+    try:  # the class weights need a pass over the obs codes: the workers do it, the count here needs none
+        train = Sampler.for_store(store, plan.model_copy(update={"balance_by": None, "class_weights": None}))
+    except CellrayError as e:
+        raise SpecError(f"{config.where('data')}: {e}") from None
+    n_train = train.n_split_cells
     per_rank = n_train // world
-    if remainder == "drop" and per_rank < config.data.batch_size:
+    if train.config.remainder == "drop" and per_rank < config.data.batch_size:
         raise SpecError(
             f"{config.where('data.batch_size')}: {config.data.batch_size} is more than a rank's share of the training "
             f"split ({n_train} cells after data.val_fraction {config.data.val_fraction:g}, over {world} worker(s): "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import write_text_atomically, writer_lock
-from engine.errors import CellrayError, TrainError
+from engine.errors import TrainError, cellray_cause
 from engine.progress import Progress, silent
 from engine.runtime import ray_session
 from engine.train.checkpoint import checkpoint_metrics, latest_checkpoint
@@ -81,8 +81,6 @@ def pretrain(
     """Run a pretraining config on Ray Train; returns where its checkpoints and metrics are. `on_report` sees
     each report (step, loss, cells_per_s, data_wait_frac, ...) as it arrives (e.g. dashboard gauges)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     progress = progress or silent
@@ -114,32 +112,14 @@ def pretrain(
         ctx = LoopContext(
             config=config,
             store=str(data.store.path.resolve()),
+            pipeline=data.pipeline,
             model_config=data.model_config,
             output=str(output),
             output_is_local=not uri,
             local_mode=r.workers == 0,
             run_log=run_log,
         )
-        per_worker = {"CPU": r.cpus_per_worker}
-        if r.gpus_per_worker:
-            per_worker["GPU"] = r.gpus_per_worker
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=ctx,
-            scaling_config=ScalingConfig(
-                num_workers=r.workers,
-                use_gpu=r.gpus_per_worker > 0,
-                resources_per_worker=per_worker if r.workers else None,
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=0),  # retries are ours: see the module docstring
-                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-                # Ray Train logs a line per report() per worker at INFO; the driver prints its own summary.
-                logging_config=LoggingConfig(log_level="DEBUG" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
-            ),
-        )
+        trainer = _trainer(ctx, storage_path, name)
         # a resumed run adds to the steps of earlier attempts, including reports only its checkpoints kept
         earlier = merge_by_step(checkpoint_metrics(output) + read_metrics(output))
         history: list[dict[str, Any]] = []
@@ -150,7 +130,7 @@ def pretrain(
             if "result" in outcome:
                 break
             error = outcome["error"]
-            data_error = _cellray_error(error)
+            data_error = cellray_cause(error)
             if data_error is not None:  # deterministic: retrying reads the same bad bytes again
                 raise data_error from None
             if attempt == config.train.max_failures:
@@ -172,6 +152,34 @@ def pretrain(
     else:
         ckpt = None if uri else latest_checkpoint(output, required=False)
     return TrainResult(output=output, checkpoint=ckpt, history=history)
+
+
+def _trainer(ctx: LoopContext, storage_path: str, name: str):
+    """The TorchTrainer of the run: its workers run the loop; checkpoints go to storage_path/name."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = ctx.config.resources
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        per_worker["GPU"] = r.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=ctx,
+        scaling_config=ScalingConfig(
+            num_workers=r.workers,
+            use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker=per_worker if r.workers else None,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=0),  # retries are ours: see the module docstring
+            checkpoint_config=CheckpointConfig(num_to_keep=ctx.config.train.keep_checkpoints),
+            # Ray Train logs a line per report() per worker at INFO; the driver prints its own summary.
+            logging_config=LoggingConfig(log_level="DEBUG" if log.isEnabledFor(logging.DEBUG) else "WARNING"),
+        ),
+    )
 
 
 def _fit_in_thread(
@@ -197,23 +205,6 @@ def _fit_in_thread(
             )
     _drain(run_log, history, progress, total, on_report)
     return outcome
-
-
-def _cellray_error(error: BaseException) -> CellrayError | None:
-    """The CellrayError behind a failed fit(), if a worker raised one (Ray Train wraps worker exceptions)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CellrayError):
-            return e
-        cause = getattr(e, "cause", None)  # RayTaskError
-        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
-        todo += list(getattr(e, "worker_failures", {}).values())
-    return None
 
 
 def _first_line(error: BaseException) -> str:

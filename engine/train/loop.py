@@ -21,8 +21,11 @@ import torch
 import models
 from engine.errors import TrainError
 from engine.loading.loader import Loader
+from engine.loading.readers import ReadOptions
+from engine.preprocess.transforms import Pipeline
 from engine.train.checkpoint import Checkpointer, TrainState, training_vocabulary
 from engine.train.config import PretrainConfig
+from engine.train.data import sampler_config
 from engine.train.debug import FaultDrill, StepTrace
 from engine.train.metrics import MetricsWindow, allreduce_sum
 
@@ -35,6 +38,7 @@ class LoopContext:
 
     config: PretrainConfig
     store: str  # absolute store path
+    pipeline: Pipeline | None  # data.transforms bound to the store (built once by the driver)
     model_config: dict[str, Any]  # the model config with data-dependent sizes filled in
     output: str  # absolute local output folder (metrics, local-mode checkpoints)
     output_is_local: bool  # False when train.output is a URI: workers cannot look for checkpoints on disk
@@ -58,23 +62,12 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     objective = _Objective(model)
     if world > 1 or device.type == "cuda":
         objective = ray.train.torch.prepare_model(objective)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr,
-        fused=device.type == "cuda",
-    )
+    optimizer = adamw(model, t.lr, t.weight_decay, fused=device.type == "cuda")
 
     # data: this rank's slice of every epoch; validation is small, so it reads with threads
     ray_readers = ray.is_initialized() and not ctx.local_mode
     loader = _make_loader(ctx, rank, world, "train", ray_readers)
     val_loader = _make_loader(ctx, rank, world, "val", False) if cfg.data.val_fraction > 0 else None
-    if len(loader) == 0:
-        raise TrainError(
-            f"{cfg.where('data.batch_size')}: rank {rank} of {world} gets no full batch of {cfg.data.batch_size} "
-            "cells per epoch: lower data.batch_size or resources.workers"
-        )
     total_steps = t.max_steps
     if t.epochs:
         total_steps = min(total_steps, max(1, t.epochs * len(loader) // t.grad_accum))
@@ -85,20 +78,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     # resume from the newest complete checkpoint, at the next unseen batch
     torch.manual_seed(t.seed * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
     state = TrainState(model, optimizer, scheduler, loader)
-    checkpointer = Checkpointer(
-        ctx.output,
-        rank=rank,
-        world_size=world,
-        keep=t.keep_checkpoints,
-        local_mode=ctx.local_mode,
-        output_is_local=ctx.output_is_local,
-        meta={
-            "job": cfg.name,
-            "model": {"name": cfg.model.name, "config": ctx.model_config},
-            "data": cfg.data.model_dump(mode="json"),
-            "vocabulary": training_vocabulary(ctx.store, cfg.data.obs_keys),
-        },
-    )
+    checkpointer = _checkpointer(ctx, rank, world)
     resumed_in_epoch = False
     if checkpointer.restore(state):
         resumed_in_epoch = loader.state_dict()["batches_done"] < len(loader)
@@ -164,6 +144,32 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     trace.final(model)
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or embeddings)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def _checkpointer(ctx: LoopContext, rank: int, world: int) -> Checkpointer:
+    cfg = ctx.config
+    return Checkpointer(
+        ctx.output,
+        rank=rank,
+        world_size=world,
+        keep=cfg.train.keep_checkpoints,
+        local_mode=ctx.local_mode,
+        output_is_local=ctx.output_is_local,
+        meta={
+            "job": cfg.name,
+            "model": {"name": cfg.model.name, "config": ctx.model_config},
+            "data": cfg.data.model_dump(mode="json"),
+            "vocabulary": training_vocabulary(ctx.store, cfg.data.obs_keys),
+        },
+    )
+
+
 class _Objective(torch.nn.Module):
     """DDP syncs gradients through forward(): route the model's loss() through it."""
 
@@ -202,24 +208,25 @@ def _report(
 def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_readers: bool) -> Loader:
     """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
     d, r = ctx.config.data, ctx.config.resources
-    extra = dict(d.loader)
-    if split == "val":
-        extra.setdefault("remainder", "pad")  # a small split must still give every rank a batch
-    return Loader(
+    loader = Loader(
         ctx.store,
-        batch_size=d.batch_size,
-        transforms=d.transforms or None,
-        seed=d.seed,
+        sampler_config(d, split),
         rank=rank,
         world_size=world,
-        mode="ray" if ray_readers and r.readers_per_worker > 0 else "local",
-        num_workers=max(1, r.readers_per_worker),
-        reader_cpus=r.cpus_per_reader,
+        transforms=ctx.pipeline,
         obs_keys=tuple(d.obs_keys),
-        split=split,
-        val_fraction=d.val_fraction,
-        **extra,
+        mode="ray" if ray_readers and r.readers_per_worker > 0 else "local",
+        reading=ReadOptions(
+            readers=max(1, r.readers_per_worker), cpus_per_reader=r.cpus_per_reader, prefetch=d.loader.prefetch
+        ),
     )
+    if len(loader) == 0:
+        loader.close()
+        raise TrainError(
+            f"{ctx.config.where('data.batch_size')}: rank {rank} of {world} gets no full batch of {d.batch_size} "
+            f"cells of the {split} split per epoch: lower data.batch_size or resources.workers"
+        )
+    return loader
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -79,8 +79,8 @@ def run_start(args: argparse.Namespace) -> int:
     import ray
 
     from engine.errors import ClusterError
+    from jobs.cluster.local import install_grafana_dashboard, start_cluster, stop_cluster
     from jobs.scheduler.client import connect, scheduler
-    from jobs.scheduler.cluster import install_grafana_dashboard, start_cluster, stop_cluster
 
     try:
         system_config = json.loads(args.system_config) if args.system_config else None
@@ -113,7 +113,7 @@ def run_start(args: argparse.Namespace) -> int:
 def run_stop(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.scheduler.cluster import default_state_dir, stop_cluster
+    from jobs.cluster.local import default_state_dir, stop_cluster
 
     ray.shutdown()  # a process that was a driver of it (a notebook, a test) lets go first
     c = stop_cluster(args.state_dir)
@@ -127,8 +127,8 @@ def run_stop(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     import ray
 
+    from jobs.cluster.local import LocalCluster, default_state_dir
     from jobs.scheduler.client import call, connect
-    from jobs.scheduler.cluster import LocalCluster, default_state_dir
 
     local = None if args.address else LocalCluster.load(args.state_dir or default_state_dir())
     if local is not None and not local.alive():
@@ -169,29 +169,10 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def capacity_of(path: Path) -> dict[str, float]:
-    """The largest cluster a launcher config can grow to: the head plus every worker type at max_workers
-    (within the global max_workers)."""
-    import yaml
-
-    config = yaml.safe_load(path.expanduser().read_text())
-    types = config["available_node_types"]
-    head = config["head_node_type"]
-    budget = int(config.get("max_workers", 10**6))
-    total = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
-    order = [head] + sorted((n for n in types if n != head), key=lambda n: -types[n].get("resources", {}).get("GPU", 0))
-    for name in order:
-        n = 1 if name == head else min(int(types[name].get("max_workers", 0)), budget)
-        if name != head:
-            budget -= n
-        for r in total:
-            total[r] += n * float(types[name].get("resources", {}).get(r, 0))
-    return total
-
-
 def run_attach(args: argparse.Namespace) -> int:
     import ray
 
+    from jobs.cluster.launcher import capacity_of
     from jobs.scheduler.client import connect, scheduler
 
     capacity = capacity_of(args.cluster_config) if args.cluster_config else None
@@ -207,7 +188,7 @@ def run_attach(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from jobs.scheduler.cluster_yaml import check_cluster_yaml
+    from jobs.cluster.launcher import check_cluster_yaml
 
     problems = check_cluster_yaml(args.config)
     for p in problems:

@@ -67,7 +67,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
     if args.max_retries < 0:
         raise SpecError(f"--max-retries {args.max_retries}: expected 0 or more")
-    spec = load_spec(args.spec, check_data=False)  # the data are checked where the job runs
+    spec = load_spec(args.spec)  # its fields; the data are checked where the job runs
     if args.name:
         spec = spec.model_copy(update={"name": args.name})
     spec = resolve_paths(spec, Path.cwd())

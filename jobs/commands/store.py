@@ -94,12 +94,12 @@ def run_ingest(args: argparse.Namespace) -> int:
         executor=args.executor,
     )
     with progress_bar() as progress:
-        store = ingest(args.inputs, args.out, config, progress=progress)
-    r = store.ingest_report
+        result = ingest(args.inputs, args.out, config, progress=progress)
+    store, r = result.store, result.report
     print(
         f"wrote {store.path}: {store.n_cells:,} cells x {store.n_genes:,} genes in {store.n_shards} shard(s), "
-        f"{r['seconds']:.1f} s ({store.n_cells / r['seconds']:,.0f} cells/s), "
-        f"peak task memory growth {r['peak_task_rss_growth'] / 2**20:,.0f} MB"
+        f"{r.seconds:.1f} s ({store.n_cells / r.seconds:,.0f} cells/s), "
+        f"peak task memory growth {r.peak_task_rss_growth / 2**20:,.0f} MB"
     )
     return 0
 

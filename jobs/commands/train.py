@@ -52,67 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from jobs.progress import progress_bar
-    from jobs.spec import load_spec
+    """`cellray run SPEC`: what a scheduled job runs too (jobs/kinds/)."""
+    from jobs.kinds import KINDS
+    from jobs.spec import check_spec, load_spec
 
-    spec = load_spec(args.spec, check_data=True)  # the store, obs keys and transforms too
-    if spec.kind == "embed" and not args.check:
-        return _embed(spec, args.address, None, args.json)  # what `cellray embed` runs, with its summary
-    if spec.kind != "pretrain":
-        return run_other_kind(spec, args)
-    from engine.train.driver import pretrain
-
+    spec = load_spec(args.spec)
     if args.check:
-        print(f"{args.spec}: ok ({spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps)")
+        print(f"{args.spec}: ok ({check_spec(spec)})")
         return 0
-    from jobs.scheduler.metrics import train_reporter
-
-    with progress_bar() as progress:
-        result = pretrain(spec, address=args.address, progress=progress, on_report=train_reporter(spec.name))
-    h = result.history
-    summary = {
-        "job": spec.name,
-        "output": str(result.output),
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "steps": h[-1]["step"] if h else 0,
-        "loss_first": h[0]["loss"] if h else None,
-        "loss_last": h[-1]["loss"] if h else None,
-        "val_loss": next((m["val_loss"] for m in reversed(h) if "val_loss" in m), None),
-        "cells_per_s": sorted(m["cells_per_s"] for m in h)[len(h) // 2] if h else None,  # median over reports
-        "data_wait_frac": sorted(m["data_wait_frac"] for m in h)[len(h) // 2] if h else None,
-        "loss_curve": str(result.output / "loss.png") if (result.output / "loss.png").exists() else None,
-    }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"{spec.name}: {summary['steps']} steps, loss {_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}"
-            + (f" (validation {_fmt(summary['val_loss'])})" if summary["val_loss"] is not None else "")
-            + f", {_fmt(summary['cells_per_s'], '.0f')} cells/s, "
-            + f"data wait {_fmt(100 * (summary['data_wait_frac'] or 0), '.0f')}%"
-        )
-        print(f"checkpoint: {summary['checkpoint']}")
-        if summary["loss_curve"]:
-            print(f"loss curve: {summary['loss_curve']}")
-    return 0
-
-
-def run_other_kind(spec, args: argparse.Namespace) -> int:
-    """`cellray run` of an embed, stats, ingest or sleep spec (jobs/kinds.py): what a scheduled job runs."""
-    from jobs.kinds import run_kind
-    from jobs.progress import progress_bar
-
-    if args.check:
-        print(f"{args.spec}: ok ({spec.kind} job {spec.name!r})")
-        return 0
-    with progress_bar() as progress:
-        summary = run_kind(spec, address=args.address, progress=progress)
-    print(json.dumps(summary) if args.json else "  ".join(f"{k} {v}" for k, v in summary.items()))
-    return 0
+    return _run_kind(spec, args.address, args.json, KINDS[spec.kind])
 
 
 def run_embed(args: argparse.Namespace) -> int:
     from engine.infer.config import EmbedConfig
+    from jobs.kinds import KINDS
 
     config = EmbedConfig(
         checkpoint=str(args.checkpoint),
@@ -130,47 +83,28 @@ def run_embed(args: argparse.Namespace) -> int:
         },
         source="cellray embed",
     )
-    return _embed(config, args.address, args.label_key)
-
-
-def _embed(config, address: str | None, label_key: str | None, as_json: bool = False) -> int:
-    """Run an EmbedConfig (from flags or a `kind: embed` spec) and print where the output is."""
-    from engine.infer.embed import OBSM_KEY, run_embed
-    from engine.infer.evaluate import embedding_sample, knn_accuracy
-    from jobs.progress import progress_bar
-
-    with progress_bar() as progress:
-        res = run_embed(config, address=address, progress=progress)
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "out": str(res.out),
-                    "cells": res.n_cells,
-                    "dims": res.dim,
-                    "step": res.step,
-                    "parts": res.parts,
-                    "parts_run": res.parts_run,
-                    "cells_per_s": res.cells_per_s,
-                    "predicts": res.predicts,
-                }
-            )
-        )
-        return 0
-    pred = f", predictions of {res.predicts!r} in obs['cellray_pred']" if res.predicts else ""
-    print(
-        f"{res.out}: {res.n_cells} cells x {res.dim} dims in obsm['{OBSM_KEY}']{pred} (checkpoint step {res.step}; "
-        f"{res.parts_run} of {res.parts} parts this run, {res.cells_per_s:.0f} cells/s, {res.seconds:.0f} s in all)"
-    )
-    if label_key:
-        emb, labels = embedding_sample(res.out, label_key)
-        acc = knn_accuracy(emb, labels, k=15)
-        import pandas as pd
-
-        n_labels = len(set(labels[pd.notna(labels)]))
-        print(f"kNN (k=15) accuracy of {label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")
+    _run_kind(config, args.address, False, KINDS["embed"])
+    if args.label_key:
+        _print_knn(config.out, args.label_key)
     return 0
 
 
-def _fmt(v, f: str = ".4g") -> str:
-    return "n/a" if v is None else format(v, f)
+def _run_kind(spec, address: str | None, as_json: bool, kind) -> int:
+    """Run a spec of any kind on the local Ray or `address` and print its summary (a line, or JSON)."""
+    from jobs.progress import progress_bar
+
+    with progress_bar() as progress:
+        summary = kind.run(spec, address, progress)
+    print(json.dumps(summary) if as_json else "\n".join(kind.describe(summary)))
+    return 0
+
+
+def _print_knn(out: str, label_key: str) -> None:
+    import pandas as pd
+
+    from engine.infer.evaluate import embedding_sample, knn_accuracy
+
+    emb, labels = embedding_sample(Path(out), label_key)
+    acc = knn_accuracy(emb, labels, k=15)
+    n_labels = len(set(labels[pd.notna(labels)]))
+    print(f"kNN (k=15) accuracy of {label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")

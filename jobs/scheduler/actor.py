@@ -23,8 +23,9 @@ import time
 from typing import Any
 
 from engine.errors import SchedulerError
+from jobs.kinds.base import ATTEMPT_ENV, JOB_ID_ENV
 from jobs.scheduler import admission
-from jobs.scheduler.metrics import JOB_ID_ENV, SchedulerMetrics
+from jobs.scheduler.metrics import SchedulerMetrics
 from jobs.scheduler.state import FAILED, QUEUED, RUNNING, STOPPED, SUCCEEDED, TERMINAL, JobRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class Scheduler:
                     "excludes": EXCLUDES,
                     "env_vars": {
                         JOB_ID_ENV: job.id,
-                        "CELLRAY_ATTEMPT": str(attempt),
+                        ATTEMPT_ENV: str(attempt),
                         # the driver's own ray.init(address, runtime_env=working_dir) ships the same files again
                         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
                     },

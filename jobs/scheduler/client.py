@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.errors import CellrayError, SchedulerError
+from engine.errors import SchedulerError, cellray_cause
+from jobs.cluster.local import LocalCluster, default_state_dir
 from jobs.scheduler.actor import NAME, NAMESPACE
-from jobs.scheduler.cluster import LocalCluster, default_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ def call(method: str, *args: Any, timeout: float = 60.0, retry: bool = True) -> 
         try:
             return ray.get(getattr(actor, method).remote(*args), timeout=timeout)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, CellrayError):
-                raise e.cause from None
+            cause = cellray_cause(e)
+            if cause is not None:
+                raise cause from None
             raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             if not retry or time.monotonic() > deadline:

@@ -109,9 +109,9 @@ def test_killed_run_resumes_with_its_whole_history(tiny_store, tmp_path):
         "name": "killed",
         "data": {"store": str(tiny_store), "batch_size": 64},
         "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16}},
-        "train": {"max_steps": 25, "checkpoint_every": 5, "report_every": 5, "output": str(tmp_path / "run")},
+        "train": {"max_steps": 20, "checkpoint_every": 5, "report_every": 5, "output": str(tmp_path / "run")},
         "resources": {"workers": 1, "cpus_per_worker": 0.5, "readers_per_worker": 0},
-        "debug": {"min_step_seconds": 0.4},  # 10 s of steps: the kill lands mid-run however fast the machine
+        "debug": {"min_step_seconds": 0.4},  # 8 s of steps: the kill lands mid-run however fast the machine
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -127,15 +127,15 @@ def test_killed_run_resumes_with_its_whole_history(tiny_store, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9 PID` does: its Ray processes live on
     proc.wait()
     seen = steps()
-    assert 10 <= seen[-1] < 25
+    assert 10 <= seen[-1] < 20
     token = Path.home() / ".ray" / "auth_token"
     token.chmod(0o644)  # as Ray writes it: readable by everyone
     rerun = cellray("run", "spec.yaml", cwd=tmp_path)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     assert token.stat().st_mode & 0o077 == 0, "an embedded run leaves the token file private (0600)"
-    assert steps() == list(range(5, 26, 5)), steps()  # step 5 to the end: the first attempt's steps are kept
-    assert "25 steps" in out
+    assert steps() == list(range(5, 21, 5)), steps()  # step 5 to the end: the first attempt's steps are kept
+    assert "20 steps" in out
     assert ray_processes(session) == []  # the killed command's Ray no longer runs
 
 
@@ -167,6 +167,8 @@ def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tm
 
 def test_soak_three_epochs_in_ray_mode_every_cell_matches_the_store(tiny_store, ray_local):
     from engine.loading.loader import Loader
+    from engine.loading.readers import ReadOptions
+    from engine.loading.sampler import SamplerConfig
 
     store = Store.open(tiny_store)
     expected = {}
@@ -177,7 +179,8 @@ def test_soak_three_epochs_in_ray_mode_every_cell_matches_the_store(tiny_store, 
             a, b = block.indptr[i], block.indptr[i + 1]
             expected[first + i] = row_hash(block.indices[a:b], block.data[a:b])
     checked = 0
-    with Loader(tiny_store, batch_size=50, mode="ray", output="csr", remainder="pad", num_workers=2) as loader:
+    plan = SamplerConfig(batch_size=50, remainder="pad")
+    with Loader(tiny_store, plan, mode="ray", output="csr", reading=ReadOptions(readers=2)) as loader:
         for epoch in range(3):
             loader.set_epoch(epoch)
             seen = set()

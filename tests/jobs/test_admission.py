@@ -201,5 +201,5 @@ def test_state_store_round_trip(tmp_path):
 def test_example_specs_parse(path):
     from jobs.spec import load_spec
 
-    spec = load_spec(path, check_data=False)
+    spec = load_spec(path)
     assert spec.kind in KINDS and demand(spec)["CPU"] > 0

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.commands.cluster import capacity_of
-from jobs.scheduler.cluster_yaml import check_cluster_yaml
+from jobs.cluster.launcher import capacity_of, check_cluster_yaml
 
 SHIPPED = Path(__file__).resolve().parents[2] / "cluster.yaml"
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from engine.errors import SpecError
-from jobs.spec import load_spec, parse_spec
+from jobs.spec import check_spec, load_spec, parse_spec
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -26,7 +26,7 @@ def base(store: str = "data/demo.store") -> dict:
 
 @pytest.mark.parametrize("name", ["pretrain_vae.yaml", "pretrain_transformer.yaml", "pretrain_transformer_rank.yaml"])
 def test_example_specs_validate(name):
-    spec = load_spec(JOBS / name, check_data=False)
+    spec = load_spec(JOBS / name)
     assert spec.kind == "pretrain" and spec.resources.workers == 2 and spec.data.store == "data/demo.store"
     assert spec.train.output.startswith("runs/")
 
@@ -72,7 +72,7 @@ def test_missing_store_and_spec_file(tmp_path):
     with pytest.raises(
         SpecError, match=r"spec.yaml: data.store: no such store '.*nowhere.store' \(run `cellray ingest` first\)"
     ):
-        load_spec(write(tmp_path, base(str(tmp_path / "nowhere.store"))))
+        check_spec(load_spec(write(tmp_path, base(str(tmp_path / "nowhere.store")))))
     with pytest.raises(SpecError, match="no such job spec"):
         load_spec(tmp_path / "absent.yaml")
     (tmp_path / "bad.yaml").write_text("kind: [pretrain\n")
@@ -84,18 +84,19 @@ def test_unknown_transform_and_obs_key_against_a_real_store(tmp_path, tiny_store
     d = base(str(tiny_store))
     d["data"]["transforms"] = ["log1p", "normalise_total"]
     with pytest.raises(SpecError, match=r"spec.yaml: data.transforms: .*unknown step 'normalise_total'"):
-        load_spec(write(tmp_path, d))
+        check_spec(load_spec(write(tmp_path, d)))
     d = base(str(tiny_store))
     d["data"]["obs_keys"] = ["cell_type", "donor"]
     with pytest.raises(SpecError, match=r"data.obs_keys: the store has no obs column\(s\) \['donor'\]"):
-        load_spec(write(tmp_path, d))
+        check_spec(load_spec(write(tmp_path, d)))
     d = base(str(tiny_store))
     d["model"]["config"]["batch_key"] = "batch"
     with pytest.raises(
         SpecError, match=r"model.config: the model reads obs column 'batch': list it in data.obs_keys too"
     ):
-        load_spec(write(tmp_path, d))
+        check_spec(load_spec(write(tmp_path, d)))
     d["data"]["obs_keys"] = ["cell_type", "batch"]
     d["data"]["transforms"] = [{"normalize_total": {"target_sum": 1e4}}, "log1p"]
     spec = load_spec(write(tmp_path, d))
+    check_spec(spec)
     assert spec.model.config["batch_key"] == "batch" and spec.source.endswith("spec.yaml")

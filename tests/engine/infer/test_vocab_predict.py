@@ -27,7 +27,7 @@ def _ingest_with_vocab(tiny_h5ads, path, genes) -> Store:
         tiny_h5ads,
         path,
         IngestConfig(shard_cells=400, obs_keys=("cell_type", "batch"), vocab=str(vocab), executor="local"),
-    )
+    ).store
 
 
 def test_checkpoint_records_the_training_vocabulary(vae_checkpoint, tiny_store):

@@ -12,6 +12,8 @@ import pytest
 from engine.errors import StoreError
 from engine.loading.chunks import StoreBlocks
 from engine.loading.loader import Loader
+from engine.loading.readers import ReadOptions
+from engine.loading.sampler import SamplerConfig
 from engine.store.chunkfile import MISSING, decompress
 from engine.store.format import Store
 
@@ -113,17 +115,18 @@ def test_loader_stops_with_one_line_store_error_and_no_retry(good_store, tmp_pat
     for kind in ("missing_file", "flip", "truncated"):
         bad = Path(shutil.copytree(good_store, tmp_path / f"{kind}.store"))
         pattern = corrupt(bad, kind)
-        loader = Loader(bad, 32, mode=mode, remainder="pad", num_workers=1, block_size=64, buffer_blocks=2)
-        actors = list(loader._actors)
+        plan = SamplerConfig(batch_size=32, remainder="pad", block_size=64, buffer_blocks=2)
+        loader = Loader(bad, plan, mode=mode, reading=ReadOptions(readers=1))
+        actors = loader.reader_processes()
         try:
             with pytest.raises(StoreError, match=pattern) as e:
                 for _ in loader:
-                    actors = actors or list(loader._actors)
+                    actors = actors or loader.reader_processes()
             assert type(e.value) is StoreError  # cellray's own error, not Ray's wrapper of it
             msg = str(e.value)
             assert "\n" not in msg and "Traceback" not in msg and "ray" not in msg.lower().replace(str(bad).lower(), "")
             assert loader.stats()["reissued"] == 0  # a data error is deterministic: never re-read on a new reader
-            assert loader._actors == actors
+            assert loader.reader_processes() == actors  # the same reader processes throughout
         finally:
             loader.close()
 
@@ -158,6 +161,6 @@ def test_v1_store_without_checksums_still_reads(good_store, tmp_path):
     segs = np.array([[s, 0, i.n_cells] for s, i in enumerate(v1.manifest.shards)])
     for got, want in zip(blocks.read(segs), StoreBlocks(Store.open(good_store), direct=False).read(segs)):
         assert np.array_equal(got, want)
-    loader = Loader(v1, 32, mode="local", output="csr")
+    loader = Loader(v1, SamplerConfig(batch_size=32), mode="local", output="csr")
     assert sum(len(b["index"]) for b in loader) == len(loader) * 32
     loader.close()

@@ -12,9 +12,15 @@ import torch
 
 from engine.errors import CellrayError
 from engine.loading.loader import Loader
+from engine.loading.readers import ReadOptions
+from engine.loading.sampler import SamplerConfig
 from engine.store.format import Store
 
 SMALL = dict(block_size=64, buffer_blocks=4)  # tiny store: several blocks per shard, several buffers per rank
+
+
+def plan(batch_size: int, **kw) -> SamplerConfig:
+    return SamplerConfig(batch_size=batch_size, **kw)
 
 
 def epoch_indices(loader: Loader) -> list[np.ndarray]:
@@ -37,7 +43,7 @@ def test_exactly_once_over_ranks_with_equal_batch_counts(tiny_store, world_size)
     assert store.n_cells % 2 == 1  # odd cell count
     per_rank = []
     for rank in range(world_size):
-        loader = Loader(store, 32, rank=rank, world_size=world_size, mode="local", output="csr", **SMALL)
+        loader = Loader(store, plan(32, **SMALL), rank=rank, world_size=world_size, mode="local", output="csr")
         batches = epoch_indices(loader)
         assert len(batches) == len(loader) and all(len(b) == 32 for b in batches)
         per_rank.append(np.concatenate(batches))
@@ -50,7 +56,7 @@ def test_exactly_once_over_ranks_with_equal_batch_counts(tiny_store, world_size)
 
 def test_batches_hold_the_stores_counts_labels_and_types(tiny_store):
     store = Store.open(tiny_store)
-    loader = Loader(store, 50, mode="local", output="csr", obs_keys=("cell_type", "dataset"), **SMALL)
+    loader = Loader(store, plan(50, **SMALL), mode="local", output="csr", obs_keys=("cell_type", "dataset"))
     batch = next(iter(loader))
     assert batch["X"].layout == torch.sparse_csr and batch["X"].dtype == torch.float32
     assert batch["X"].shape == (50, store.n_genes)
@@ -67,14 +73,15 @@ def test_batches_hold_the_stores_counts_labels_and_types(tiny_store):
 
 def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
     store = Store.open(tiny_store)
-    kept = list(Loader(store, 32, mode="local", output="dense", prefetch=4, block_size=16, buffer_blocks=2))
+    small = dict(mode="local", output="dense", reading=ReadOptions(prefetch=4))
+    kept = list(Loader(store, plan(32, block_size=16, buffer_blocks=2), **small))
     for batch in (kept[0], kept[len(kept) // 2], kept[-1]):  # later batches did not reuse earlier memory
         shard, local = store.locate(batch["index"].numpy())
         for i in (0, 31):
             want = store.read_csr(int(shard[i]), int(local[i]), int(local[i]) + 1).to_scipy().toarray()[0]
             assert np.array_equal(batch["X"][i].numpy(), want)
     # batches dropped by the consumer give their memory back; reused memory is fully cleared first
-    loader = Loader(store, 32, mode="local", output="dense", prefetch=4, block_size=16, buffer_blocks=2)
+    loader = Loader(store, plan(32, block_size=16, buffer_blocks=2), **small)
     for batch in loader:
         shard, local = store.locate(batch["index"][:2].numpy())
         block = store.read_csr(int(shard[1]), int(local[1]), int(local[1]) + 1).to_scipy().toarray()[0]
@@ -83,9 +90,9 @@ def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
 
 
 def test_modes_give_identical_batches_and_epochs_differ(tiny_store, ray_local):
-    kw = dict(batch_size=40, seed=5, rank=1, world_size=2, obs_keys=("cell_type",), output="csr", **SMALL)
-    local = Loader(tiny_store, mode="local", **kw)
-    remote = Loader(tiny_store, mode="ray", **kw)
+    kw = dict(rank=1, world_size=2, obs_keys=("cell_type",), output="csr")
+    local = Loader(tiny_store, plan(40, seed=5, **SMALL), mode="local", **kw)
+    remote = Loader(tiny_store, plan(40, seed=5, **SMALL), mode="ray", **kw)
     try:
         a, b = list(local), list(remote)
         assert len(a) == len(b) == len(local)
@@ -105,13 +112,13 @@ def test_modes_give_identical_batches_and_epochs_differ(tiny_store, ray_local):
 
 @pytest.mark.parametrize("mode", ["local", "ray"])
 def test_resume_mid_epoch_continues_with_the_next_unseen_batch(tiny_store, ray_local, mode):
-    kw = dict(batch_size=32, seed=1, mode=mode, **SMALL)
-    full = Loader(tiny_store, **kw)
+    kw = dict(mode=mode)
+    full = Loader(tiny_store, plan(32, seed=1, **SMALL), **kw)
     full.set_epoch(2)
     reference = epoch_indices(full)
     full.close()
 
-    first = Loader(tiny_store, **kw)
+    first = Loader(tiny_store, plan(32, seed=1, **SMALL), **kw)
     first.set_epoch(2)
     seen = []
     for i, batch in enumerate(first):
@@ -122,7 +129,7 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(tiny_store, ray_l
     first.close()
     assert state["epoch"] == 2 and state["batches_done"] == 7
 
-    resumed = Loader(tiny_store, **kw)
+    resumed = Loader(tiny_store, plan(32, seed=1, **SMALL), **kw)
     resumed.load_state_dict(state)
     rest = epoch_indices(resumed)
     assert len(seen) + len(rest) == len(reference)
@@ -133,26 +140,27 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(tiny_store, ray_l
 
 
 def test_resume_with_other_settings_is_refused(tiny_store):
-    a = Loader(tiny_store, 32, mode="local", **SMALL)
+    a = Loader(tiny_store, plan(32, **SMALL), mode="local")
     next(iter(a))
     with pytest.raises(CellrayError, match="batch_size"):
-        Loader(tiny_store, 16, mode="local", **SMALL).load_state_dict(a.state_dict())
+        Loader(tiny_store, plan(16, **SMALL), mode="local").load_state_dict(a.state_dict())
     a.close()
 
 
 def test_killed_reader_mid_epoch_still_delivers_every_batch_once(tiny_store, ray_local):
     import ray
 
-    kw = dict(batch_size=32, seed=4, output="csr", num_workers=2, block_size=32, buffer_blocks=2)
-    reference = epoch_indices(Loader(tiny_store, mode="local", **kw))
-    loader = Loader(tiny_store, mode="ray", prefetch=8, **kw)  # 2 batches per buffer: 4 buffers in flight
+    sampler = plan(32, seed=4, block_size=32, buffer_blocks=2)
+    reference = epoch_indices(Loader(tiny_store, sampler, mode="local", output="csr"))
+    # 2 batches per buffer: 4 buffers in flight
+    loader = Loader(tiny_store, sampler, mode="ray", output="csr", reading=ReadOptions(readers=2, prefetch=8))
     got = []
     for i, batch in enumerate(loader):
         got.append(batch["index"].numpy().copy())
         if i == 2:  # readers are busy with read-ahead buffers now: kill one of them outright
-            ray.kill(loader._actors[0], no_restart=False)
+            ray.kill(loader._readers._actors[0], no_restart=False)
         if i == 9:  # and the other, permanently: the loader replaces it and re-issues its buffers
-            ray.kill(loader._actors[1], no_restart=True)
+            ray.kill(loader._readers._actors[1], no_restart=True)
     assert loader.stats()["reissued"] >= 1
     loader.close()
     assert len(got) == len(reference)
@@ -164,7 +172,8 @@ def test_killed_reader_mid_epoch_still_delivers_every_batch_once(tiny_store, ray
 
 @pytest.mark.parametrize("mode", ["local", "ray"])
 def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_local, mode):
-    loader = Loader(tiny_store, 16, mode=mode, prefetch=6, block_size=16, buffer_blocks=2)  # 2 batches per buffer
+    # 2 batches per buffer
+    loader = Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode=mode, reading=ReadOptions(prefetch=6))
     assert loader.config.buffer_batches == 2
     depths = []
     for i, _ in enumerate(loader):
@@ -194,19 +203,20 @@ def test_shuffle_mixes_datasets_as_well_as_a_full_random_shuffle(unshuffled_stor
     assert first.nunique() == 1  # the store really is in input order
     ideal = random_expectation(store, "dataset", 64)
     got = distinct_per_batch(
-        Loader(store, 64, mode="local", obs_keys=("dataset",), block_size=16, buffer_blocks=8), "dataset"
+        Loader(store, plan(64, block_size=16, buffer_blocks=8), mode="local", obs_keys=("dataset",)), "dataset"
     )
     assert got >= 0.93 * ideal, (got, ideal)
     # an ingest-shuffled store with the default block and buffer sizes
     shuffled = Store.open(tiny_store)
-    got = distinct_per_batch(Loader(shuffled, 64, mode="local", obs_keys=("dataset",)), "dataset")
+    got = distinct_per_batch(Loader(shuffled, plan(64), mode="local", obs_keys=("dataset",)), "dataset")
     assert got >= 0.97 * random_expectation(shuffled, "dataset", 64)
 
 
 def test_validation_split_never_reaches_training(tiny_store):
-    kw = dict(batch_size=16, mode="local", val_fraction=0.25, output="csr", **SMALL)
-    train = np.concatenate(epoch_indices(Loader(tiny_store, **kw)))
-    val_loader = Loader(tiny_store, split="val", remainder="pad", **kw)
+    kw = dict(mode="local", output="csr")
+    train = np.concatenate(epoch_indices(Loader(tiny_store, plan(16, val_fraction=0.25, **SMALL), **kw)))
+    val_plan = plan(16, val_fraction=0.25, split="val", remainder="pad", shuffle=False, **SMALL)
+    val_loader = Loader(tiny_store, val_plan, **kw)
     batches = list(val_loader)
     val = np.concatenate([b["index"].numpy() for b in batches])
     pad = np.concatenate([b["pad"].numpy() for b in batches])
@@ -220,19 +230,19 @@ def test_validation_split_never_reaches_training(tiny_store):
 
 def test_balanced_sampling_equalises_datasets(tiny_store):
     store = Store.open(tiny_store)
-    loader = Loader(store, 64, mode="local", obs_keys=("dataset",), balance_by="dataset", **SMALL)
+    loader = Loader(store, plan(64, balance_by="dataset", **SMALL), mode="local", obs_keys=("dataset",))
     codes = np.concatenate([b["dataset"].numpy() for b in loader])
     share = np.bincount(codes, minlength=3) / len(codes)
     assert np.all(np.abs(share - 1 / 3) < 0.06), share  # inputs are 700 / 450 / 333 cells
     with pytest.raises(CellrayError, match="categorical"):
-        Loader(store, 64, mode="local", balance_by="no_such_column")
+        Loader(store, plan(64, balance_by="no_such_column"), mode="local")
 
 
 def test_transform_pipeline_runs_in_the_readers(tiny_store, ray_local):
     spec = [{"normalize_total": {"target_sum": 1.0e4}}, "log1p", "densify"]
     store = Store.open(tiny_store)
     for mode in ("local", "ray"):
-        loader = Loader(store, 32, transforms=spec, mode=mode, **SMALL)
+        loader = Loader(store, plan(32, **SMALL), transforms=spec, mode=mode)
         batch = next(iter(loader))
         loader.close()
         assert batch["X"].dtype == torch.float32 and batch["X"].layout == torch.strided
@@ -244,10 +254,14 @@ def test_transform_pipeline_runs_in_the_readers(tiny_store, ray_local):
 
 def test_bad_options_get_clear_errors(tiny_store):
     with pytest.raises(CellrayError, match="output"):
-        Loader(tiny_store, 8, output="coo", mode="local")
+        Loader(tiny_store, plan(8), output="coo", mode="local")
     with pytest.raises(CellrayError, match="mode"):
-        Loader(tiny_store, 8, mode="spark")
+        Loader(tiny_store, plan(8), mode="spark")
     with pytest.raises(CellrayError, match="obs_keys"):
-        Loader(tiny_store, 8, mode="local", obs_keys=("no_such",))
+        Loader(tiny_store, plan(8), mode="local", obs_keys=("no_such",))
     with pytest.raises(CellrayError, match="no such store"):
-        Loader("/nonexistent/x.store", 8)
+        Loader("/nonexistent/x.store", plan(8))
+    with pytest.raises(CellrayError, match="class_weights needs balance_by"):
+        plan(8, class_weights={"a": 1.0})
+    with pytest.raises(CellrayError, match="readers"):
+        ReadOptions(readers=0)

@@ -11,7 +11,7 @@ import pytest
 from engine.errors import StoreError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
-from engine.loading.readers import BufferReader, make_reader_actor
+from engine.loading.readers import BufferReader, start_reader_actor
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.store.csr import gather_csr, gather_dense
 from engine.store.format import Store
@@ -131,7 +131,7 @@ def test_reader_actor_runs_on_the_callers_node_and_survives_a_kill(chunky_store,
     store = Store.open(chunky_store)
     cfg = SamplerConfig(batch_size=32, block_size=40, buffer_blocks=2)
     plan = Sampler([s.n_cells for s in store.manifest.shards], cfg).buffer(0, 0)
-    actor = make_reader_actor(str(chunky_store), None, "csr", (), num_cpus=0.25)
+    actor = start_reader_actor(str(chunky_store), None, "csr", (), num_cpus=0.25)
     try:
         assert ray.get(actor.node_id.remote()) == ray.get_runtime_context().get_node_id()
         pid = ray.get(actor.pid.remote())

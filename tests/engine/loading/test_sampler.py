@@ -128,6 +128,7 @@ def test_state_dict_roundtrip_and_mismatch_is_refused():
         ({"batch_size": 8, "split": "val"}, "val_fraction"),
         ({"batch_size": 8, "val_fraction": 1.5}, "val_fraction"),
         ({"batch_size": 8, "remainder": "wrap"}, "remainder"),
+        ({"batch_size": 8, "class_weights": {"a": 1.0}}, "class_weights needs balance_by"),
     ],
 )
 def test_bad_settings_get_clear_errors(kwargs, match):
@@ -135,9 +136,16 @@ def test_bad_settings_get_clear_errors(kwargs, match):
         SamplerConfig(**kwargs)
 
 
+def test_a_plan_needs_its_block_size_and_balance_resolved():
+    with pytest.raises(SamplerError, match="Sampler.for_store"):
+        Sampler([100], SamplerConfig(batch_size=8))  # block_size None: picked for a store, which a list is not
+    with pytest.raises(SamplerError, match="Sampler.for_store"):
+        Sampler([100], SamplerConfig(batch_size=8, block_size=16, balance_by="cell_type"))
+
+
 def test_pad_with_more_ranks_than_cells_is_refused():
     with pytest.raises(SamplerError, match="no cells to pad"):
-        len(Sampler([3], SamplerConfig(batch_size=2, remainder="pad"), 0, 8))
+        len(Sampler([3], SamplerConfig(batch_size=2, block_size=1024, remainder="pad"), 0, 8))
 
 
 def test_planning_1e9_cells_for_256_ranks_is_fast_and_small():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from engine.loading.loader import Loader
+from engine.loading.readers import ReadOptions
+from engine.loading.sampler import SamplerConfig
 from engine.loading.shm import SHM_DIR, Arena, SharedArray, SharedViews, new_prefix
 from engine.store.format import CSRBlock, Store
 
@@ -65,9 +67,10 @@ def rows_of(store: Store, batch, n: int = 3) -> None:
 
 def test_ray_batches_kept_by_the_consumer_stay_intact(tiny_store, ray_local):
     store = Store.open(tiny_store)
-    loader = Loader(store, 32, mode="ray", output="dense", prefetch=4, block_size=16, buffer_blocks=2)
+    plan = SamplerConfig(batch_size=32, block_size=16, buffer_blocks=2)
+    loader = Loader(store, plan, mode="ray", output="dense", reading=ReadOptions(prefetch=4))
     kept = list(loader)  # every batch of the epoch held at once: no segment may be reused under them
-    assert loader._views._maps  # they really came through shared memory
+    assert loader._readers._views._maps  # they really came through shared memory
     for batch in (kept[0], kept[len(kept) // 2], kept[-1]):
         rows_of(store, batch)
     loader.close()
@@ -77,12 +80,13 @@ def test_ray_segments_are_reused_and_removed(tiny_store, ray_local):
     import ray
 
     store = Store.open(tiny_store)
-    loader = Loader(store, 32, mode="ray", output="csr", block_size=32, buffer_blocks=2, seed=3)
+    plan = SamplerConfig(batch_size=32, block_size=32, buffer_blocks=2, seed=3)
+    loader = Loader(store, plan, mode="ray", output="csr")
     prefix = None
     calls = 0
     for epoch in range(3):
         for i, batch in enumerate(loader):
-            prefix = loader._views.prefix
+            prefix = loader._readers._views.prefix
             calls += 1
             if epoch == 0 and i == 0:
                 rows = batch["X"].to_dense()
@@ -91,8 +95,8 @@ def test_ray_segments_are_reused_and_removed(tiny_store, ray_local):
                 assert np.array_equal(rows[5].numpy(), want)
                 del rows
     assert calls > 40
-    assert 0 < len(loader._views._maps) <= 8  # a handful of segments, reused over 3 epochs
-    ray.kill(loader._actors[0], no_restart=False)  # a crash mid-stream: restarted, its segments abandoned
+    assert 0 < len(loader._readers._views._maps) <= 8  # a handful of segments, reused over 3 epochs
+    ray.kill(loader._readers._actors[0], no_restart=False)  # a crash mid-stream: restarted, its segments abandoned
     for i, _ in enumerate(loader):
         if i == 10:
             break

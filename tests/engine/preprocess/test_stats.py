@@ -38,7 +38,7 @@ def tiny_copy(tiny_store, tmp_path_factory) -> Store:
 def kang_store(kang_sample, tmp_path_factory, ray_local) -> Store:
     """1,000 + 1,000 real Kang cells (control and stimulated: `dataset` is the batch) in 3 shards."""
     out = tmp_path_factory.mktemp("kang_stats") / "kang.store"
-    return ingest(kang_sample(1000, seed=1), out, IngestConfig(shard_cells=700))
+    return ingest(kang_sample(1000, seed=1), out, IngestConfig(shard_cells=700)).store
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_moments_exact_whatever_the_split(tiny_copy, tiny_h5ads, tmp_path, ray_l
     results = []
     other = ingest(
         tiny_h5ads, tmp_path / "resharded.store", IngestConfig(shard_cells=137, obs_keys=("cell_type", "batch"))
-    )
+    ).store
     assert other.n_shards != tiny_copy.n_shards
     for store, block, executor in ((tiny_copy, 100_000, "local"), (tiny_copy, 53, "ray"), (other, 1000, "ray")):
         s = compute_stats(store, StatsConfig(block_cells=block, executor=executor), write=False)

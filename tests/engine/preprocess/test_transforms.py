@@ -23,7 +23,7 @@ N_HVG = 400
 def kang_store(kang_sample, tmp_path_factory, ray_local) -> Store:
     """1,200 + 1,200 real Kang cells ingested into 3 shards, with seurat_v3 statistics."""
     out = tmp_path_factory.mktemp("kang_tf") / "kang.store"
-    store = ingest(kang_sample(1200, seed=0), out, IngestConfig(shard_cells=1000))
+    store = ingest(kang_sample(1200, seed=0), out, IngestConfig(shard_cells=1000)).store
     compute_stats(store, StatsConfig(hvg=N_HVG, flavor="seurat_v3"))
     return Store.open(store.path)
 

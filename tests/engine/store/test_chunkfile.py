@@ -60,7 +60,7 @@ def test_chunk_kernel_decodes_runs_across_files_like_zarr_python(tmp_path):
     arr = _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=8)
     reader = ArrayReader.open(tmp_path / "a")
     assert chunk_kernel.available() and reader.layout.codec == "blosc" and reader.layout.checksum
-    f = reader._file(0)
+    f = reader.mapped_file(0)
     dest = np.empty(8 * 100, dtype=np.uint16)
     assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, True, dest, 200) == -1
     assert np.array_equal(dest, values[:800])
@@ -73,7 +73,7 @@ def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, dam
     values = np.random.default_rng(2).integers(0, 50, 1_600).astype(np.uint16)
     _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=16)
     reader = ArrayReader.open(tmp_path / "a")
-    f = reader._file(0)
+    f = reader.mapped_file(0)
     off, n = int(f.offsets[5]), int(f.nbytes[5])
     file = tmp_path / "a" / "c" / "0"
     raw = bytearray(file.read_bytes())
@@ -83,7 +83,7 @@ def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, dam
         raw[off + 4 : off + 8] = (400).to_bytes(4, "little")  # the header's decoded size: caught with checks off too
     file.write_bytes(bytes(raw))
     reader = ArrayReader.open(tmp_path / "a")
-    f = reader._file(0)
+    f = reader.mapped_file(0)
     dest = np.zeros(1_600, dtype=np.uint16)
     verify = damage == "byte"
     assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, verify, dest, 200) == 5

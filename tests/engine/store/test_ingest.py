@@ -42,7 +42,7 @@ def store_rows(store: Store):
 def test_round_trip_every_cell_exactly_once(tmp_path, tiny_h5ads, ray_local, shuffle, vocab):
     store = ingest(
         tiny_h5ads, tmp_path / "s.store", IngestConfig(shard_cells=256, shuffle=shuffle, vocab=vocab, seed=5)
-    )
+    ).store
     expected = expected_matrix(tiny_h5ads, store.gene_ids)
     X, keys = store_rows(store)
     assert len(keys) == len(set(keys)) == len(expected) == store.n_cells
@@ -59,8 +59,8 @@ def test_round_trip_every_cell_exactly_once(tmp_path, tiny_h5ads, ray_local, shu
 
 def test_local_and_ray_executors_write_the_same_store(tmp_path, tiny_h5ads, ray_local):
     cfg = dict(shard_cells=300, seed=9, obs_keys=("cell_type",))
-    a = ingest(tiny_h5ads, tmp_path / "ray.store", IngestConfig(executor="ray", **cfg))
-    b = ingest(tiny_h5ads, tmp_path / "local.store", IngestConfig(executor="local", **cfg))
+    a = ingest(tiny_h5ads, tmp_path / "ray.store", IngestConfig(executor="ray", **cfg)).store
+    b = ingest(tiny_h5ads, tmp_path / "local.store", IngestConfig(executor="local", **cfg)).store
     assert [s.checksum for s in a.manifest.shards] == [s.checksum for s in b.manifest.shards]
     pd.testing.assert_frame_equal(a.read_obs(1), b.read_obs(1))
 
@@ -79,7 +79,7 @@ def test_vocabulary_file_layer_dense_and_zarr_inputs(tmp_path, ray_local):
         [tmp_path / "dense.zarr", tmp_path / "b.h5ad"],
         tmp_path / "s.store",
         IngestConfig(vocab=str(vocab), layer="counts", obs_keys=("cell_type",)),
-    )
+    ).store
     assert list(store.gene_ids) == vocab.read_text().split("\n")
     expected = expected_matrix([tmp_path / "dense.zarr", tmp_path / "b.h5ad"], store.gene_ids, layer="counts")
     X, keys = store_rows(store)
@@ -147,7 +147,7 @@ def test_non_integer_is_accepted_when_allowed(tmp_path, ray_local):
     X.data[:] = X.data / 3
     store = ingest(
         [_write(tmp_path, "norm.h5ad", X)], tmp_path / "s.store", IngestConfig(allow_non_integer=True, executor="local")
-    )
+    ).store
     assert store.manifest.count_dtype == "float32"
 
 
@@ -172,7 +172,7 @@ def test_no_overlap_with_vocabulary(tmp_path, ray_local):
 def test_zero_cell_inputs_are_skipped_with_a_warning(tmp_path, ray_local, caplog):
     empty = _write(tmp_path, "empty.h5ad", sp.csr_matrix((0, 10), dtype=np.float32))
     good = _write(tmp_path, "good.h5ad", _counts())
-    store = ingest([empty, good], tmp_path / "s.store")
+    store = ingest([empty, good], tmp_path / "s.store").store
     assert store.n_cells == 40 and "empty.h5ad: has zero cells; skipped" in caplog.text
     _assert_fails_cleanly(tmp_path, [empty], "every input has zero cells")
 
@@ -204,7 +204,7 @@ def test_missing_layer_and_existing_output(tmp_path, ray_local):
     assert (out / "keep.txt").read_text() == "mine"
     real = tmp_path / "real.store"
     ingest([good], real)
-    store = ingest([good], real, IngestConfig(overwrite=True, seed=1))  # a store is replaced
+    store = ingest([good], real, IngestConfig(overwrite=True, seed=1)).store  # a store is replaced
     assert store.n_cells == 40 and store.manifest.shuffle["seed"] == 1
 
 
@@ -219,9 +219,9 @@ def test_peak_memory_is_bounded_by_shard_size_not_input_size(tmp_path, ray_local
     input_bytes = a.X.data.nbytes + a.X.indices.nbytes
     del a
     shard_cells = 4_000
-    store = ingest([path], tmp_path / "s.store", IngestConfig(shard_cells=shard_cells, read_cells=1_000))
-    shard_bytes = max(s.nnz for s in store.manifest.shards) * 8  # float32 data + uint32 indices in flight
-    peak = store.ingest_report["peak_task_rss_growth"]
+    result = ingest([path], tmp_path / "s.store", IngestConfig(shard_cells=shard_cells, read_cells=1_000))
+    shard_bytes = max(s.nnz for s in result.store.manifest.shards) * 8  # float32 data + uint32 indices in flight
+    peak = result.report.peak_task_rss_growth
     assert input_bytes > 8 * shard_bytes
     # growth of each task's RSS over its idle worker (imports excluded): ~2x a shard while it is reordered
     assert peak < 3 * shard_bytes + 16 * 2**20, (peak / 2**20, shard_bytes / 2**20, input_bytes / 2**20)
@@ -231,7 +231,7 @@ def test_kang_pbmc_ingests_and_verifies(tmp_path, real_data_dir, ray_local):
     from engine.store.verify import verify_store
 
     inputs = [real_data_dir / "kang_ctrl.h5ad", real_data_dir / "kang_stim.h5ad"]
-    store = ingest(inputs, tmp_path / "kang.store", IngestConfig(shard_cells=4_000))
+    store = ingest(inputs, tmp_path / "kang.store", IngestConfig(shard_cells=4_000)).store
     assert (store.n_cells, store.n_genes) == (13_999, 14_053)
     assert verify_store(store.path) == []
     ctrl = ad.read_h5ad(inputs[0])

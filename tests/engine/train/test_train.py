@@ -10,6 +10,7 @@ import torch
 
 from engine.errors import TrainError
 from engine.loading.loader import Loader
+from engine.loading.sampler import SamplerConfig
 from engine.train.checkpoint import latest_checkpoint, load_checkpoint
 from engine.train.config import DebugConfig
 from engine.train.driver import pretrain
@@ -74,7 +75,7 @@ def planned_cells(store: Path, rank: int, steps: int, transforms=None) -> list[l
     """What the plan gives `rank` for `steps` steps: the Loader itself, in-process."""
     out: list[list[int]] = []
     with Loader(
-        store, batch_size=BATCH, rank=rank, world_size=2, mode="local", obs_keys=("cell_type", "batch")
+        store, SamplerConfig(batch_size=BATCH), rank=rank, world_size=2, mode="local", obs_keys=("cell_type", "batch")
     ) as loader:
         epoch = 0
         while len(out) < steps:
@@ -173,9 +174,8 @@ def test_local_mode_probe_with_accumulation_validation_and_rerun(tiny_store, ray
     assert [m["step"] for m in h if "val_loss" in m] == [6, 12]
     seen = read_trace(tmp_path / "trace", 0)
     assert all(len(s["cells"]) == 2 * BATCH for s in seen), "two micro-batches per optimizer step"
-    with Loader(
-        tiny_store, batch_size=BATCH, split="val", val_fraction=0.2, mode="local", remainder="pad"
-    ) as val_loader:
+    val = SamplerConfig(batch_size=BATCH, split="val", val_fraction=0.2, remainder="pad", shuffle=False)
+    with Loader(tiny_store, val, mode="local") as val_loader:
         val_cells = {c for b in val_loader for c in b["index"].tolist()}
     assert val_cells and not val_cells & {c for s in seen for c in s["cells"]}, "training never reads the val split"
     assert latest_checkpoint(result.output).name == f"checkpoint_step{STEPS:09d}"

@@ -196,29 +196,7 @@ def start_cluster(
             "AUTOSCALER_METRIC_PORT": str(autoscaler_port),
             "DASHBOARD_METRIC_PORT": str(dashboard_metric_port),
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-            f"--object-store-memory={store_bytes}",
-            f"--min-worker-port={worker_low}",
-            f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
-            *(f"--{name}={port}" for name, port in ports.items()),
-        ]
-        if num_cpus is not None:
-            cmd.append(f"--num-cpus={int(num_cpus)}")
-        if num_gpus is not None:
-            cmd.append(f"--num-gpus={int(num_gpus)}")
-        if system_config:
-            cmd.append(f"--system-config={json.dumps(system_config)}")
+        cmd = _head_command(temp_dir, store_bytes, ports, worker_low, num_cpus, num_gpus, system_config)
         address_file.unlink(missing_ok=True)
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
@@ -265,6 +243,42 @@ def start_cluster(
     write_text_atomically(state_dir / CLUSTER_FILE, json.dumps(asdict(cluster), indent=1))
     log.info("ray head up at %s (dashboard %s)", cluster.address, cluster.dashboard_url)
     return cluster
+
+
+def _head_command(
+    temp_dir: Path,
+    store_bytes: int,
+    ports: dict[str, int],
+    worker_low: int,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    system_config: dict[str, Any] | None,
+) -> list[str]:
+    """`ray start --head --block` on 127.0.0.1 with the dashboard, on the given ports and in its own temp dir."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--object-store-memory={store_bytes}",
+        f"--min-worker-port={worker_low}",
+        f"--max-worker-port={worker_low + WORKER_PORTS - 1}",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={int(num_cpus)}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={int(num_gpus)}")
+    if system_config:
+        cmd.append(f"--system-config={json.dumps(system_config)}")
+    return cmd
 
 
 GRAFANA_DASHBOARD = PROJECT_ROOT / "jobs" / "grafana" / "cellray.json"

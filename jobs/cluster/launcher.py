@@ -1,4 +1,5 @@
-"""`cellray cluster check cluster.yaml`: Ray's own offline validation of a cluster-launcher config, then cellray's.
+"""A Ray cluster-launcher config (cluster.yaml): `cellray cluster check` (Ray's own offline validation, then
+cellray's rules) and `capacity_of` (the largest cluster it can grow to, which sizes the queue).
 
 Ray: `prepare_config` (fills in the provider's defaults, as `ray up` does) then `validate_config` (the JSON
 schema: unknown keys, integer resources, head_node_type naming a node type). cellray: a CPU head and a GPU
@@ -137,3 +138,21 @@ def cellray_problems(config: dict[str, Any]) -> list[str]:
                 f"available_node_types.{name}: min_workers {t['min_workers']} > max_workers {t['max_workers']}"
             )
     return problems
+
+
+def capacity_of(path: Path) -> dict[str, float]:
+    """The largest cluster a launcher config can grow to: the head plus every worker type at max_workers
+    (within the global max_workers)."""
+    config = yaml.safe_load(path.expanduser().read_text())
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    budget = int(config.get("max_workers", 10**6))
+    total = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
+    order = [head] + sorted((n for n in types if n != head), key=lambda n: -types[n].get("resources", {}).get("GPU", 0))
+    for name in order:
+        n = 1 if name == head else min(int(types[name].get("max_workers", 0)), budget)
+        if name != head:
+            budget -= n
+        for r in total:
+            total[r] += n * float(types[name].get("resources", {}).get(r, 0))
+    return total

@@ -1,0 +1,90 @@
+"""`kind: pretrain`: Ray Train DDP workers with their reader actors (engine.train). Preemptible: a rerun resumes from
+the newest complete checkpoint under train.output, at the next unseen batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.progress import Progress
+from engine.train.config import PretrainConfig
+from jobs.kinds.base import NONE, Bundle, Kind, Summary
+from jobs.kinds.metrics import train_reporter
+
+
+def bundles(spec: PretrainConfig) -> list[Bundle]:
+    """One bundle per Ray Train worker with its reader actors (readers run on their trainer's node)."""
+    r = spec.resources
+    worker = {
+        "CPU": r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader,
+        "GPU": r.gpus_per_worker,
+        "memory": 0.0,
+    }
+    return [dict(worker) for _ in range(max(r.workers, 1))]  # workers: 0 runs the loop in the driver
+
+
+def driver(spec: PretrainConfig) -> Bundle:
+    r = spec.resources
+    if r.workers == 0:  # the training loop runs in the driver
+        return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, "memory": 0.0}
+    return dict(NONE)  # the workers and readers reserve their own
+
+
+def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summary:
+    from engine.train.driver import pretrain
+
+    result = pretrain(spec, address=address, progress=progress, on_report=train_reporter(spec.name))
+    h = result.history
+
+    def median(key: str) -> float | None:
+        return sorted(m[key] for m in h)[len(h) // 2] if h else None
+
+    curve = result.output / "loss.png"
+    return {
+        "job": spec.name,
+        "output": str(result.output),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "steps": h[-1]["step"] if h else 0,
+        "loss_first": h[0]["loss"] if h else None,
+        "loss_last": h[-1]["loss"] if h else None,
+        "val_loss": next((m["val_loss"] for m in reversed(h) if "val_loss" in m), None),
+        "cells_per_s": median("cells_per_s"),  # median over reports
+        "data_wait_frac": median("data_wait_frac"),
+        "loss_curve": str(curve) if curve.exists() else None,
+    }
+
+
+def check(spec: PretrainConfig) -> str:
+    from engine.train.data import open_run_data
+
+    open_run_data(spec)
+    return f"{spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps"
+
+
+def describe(s: Summary) -> list[str]:
+    val = f" (validation {_fmt(s['val_loss'])})" if s["val_loss"] is not None else ""
+    lines = [
+        f"{s['job']}: {s['steps']} steps, loss {_fmt(s['loss_first'])} -> {_fmt(s['loss_last'])}{val}, "
+        f"{_fmt(s['cells_per_s'], '.0f')} cells/s, data wait {_fmt(100 * (s['data_wait_frac'] or 0), '.0f')}%",
+        f"checkpoint: {s['checkpoint']}",
+    ]
+    if s["loss_curve"]:
+        lines.append(f"loss curve: {s['loss_curve']}")
+    return lines
+
+
+def _fmt(v: Any, f: str = ".4g") -> str:
+    return "n/a" if v is None else format(v, f)
+
+
+KIND = Kind(
+    name="pretrain",
+    config=PretrainConfig,
+    bundles=bundles,
+    driver=driver,
+    paths=("data.store", "train.output", "debug.trace_dir"),
+    preemptible=True,
+    resumes="from the newest complete checkpoint under train.output, at the next unseen batch",
+    run=run,
+    check=check,
+    describe=describe,
+)
