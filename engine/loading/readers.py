@@ -1,9 +1,10 @@
 """Execute a rank's read plan: fetch a buffer's blocks, shuffle, cut batches, run the transform pipeline.
 
-`BufferReader.read(plan)` is the one implementation; the Loader runs it either in threads of its own
-process (mode="local") or inside `ReaderActor`s (mode="ray"), so both modes give identical batches. A batch
-is a dict of numpy arrays (and, for CSR, a `CSRBlock`): Ray ships it through the object store without
-copies, and the Loader turns it into torch tensors.
+`BufferReader.read(plan)` is the one implementation; the Loader runs it through one of two readings with one
+interface (`submit(plan) -> InFlight`, `batch(job, b)`, `processes()`, `close()`): `ThreadReading`, threads of its
+own process (mode="local"), or `ActorReading`, `ReaderActor`s on its node (mode="ray"), so both modes give identical
+batches. A batch is a dict of numpy arrays (and, for CSR, a `CSRBlock`); beside its consumer an actor hands it over
+in shared memory (engine/loading/shm.py), and the Loader turns it into torch tensors.
 """
 
 from __future__ import annotations
