@@ -25,6 +25,10 @@ class StoreError(CellrayError):
     """A store is missing, malformed, or of another format version."""
 
 
+class MissingObjectError(StoreError, FileNotFoundError):
+    """An object in a bucket (or the bucket) that is not there."""
+
+
 class StatsError(CellrayError):
     """Statistics are missing, stale, or cannot be computed with these settings."""
 

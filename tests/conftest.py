@@ -5,13 +5,30 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from bench.s3proxy import S3Endpoint, free_port
+
 # Ray Train's controller polls workers; a short interval keeps 2-worker tests fast.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# The local S3 endpoint of the `s3` fixture, in the standard AWS environment before Ray starts, so every worker
+# process sees it as a user's would; and a node cache of this session's own.
+S3_BUCKET = "cellray-test"
+S3_ACCESS_KEY = "cellray-test-key"
+S3_SECRET = "cellray-test-secret-do-not-print"
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+    AWS_ACCESS_KEY_ID=S3_ACCESS_KEY,
+    AWS_SECRET_ACCESS_KEY=S3_SECRET,
+    AWS_REGION="us-east-1",
+    AWS_ALLOW_HTTP="true",
+    CELLRAY_CACHE_DIR=tempfile.mkdtemp(prefix="cellray-cache-"),
+)
 
 SHARED_DATA_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fetch_real.sh"
 
@@ -33,6 +50,21 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir():
+    yield
+    shutil.rmtree(os.environ["CELLRAY_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3Endpoint:
+    """A real S3 endpoint on 127.0.0.1 (moto's server behind bench/s3proxy.py, which counts requests and can be
+    taken down), with the bucket `cellray-test`; the AWS_* environment already points at it."""
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    with S3Endpoint(port=port, access_key=S3_ACCESS_KEY, bucket=S3_BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@
 The arrays are read through `engine.store.chunkfile.ArrayReader` (direct, every chunk verified). The chunks every
 segment of a buffer needs are merged per shard into runs and each run is decoded once into a reused per-thread pool;
 X/indptr chunks are decoded the same way and cached per shard (bounded), so a block of a big shard costs no
-zarr-python call. A layout the direct reader does not handle, or a remote store, goes through `Store.read_array`.
+zarr-python call. A layout the direct reader does not handle goes through `Store.read_array`. For a store in a bucket,
+the byte ranges of every run of a buffer (and the indptr chunks it needs) are fetched into the node's cache at once,
+on a pool of threads, before the first is decoded: one round trip per buffer, not one per run.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class StoreBlocks:
         indptr_cache_bytes: int = INDPTR_CACHE_BYTES,
     ):
         self.store = store
-        self.direct = direct and _local(store.path)
+        self.direct = direct and (store.remote or Path(store.path).exists())
         self.strict = store.manifest.version >= 2  # v2 writes every chunk: a missing one is corruption
         self._arrays: dict[tuple[int, str], ArrayReader | None] = {}
         self._indptr_bytes = indptr_cache_bytes
@@ -79,7 +81,7 @@ class StoreBlocks:
             if key not in self._arrays:
                 reader = None
                 if self.direct:
-                    reader = ArrayReader.open(Path(self.store.where(shard, name)), self.strict)
+                    reader = ArrayReader.open(self.store.array_path(shard, name), self.strict)
                     info = self.store.manifest.shards[shard]
                     want = info.n_cells + 1 if name == "indptr" else info.nnz
                     if reader is not None and reader.layout.shape != want:
@@ -134,6 +136,8 @@ class StoreBlocks:
         (so segments of one buffer that share a chunk decode it once); each cell's non-zeros are contiguous in the
         pool, and nothing is copied after decoding."""
         n_seg = segments.shape[0]
+        if self.store.remote and self.direct:
+            self._prefetch_indptr(segments)
         nnz_lo, nnz_hi, starts, lens = [], [], [], []
         for shard, start, stop in segments:
             ip = self.indptr_range(int(shard), int(start), int(stop))
@@ -166,6 +170,8 @@ class StoreBlocks:
         sizes = np.array([(c1 - c0 + 1) * chunk for _, c0, c1 in runs], dtype=np.int64)
         bases = np.zeros(len(runs) + 1, dtype=np.int64)
         np.cumsum(sizes, out=bases[1:])
+        if self.store.remote:
+            self._prefetch([(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs for a in ("indices", "data")])
         pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
         pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
         for r, (shard, c0, c1) in enumerate(runs):
@@ -183,6 +189,24 @@ class StoreBlocks:
             np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64),
             np.concatenate(lens).astype(np.int64),
         )
+
+    @staticmethod
+    def _prefetch(jobs: list[tuple[ArrayReader, tuple[int, int]]]) -> None:
+        """Fetch the chunk runs of many arrays of a bucket's store into the node's cache, all at once."""
+        from engine.store.remote import fetch_pool
+
+        list(fetch_pool().map(lambda job: job[0].prefetch([job[1]]), jobs))
+
+    def _prefetch_indptr(self, segments: np.ndarray) -> None:
+        jobs = []
+        for shard, start, stop in segments:
+            reader = self._array(int(shard), "indptr")
+            if reader is not None:
+                per = reader.layout.chunk_elems
+                for c in range(int(start) // per, int(stop) // per + 1):
+                    if self._indptr is None or (int(shard), c) not in self._indptr:
+                        jobs.append((reader, (c, c)))
+        self._prefetch(jobs)
 
     def _buffer(self, name: str, n: int, dtype: np.dtype) -> np.ndarray:
         """A reused array of at least n elements for this thread. The CSRRows built on it is only valid until
@@ -218,6 +242,3 @@ class StoreBlocks:
         rows = np.arange(pool.n_cells, dtype=np.int64)
         return gather_rows_csr(pool, rows, data_dtype=pool.data.dtype, index_dtype=pool.indices.dtype)
 
-
-def _local(path: Path) -> bool:
-    return Path(path).exists()

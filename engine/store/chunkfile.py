@@ -8,6 +8,10 @@ The store's arrays are plain zarr v3 with a fixed, simple layout, so this module
   `bytes` + blosc or zstd (+ `crc32c` in format v2). Each shard file is memory-mapped and its index checked once.
 - X/indptr: 1-D, plainly chunked (one file per chunk of 65,536 cells), `bytes` + zstd (+ `crc32c`).
 
+An array in a bucket (`engine.objects.ObjectPath`) is read the same way from its node-local mirror
+(`engine.store.remote.CachedObject`): `prefetch` fetches the byte ranges of the chunks a read needs (all files at
+once), and the checks run on the mirrored bytes as on a local file; a chunk that fails them is fetched once more.
+
 Every chunk is checked before it is decoded: its crc32c (format v2), its presence (a missing chunk file or an index
 entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
 zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
@@ -32,7 +36,8 @@ from typing import Any, NamedTuple
 import google_crc32c
 import numpy as np
 
-from engine.errors import StoreError
+from engine.errors import MissingObjectError, StoreError
+from engine.objects import ObjectPath
 
 MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
 _U32 = struct.Struct("<I")
@@ -71,11 +76,11 @@ def _chunk_codecs(codecs: list[dict[str, Any]]) -> tuple[str, bool] | None:
     return None if codec is None else (codec, checksum)
 
 
-def parse_layout(path: Path) -> ChunkLayout | None:
+def parse_layout(path: Path | ObjectPath) -> ChunkLayout | None:
     """The layout of a 1-D zarr v3 array this reader handles (sharded or plainly chunked), else None."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, MissingObjectError):
         return None
     try:
         if meta.get("zarr_format") != 3 or len(meta["shape"]) != 1 or meta["chunk_grid"]["name"] != "regular":
@@ -112,6 +117,11 @@ def parse_layout(path: Path) -> ChunkLayout | None:
         return None
 
 
+def _crc_ok(raw: np.ndarray) -> bool:
+    """Whether bytes that end in a little-endian crc32c of the rest (a shard file's index) are intact."""
+    return google_crc32c.value(raw[:-4]) == int.from_bytes(raw[-4:].tobytes(), "little")
+
+
 def decompress(codec: str, raw, dest: np.ndarray | None = None):
     """Decode one chunk (its compressed bytes, without a checksum), into `dest` when given (no extra copy)."""
     if codec == "blosc":
@@ -136,11 +146,12 @@ class MappedFile(NamedTuple):
     buf: np.ndarray | None
     offsets: np.ndarray
     nbytes: np.ndarray
+    cached: Any = None  # the file's `CachedObject` when it lives in a bucket
 
     @classmethod
-    def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray) -> MappedFile:
+    def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray, cached: Any = None) -> MappedFile:
         signed = np.ascontiguousarray(index, dtype="<u8").view("<i8")  # MISSING (2**64 - 1) reads as -1
-        return cls(mm, buf, signed[:, 0].copy(), signed[:, 1].copy())
+        return cls(mm, buf, signed[:, 0].copy(), signed[:, 1].copy(), cached)
 
     @classmethod
     def absent(cls, n_chunks: int) -> MappedFile:
@@ -149,14 +160,15 @@ class MappedFile(NamedTuple):
 
 
 class ArrayReader:
-    """Element ranges of one 1-D zarr v3 array on a local filesystem, every chunk verified.
+    """Element ranges of one 1-D zarr v3 array on a local filesystem or in a bucket, every chunk verified.
 
     Shard files are memory-mapped (read-only), so a chunk is checked and decompressed straight from the page cache
     into its destination: no read() copy and no intermediate buffer. `strict` (format v2): every chunk inside the
     array must exist; otherwise (v1) a chunk zarr did not write reads as the fill value."""
 
-    def __init__(self, path: Path, layout: ChunkLayout, strict: bool = True, max_open_files: int = 64):
+    def __init__(self, path: Path | ObjectPath, layout: ChunkLayout, strict: bool = True, max_open_files: int = 64):
         self.path = path
+        self.remote = isinstance(path, ObjectPath)
         self.layout = layout
         self.strict = strict
         self._per_file = layout.file_elems // layout.chunk_elems
@@ -167,7 +179,7 @@ class ArrayReader:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, strict: bool = True) -> ArrayReader | None:
+    def open(cls, path: Path | ObjectPath, strict: bool = True) -> ArrayReader | None:
         layout = parse_layout(path)
         return None if layout is None else cls(path, layout, strict)
 
@@ -199,10 +211,16 @@ class ArrayReader:
         per_file = lay.file_elems // lay.chunk_elems
         first = file_id * per_file
         name = f"{lay.key_prefix}{file_id}"
-        file = self.path / name
+        cached = None
         try:
-            fh = open(file, "rb")
-        except FileNotFoundError:
+            if self.remote:
+                from engine.store.remote import CachedObject
+
+                cached = CachedObject(self.path / name)
+                fh = open(cached.local, "rb")
+            else:
+                fh = open(self.path / name, "rb")
+        except FileNotFoundError:  # MissingObjectError is one too
             if self.strict:
                 last = min(first + per_file, lay.n_chunks) - 1
                 what = f"chunk {first}" if last == first else f"chunks {first}-{last}"
@@ -216,7 +234,7 @@ class ArrayReader:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
-            return MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"))
+            return MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"), cached)
         nbytes = per_file * 16 + 4
         last = min(first + per_file, max(1, lay.n_chunks)) - 1
         what = f"chunks {first}-{last}"
@@ -225,8 +243,13 @@ class ArrayReader:
                 f"{self.path}: chunk file {name} ({what}) has {size} bytes, shorter than its index ({nbytes} bytes): "
                 "truncated"
             )
+        if cached is not None:
+            cached.ensure([(size - nbytes, size)])
         raw = buf[size - nbytes :]
-        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
+        if cached is not None and not _crc_ok(raw):  # bad bytes in the cache: fetched once more
+            cached.forget(size - nbytes, size)
+            cached.ensure([(size - nbytes, size)])
+        if not _crc_ok(raw):
             raise StoreError(
                 f"{self.path}: chunk file {name} ({what}): its chunk index fails its crc32c checksum "
                 "(corrupted or truncated file)"
@@ -235,14 +258,40 @@ class ArrayReader:
         present = index[:, 0] != MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
-        return MappedFile.of(mm, buf, index)
+        return MappedFile.of(mm, buf, index, cached)
+
+    def prefetch(self, runs: Sequence[tuple[int, int]]) -> None:
+        """Fetch into the node's cache the bytes of chunks [c0, c1] of each run (arrays in a bucket; local arrays
+        need nothing): one range per run and file, every file's ranges requested at once."""
+        if not self.remote:
+            return
+        per_file: dict[int, list[tuple[int, int]]] = {}
+        for c0, c1 in runs:
+            c = c0
+            while c <= c1:
+                file_id, k0 = divmod(c, self._per_file)
+                k1 = min(self._per_file - 1, k0 + c1 - c)
+                per_file.setdefault(file_id, []).append((k0, k1))
+                c += k1 - k0 + 1
+        for file_id, spans in per_file.items():
+            f = self.mapped_file(file_id)
+            if f.cached is None:
+                continue
+            ranges = []
+            for k0, k1 in spans:
+                present = f.offsets[k0 : k1 + 1] >= 0
+                if present.any():
+                    lo = int(f.offsets[k0 : k1 + 1][present].min())
+                    hi = int((f.offsets[k0 : k1 + 1] + f.nbytes[k0 : k1 + 1])[present].max())
+                    ranges.append((lo, hi))
+            f.cached.ensure(ranges)
 
     def _raw(self, c: int) -> tuple[np.ndarray, Any, int] | None:
         """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
         a v1 chunk never written. blosc runs go through `chunk_kernel` instead; this is the path of other codecs
         (X/indptr), of v1 stores' missing chunks, and of the chunk the kernel stopped at (to name its fault)."""
         file_id, k = divmod(c, self._per_file)
-        mm, buf, offsets, nbytes = self.mapped_file(file_id)
+        mm, buf, offsets, nbytes, _ = self.mapped_file(file_id)
         off, n = int(offsets[k]), int(nbytes[k])
         if off < 0:
             if self.strict and c < self.layout.n_chunks:
@@ -259,7 +308,24 @@ class ArrayReader:
         return buf[off : off + n], mm, off
 
     def decode(self, c: int, dest: np.ndarray) -> None:
-        """Chunk c into dest (chunk_elems elements), checked: present, checksum, decodes to the chunk's size."""
+        """Chunk c into dest (chunk_elems elements), checked: present, checksum, decodes to the chunk's size. A chunk
+        of a bucket's object that fails is fetched once more before its error is raised (the cache may be at fault)."""
+        if not self.remote:
+            return self._decode(c, dest)
+        try:
+            self.prefetch([(c, c)])
+            return self._decode(c, dest)
+        except StoreError:
+            file_id, k = divmod(c, self._per_file)
+            f = self.mapped_file(file_id)
+            if f.cached is None or f.offsets[k] < 0:
+                raise
+            lo, hi = int(f.offsets[k]), int(f.offsets[k] + f.nbytes[k])
+            f.cached.forget(lo, hi)
+            f.cached.ensure([(lo, hi)])
+            return self._decode(c, dest)
+
+    def _decode(self, c: int, dest: np.ndarray) -> None:
         got = self._raw(c)
         if got is None:  # v1: never written, all fill value
             dest[:] = self.layout.fill_value
@@ -283,6 +349,7 @@ class ArrayReader:
         fills a chunk never written), and the kernel goes on after it."""
         from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
 
+        self.prefetch([tuple(r) for r in runs])
         chunk = self.layout.chunk_elems
         fast = self.layout.codec == "blosc" and chunk_kernel.available()
         chunk_bytes = chunk * self.layout.dtype.itemsize

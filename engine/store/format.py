@@ -39,7 +39,8 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from engine.errors import StoreError
+from engine.errors import MissingObjectError, StoreError
+from engine.objects import ObjectPath, store_path, zarr_store
 from engine.store.chunkfile import ArrayReader
 
 log = logging.getLogger(__name__)
@@ -225,34 +226,51 @@ def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def is_store(path: str | os.PathLike) -> bool:
-    """Whether `path` is a cellray store (a zarr group whose attributes hold a cellray manifest)."""
+def root_metadata(path: Path | ObjectPath) -> dict[str, Any] | None:
+    """The root zarr.json of a store as a dict (in a bucket: the committed one), or None when there is none."""
     try:
-        meta = json.loads((Path(path) / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and MANIFEST_KEY in (meta.get("attributes") or {})
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):  # MissingObjectError is an OSError too
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_store(path: str | os.PathLike | ObjectPath) -> bool:
+    """Whether `path` (a directory or a URI) is a cellray store: a zarr group whose attributes hold a manifest."""
+    meta = root_metadata(store_path(path))
+    return meta is not None and MANIFEST_KEY in (meta.get("attributes") or {})
 
 
 class Store:
     """An opened store: the manifest, the vocabulary, and fast cell-range reads of shards."""
 
-    def __init__(self, path: Path, manifest: Manifest, root: zarr.Group):
+    def __init__(self, path: Path | ObjectPath, manifest: Manifest, root: zarr.Group):
         self.path = path
+        self.remote = isinstance(path, ObjectPath)
         self.manifest = manifest
         self.root = root
         self._indptr: dict[int, np.ndarray] = {}
         self._x: dict[int, zarr.Group] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Store:
-        path = Path(path)
-        if not path.exists():
+    def open(cls, path: str | os.PathLike | ObjectPath) -> Store:
+        """Open a store: a local directory or a URI (s3://, gs://, az://). In a bucket only a committed store opens:
+        its root zarr.json, written last, holds the manifest, and nothing else under the prefix is trusted."""
+        path = store_path(path)
+        if isinstance(path, ObjectPath):
+            if root_metadata(path) is None:
+                raise StoreError(f"{path}: no such store (no committed {path / 'zarr.json'})")
+            try:
+                root = zarr.open_group(store=zarr_store(path), mode="r")
+            except MissingObjectError as e:
+                raise StoreError(str(e)) from None
+        elif not path.exists():
             raise StoreError(f"{path}: no such store")
-        try:
-            root = zarr.open_group(str(path), mode="r")
-        except Exception as e:  # zarr raises several types for a non-group
-            raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
+        else:
+            try:
+                root = zarr.open_group(str(path), mode="r")
+            except Exception as e:  # zarr raises several types for a non-group
+                raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
         raw = root.attrs.get(MANIFEST_KEY)
         if raw is None:
             raise StoreError(
@@ -316,6 +334,10 @@ class Store:
         """`STORE/shards/NNNNN[/X/array]`: how errors name a place in the store."""
         return f"{self.path}/{self.manifest.shards[shard].path}" + (f"/X/{array}" if array else "")
 
+    def array_path(self, shard: int, array: str) -> Path | ObjectPath:
+        """Where X/`array` of a shard lives: a directory, or a prefix in a bucket."""
+        return self.path / self.manifest.shards[shard].path / "X" / array
+
     def shard_x(self, shard: int) -> zarr.Group:
         """The shard's X group, its arrays checked against the manifest on first use."""
         if shard not in self._x:
@@ -341,7 +363,7 @@ class Store:
         array and chunk. Format v2 arrays are read by `chunkfile.ArrayReader` (zarr-python would read a chunk its
         shard index marks missing as zeros); anything else through zarr-python."""
         x = self.shard_x(shard)  # checks the shard against the manifest first
-        if self.manifest.version >= 2 and (reader := ArrayReader.open(Path(self.where(shard, name)))) is not None:
+        if self.manifest.version >= 2 and (reader := ArrayReader.open(self.array_path(shard, name))) is not None:
             try:
                 return reader.read(lo, hi)
             finally:

@@ -9,7 +9,9 @@ Two passes, both Ray tasks, peak memory bounded by the shard size rather than th
 2. write: each task loads one bucket (one shard's cells), orders it by position and writes the shard.
 
 The store is built under a temporary name beside `out` and renamed into place when complete, so a failed
-ingest leaves nothing at `out`.
+ingest leaves nothing at `out`. An `out` in a bucket (s3://, gs://, az://) is built in a local staging directory:
+each shard is uploaded as soon as it is written (and its local copy dropped), then the rest, the root zarr.json
+with the manifest last, which commits the store (`engine.objects.tree_writer`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pydantic import Field
 from engine.atomic import replace_atomically, temporary_sibling, writer_lock
 from engine.config import Config
 from engine.errors import InputError
+from engine.objects import ObjectPath, location, store_path, tree_writer, upload_tree
 from engine.progress import Progress, silent
 from engine.runtime import Executor, choose_local, map_tasks, ray_session
 from engine.store.csr import gather_csr
@@ -215,8 +218,10 @@ def write_bucket(
     count_dtype: str,
     index_dtype: str,
     config: IngestConfig,
+    upload_to: str | None = None,
 ) -> dict[str, Any]:
-    """Pass 2 for one shard: load its bucket, order by position, write the AnnData shard."""
+    """Pass 2 for one shard: load its bucket, order by position, write the AnnData shard (and, for a store in a
+    bucket, upload it to `upload_to` and drop the local copy)."""
     import zarr
 
     # load the gather kernel for these dtypes first, so the sampler measures data, not the JIT's one-time cost
@@ -261,6 +266,9 @@ def write_bucket(
     root = zarr.open_group(tmp_store, mode="a")
     info = write_shard(root, shard_id, indptr, indices, data, obs_df, gene_ids, config.codec, config.chunk_elements)
     shutil.rmtree(bucket, ignore_errors=True)
+    if upload_to is not None:
+        upload_tree(Path(tmp_store) / info.path, location(upload_to) / info.path)
+        shutil.rmtree(Path(tmp_store) / info.path)
     return {"info": info, "peak_rss": rss()}
 
 
@@ -350,16 +358,21 @@ def ingest(
     """Ingest `inputs` into a new store at `out`; returns it opened, with a report. See the module docstring.
 
     `out` is locked while it is written (a second ingest to it fails at once); with `overwrite`, an existing
-    `out` is replaced only if it is a cellray store."""
-    out = Path(out)
+    `out` is replaced only if it is a cellray store. `out` may be a URI (see the module docstring)."""
+    out = store_path(out)
+    if not inputs:
+        raise InputError("no inputs given")
+    if isinstance(out, ObjectPath):
+        with tree_writer(out, "zarr.json", config.overwrite, replaceable=is_store) as local:
+            report = _ingest(inputs, local, config, progress or silent, upload_to=out)
+        return IngestResult(Store.open(out), report)
     if out.exists() and not config.overwrite:
         raise InputError(f"{out}: output already exists (pass --overwrite to replace it)")
     if out.exists() and not is_store(out):
         raise InputError(f"{out}: exists and is not a cellray store: --overwrite replaces only a store")
-    if not inputs:
-        raise InputError("no inputs given")
     with writer_lock(out):
-        return _ingest(inputs, out, config, progress or silent)
+        report = _ingest(inputs, out, config, progress or silent)
+    return IngestResult(Store.open(out), report)
 
 
 def _open_inputs(paths: Sequence[Path], config: IngestConfig) -> _Inputs:
@@ -424,7 +437,13 @@ def _scatter_tasks(inputs: _Inputs, shard_cells: int, scatter_dir: Path, config:
     return tasks
 
 
-def _ingest(paths: Sequence[str | os.PathLike], out: Path, config: IngestConfig, progress: Progress) -> IngestResult:
+def _ingest(
+    paths: Sequence[str | os.PathLike],
+    out: Path,
+    config: IngestConfig,
+    progress: Progress,
+    upload_to: ObjectPath | None = None,
+) -> IngestReport:
     import zarr
 
     t0 = time.perf_counter()
@@ -460,7 +479,8 @@ def _ingest(paths: Sequence[str | os.PathLike], out: Path, config: IngestConfig,
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             calls = [
-                (str(tmp), str(scatter_dir), k, gene_ids, inputs.schema, count_dtype.str, index_dtype.str, cfg)
+                (str(tmp), str(scatter_dir), k, gene_ids, inputs.schema, count_dtype.str, index_dtype.str, cfg,
+                 None if upload_to is None else str(upload_to))
                 for k in range(n_shards)
             ]
             written = list(map_tasks(write_bucket, calls, local=local, stage="write", progress=progress))
@@ -491,4 +511,4 @@ def _ingest(paths: Sequence[str | os.PathLike], out: Path, config: IngestConfig,
         "ingested %d cells in %.1f s (%.0f cells/s); peak task RSS growth %.0f MB",
         n_total, elapsed, n_total / elapsed, peak / 2**20,
     )  # fmt: skip
-    return IngestResult(Store.open(out), IngestReport(elapsed, peak, results + written))
+    return IngestReport(elapsed, peak, results + written)
