@@ -40,7 +40,7 @@ $(VENV)-peers/.installed:
 	   if $$c -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null; then py=$$c; break; fi; done; \
 	 test -n "$$py" || { echo "make peers: no Python >= 3.12 found (annbatch needs it)"; exit 1; }; \
 	 $$py -m venv $(VENV)-peers
-	$(VENV)-peers/bin/pip install -q annbatch zarrs psutil
+	$(VENV)-peers/bin/pip install -q annbatch zarrs psutil s3fs obstore  # s3fs/obstore: the peers on a bucket
 	touch $@
 
 demo: env

@@ -56,6 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server
         body = self._body()
         if proxy.down.is_set():
+            with proxy.lock:
+                proxy.counts["refused"] += 1
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -80,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             proxy.counts[f"{self.command}_bytes"] += len(payload) if self.command == "GET" else len(body)
             if self.command == "GET" and self.headers.get("Range"):
                 proxy.counts["range_get"] += 1
+            if self.command == "PUT":
+                proxy.puts.append(self.path)
         self._answer(resp.status, payload, [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP])
 
     def _answer(self, status: int, payload: bytes, headers: list[tuple[str, str]] = ()) -> None:
@@ -100,12 +104,16 @@ class _Handler(BaseHTTPRequestHandler):
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:  # a client that went away (killed, timed out)
+        pass
+
     def __init__(self, port: int, upstream_port: int, delay_s: float, access_key: str | None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.upstream_port = upstream_port
         self.delay_s = delay_s
         self.access_key = access_key
         self.counts: Counter = Counter()
+        self.puts: list[str] = []  # paths of PUT requests, in order
         self.lock = threading.Lock()
         self.down = threading.Event()
 
@@ -153,9 +161,14 @@ class S3Endpoint:
     def counts(self) -> Counter:
         return self._proxy.counts
 
+    @property
+    def puts(self) -> list[str]:
+        return self._proxy.puts
+
     def reset_counts(self) -> None:
         with self._proxy.lock:
             self._proxy.counts.clear()
+            self._proxy.puts.clear()
 
     def set_delay(self, seconds: float) -> None:
         self._proxy.delay_s = seconds

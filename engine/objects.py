@@ -133,13 +133,13 @@ def client(scheme: str, bucket: str, prefix: str = "") -> Any:
     """The obstore store of one bucket (and key prefix), configured from the environment; one per process."""
     from obstore.store import from_url
 
-    retries = int(os.environ.get("CELLRAY_OBJECT_RETRIES", "6"))
+    retries = int(os.environ.get("CELLRAY_OBJECT_RETRIES", "20"))
     retry_timeout = float(os.environ.get("CELLRAY_OBJECT_RETRY_TIMEOUT_S", "60"))
     retry = {
         "max_retries": retries,
         "backoff": {
-            "init_backoff": dt.timedelta(milliseconds=100),
-            "max_backoff": dt.timedelta(seconds=5),
+            "init_backoff": dt.timedelta(milliseconds=250),
+            "max_backoff": dt.timedelta(seconds=8),
             "base": 2,
         },
         "retry_timeout": dt.timedelta(seconds=retry_timeout),
@@ -288,7 +288,12 @@ def list_objects(prefix: ObjectPath, limit: int | None = None) -> list[ObjectPat
     found: list[ObjectPath] = []
     with _request(prefix):
         for batch in obstore.list(_client_of(prefix), prefix=prefix.key + "/" if prefix.key else None):
-            found += [ObjectPath(prefix.scheme, prefix.bucket, m["path"]) for m in batch]
+            # (pyarrow, which Ray Train writes through, leaves empty "directory" objects: not ours to list)
+            found += [
+                ObjectPath(prefix.scheme, prefix.bucket, m["path"])
+                for m in batch
+                if m["path"].strip("/") != prefix.key and not m["path"].endswith("/")
+            ]
             if limit is not None and len(found) >= limit:
                 break
     return sorted(found, key=lambda o: o.key)[:limit]

@@ -42,6 +42,7 @@ from engine.infer.embedder import Embedder, Plan, Run, inference_transforms, nee
 from engine.infer.parts import Layout, PartsOutput, finished_output, is_embed_output
 from engine.infer.predict import OBSM_KEY, PRED_KEY, PRED_PROB_KEY, Head
 from engine.infer.vocab import GeneMap, category_maps, map_genes
+from engine.objects import ObjectPath, cache_dir, store_path, tree_writer
 from engine.progress import Progress, silent
 from engine.runtime import LOCAL_MAX_BYTES, ray_session
 from engine.store.format import Store
@@ -94,7 +95,7 @@ def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap)
     """The store the transforms bind to: the training store when it is still there (its statistics are the
     model's), else the inference store if it has the training vocabulary, else only the vocabulary (None)."""
     train_path = (meta.get("vocabulary") or {}).get("store")
-    if train_path and Path(train_path).exists():
+    if train_path and store_path(train_path).exists():
         try:
             train = Store.open(train_path)
             if gene_fingerprint([str(g) for g in train.gene_ids]) == genes.fingerprint:
@@ -102,7 +103,7 @@ def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap)
         except CellrayError:
             pass
     if genes.index is None:
-        elsewhere = train_path and Path(train_path).resolve() != store.path.resolve()
+        elsewhere = train_path and str(store_path(train_path).resolve()) != str(store.path.resolve())
         if transforms and needs_stats(transforms) and elsewhere:
             log.warning(
                 "the training store %s is gone: the transforms use the statistics of %s", train_path, store.path
@@ -116,10 +117,10 @@ def _bind_transforms(transforms: list, meta: dict, store: Store, genes: GeneMap)
     return None
 
 
-def _stats_digest(store_path: str | None) -> str | None:
-    if store_path is None:
+def _stats_digest(store: str | None) -> str | None:
+    if store is None:
         return None
-    meta = Path(store_path) / "stats" / "zarr.json"
+    meta = store_path(store) / "stats" / "zarr.json"
     return hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.exists() else None
 
 
@@ -130,7 +131,11 @@ def _part_cells(config: EmbedConfig, store: Store) -> int:
     return max(1, min(first, MAX_PART_CELLS))
 
 
-def _staging(out: Path) -> Path:
+def _staging(out: Path | ObjectPath) -> Path:
+    """Where the parts are written: beside OUT, or for an OUT in a bucket under this node's cache dir (a rerun on
+    the same node resumes; the tree is uploaded when complete)."""
+    if isinstance(out, ObjectPath):
+        return cache_dir() / "staging" / f"embed-{hashlib.sha256(str(out).encode()).hexdigest()[:12]}" / out.name
     return out.parent / f".{out.name}.parts"
 
 
@@ -161,7 +166,7 @@ class Resolved:
     """What an embed run resolved before it writes anything: the checkpoint, the store, the actors' `Plan`, the
     output's layout and the fingerprint that ties committed parts to all of them."""
 
-    out: Path
+    out: Path | ObjectPath
     checkpoint: Path
     meta: dict[str, Any]
     store: Store
@@ -177,9 +182,11 @@ class Resolved:
 
 def plan_embed(config: EmbedConfig) -> Resolved:
     """Check an embed config against its checkpoint and store, and resolve what the run will do (writes nothing)."""
-    out = Path(config.out)
+    out = store_path(config.out)
     if out.suffix not in (".h5ad", ".zarr"):
         raise InferError(f"{out}: --out must end in .zarr (an AnnData zarr directory) or .h5ad")
+    if isinstance(out, ObjectPath) and out.suffix != ".zarr":
+        raise InferError(f"{out}: an output in a bucket must be OUT.zarr (an AnnData zarr, committed last)")
     ckpt = latest_checkpoint(config.checkpoint)
     meta = read_meta(ckpt)
     store = Store.open(config.store)
@@ -252,12 +259,17 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
         and not res.gpus_per_worker
         and r.store.x_bytes < LOCAL_MAX_BYTES
     )
-    with writer_lock(out), contextlib.nullcontext() if local else ray_session(address):
+    remote = isinstance(out, ObjectPath)
+    with writer_lock(output.root if remote else out), contextlib.nullcontext() if local else ray_session(address):
         run = _embed_parts(config, r, output, local, progress or silent, result)
         head = Head(**run["head"]) if run.get("head") else None
         output.finish({"cellray": _uns(r, head)})
         output.write_run({**run, "complete": True})
-        if out.suffix == ".zarr":
+        if remote:  # uploaded with its root zarr.json last: the commit
+            with tree_writer(out, "zarr.json", overwrite=True, replaceable=is_embed_output) as tree:
+                os.rename(output.root, tree)
+            shutil.rmtree(output.root.parent, ignore_errors=True)
+        elif out.suffix == ".zarr":
             replace_atomically(output.root, out, overwrite=True, replaceable=is_embed_output)
         else:
             from engine.infer.h5ad import write_h5ad

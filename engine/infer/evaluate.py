@@ -48,16 +48,16 @@ def embedding_sample(
     import anndata as ad
 
     from engine.errors import InferError
+    from engine.objects import store_path
+    from engine.store.format import open_group
 
-    out = Path(out)
+    out = store_path(out)
     if out.suffix == ".h5ad":
         import h5py
 
         f = h5py.File(out, "r")
     else:
-        import zarr
-
-        f = zarr.open_group(str(out), mode="r")
+        f = open_group(out)
     try:
         obs = f["obs"]
         if label_key not in obs:

@@ -38,6 +38,7 @@ import pandas as pd
 from engine.atomic import remove, write_text_atomically
 from engine.errors import CellrayError, InferError
 from engine.infer.predict import OBSM_KEY
+from engine.objects import ObjectPath, exists, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -294,30 +295,39 @@ def _obs_row_arrays(obs_group) -> list[str]:
 # ------------------------------------------------------------------------------------------------ finished outputs
 
 
-def finished_output(out: Path) -> dict[str, Any] | None:
+def _committed_run(out: ObjectPath) -> dict[str, Any] | None:
+    """The run record of a committed embed output in a bucket (its root zarr.json is written last)."""
+    if not exists(out / "zarr.json"):
+        return None
+    return json.loads(read_bytes(out / META_DIR / RUN_FILE))
+
+
+def finished_output(out: Path | ObjectPath) -> dict[str, Any] | None:
     """{fingerprint, dim, predicts} of a finished output at `out` (None: not a finished cellray output)."""
     import anndata as ad
 
     try:
-        if out.suffix == ".h5ad":
+        if isinstance(out, ObjectPath) or out.suffix != ".h5ad":
+            run = _committed_run(out) if isinstance(out, ObjectPath) else PartsOutput(out).read_run()
+            if not run or not run.get("complete"):
+                return None
+            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
+            dim = run["widths"][OBSM_KEY]
+        else:
             import h5py
 
             with h5py.File(out, "r") as f:
                 uns = ad.io.read_elem(f["uns/cellray"])
                 dim = f["obsm"][OBSM_KEY].shape[1]
-        else:
-            run = PartsOutput(out).read_run()
-            if not run or not run.get("complete"):
-                return None
-            uns = {"fingerprint": run["fingerprint"], "label_key": (run.get("head") or {}).get("label_key")}
-            dim = run["widths"][OBSM_KEY]
         return {"fingerprint": str(uns["fingerprint"]), "dim": int(dim), "predicts": uns.get("label_key")}
     except (OSError, KeyError, ValueError, CellrayError):
         return None
 
 
-def is_embed_output(out: Path) -> bool:
+def is_embed_output(out: Path | ObjectPath) -> bool:
     """Whether `out` is an output of cellray embed (what --overwrite may replace)."""
+    if isinstance(out, ObjectPath):
+        return exists(out / META_DIR / RUN_FILE)
     if out.suffix == ".h5ad" and out.is_file():
         import h5py
 

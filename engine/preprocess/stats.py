@@ -30,15 +30,16 @@ import numpy as np
 import pandas as pd
 from pydantic import model_validator
 
-from engine.atomic import atomic_path, replace_atomically, temporary_sibling, writer_lock
+from engine.atomic import atomic_path, remove, replace_atomically, temporary_sibling, writer_lock
 from engine.config import Config
 from engine.errors import StatsError
+from engine.objects import ObjectPath, is_uri, tree_writer
 from engine.preprocess import kernels, stats_kernels
 from engine.preprocess.hvg import hvg_dispersion, seurat_v3_clip, seurat_v3_select
 from engine.preprocess.moments import Moments, merge_counts
 from engine.progress import Progress
 from engine.runtime import Executor, choose_local, map_tasks, ray_cpus, ray_session
-from engine.store.format import Store
+from engine.store.format import Store, open_group, root_metadata
 
 log = logging.getLogger(__name__)
 
@@ -377,20 +378,30 @@ def compute_stats(
     return stats
 
 
-def write_stats(store: Store, stats: GeneStats, config: StatsConfig) -> Path:
-    """Write STORE/stats under a temporary name, then rename it into place (replacing older statistics)."""
-
-    dest = Path(store.path) / STATS_DIR
+def write_stats(store: Store, stats: GeneStats, config: StatsConfig) -> Path | ObjectPath:
+    """Write STORE/stats under a temporary name, then rename it into place (replacing older statistics); in a
+    bucket, upload it with its root zarr.json (which holds the metadata) last."""
+    dest = store.path / STATS_DIR
+    if isinstance(dest, ObjectPath):
+        with tree_writer(dest, "zarr.json", overwrite=True) as local:
+            _write_stats(stats, config, local)
+        return dest
     with writer_lock(dest):
-        return _write_stats(store, stats, config, dest)
+        tmp = temporary_sibling(dest)
+        try:
+            _write_stats(stats, config, tmp)
+            replace_atomically(tmp, dest, overwrite=True)
+        except BaseException:
+            remove(tmp)
+            raise
+    return dest
 
 
-def _write_stats(store: Store, stats: GeneStats, config: StatsConfig, dest: Path) -> Path:
+def _write_stats(stats: GeneStats, config: StatsConfig, dest: Path) -> None:
     import anndata as ad
     import zarr
 
-    tmp = temporary_sibling(dest)
-    group = zarr.open_group(str(tmp), mode="w")
+    group = zarr.open_group(str(dest), mode="w")
     with warnings.catch_warnings():  # zarr's notice about future autosharding defaults
         warnings.simplefilter("ignore", UserWarning)
         ad.io.write_elem(group, "genes", stats.genes)
@@ -405,22 +416,19 @@ def _write_stats(store: Store, stats: GeneStats, config: StatsConfig, dest: Path
         "config": config.model_dump(mode="json", exclude={"address"}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }))  # fmt: skip
-    replace_atomically(tmp, dest, overwrite=True)
-    return dest
 
 
 def load_stats(store: str | Path | Store, required: bool = True) -> GeneStats | None:
     """The statistics stored in `store` (None when absent and not `required`); stale statistics are an error."""
     import anndata as ad
-    import zarr
 
     store = store if isinstance(store, Store) else Store.open(store)
-    path = Path(store.path) / STATS_DIR
-    if not (path / "zarr.json").exists():
+    path = store.path / STATS_DIR
+    if root_metadata(path) is None:
         if required:
             raise StatsError(f"{store.path}: no statistics ({path} missing): run `cellray stats {store.path}` first")
         return None
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path)
     meta = dict(group.attrs.get(STATS_KEY) or {})
     if meta.get("version") != STATS_VERSION:
         raise StatsError(
@@ -446,7 +454,9 @@ def load_stats(store: str | Path | Store, required: bool = True) -> GeneStats | 
 
 
 def export_table(stats: GeneStats, path: str | Path) -> Path:
-    """Write the per-gene table as .csv or .parquet (atomically)."""
+    """Write the per-gene table as .csv or .parquet (atomically), to a local file."""
+    if is_uri(path):
+        raise StatsError(f"--export {path}: the per-gene table is written to a local file, not a URI")
     path = Path(path)
     if path.suffix not in (".csv", ".parquet"):
         raise StatsError(f"--export {path}: expected a .csv or .parquet file name")

@@ -25,8 +25,10 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +58,7 @@ MANIFEST_KEY = "cellray"
 DEFAULT_CHUNK_ELEMENTS = 1 << 14
 DEFAULT_CHUNKS_PER_FILE = 256
 INDPTR_CHUNK = 1 << 16  # cells per chunk of X/indptr
+MAX_OPEN_READERS = 48  # direct array readers a Store keeps for reuse
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,13 @@ def root_metadata(path: Path | ObjectPath) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
+def open_group(path: Path | ObjectPath) -> zarr.Group:
+    """A zarr group to read, in a directory or a bucket (through `engine.objects`)."""
+    if isinstance(path, ObjectPath):
+        return zarr.open_group(store=zarr_store(path), mode="r")
+    return zarr.open_group(str(path), mode="r")
+
+
 def is_store(path: str | os.PathLike | ObjectPath) -> bool:
     """Whether `path` (a directory or a URI) is a cellray store: a zarr group whose attributes hold a manifest."""
     meta = root_metadata(store_path(path))
@@ -251,6 +261,9 @@ class Store:
         self.root = root
         self._indptr: dict[int, np.ndarray] = {}
         self._x: dict[int, zarr.Group] = {}
+        # direct readers kept for reuse (a bucket's costs a request or two to open), the least recently used dropped
+        self._readers: OrderedDict[tuple[int, str], ArrayReader | None] = OrderedDict()
+        self._readers_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike | ObjectPath) -> Store:
@@ -258,19 +271,20 @@ class Store:
         its root zarr.json, written last, holds the manifest, and nothing else under the prefix is trusted."""
         path = store_path(path)
         if isinstance(path, ObjectPath):
-            if root_metadata(path) is None:
-                raise StoreError(f"{path}: no such store (no committed {path / 'zarr.json'})")
             try:
-                root = zarr.open_group(store=zarr_store(path), mode="r")
-            except MissingObjectError as e:
-                raise StoreError(str(e)) from None
+                (path / "zarr.json").read_bytes()
+            except MissingObjectError as e:  # a missing bucket says so; a missing object is no (committed) store
+                raise StoreError(
+                    str(e) if "bucket" in str(e) else f"{path}: no such store (no committed {path / 'zarr.json'})"
+                ) from None
         elif not path.exists():
             raise StoreError(f"{path}: no such store")
-        else:
-            try:
-                root = zarr.open_group(str(path), mode="r")
-            except Exception as e:  # zarr raises several types for a non-group
-                raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
+        try:
+            root = open_group(path)
+        except MissingObjectError as e:
+            raise StoreError(str(e)) from None
+        except Exception as e:  # zarr raises several types for a non-group
+            raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
         raw = root.attrs.get(MANIFEST_KEY)
         if raw is None:
             raise StoreError(
@@ -363,11 +377,8 @@ class Store:
         array and chunk. Format v2 arrays are read by `chunkfile.ArrayReader` (zarr-python would read a chunk its
         shard index marks missing as zeros); anything else through zarr-python."""
         x = self.shard_x(shard)  # checks the shard against the manifest first
-        if self.manifest.version >= 2 and (reader := ArrayReader.open(self.array_path(shard, name))) is not None:
-            try:
-                return reader.read(lo, hi)
-            finally:
-                reader.close()
+        if self.manifest.version >= 2 and (reader := self._reader(shard, name)) is not None:
+            return reader.read(lo, hi)
         arr = x[name]  # zarr-python: v1 stores and layouts the direct reader does not handle
         per_file = arr.shards[0] if arr.shards else arr.chunks[0]
         if self.manifest.version >= 2 and hi > lo:
@@ -382,6 +393,19 @@ class Store:
             raise StoreError(
                 f"{self.where(shard, name)}: chunks {first}-{last} are corrupt ({type(e).__name__}: {e})"
             ) from None
+
+    def _reader(self, shard: int, name: str) -> ArrayReader | None:
+        key = (shard, name)
+        with self._readers_lock:
+            if key in self._readers:
+                self._readers.move_to_end(key)
+                return self._readers[key]
+        reader = ArrayReader.open(self.array_path(shard, name))
+        with self._readers_lock:
+            self._readers[key] = reader
+            while len(self._readers) > MAX_OPEN_READERS:
+                self._readers.popitem(last=False)  # its files close when no read uses them
+        return reader
 
     def shard_indptr(self, shard: int) -> np.ndarray:
         """The shard's whole indptr (n_cells + 1 int64), read once and cached."""

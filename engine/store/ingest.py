@@ -35,7 +35,7 @@ from pydantic import Field
 from engine.atomic import replace_atomically, temporary_sibling, writer_lock
 from engine.config import Config
 from engine.errors import InputError
-from engine.objects import ObjectPath, location, store_path, tree_writer, upload_tree
+from engine.objects import ObjectPath, is_uri, location, store_path, tree_writer, upload_tree
 from engine.progress import Progress, silent
 from engine.runtime import Executor, choose_local, map_tasks, ray_session
 from engine.store.csr import gather_csr
@@ -362,6 +362,9 @@ def ingest(
     out = store_path(out)
     if not inputs:
         raise InputError("no inputs given")
+    for p in inputs:
+        if is_uri(p):
+            raise InputError(f"{p}: inputs are read from local files (.h5ad, AnnData .zarr): copy it here first")
     if isinstance(out, ObjectPath):
         with tree_writer(out, "zarr.json", config.overwrite, replaceable=is_store) as local:
             report = _ingest(inputs, local, config, progress or silent, upload_to=out)

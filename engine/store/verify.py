@@ -6,11 +6,12 @@ import os
 
 import numpy as np
 
+from engine.objects import ObjectPath
 from engine.progress import Progress, silent
 from engine.store.format import Store, checksum_arrays
 
 
-def verify_store(path: str | os.PathLike, progress: Progress | None = None) -> list[str]:
+def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None = None) -> list[str]:
     """Re-read every shard and check structure, counts and checksums against the manifest.
 
     Returns the problems found (empty when the store is sound); the first names the first bad shard.
@@ -31,10 +32,10 @@ def verify_store(path: str | os.PathLike, progress: Progress | None = None) -> l
         where = f"{path}/{info.path}"
         progress("verify", i, len(m.shards))
         try:
-            x = store.shard_x(i)
-            indptr = x["indptr"][:]
-            indices = x["indices"][:]
-            data = x["data"][:]
+            store.shard_x(i)  # the shard's arrays against the manifest
+            indptr = store.read_array(i, "indptr", 0, info.n_cells + 1)  # every chunk checked, direct or zarr
+            indices = store.read_array(i, "indices", 0, info.nnz)
+            data = store.read_array(i, "data", 0, info.nnz)
             obs_len = len(store.read_obs(i, columns=[]))
         except Exception as e:  # a missing shard, a truncated or corrupt chunk
             problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")

@@ -9,7 +9,9 @@ A checkpoint is a directory that every rank writes a part of (Ray Train merges t
                      and the training vocabulary (`training_vocabulary`: gene ids, their fingerprint, obs categories)
     rank{r}.pt       every rank: its loader position and RNG states
 
-A checkpoint is complete when every one of these files is there; readers skip incomplete ones.
+A checkpoint is complete when every one of these files is there; readers skip incomplete ones. A run whose
+`train.output` is a URI keeps its checkpoints in the bucket (Ray Train uploads them); `latest_checkpoint` finds the
+newest complete one there and downloads it once into the node's cache (`CELLRAY_CACHE_DIR/checkpoints`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import models
 from engine.atomic import temporary_sibling
 from engine.errors import TrainError
+from engine.objects import ObjectPath, cache_dir, exists, list_objects, read_bytes, store_path
 
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"
@@ -76,15 +79,13 @@ class Checkpointer:
         meta: dict[str, Any],
         keep: int,
         local_mode: bool,
-        output_is_local: bool,
     ):
-        self.output = Path(output)
+        self.output = store_path(output)  # a URI when train.output is one (then Ray Train uploads the checkpoints)
         self.rank = rank
         self.world_size = world_size
         self.meta = meta  # job name, model name + resolved config, data section
         self.keep = keep
         self.local_mode = local_mode  # Ray Train's local mode persists nothing: write to output/ ourselves
-        self.output_is_local = output_is_local  # only then can workers look for checkpoints on disk
 
     def write(self, d: Path, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -161,8 +162,6 @@ class Checkpointer:
         import ray.train
 
         registered = ray.train.get_checkpoint()
-        if not self.output_is_local:
-            return registered
         on_disk = latest_checkpoint(self.output, required=False)
         if on_disk is None:
             return registered
@@ -208,9 +207,48 @@ def checkpoint_complete(path: Path) -> bool:
     return all((path / n).is_file() and (path / n).stat().st_size > 0 for n in names)
 
 
-def latest_checkpoint(path: str | os.PathLike, required: bool = True) -> Path | None:
-    """`path` itself when it is a checkpoint, else the complete checkpoint with the highest step under it."""
-    path = Path(path)
+def _download_latest(path: ObjectPath) -> Path | None:
+    """The newest complete checkpoint at or under `path` in a bucket, downloaded into the node's cache."""
+    if exists(path / META_FILE):
+        candidates = {path: [o.name for o in list_objects(path)]}
+    else:
+        candidates: dict[ObjectPath, list[str]] = {}
+        for o in list_objects(path):
+            rel = o.key[len(path.key) :].strip("/").split("/")
+            if len(rel) == 2 and rel[0].startswith(("checkpoint_", LOCAL_PREFIX)):
+                candidates.setdefault(path / rel[0], []).append(rel[1])
+    best: tuple[int, ObjectPath, dict[str, Any]] | None = None
+    for ckpt, names in candidates.items():
+        if META_FILE not in names:
+            continue
+        meta = json.loads(read_bytes(ckpt / META_FILE))
+        needed = [MODEL_FILE, STATE_FILE] + [f"rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
+        if all(n in names for n in needed) and (best is None or int(meta["step"]) > best[0]):
+            best = (int(meta["step"]), ckpt, meta)
+    if best is None:
+        return None
+    _, ckpt, meta = best
+    local = cache_dir() / "checkpoints" / ckpt.scheme / ckpt.bucket / ckpt.key
+    if not checkpoint_complete(local):
+        tmp = temporary_sibling(local)
+        tmp.mkdir(parents=True)
+        for o in list_objects(ckpt):
+            (tmp / o.name).write_bytes(read_bytes(o))
+        if local.exists():
+            shutil.rmtree(local)
+        os.rename(tmp, local)
+    return local
+
+
+def latest_checkpoint(path: str | os.PathLike | ObjectPath, required: bool = True) -> Path | None:
+    """`path` itself when it is a checkpoint, else the complete checkpoint with the highest step under it. A URI's
+    checkpoint is downloaded into the node's cache and that local copy returned."""
+    path = store_path(path)
+    if isinstance(path, ObjectPath):
+        found = _download_latest(path)
+        if found is None and required:
+            raise TrainError(f"{path}: no complete checkpoint here (expected a run's train.output or a checkpoint)")
+        return found
     if (path / META_FILE).exists():
         return path
     best: tuple[int, Path] | None = None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import models
 from engine.errors import CellrayError, SpecError
 from engine.loading.sampler import Sampler, SamplerConfig
+from engine.objects import ObjectPath, store_path
 from engine.preprocess.transforms import Pipeline
 from engine.store.format import Store
 from engine.train.config import DataConfig, PretrainConfig
@@ -23,11 +23,13 @@ class RunData:
 
 def open_run_data(config: PretrainConfig) -> RunData:
     """Check the data section against its store (store, obs keys, transforms) and size the model from it."""
-    store_path = Path(config.data.store)
-    if not store_path.exists():
-        raise SpecError(f"{config.where('data.store')}: no such store {str(store_path)!r} (run `cellray ingest` first)")
     try:
-        store = Store.open(store_path)
+        where = store_path(config.data.store)
+        if not isinstance(where, ObjectPath) and not where.exists():
+            raise SpecError(f"{config.where('data.store')}: no such store {str(where)!r} (run `cellray ingest` first)")
+        store = Store.open(where)
+    except SpecError:
+        raise
     except CellrayError as e:
         raise SpecError(f"{config.where('data.store')}: {e}") from None
     schema = store.manifest.obs_schema

@@ -24,13 +24,14 @@ from typing import Any
 
 from engine.atomic import write_text_atomically, writer_lock
 from engine.errors import TrainError, cellray_cause
+from engine.objects import cache_dir, exists, is_uri, location, read_bytes, upload_file
 from engine.progress import Progress, silent
 from engine.runtime import ray_session
 from engine.train.checkpoint import checkpoint_metrics, latest_checkpoint
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 from engine.train.loop import LoopContext, train_loop_per_worker
-from engine.train.metrics import METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
+from engine.train.metrics import LOSS_PNG, METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,13 @@ def pretrain(
     progress = progress or silent
     data = open_run_data(config)
     r = config.resources
-    uri = "://" in config.train.output  # a pyarrow filesystem URI (s3://, gs://, ...): checkpoints go there
+    uri = is_uri(config.train.output)  # checkpoints go to the bucket (Ray Train uploads them through pyarrow)
     if uri:
-        storage_path, name = config.train.output.rstrip("/").rsplit("/", 1)
-        output = Path("runs", name).resolve()  # this machine keeps metrics.jsonl and loss.png
+        remote = location(config.train.output)
+        if not remote.key:
+            raise TrainError(f"{config.where('train.output')}: {remote} needs a prefix (s3://BUCKET/RUN)")
+        storage_path, name = str(remote.parent), remote.name
+        output = cache_dir() / "runs" / remote.scheme / remote.bucket / remote.key  # this node's metrics and plot
         if r.workers == 0:
             raise TrainError(
                 f"{config.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder"
@@ -98,6 +102,8 @@ def pretrain(
         output = Path(config.train.output).resolve()
         storage_path, name = str(output.parent), output.name
     output.mkdir(parents=True, exist_ok=True)
+    if uri and exists(remote / METRICS_FILE):  # an earlier run's history, to continue it
+        write_text_atomically(output / METRICS_FILE, read_bytes(remote / METRICS_FILE).decode())
     if config.debug.trace_dir:
         config = config.model_copy(
             update={"debug": config.debug.model_copy(update={"trace_dir": str(Path(config.debug.trace_dir).resolve())})}
@@ -115,7 +121,7 @@ def pretrain(
             pipeline=data.pipeline,
             model_config=data.model_config,
             output=str(output),
-            output_is_local=not uri,
+            checkpoints=config.train.output if uri else str(output),
             local_mode=r.workers == 0,
             run_log=run_log,
         )
@@ -147,8 +153,12 @@ def pretrain(
     result = outcome["result"]
     history = merge_by_step(earlier + history)
     write_metrics(output, history)
+    if uri:
+        for name in (METRICS_FILE, LOSS_PNG):
+            if (output / name).exists():
+                upload_file(remote / name, output / name)
     if result.checkpoint is not None:
-        ckpt = result.checkpoint.path if uri else Path(result.checkpoint.path)
+        ckpt = f"{remote.scheme}://{result.checkpoint.path}" if uri else Path(result.checkpoint.path)
     else:
         ckpt = None if uri else latest_checkpoint(output, required=False)
     return TrainResult(output=output, checkpoint=ckpt, history=history)

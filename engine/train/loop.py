@@ -41,7 +41,7 @@ class LoopContext:
     pipeline: Pipeline | None  # data.transforms bound to the store (built once by the driver)
     model_config: dict[str, Any]  # the model config with data-dependent sizes filled in
     output: str  # absolute local output folder (metrics, local-mode checkpoints)
-    output_is_local: bool  # False when train.output is a URI: workers cannot look for checkpoints on disk
+    checkpoints: str  # where checkpoints live: `output`, or train.output when it is a URI (Ray Train uploads them)
     local_mode: bool  # resources.workers == 0: Ray Train runs the loop in the driver's process
     run_log: Any  # the driver's RunLog actor
 
@@ -155,12 +155,11 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -
 def _checkpointer(ctx: LoopContext, rank: int, world: int) -> Checkpointer:
     cfg = ctx.config
     return Checkpointer(
-        ctx.output,
+        ctx.checkpoints,
         rank=rank,
         world_size=world,
         keep=cfg.train.keep_checkpoints,
         local_mode=ctx.local_mode,
-        output_is_local=ctx.output_is_local,
         meta={
             "job": cfg.name,
             "model": {"name": cfg.model.name, "config": ctx.model_config},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="per-gene statistics and highly variable genes of a store (stored in STORE/stats)")
-    p.add_argument("store", type=Path)
+    p.add_argument("store", help="a store directory or URI")
     p.add_argument("--hvg", type=int, default=None, metavar="N", help="select N highly variable genes")
     p.add_argument(
         "--flavor",
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Ray tasks, or in this process (local); auto = local below 5M non-zeros",
     )
     p.add_argument(
-        "--export", type=Path, default=None, metavar="PATH", help="also write the per-gene table (.csv or .parquet)"
+        "--export", default=None, metavar="PATH", help="also write the per-gene table (a local .csv or .parquet)"
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.set_defaults(func=run_stats)
@@ -42,7 +42,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from engine.preprocess.stats import StatsConfig, compute_stats, export_table
     from jobs.progress import progress_bar
 
-    if args.export is not None and args.export.suffix not in (".csv", ".parquet"):
+    if args.export is not None and Path(args.export).suffix not in (".csv", ".parquet"):
         raise StatsError(f"--export {args.export}: expected a .csv or .parquet file name")
     config = StatsConfig(
         target_sum=args.target_sum,

@@ -13,8 +13,8 @@ from engine.errors import CellrayError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="ingest .h5ad / AnnData .zarr files into a sharded cellray store")
-    p.add_argument("inputs", nargs="+", type=Path, help=".h5ad files or AnnData .zarr stores")
-    p.add_argument("--out", required=True, type=Path, help="the store to create (a directory)")
+    p.add_argument("inputs", nargs="+", help=".h5ad files or AnnData .zarr stores (local)")
+    p.add_argument("--out", required=True, help="the store to create: a directory, or s3://BUCKET/PREFIX (gs://, az://)")
     p.add_argument("--vocab", default="union", help="union (default), intersection, or a file of gene ids")
     p.add_argument("--obs", default="", help="comma-separated obs columns to keep (dataset and obs_name always are)")
     p.add_argument("--layer", default=None, help="take counts from this layer instead of X")
@@ -36,12 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_ingest)
 
     p = sub.add_parser("info", help="print a store's manifest summary")
-    p.add_argument("store", type=Path)
+    p.add_argument("store", help="a store directory or URI")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(func=run_info)
 
     p = sub.add_parser("verify", help="re-read every shard and check structure, counts and checksums")
-    p.add_argument("store", type=Path)
+    p.add_argument("store", help="a store directory or URI")
     p.set_defaults(func=run_verify)
 
     p = sub.add_parser("synth", help="write a synthetic count matrix as .h5ad (demo data without a download)")

@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("embed", help="embed every cell of a store with a checkpoint into an AnnData (resumable)")
     p.add_argument(
-        "--checkpoint", required=True, type=Path, help="a checkpoint dir, or a run's train.output folder (latest)"
+        "--checkpoint", required=True, help="a checkpoint dir, or a run's train.output folder (latest); or a URI"
     )
-    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--store", required=True, help="a store directory or URI")
     p.add_argument(
         "--out",
         required=True,
-        type=Path,
-        help="output AnnData: OUT.zarr (written in parts, resumable) or OUT.h5ad (assembled from the parts)",
+        help="output AnnData: OUT.zarr (written in parts, resumable) or OUT.h5ad (assembled from the parts); "
+        "s3://.../OUT.zarr (gs://, az://) is uploaded when complete",
     )
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--workers", type=int, default=0, help="inference actors (default: as many as fit, at most 8)")
@@ -104,7 +104,7 @@ def _print_knn(out: str, label_key: str) -> None:
 
     from engine.infer.evaluate import embedding_sample, knn_accuracy
 
-    emb, labels = embedding_sample(Path(out), label_key)
+    emb, labels = embedding_sample(out, label_key)
     acc = knn_accuracy(emb, labels, k=15)
     n_labels = len(set(labels[pd.notna(labels)]))
     print(f"kNN (k=15) accuracy of {label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")

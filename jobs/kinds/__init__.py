@@ -22,6 +22,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field
 
+from engine.objects import is_uri
 from jobs.kinds.base import NONE, Bundle, Kind
 
 NAMES = ("pretrain", "embed", "stats", "ingest", "sleep")
@@ -75,7 +76,7 @@ def resolve_paths(spec: Any, base: str | Path) -> Any:
         if isinstance(value, list):
             return [fix(v) for v in value]
         text = str(value)
-        return text if "://" in text or Path(text).is_absolute() else str((base / text).resolve())
+        return text if is_uri(text) or Path(text).is_absolute() else str((base / text).resolve())
 
     data = spec.model_dump(mode="json")
     for dotted in KINDS[spec.kind].paths:
