@@ -241,4 +241,3 @@ class StoreBlocks:
         pool = self.read_pool(segments)
         rows = np.arange(pool.n_cells, dtype=np.int64)
         return gather_rows_csr(pool, rows, data_dtype=pool.data.dtype, index_dtype=pool.indices.dtype)
-

@@ -482,8 +482,17 @@ def _ingest(
                 count_dtype = np.dtype(np.uint16)
             root = zarr.open_group(str(tmp), mode="a", zarr_format=3)
             calls = [
-                (str(tmp), str(scatter_dir), k, gene_ids, inputs.schema, count_dtype.str, index_dtype.str, cfg,
-                 None if upload_to is None else str(upload_to))
+                (
+                    str(tmp),
+                    str(scatter_dir),
+                    k,
+                    gene_ids,
+                    inputs.schema,
+                    count_dtype.str,
+                    index_dtype.str,
+                    cfg,
+                    None if upload_to is None else str(upload_to),
+                )
                 for k in range(n_shards)
             ]
             written = list(map_tasks(write_bucket, calls, local=local, stage="write", progress=progress))
