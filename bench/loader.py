@@ -4,6 +4,7 @@
     python bench/loader.py --scaling [--readme]                                 CPU per cell vs store size and shards
     python bench/loader.py --multinode                                          3 ranks on 3 nodes vs on 1 node
     python bench/loader.py --profile STORE [STORE ...]                          one reader thread, profiled
+    python bench/loader.py --s3 [--quick] [--readme]                            from a bucket (bench/s3bench.py)
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
@@ -615,6 +616,28 @@ def profile(stores: list[str], top: int = int(os.environ.get("PROFILE_TOP", 8)))
     print(json.dumps({"bench": "loader-profile", "rows": rows}))
 
 
+def from_bucket(args) -> None:
+    """--s3: dataset (a) read from a local S3 endpoint (bench/s3bench.py)."""
+    from bench import s3bench
+    from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    n_a = 50_000 if args.quick else 200_000
+    store, _ = prepare(f"a_synth_{n_a // 1000}k", n_a, 2_000, 100, args.chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    with Loader(store, SamplerConfig(batch_size=BATCH, block_size=args.block_size), mode="local") as probe:
+        block, buffer_blocks = (
+            probe.config.block_size,
+            max(probe.config.buffer_blocks, -(-BATCH // probe.config.block_size)),
+        )
+    result = s3bench.run(args, store, block, buffer_blocks, f"(a) synthetic {n_a // 1000}k x 2k")
+    lines = s3bench.table(result)
+    print("\n".join(lines))
+    print(json.dumps(result))
+    if args.readme:
+        write_readme("loader-s3", lines, machine_note())
+
+
 def multinode(args) -> None:
     """3 ranks in Ray mode on a 3-node `ray.cluster_utils.Cluster` (all on this host) vs the same 3 ranks on one
     node: total CPU per cell of the ranks and their readers. Readers beside their rank make both the same work."""
@@ -661,9 +684,14 @@ def main() -> None:
     ap.add_argument("--no-transforms", action="store_true", help="skip the normalize+log1p+densify case")
     ap.add_argument("--readme", action="store_true", help="write this run's table into README.md")
     ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
+    ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
     args = ap.parse_args()
     if args.profile:
         profile(args.profile)
+        return
+
+    if args.s3:
+        from_bucket(args)
         return
 
     from engine.runtime import init_ray

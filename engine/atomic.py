@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engine.errors import CellrayError
+from engine.objects import ObjectPath, is_uri, location, store_path, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,15 @@ def atomic_path(dest: str | os.PathLike, overwrite: bool = True, suffix: str | N
         raise
 
 
-def write_text_atomically(dest: str | os.PathLike, text: str) -> None:
+def write_text_atomically(dest: str | os.PathLike | ObjectPath, text: str) -> None:
+    """A text file replaced whole: renamed into place, or in a bucket one put (atomic by itself)."""
+    if is_uri(dest):
+        write_bytes(location(dest), text.encode())
+        return
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
+
+
+def read_text(path: str | os.PathLike | ObjectPath) -> str:
+    """A text file's contents, local or in a bucket (FileNotFoundError, or MissingObjectError, when absent)."""
+    return store_path(path).read_text()

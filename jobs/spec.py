@@ -7,12 +7,13 @@ the directory the command runs in.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from engine.atomic import read_text
 from engine.errors import SpecError
+from engine.objects import store_path
 from jobs.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -31,11 +32,13 @@ def parse_spec(raw: Any, source: str = "spec") -> JobSpec:
 
 def load_spec(path: str | os.PathLike) -> JobSpec:
     """Read and validate a YAML job spec (its fields; `check_spec` checks its data too)."""
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"{path}: no such job spec")
+    path = store_path(path)  # a file, or an object in a bucket (a scheduler's state dir there)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = read_text(path)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job spec") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     return parse_spec(raw, source=str(path))

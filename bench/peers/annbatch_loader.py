@@ -8,7 +8,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -32,9 +31,9 @@ def main() -> None:
         zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
     from annbatch import Loader
 
-    root = zarr.open_group(args.store, mode="r")
+    root = zarr.open_group(args.store, mode="r")  # a directory, or s3://... (zarr's FsspecStore over s3fs)
     shards = [s["path"] for s in root.attrs["cellray"]["shards"]]
-    datasets = [ad.io.sparse_dataset(zarr.open_group(str(Path(args.store) / s), mode="r")["X"]) for s in shards]
+    datasets = [ad.io.sparse_dataset(zarr.open_group(f"{args.store.rstrip('/')}/{s}", mode="r")["X"]) for s in shards]
     loader = Loader(
         chunk_size=args.chunk_size,
         preload_nchunks=args.preload_nchunks,

@@ -79,6 +79,7 @@ class CachedObject:
         self._fd = os.open(self.local, os.O_RDWR)
         self._lock = threading.Lock()
         self._claimed: dict[int, threading.Event] = {}  # slot -> set when the thread fetching it is done
+        self._complete = bool(self.present.all())  # every byte here: reads need no bookkeeping
         if fresh:
             evict()
 
@@ -87,6 +88,8 @@ class CachedObject:
 
     def ensure(self, ranges: list[tuple[int, int]]) -> None:
         """Make bytes [lo, hi) of every range present in the mirror, fetching what is missing."""
+        if self._complete:
+            return
         want: set[int] = set()
         for lo, hi in ranges:
             if hi > lo:
@@ -96,6 +99,7 @@ class CachedObject:
         slots = np.fromiter(sorted(want), dtype=np.int64)
         slots = slots[self.present[slots] == 0]
         if not len(slots):
+            self._complete = len(want) == len(self.present) or bool(self.present.all())
             return
         with self._lock:  # claim what nobody in this process is fetching; wait for the rest
             mine = [int(s) for s in slots if s not in self._claimed]
@@ -140,6 +144,7 @@ class CachedObject:
         """Drop bytes [lo, hi) from the mirror (they failed a check): the next `ensure` fetches them again."""
         if hi > lo:
             self.present[lo // SLOT : (min(hi, self.size) - 1) // SLOT + 1] = 0
+            self._complete = False
 
 
 def evict(cap: int | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=str,
         required=True,
         metavar="DIR",
-        help="the queue's directory, on shared storage on a real cluster",
+        help="the queue's directory: shared storage on a real cluster, or a bucket prefix (s3://BUCKET/cellray)",
     )
     p.add_argument("--queueing", default="strict", choices=["strict", "best-effort"])
     p.add_argument(
@@ -172,13 +173,14 @@ def run_status(args: argparse.Namespace) -> int:
 def run_attach(args: argparse.Namespace) -> int:
     import ray
 
+    from engine.objects import store_path
     from jobs.cluster.launcher import capacity_of
     from jobs.scheduler.client import connect, scheduler
 
     capacity = capacity_of(args.cluster_config) if args.cluster_config else None
     connect(args.address)
     info = ray.get(scheduler(create_in=args.state_dir, queueing=args.queueing, capacity=capacity).ping.remote())
-    if Path(info["state_dir"]) != Path(args.state_dir).expanduser() / "scheduler":
+    if info["state_dir"] != str(store_path(os.path.expanduser(args.state_dir)) / "scheduler"):
         print(f"note: a scheduler was already running on this cluster; it keeps its queue in {info['state_dir']}")
     print(
         f"scheduler  queue in {info['state_dir']} ({info['queueing']})"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="run a job spec (pretrain, embed, stats, ingest, sleep) on the local Ray or on --address"
     )
-    p.add_argument("spec", type=Path, help="a YAML job spec, e.g. jobs/pretrain_vae.yaml")
+    p.add_argument("spec", help="a YAML job spec, e.g. jobs/pretrain_vae.yaml (or its URI in a bucket)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
     p.add_argument("--check", action="store_true", help="validate the spec (and its store) and exit")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import SchedulerError, cellray_cause
+from engine.objects import store_path
 from jobs.cluster.local import LocalCluster, default_state_dir
 from jobs.scheduler.actor import NAME, NAMESPACE
 
@@ -100,7 +101,7 @@ def scheduler(create_in: str | None = None, queueing: str = "strict", capacity: 
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},  # on the head: it outlives worker nodes
         )
-        .remote(str(Path(create_in) / SCHEDULER_DIR), queueing, capacity)
+        .remote(str(store_path(create_in) / SCHEDULER_DIR), queueing, capacity)
     )
     ray.get(actor.ping.remote(), timeout=120)
     return actor

@@ -1,8 +1,9 @@
 """The scheduler's records and their store: one JSON file in the state directory, replaced atomically.
 
 One writer (the scheduler actor) and a handful of transitions per job: an atomic JSON file works on any shared
-filesystem (NFS, EFS, GCS FUSE), where SQLite's locking does not. The spec of every job is kept beside it, so a
-restarted scheduler, or a scheduler on a restarted cluster, has all it needs to run the queue.
+filesystem (NFS, EFS, GCS FUSE), where SQLite's locking does not, and in a bucket (a put replaces an object whole),
+so a cluster needs no shared filesystem at all: `--state-dir s3://BUCKET/cellray`. The spec of every job is kept
+beside it, so a restarted scheduler, or a scheduler on a restarted cluster, has all it needs to run the queue.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from engine.atomic import write_text_atomically
+from engine.atomic import read_text, write_text_atomically
+from engine.objects import ObjectPath, store_path
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
 PREEMPTED = "PREEMPTED"  # an event, not a resting state: a preempted job goes back to QUEUED
@@ -76,14 +77,16 @@ class StateStore:
     """STATE_DIR/scheduler.json (every job and the next sequence number) and STATE_DIR/specs/<id>.yaml."""
 
     def __init__(self, state_dir: str | os.PathLike):
-        self.dir = Path(state_dir).expanduser()
-        (self.dir / SPECS_DIR).mkdir(parents=True, exist_ok=True)
+        self.dir = store_path(os.path.expanduser(str(state_dir)))  # a directory, or a prefix in a bucket
+        if not isinstance(self.dir, ObjectPath):
+            (self.dir / SPECS_DIR).mkdir(parents=True, exist_ok=True)
         self.path = self.dir / STATE_FILE
 
     def load(self) -> tuple[dict[str, JobRecord], int]:
-        if not self.path.exists():
+        try:
+            data = json.loads(read_text(self.path))
+        except FileNotFoundError:  # MissingObjectError too: a new queue
             return {}, 1
-        data = json.loads(self.path.read_text())
         jobs = {d["id"]: JobRecord.from_dict(d) for d in data["jobs"]}
         return jobs, int(data["next_seq"])
 
@@ -94,4 +97,4 @@ class StateStore:
     def write_spec(self, job_id: str, text: str) -> str:
         path = self.dir / SPECS_DIR / f"{job_id}.yaml"
         write_text_atomically(path, text)
-        return str(path.resolve())
+        return str(path.resolve())  # a URI in a bucket: `cellray run` reads it from there

@@ -256,3 +256,23 @@ def test_endpoint_down_fails_in_one_line_after_bounded_retries(s3, bucket_store,
     finally:
         monkeypatch.undo()
         objects.reset_clients()
+
+
+def test_scheduler_state_and_specs_in_a_bucket(s3):
+    """A queue kept in a bucket (no shared filesystem): records and specs round-trip, and a spec is loaded from its
+    URI as a job's `cellray run` does."""
+    from jobs.scheduler.state import JobRecord, StateStore
+    from jobs.spec import load_spec
+
+    store = StateStore(f"{BUCKET}/cellray/scheduler")
+    assert store.load() == ({}, 1)
+    spec_uri = store.write_spec("j0001", "kind: sleep\nname: nap\nseconds: 1\n")
+    assert spec_uri == f"{BUCKET}/cellray/scheduler/specs/j0001.yaml"
+    job = JobRecord(id="j0001", seq=1, name="nap", kind="sleep", priority=0, preemptible=True, max_retries=0,
+                    demand={"CPU": 1.0}, driver={"CPU": 1.0}, spec_file=spec_uri)  # fmt: skip
+    store.save({"j0001": job}, 2)
+    jobs, next_seq = StateStore(f"{BUCKET}/cellray/scheduler").load()
+    assert next_seq == 2 and jobs["j0001"].to_dict() == job.to_dict()
+    assert load_spec(spec_uri).name == "nap"
+    with pytest.raises(CellrayError, match="no such job spec"):
+        load_spec(f"{BUCKET}/cellray/scheduler/specs/j9999.yaml")

@@ -111,3 +111,11 @@ def test_grafana_dashboard_charts_exactly_the_cellray_series():
     recorded = set(re.findall(r"""["'](cellray_\w+)["'],\s*["']""", source))  # ("name", "description"...
     assert recorded and charted == recorded, (charted - recorded, recorded - charted)
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"] if p["type"] != "row")
+
+
+def test_bucket_variant_validates_and_keeps_its_queue_in_the_bucket():
+    """jobs/cluster/bucket.yaml: no shared filesystem; the scheduler's state dir is a bucket prefix."""
+    variant = SHIPPED.parent / "jobs" / "cluster" / "bucket.yaml"
+    assert check_cluster_yaml(variant) == []
+    text = variant.read_text()
+    assert "--state-dir s3://" in text and "/mnt/shared" not in text and "nfs" not in text
