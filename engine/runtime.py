@@ -232,3 +232,29 @@ def map_tasks(
         if nxt is not None:
             pending.append(remote.remote(*nxt))
         yield result
+
+
+def peak_rss_sampler() -> Callable[[], int]:
+    """Start a thread sampling this process's RSS; returns a function giving the peak growth in bytes."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+
+    def finish() -> int:
+        stop.set()
+        t.join()
+        return max(peak[0], proc.memory_info().rss) - base
+
+    return finish

@@ -37,7 +37,7 @@ from engine.config import Config
 from engine.errors import InputError
 from engine.objects import ObjectPath, is_uri, location, store_path, tree_writer, upload_tree
 from engine.progress import Progress, silent
-from engine.runtime import Executor, choose_local, map_tasks, ray_session
+from engine.runtime import Executor, choose_local, map_tasks, peak_rss_sampler, ray_session
 from engine.store.csr import gather_csr
 from engine.store.format import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -50,7 +50,7 @@ from engine.store.format import (
     write_shard,
 )
 from engine.store.permutation import FeistelPermutation
-from engine.store.sources import Source, build_vocabulary, check_source
+from engine.store.sources import Source, build_vocabulary, check_source, validate_counts
 
 log = logging.getLogger(__name__)
 
@@ -79,53 +79,6 @@ class IngestConfig(Config):
 # ------------------------------------------------------------------------------------------------ pass 1
 
 
-def validate_counts(block: sp.csr_matrix, source: str, fld: str, row0: int, allow_non_integer: bool) -> None:
-    data = block.data
-    if data.dtype.kind == "f":
-        bad = ~np.isfinite(data)
-        if bad.any():
-            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(bad)[0], side="right") - 1)
-            raise InputError(f"{source}: field '{fld}' has NaN or inf (first at row {row}): counts must be finite")
-    if data.size and data.min() < 0:
-        row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(data < 0)[0], side="right") - 1)
-        raise InputError(f"{source}: field '{fld}' has negative values (first at row {row}): counts must be >= 0")
-    if not allow_non_integer and data.dtype.kind == "f":
-        frac = data != np.floor(data)
-        if frac.any():
-            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(frac)[0], side="right") - 1)
-            raise InputError(
-                f"{source}: field '{fld}' has non-integer values (first at row {row}, e.g. {data[frac][0]:g}): raw "
-                "integer"
-                " counts expected (choose a counts layer with --layer, or pass --allow-non-integer)"
-            )
-
-
-def _peak_rss_sampler():
-    """Start a thread sampling this process's RSS; returns a function giving the peak growth in bytes."""
-    import threading
-
-    import psutil
-
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-
-    def finish() -> int:
-        stop.set()
-        t.join()
-        return max(peak[0], proc.memory_info().rss) - base
-
-    return finish
-
-
 @dataclass(frozen=True)
 class ScatterTask:
     """Pass 1's work on rows [start, stop) of one input: what `scatter_range` needs, picklable for a Ray task."""
@@ -150,7 +103,7 @@ def scatter_range(task: ScatterTask) -> dict[str, Any]:
     t, config = task, task.config
     path, start, stop, gene_map, n_genes = t.path, t.start, t.stop, t.gene_map, t.n_genes
     source = Source(Path(path), t.layer, annotations=False)
-    rss = _peak_rss_sampler()  # after opening: measures the working set, not imports and obs/var
+    rss = peak_rss_sampler()  # after opening: measures the working set, not imports and obs/var
     permute = FeistelPermutation(t.n_cells_total, config.seed) if config.shuffle else None
     files: dict[int, Any] = {}
     max_value, nnz, integer = 0.0, 0, True
@@ -233,7 +186,7 @@ def write_bucket(
         np.dtype(count_dtype),
         np.dtype(index_dtype),
     )
-    rss = _peak_rss_sampler()
+    rss = peak_rss_sampler()
     bucket = Path(scatter_dir) / f"{shard_id:05d}"
     parts = []
     for f in sorted(bucket.iterdir()):

@@ -141,3 +141,24 @@ def check_source(source: Source, vocabulary: pd.Index, obs_keys: Sequence[str]) 
         if key in ("dataset", "obs_name"):
             raise InputError(f"--obs {key}: this column is added by cellray itself; drop it from --obs")
     return gene_map.astype(np.int64)
+
+
+def validate_counts(block: sp.csr_matrix, source: str, fld: str, row0: int, allow_non_integer: bool) -> None:
+    data = block.data
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+            raise InputError(f"{source}: field '{fld}' has NaN or inf (first at row {row}): counts must be finite")
+    if data.size and data.min() < 0:
+        row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(data < 0)[0], side="right") - 1)
+        raise InputError(f"{source}: field '{fld}' has negative values (first at row {row}): counts must be >= 0")
+    if not allow_non_integer and data.dtype.kind == "f":
+        frac = data != np.floor(data)
+        if frac.any():
+            row = row0 + int(np.searchsorted(block.indptr, np.flatnonzero(frac)[0], side="right") - 1)
+            raise InputError(
+                f"{source}: field '{fld}' has non-integer values (first at row {row}, e.g. {data[frac][0]:g}): raw "
+                "integer"
+                " counts expected (choose a counts layer with --layer, or pass --allow-non-integer)"
+            )
