@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from engine.errors import SpecError
+from engine.objects import store_path
 from engine.progress import Progress
 from engine.store.ingest import IngestConfig
 from jobs.kinds.base import (
@@ -50,6 +51,7 @@ def check(spec: IngestJob) -> str:
     missing = [p for p in spec.inputs if not Path(p).exists()]
     if missing:
         raise SpecError(f"{spec.where('inputs')}: no such input(s) {missing}")
+    store_path(spec.out)  # a URI cellray cannot serve is refused before the job runs
     return f"ingest job {spec.name!r}: {len(spec.inputs)} input(s) -> {spec.out}"
 
 

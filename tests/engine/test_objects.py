@@ -66,6 +66,11 @@ def test_chain_in_a_bucket_equals_the_chain_on_disk(s3, tiny_store, tiny_h5ads, 
     assert [s.checksum for s in remote.manifest.shards] == [s.checksum for s in local.manifest.shards]
     assert remote.gene_ids.equals(local.gene_ids) and remote.read_obs(1).equals(local.read_obs(1))
     assert main(["verify", uri]) == 0 and "OK" in capsys.readouterr().out
+    from engine.store.lazy import gene_sums, open_anndata
+
+    lazy = open_anndata(uri)
+    assert (lazy.obs_names == open_anndata(local).obs_names).all()
+    np.testing.assert_array_equal(gene_sums(lazy.X), gene_sums(open_anndata(local).X))
 
     compute_stats(uri), compute_stats(local)
     assert objects.exists(location(uri) / "stats" / "zarr.json")
