@@ -53,29 +53,39 @@ def upload_store(store: Path, uri: str) -> None:
 
 
 def measure_child(store: str, options: dict) -> dict:
-    """In a fresh process: cells/s of `epochs` epochs (after a warm-up); `cold` gives each epoch a new cache dir."""
+    """In a fresh process: cells/s of `epochs` epochs from `store` (after a warm-up), each right after an epoch of
+    the same store on local disk (`options["local"]`), so both see the same machine load; `cold` gives each bucket
+    epoch a new cache dir."""
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
     from engine.objects import TRAFFIC
 
     plan = SamplerConfig(batch_size=BATCH, block_size=options["block_size"], buffer_blocks=options["buffer_blocks"])
-    rates, requests = [], 0
-    loader = None
+    local = Loader(options["local"], plan, mode="local", output="csr")
+    rates, local_rates, requests, loader = [], [], 0, None
     group = 1 if options["cold"] else options["group"]  # warm: groups of epochs, so a sample is not ~0.1 s
+
+    def timed(ld, n: int) -> tuple[float, int]:
+        t0, cells = time.perf_counter(), 0
+        for batch in (b for _ in range(n) for b in ld):
+            cells += batch["X"].shape[0]
+        return cells / (time.perf_counter() - t0), cells
+
     for epoch in range(options["epochs"] + 1):  # the first warms up (numba, imports; the cache when not cold)
         if options["cold"] or loader is None:
             if loader is not None:
                 loader.close()
             os.environ["CELLRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="cellray-bench-cache-")
             loader = Loader(store, plan, mode="local", output="csr")
-        t0, cells, r0 = time.perf_counter(), 0, TRAFFIC["get_requests"]
-        for batch in (b for _ in range(group if epoch else 1) for b in loader):
-            cells += batch["X"].shape[0]
+        r0 = TRAFFIC["get_requests"]
+        rate, cells = timed(loader, group if epoch else 1)
         if epoch:
-            rates.append(cells / (time.perf_counter() - t0))
+            rates.append(rate)
             requests += TRAFFIC["get_requests"] - r0
+            local_rates.append(timed(local, options["group"])[0])
     loader.close()
-    return {"rates": rates, "cells": cells, "requests_after_warmup": requests}
+    local.close()
+    return {"rates": rates, "local_rates": local_rates, "cells": cells, "requests_after_warmup": requests}
 
 
 def _run_child(store: str, env: dict, **options) -> dict:
@@ -146,13 +156,13 @@ def run(args, store: Path, block: int, buffer_blocks: int, label: str) -> dict:
         res: dict = {"label": label, "n_cells": s.n_cells, "x_compressed_bytes": x_bytes}
         group = max(1, -(-400_000 // s.n_cells))
         plan = {"block_size": block, "buffer_blocks": buffer_blocks, "group": group}
-        res["local"] = _run_child(str(store), {}, epochs=repeats, cold=False, **plan)["rates"]
+        plan["local"] = str(store)
         for name, delay in (("bucket_cold", 0.0), ("bucket_cold_20ms", DELAY_S)):
             endpoint.set_delay(delay)
             endpoint.reset_counts()
             r = _run_child(uri, env, epochs=repeats, cold=True, **plan)
             epochs_fetched = repeats + 1  # every epoch, warm-up included, starts cold
-            res[name] = r["rates"]
+            res[name], res[f"{name}_local"] = r["rates"], r["local_rates"]
             res[f"{name}_requests_per_1k"] = (
                 (endpoint.counts["GET"] + endpoint.counts["HEAD"]) / epochs_fetched / r["cells"] * 1000
             )
@@ -162,6 +172,8 @@ def run(args, store: Path, block: int, buffer_blocks: int, label: str) -> dict:
         endpoint.reset_counts()
         cached = _run_child(uri, env, epochs=repeats, cold=False, **plan)
         res["bucket_cached_20ms"], res["bucket_cached_requests"] = cached["rates"], cached["requests_after_warmup"]
+        res["bucket_cached_20ms_local"] = cached["local_rates"]
+        res["local"] = res["bucket_cold_local"] + res["bucket_cold_20ms_local"] + res["bucket_cached_20ms_local"]
         res["annbatch_bucket_20ms"] = _annbatch(peer, uri, env, block, buffer_blocks, repeats) if peer else None
         endpoint.set_delay(0.0)
         res["annbatch_bucket"] = _annbatch(peer, uri, env, block, buffer_blocks, repeats) if peer else None
@@ -170,10 +182,16 @@ def run(args, store: Path, block: int, buffer_blocks: int, label: str) -> dict:
     return res
 
 
+def vs_annbatch(cellray_rates, annbatch) -> str:
+    if not annbatch or "rates" not in annbatch:
+        return "zarr FsspecStore + s3fs"
+    return f"zarr FsspecStore + s3fs; cellray cold is {median(cellray_rates) / median(annbatch['rates']):.1f}x this"
+
+
 def table(r: dict) -> list[str]:
     loc = median(r["local"])
 
-    def row(name: str, rates, note: str = "") -> str:
+    def row(name: str, rates, note: str = "", paired=None) -> str:
         if rates is None:
             return f"| {name} | - | - | {note} |"
         if isinstance(rates, dict):
@@ -181,35 +199,26 @@ def table(r: dict) -> list[str]:
                 return f"| {name} | could not read the bucket | - | {rates['error']} |"
             rates = rates["rates"]
         m = median(rates)
-        return f"| {name} | {m / 1e3:,.0f}k | {m / loc:.2f}x | {note} |"
+        # vs the local-disk epochs run beside these ones (same process, same load), where there are such
+        vs = median([a / b for a, b in zip(rates, paired)]) if paired else m / loc
+        return f"| {name} | {m / 1e3:,.0f}k | {vs:.2f}x | {note} |"
 
     amp = "{:.0f} requests, {:.2f} MB per 1,000 cells; read amplification {:.2f}x"
     lines = [
         "| read from | cells/s | vs local disk | requests, bytes |",
         "|---|---|---|---|",
         row("local disk", r["local"]),
-        row(
-            "bucket, cold cache",
-            r["bucket_cold"],
-            amp.format(r["bucket_cold_requests_per_1k"], r["bucket_cold_mb_per_1k"], r["bucket_cold_amplification"]),
-        ),  # fmt: skip
-        row(
-            "bucket + 20 ms/request, cold cache",
-            r["bucket_cold_20ms"],
-            amp.format(
-                r["bucket_cold_20ms_requests_per_1k"],
-                r["bucket_cold_20ms_mb_per_1k"],
-                r["bucket_cold_20ms_amplification"],
-            ),
-        ),  # fmt: skip
-        row(
-            "bucket + 20 ms, epoch 2+ (node cache)",
-            r["bucket_cached_20ms"],
-            f"{r['bucket_cached_requests']} requests after the warm-up epoch",
-        ),  # fmt: skip
-        row("annbatch, same bucket", r["annbatch_bucket"], "zarr FsspecStore + s3fs"),
-        row("annbatch, same bucket + 20 ms", r["annbatch_bucket_20ms"], "zarr FsspecStore + s3fs"),
-    ]
+        row("bucket, cold cache", r["bucket_cold"], amp.format(r["bucket_cold_requests_per_1k"],
+            r["bucket_cold_mb_per_1k"], r["bucket_cold_amplification"]), r["bucket_cold_local"]),
+        row("bucket + 20 ms/request, cold cache", r["bucket_cold_20ms"], amp.format(
+            r["bucket_cold_20ms_requests_per_1k"], r["bucket_cold_20ms_mb_per_1k"],
+            r["bucket_cold_20ms_amplification"]), r["bucket_cold_20ms_local"]),
+        row("bucket + 20 ms, epoch 2+ (node cache)", r["bucket_cached_20ms"],
+            f"{r['bucket_cached_requests']} requests after the warm-up epoch", r["bucket_cached_20ms_local"]),
+        row("annbatch, same bucket", r["annbatch_bucket"], vs_annbatch(r["bucket_cold"], r["annbatch_bucket"])),
+        row("annbatch, same bucket + 20 ms", r["annbatch_bucket_20ms"],
+            vs_annbatch(r["bucket_cold_20ms"], r["annbatch_bucket_20ms"])),
+    ]  # fmt: skip
     c = r["clients"]
     s3fs = f"{c['s3fs_s']:.2f} s" if c.get("s3fs_s") else "not measured"
     lines += ["", f"Client choice, {c['ranges']} chunk ranges of one shard file at 20 ms/request: obstore "

@@ -195,7 +195,11 @@ class StoreBlocks:
         """Fetch the chunk runs of many arrays of a bucket's store into the node's cache, all at once."""
         from engine.store.remote import fetch_pool
 
-        list(fetch_pool().map(lambda job: job[0].prefetch([job[1]]), jobs))
+        jobs = [job for job in jobs if not job[0].cached_whole()]  # a warm cache: no thread hand-offs
+        if len(jobs) == 1:
+            jobs[0][0].prefetch([jobs[0][1]])
+        elif jobs:
+            list(fetch_pool().map(lambda job: job[0].prefetch([job[1]]), jobs))
 
     def _prefetch_indptr(self, segments: np.ndarray) -> None:
         jobs = []

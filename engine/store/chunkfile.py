@@ -260,10 +260,18 @@ class ArrayReader:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
         return MappedFile.of(mm, buf, index, cached)
 
+    def cached_whole(self) -> bool:
+        """Whether every file of this array is mapped and wholly in the node's cache (or local): nothing to fetch."""
+        if not self.remote:
+            return True
+        n_files = -(-self.layout.n_chunks // self._per_file)
+        files = [self._files.get(f) for f in range(n_files)]
+        return all(f is not None and (f.cached is None or f.cached.complete) for f in files)
+
     def prefetch(self, runs: Sequence[tuple[int, int]]) -> None:
         """Fetch into the node's cache the bytes of chunks [c0, c1] of each run (arrays in a bucket; local arrays
         need nothing): one range per run and file, every file's ranges requested at once."""
-        if not self.remote:
+        if self.cached_whole():
             return
         per_file: dict[int, list[tuple[int, int]]] = {}
         for c0, c1 in runs:

@@ -83,6 +83,11 @@ class CachedObject:
         if fresh:
             evict()
 
+    @property
+    def complete(self) -> bool:
+        """Every byte of the object is in the mirror."""
+        return self._complete
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -118,6 +123,7 @@ class CachedObject:
             event.wait()
         if (left := slots[self.present[slots] == 0]).size:  # another thread's fetch failed: ours to do
             self._fetch([int(s) for s in left])
+        self._complete = bool(self.present.all())
 
     def _fetch(self, slots: list[int]) -> None:
         global _fetched_since_check
