@@ -4,8 +4,8 @@ The arrays are read through `engine.store.chunkfile.ArrayReader` (direct, every 
 segment of a buffer needs are merged per shard into runs and each run is decoded once into a reused per-thread pool;
 X/indptr chunks are decoded the same way and cached per shard (bounded), so a block of a big shard costs no
 zarr-python call. A layout the direct reader does not handle goes through `Store.read_array`. For a store in a bucket,
-the byte ranges of every run of a buffer (and the indptr chunks it needs) are fetched into the node's cache at once,
-on a pool of threads, before the first is decoded: one round trip per buffer, not one per run.
+the byte ranges of every run of a buffer (and the indptr chunks it needs) are fetched into the node's cache before
+the first is decoded: one call per array (its ranges merged where close), every array's at once on a pool of threads.
 """
 
 from __future__ import annotations
@@ -192,14 +192,19 @@ class StoreBlocks:
 
     @staticmethod
     def _prefetch(jobs: list[tuple[ArrayReader, tuple[int, int]]]) -> None:
-        """Fetch the chunk runs of many arrays of a bucket's store into the node's cache, all at once."""
+        """Fetch the chunk runs of many arrays of a bucket's store into the node's cache: all runs of one array in
+        one call (its ranges merged where close: fewer, larger requests), every array's call at once."""
         from engine.store.remote import fetch_pool
 
-        jobs = [job for job in jobs if not job[0].cached_whole()]  # a warm cache: no thread hand-offs
-        if len(jobs) == 1:
-            jobs[0][0].prefetch([jobs[0][1]])
-        elif jobs:
-            list(fetch_pool().map(lambda job: job[0].prefetch([job[1]]), jobs))
+        by_array: dict[int, tuple[ArrayReader, list[tuple[int, int]]]] = {}
+        for reader, run in jobs:
+            if not reader.cached_whole():  # a warm cache: no thread hand-offs
+                by_array.setdefault(id(reader), (reader, []))[1].append(run)
+        calls = list(by_array.values())
+        if len(calls) == 1:
+            calls[0][0].prefetch(calls[0][1])
+        elif calls:
+            list(fetch_pool().map(lambda call: call[0].prefetch(call[1]), calls))
 
     def _prefetch_indptr(self, segments: np.ndarray) -> None:
         jobs = []

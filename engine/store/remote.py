@@ -77,8 +77,7 @@ class CachedObject:
         os.utime(tag_file)  # least recently opened goes first
         self.present = np.memmap(present_file, dtype=np.uint8, mode="r+", shape=(n_slots,))
         self._fd = os.open(self.local, os.O_RDWR)
-        self._lock = threading.Lock()
-        self._claimed: dict[int, threading.Event] = {}  # slot -> set when the thread fetching it is done
+        self._fetching = threading.Lock()
         self._complete = bool(self.present.all())  # every byte here: reads need no bookkeeping
         if fresh:
             evict()
@@ -102,27 +101,12 @@ class CachedObject:
         if not want:
             return
         slots = np.fromiter(sorted(want), dtype=np.int64)
-        slots = slots[self.present[slots] == 0]
-        if not len(slots):
+        if not (self.present[slots] == 0).any():
             self._complete = len(want) == len(self.present) or bool(self.present.all())
             return
-        with self._lock:  # claim what nobody in this process is fetching; wait for the rest
-            mine = [int(s) for s in slots if s not in self._claimed]
-            theirs = [self._claimed[int(s)] for s in slots if int(s) in self._claimed]
-            done = threading.Event()
-            for s in mine:
-                self._claimed[s] = done
-        try:
-            self._fetch(mine)
-        finally:
-            with self._lock:
-                for s in mine:
-                    self._claimed.pop(s, None)
-            done.set()
-        for event in theirs:
-            event.wait()
-        if (left := slots[self.present[slots] == 0]).size:  # another thread's fetch failed: ours to do
-            self._fetch([int(s) for s in left])
+        with self._fetching:  # one fetch of this object at a time: a merged range covers gaps another read needs
+            slots = slots[self.present[slots] == 0]
+            self._fetch([int(s) for s in slots])
         self._complete = bool(self.present.all())
 
     def _fetch(self, slots: list[int]) -> None:
