@@ -203,7 +203,7 @@ def table(r: dict) -> list[str]:
         vs = median([a / b for a, b in zip(rates, paired)]) if paired else m / loc
         return f"| {name} | {m / 1e3:,.0f}k | {vs:.2f}x | {note} |"
 
-    amp = "{:.0f} requests, {:.2f} MB per 1,000 cells; read amplification {:.2f}x"
+    amp = "{:.2f} requests, {:.2f} MB per 1,000 cells; read amplification {:.2f}x"
     lines = [
         "| read from | cells/s | vs local disk | requests, bytes |",
         "|---|---|---|---|",
