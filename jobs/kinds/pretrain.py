@@ -32,7 +32,9 @@ def driver(spec: PretrainConfig) -> Bundle:
 def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summary:
     from engine.train.driver import pretrain
 
-    result = pretrain(spec, address=address, progress=progress, on_report=train_reporter(spec.name))
+    result = pretrain(
+        spec, address=address, progress=progress, on_report=train_reporter(spec.name, spec.train.max_steps)
+    )
     h = result.history
 
     def median(key: str) -> float | None:

@@ -166,6 +166,15 @@ class Scheduler:
             text = f"(no log for attempt {attempt}: {e})\n"
         return {"job": job, "attempt": attempt, "text": text}
 
+    def report_progress(self, job_id: str, attempt: int, progress: dict[str, Any]) -> None:
+        """A running job's progress (jobs/kinds/metrics.py), kept in its record for `cellray job status/list`.
+        Not written to disk on its own: the next transition saves it. A late report of an earlier attempt is
+        ignored."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is not None and job.state == RUNNING and job.attempts == attempt:
+                job.progress = progress
+
     def info(self) -> dict[str, Any]:
         import ray
 
