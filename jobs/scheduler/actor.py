@@ -314,6 +314,8 @@ class Scheduler:
                     },
                 },
                 metadata={
+                    # the dashboard's Jobs page shows `job_name` in its Name column: cellray's record at a glance
+                    "job_name": f"{job.id} {job.name} ({job.kind}, priority {job.priority}, attempt {attempt})",
                     "cellray_id": job.id,
                     "name": job.name,
                     "kind": job.kind,

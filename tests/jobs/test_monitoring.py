@@ -199,7 +199,11 @@ def test_every_readme_series_is_in_prometheus_with_plausible_values(head, ran):
         query=f"max by (rank) (max_over_time(ray_cellray_train_rank_data_wait_fraction{{job='{train}'}}{window}))",
     )
     assert [r["metric"]["rank"] for r in waits] == ["0"] and 0 <= float(waits[0]["value"][1]) <= 1
-    assert instant(head, f"max_over_time(ray_cellray_queue_length{{priority='0'}}{window})")[""] >= 1
+    queued = {
+        r["metric"]["priority"]: float(r["value"][1])
+        for r in prom(head, "query", query=f"max by (priority) (max_over_time(ray_cellray_queue_length{window}))")
+    }
+    assert queued.get("0", 0) >= 1, queued  # the preempted job waited at priority 0
     assert instant(head, "sum(ray_cellray_preemptions_total)")[""] == 1
     assert instant(head, "sum(ray_cellray_retries_total)")[""] == 1
 
@@ -237,3 +241,33 @@ def test_the_dashboard_queries_this_prometheus(head):
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 200 and json.loads(r.read())["result"] is True
+
+
+def test_the_dashboard_jobs_page_shows_each_attempt_with_its_cellray_metadata(head, ran, tmp_path):
+    """Headless Chromium opens the Ray dashboard, passes its token login as a user would (types the token, clicks
+    Submit), and finds the preempted job's second attempt on the Jobs page with its cellray id, kind, priority and
+    attempt; the screenshot is kept with the test's files (README: docs/dashboard-jobs.png)."""
+    import asyncio
+    import os
+
+    from tests.jobs.browser import chromium
+
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    train, login = ran["train"], "input[placeholder='Enter your authentication token']"
+
+    async def journey() -> tuple[str, str, Path]:
+        async with chromium(f"{head.info['dashboard_url']}/#/jobs") as page:
+            await page.wait_for(f'!!document.querySelector("{login}")', "the token login")
+            await page.js(f'document.querySelector("{login}").focus()')
+            await page.type(token)
+            submit = "[...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Submit')"
+            await page.js(f"{submit}.click()")
+            rows = "[...document.querySelectorAll('tr')].map(r => r.innerText)"
+            row = await page.wait_for(f"{rows}.find(t => t.includes('cellray-{train}-2'))", f"cellray-{train}-2")
+            first = await page.js(f"{rows}.find(t => t.includes('cellray-{train}-1'))")
+            return row, first, await page.screenshot(tmp_path / "dashboard-jobs.png")
+
+    row, first, shot = asyncio.run(journey())
+    assert f"{train} vae-mon (pretrain, priority 0, attempt 2)" in row and "SUCCEEDED" in row, row
+    assert f"{train} vae-mon (pretrain, priority 0, attempt 1)" in first and "STOPPED" in first, first
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
