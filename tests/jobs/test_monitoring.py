@@ -20,16 +20,15 @@ import yaml
 
 from tests.jobs.conftest import ROOT, running_head
 
-pytestmark = [
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus (.ci/run installs it)"),
-]
+pytestmark = pytest.mark.timeout(600)
 
 STEPS, CHECKPOINT_EVERY = 300, 20
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    if shutil.which("prometheus") is None:
+        pytest.skip("needs Debian's prometheus (.ci/run installs it)")
     with running_head(
         tmp_path_factory,
         "--num-cpus", "3", "--prometheus", "--scrape-interval", "1",
@@ -169,6 +168,11 @@ def ran(head, store, tmp_path_factory) -> dict:
     assert je["state"] == "SUCCEEDED", head.cli.ok("job", "logs", embed)
     assert je["progress"]["done"] == je["progress"]["total"] == 8, je["progress"]
     assert "parts 8/8 (100%)" in head.cli.ok("job", "status", embed)
+
+    # `cellray run SPEC --address`: the same kind's run in this client's process, its series tagged by the name
+    direct = {"kind": "embed", "name": "embed-direct", "checkpoint": str(out / "vae-mon"), "store": str(store),
+              "out": str(out / "emb-direct.zarr"), "part_cells": 200, "resources": {"workers": 1}}  # fmt: skip
+    head.cli.ok("run", spec_file(head, "embed-direct", direct), "--address", head.info["address"])
     time.sleep(3)  # the last reports: Ray's 0.5 s report interval, then a 1 s scrape
     return {"train": train, "embed": embed, "start": t0, "end": time.time()}
 
@@ -191,6 +195,7 @@ def test_every_readme_series_is_in_prometheus_with_plausible_values(head, ran):
     assert peak("cellray_train_step", train) == STEPS
     assert peak("cellray_job_progress", train) == 1.0 and peak("cellray_job_progress", embed) == 1.0
     assert peak("cellray_infer_parts_done", embed) == peak("cellray_infer_parts", embed) == 8
+    assert peak("cellray_infer_parts_done", "embed-direct") == peak("cellray_job_progress", "embed-direct") * 8 == 8
     assert peak("cellray_train_cells_per_s", train) > 0
     assert 0 <= peak("cellray_train_data_wait_fraction", train) <= 1
     waits = prom(  # one series per rank (each attempt's driver exports its own: max over them)
@@ -246,7 +251,8 @@ def test_the_dashboard_queries_this_prometheus(head):
 def test_the_dashboard_jobs_page_shows_each_attempt_with_its_cellray_metadata(head, ran, tmp_path):
     """Headless Chromium opens the Ray dashboard, passes its token login as a user would (types the token, clicks
     Submit), and finds the preempted job's second attempt on the Jobs page with its cellray id, kind, priority and
-    attempt; the screenshot is kept with the test's files (README: docs/dashboard-jobs.png)."""
+    attempt; the screenshot is kept with the test's files, and in $CELLRAY_ARTIFACTS when set (README:
+    docs/dashboard-jobs.png)."""
     import asyncio
     import os
 
@@ -271,3 +277,21 @@ def test_the_dashboard_jobs_page_shows_each_attempt_with_its_cellray_metadata(he
     assert f"{train} vae-mon (pretrain, priority 0, attempt 2)" in row and "SUCCEEDED" in row, row
     assert f"{train} vae-mon (pretrain, priority 0, attempt 1)" in first and "STOPPED" in first, first
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    if os.environ.get("CELLRAY_ARTIFACTS"):  # CI keeps it (pytest's own temp dirs rotate away)
+        Path(os.environ["CELLRAY_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["CELLRAY_ARTIFACTS"]) / shot.name)
+
+
+def test_prometheus_missing_is_one_line_and_starts_nothing(tmp_path):
+    """Without a prometheus binary on PATH, `cellray cluster start --prometheus` says how to install it, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "CELLRAY_STATE_DIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "cluster", "start", "--prometheus"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "apt-get install prometheus" in r.stderr and not (tmp_path / "cluster.json").exists()

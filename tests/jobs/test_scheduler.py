@@ -66,6 +66,7 @@ def test_priority_then_fifo_with_gang_admission_and_metrics(head):
     assert re.search(rf"{c}\s+c\s+sleep\s+10\s+SUCCEEDED\s+1C 0G", listing), listing
     assert {r["id"] for r in json.loads(head.cli.ok("job", "list", "--json"))} >= {a, b, c}
     assert head.ray_jobs()[f"cellray-{c}-1"]["metadata"] == {
+        "job_name": f"{c} c (sleep, priority 10, attempt 1)",  # the Name column of the dashboard's Jobs page
         "cellray_id": c,
         "name": "c",
         "kind": "sleep",
