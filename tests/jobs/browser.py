@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -81,7 +83,7 @@ class Page:
 @contextlib.asynccontextmanager
 async def chromium(url: str) -> AsyncIterator[Page]:
     """A headless Chromium opened at `url` (its own profile in a temp dir; killed at the end)."""
-    with tempfile.TemporaryDirectory(prefix="cellray-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="cellray-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
             stdout=subprocess.DEVNULL,
@@ -103,6 +105,17 @@ async def chromium(url: str) -> AsyncIterator[Page]:
                     page = Page(ws)
                     await page.send("Page.enable")
                     yield page
-        finally:
-            proc.kill()
+        finally:  # the browser and every process it started (renderers, zygotes): its own process group
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+            deadline = time.monotonic() + 10
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -22,7 +22,7 @@ from tests.jobs.conftest import ROOT, running_head
 
 pytestmark = pytest.mark.timeout(600)
 
-STEPS, CHECKPOINT_EVERY = 300, 20
+STEPS, CHECKPOINT_EVERY = 200, 20
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,9 @@ def head(tmp_path_factory):
         "--system-config", json.dumps({"metrics_report_interval_ms": 500}),
     ) as h:  # fmt: skip
         yield h
+        prometheus = h.info["prometheus_pid"]
+        assert psutil.pid_exists(prometheus)
+    assert not psutil.pid_exists(prometheus), "`cellray cluster stop` left Prometheus running"
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +278,7 @@ def test_the_dashboard_jobs_page_shows_each_attempt_with_its_cellray_metadata(he
 
     row, first, shot = asyncio.run(journey())
     assert f"{train} vae-mon (pretrain, priority 0, attempt 2)" in row and "SUCCEEDED" in row, row
+    assert "Log" in row  # its driver's log, one click away
     assert f"{train} vae-mon (pretrain, priority 0, attempt 1)" in first and "STOPPED" in first, first
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     if os.environ.get("CELLRAY_ARTIFACTS"):  # CI keeps it (pytest's own temp dirs rotate away)
