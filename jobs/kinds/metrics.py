@@ -108,11 +108,12 @@ class JobProgress:
         )
         if self.scheduled_id and (now - self.sent >= SEND_EVERY_S or done >= total):
             self.sent = now
-            self._send(progress)
+            self._send(progress, last=done >= total)
         return progress
 
-    def _send(self, progress: dict[str, Any]) -> None:
-        """Fire and forget: progress is an aid, never a reason for a job to fail or wait."""
+    def _send(self, progress: dict[str, Any], last: bool) -> None:
+        """Fire and forget, except the last report, which the driver's exit right after would lose: progress is an
+        aid, never a reason for a job to fail, nor to wait more than a few seconds."""
         if not _ray_up():
             return
         try:
@@ -122,7 +123,9 @@ class JobProgress:
                 from jobs.scheduler.actor import NAME, NAMESPACE
 
                 self.scheduler = ray.get_actor(NAME, namespace=NAMESPACE)
-            self.scheduler.report_progress.remote(self.scheduled_id, self.attempt, progress)
+            sent = self.scheduler.report_progress.remote(self.scheduled_id, self.attempt, progress)
+            if last:
+                ray.get(sent, timeout=5)
         except Exception as e:  # no scheduler (a plain Ray Job with the variable set by hand): nothing to tell
             log.debug("progress not sent to the scheduler: %s", e)
 

@@ -168,12 +168,15 @@ class Scheduler:
 
     def report_progress(self, job_id: str, attempt: int, progress: dict[str, Any]) -> None:
         """A running job's progress (jobs/kinds/metrics.py), kept in its record for `cellray job status/list`.
-        Not written to disk on its own: the next transition saves it. A late report of an earlier attempt is
-        ignored."""
+        Not written to disk on its own: the next transition saves it. The latest attempt's report counts even when
+        it arrives after Ray said the attempt ended (its last one races the driver's exit); an earlier attempt's
+        late report does not."""
         with self.lock:
             job = self.jobs.get(job_id)
-            if job is not None and job.state == RUNNING and job.attempts == attempt:
+            if job is not None and job.attempts == attempt:
                 job.progress = progress
+                if job.state in TERMINAL:
+                    self._save()
 
     def info(self) -> dict[str, Any]:
         import ray

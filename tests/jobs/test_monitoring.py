@@ -92,6 +92,7 @@ def pretrain(store: Path, output: Path) -> dict:
             "max_failures": 0,
         },
         "resources": {"workers": 1, "cpus_per_worker": 1, "readers_per_worker": 1, "cpus_per_reader": 0.5},
+        "debug": {"min_step_seconds": 0.05},  # 10 s of steps at least: preempted well before the end
     }
 
 
@@ -124,7 +125,8 @@ def kill_driver(spec: str) -> None:
 @pytest.fixture(scope="module")
 def ran(head, store, tmp_path_factory) -> dict:
     """A pretraining job, preempted by an urgent one and resumed; a job whose driver is lost and retried; an embed
-    job of the trained model. Returns what the tests check: job ids, and the time window they ran in."""
+    job and a `cellray run` embed of its checkpoint beside the resumed attempt. Returns what the tests check: job
+    ids, and the time window they ran in."""
     from engine.train.checkpoint import latest_checkpoint
 
     t0 = time.time()
@@ -146,36 +148,30 @@ def ran(head, store, tmp_path_factory) -> dict:
         assert time.monotonic() < deadline, head.job(train)
         time.sleep(0.2)
     urgent = head.submit(head.spec("urgent", seconds=2, resources={"cpus": 3}), "--priority", "10")
-    j = head.wait_for(train, lambda j: j["preemptions"] == 1, "was preempted", timeout=120)
+    head.wait_for(train, lambda j: j["preemptions"] == 1, "was preempted", timeout=120)
+    # queued behind the preempted job, in this order: a job whose driver will be lost, then an embed job of the
+    # preempted job's checkpoint (it runs beside the resumed attempt once the lost job is stopped)
     fragile = head.submit(head.spec("fragile", seconds=60, resources={"cpus": 1}), "--max-retries", "1")
+    embed_spec = {"kind": "embed", "name": "embed-mon", "checkpoint": str(out / "vae-mon"), "store": str(store),
+                  "out": str(out / "emb.zarr"), "part_cells": 200, "resources": {"workers": 1}}  # fmt: skip
+    embed = head.submit(spec_file(head, "embed-mon", embed_spec))
     assert head.ended(urgent)["state"] == "SUCCEEDED"
     kill_driver(head.running(fragile)["spec_file"])
     head.wait_for(fragile, lambda j: j["attempts"] == 2, "was retried")
     head.cli.ok("job", "stop", fragile)
 
-    j = head.ended(train, timeout=300)
-    assert j["state"] == "SUCCEEDED" and j["attempts"] == 2, j
-    assert j["progress"]["done"] == STEPS and j["progress"]["attempt"] == 2, j["progress"]
-
-    embed = head.submit(
-        spec_file(
-            head,
-            "embed-mon",
-            {
-                "kind": "embed", "name": "embed-mon", "checkpoint": str(out / "vae-mon"), "store": str(store),
-                "out": str(out / "emb.zarr"), "part_cells": 200, "resources": {"workers": 1},
-            },
-        )
-    )  # fmt: skip
     je = head.ended(embed)
     assert je["state"] == "SUCCEEDED", head.cli.ok("job", "logs", embed)
     assert je["progress"]["done"] == je["progress"]["total"] == 8, je["progress"]
     assert "parts 8/8 (100%)" in head.cli.ok("job", "status", embed)
 
     # `cellray run SPEC --address`: the same kind's run in this client's process, its series tagged by the name
-    direct = {"kind": "embed", "name": "embed-direct", "checkpoint": str(out / "vae-mon"), "store": str(store),
-              "out": str(out / "emb-direct.zarr"), "part_cells": 200, "resources": {"workers": 1}}  # fmt: skip
+    direct = {**embed_spec, "name": "embed-direct", "out": str(out / "emb-direct.zarr")}
     head.cli.ok("run", spec_file(head, "embed-direct", direct), "--address", head.info["address"])
+
+    j = head.ended(train, timeout=300)
+    assert j["state"] == "SUCCEEDED" and j["attempts"] == 2, j
+    assert j["progress"]["done"] == STEPS and j["progress"]["attempt"] == 2, j["progress"]
     time.sleep(3)  # the last reports: Ray's 0.5 s report interval, then a 1 s scrape
     return {"train": train, "embed": embed, "start": t0, "end": time.time()}
 
