@@ -127,7 +127,9 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             do_ckpt = state.step % t.checkpoint_every == 0 or last
             do_val = val_loader is not None and (bool(t.val_every) and state.step % t.val_every == 0 or last)
             if do_ckpt or do_val or state.step % t.report_every == 0:
-                metrics = window.summary(world, state.step, state.epoch, scheduler.get_last_lr()[0])
+                metrics = window.summary(
+                    world, state.step, state.epoch, scheduler.get_last_lr()[0], rank, loader.metrics.queue_depth
+                )
                 if do_val:
                     metrics["val_loss"] = _validate(objective, val_loader, state.step, device, use_bf16, world)
                 _report(ctx, rank, metrics, checkpointer if do_ckpt else None, state)
@@ -136,7 +138,9 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
         state.epoch += 1
         if t.epochs and state.epoch >= t.epochs and state.step < total_steps:
             # the epochs ran out before max_steps: report and checkpoint where training stopped
-            metrics = window.summary(world, state.step, state.epoch, scheduler.get_last_lr()[0])
+            metrics = window.summary(
+                world, state.step, state.epoch, scheduler.get_last_lr()[0], rank, loader.metrics.queue_depth
+            )
             _report(ctx, rank, metrics, checkpointer, state)
     loader.close()
     if val_loader is not None:

@@ -61,10 +61,17 @@ class MetricsWindow:
         self.t_data += t_data
         self.t_total += t_step
 
-    def summary(self, world: int, step: int, epoch: int, lr: float) -> dict[str, Any]:
-        """The window's metrics averaged over ranks (loss) or summed (cells); starts a new window."""
+    def summary(
+        self, world: int, step: int, epoch: int, lr: float, rank: int = 0, queue_depth: int = 0
+    ) -> dict[str, Any]:
+        """The window's metrics averaged over ranks (loss) or summed (cells), and each rank's data wait and loader
+        queue depth (its own slots of the same allreduce: a rank slower to get data than the others shows);
+        starts a new window."""
         elapsed = time.perf_counter() - self.start
-        s = allreduce_sum([sum(self.losses), len(self.losses), self.cells, self.t_data, self.t_total], world)
+        per_rank = [0.0] * (2 * world)
+        per_rank[rank] = self.t_data / max(self.t_total, 1e-9)
+        per_rank[world + rank] = float(queue_depth)
+        s = allreduce_sum([sum(self.losses), len(self.losses), self.cells, self.t_data, self.t_total, *per_rank], world)
         m = {
             "step": step,
             "epoch": epoch,
@@ -73,6 +80,8 @@ class MetricsWindow:
             "cells": int(s[2]),
             "cells_per_s": float(s[2]) / max(elapsed, 1e-9),
             "data_wait_frac": float(s[3] / max(float(s[4]), 1e-9)),
+            "rank_data_wait_frac": [float(v) for v in s[5 : 5 + world]],
+            "rank_queue_depth": [int(v) for v in s[5 + world :]],
         }
         m.update({k: float(np.mean(v)) for k, v in self.terms.items()})
         self.reset()

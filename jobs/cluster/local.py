@@ -68,6 +68,8 @@ class LocalCluster:
     num_gpus: float
     ports: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
+    prometheus_url: str | None = None  # `cellray cluster start --prometheus`: jobs/cluster/prometheus.py
+    prometheus_pid: int | None = None
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike) -> LocalCluster | None:
@@ -75,6 +77,9 @@ class LocalCluster:
         if not path.exists():
             return None
         return cls(**json.loads(path.read_text()))
+
+    def save(self) -> None:
+        write_text_atomically(Path(self.state_dir) / CLUSTER_FILE, json.dumps(asdict(self), indent=1))
 
     def alive(self) -> bool:
         try:
@@ -240,7 +245,7 @@ def start_cluster(
         ports={**ports, "min-worker-port": worker_low},
         started=time.time(),
     )
-    write_text_atomically(state_dir / CLUSTER_FILE, json.dumps(asdict(cluster), indent=1))
+    cluster.save()
     log.info("ray head up at %s (dashboard %s)", cluster.address, cluster.dashboard_url)
     return cluster
 
@@ -304,6 +309,10 @@ def stop_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 30
     cluster = LocalCluster.load(state_dir)
     if cluster is None:
         return None
+    if cluster.prometheus_pid:
+        from jobs.cluster.prometheus import stop_prometheus
+
+        stop_prometheus(cluster.prometheus_pid)
     _stop_group(cluster.pid, cluster.temp_dir, timeout)
     (state_dir / CLUSTER_FILE).unlink(missing_ok=True)
     return cluster

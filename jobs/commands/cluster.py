@@ -38,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="Ray system config overrides, e.g. '{\"metrics_report_interval_ms\": 1000}'",
     )
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start the installed `prometheus` on 127.0.0.1 with Ray's generated config, and point the "
+        "dashboard's metrics views at it (RAY_PROMETHEUS_HOST)",
+    )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="Prometheus's scrape interval in seconds (default 10, Ray's)",
+    )
     p.add_argument("--state-dir", **state)
     p.set_defaults(func=run_start)
 
@@ -80,21 +93,32 @@ def run_start(args: argparse.Namespace) -> int:
     import ray
 
     from engine.errors import ClusterError
-    from jobs.cluster.local import install_grafana_dashboard, start_cluster, stop_cluster
+    from jobs.cluster.local import free_ports, install_grafana_dashboard, start_cluster, stop_cluster
+    from jobs.cluster.prometheus import find_prometheus, start_prometheus
     from jobs.scheduler.client import connect, scheduler
 
     try:
         system_config = json.loads(args.system_config) if args.system_config else None
     except json.JSONDecodeError as e:
         raise ClusterError(f"--system-config: not JSON ({e})") from None
+    if args.scrape_interval <= 0:
+        raise ClusterError(f"--scrape-interval {args.scrape_interval:g}: expected seconds > 0")
+    prometheus = find_prometheus() if args.prometheus else None  # before anything starts: one line if missing
+    prometheus_port = free_ports(1)[0] if prometheus else None
     c = start_cluster(
         args.state_dir,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         object_store_mb=args.object_store_mb,
         system_config=system_config,
+        env={"RAY_PROMETHEUS_HOST": f"http://127.0.0.1:{prometheus_port}"} if prometheus else None,
     )
     try:
+        if prometheus:
+            home = Path(c.state_dir) / "prometheus"
+            c.prometheus_pid = start_prometheus(prometheus, c.temp_dir, home, prometheus_port, args.scrape_interval)
+            c.prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+            c.save()
         connect(c.address)
         info = ray.get(scheduler(create_in=c.state_dir, queueing=args.queueing).ping.remote())
         resources = ray.cluster_resources()
@@ -106,6 +130,8 @@ def run_start(args: argparse.Namespace) -> int:
     print(f"dashboard  {c.dashboard_url}  (token: `ray get-auth-token`)")
     grafana = install_grafana_dashboard(c)
     print(f"metrics    {c.metrics_url}" + (f"  (Grafana dashboard: {grafana})" if grafana else ""))
+    if c.prometheus_url:
+        print(f"prometheus {c.prometheus_url}  (scrapes every {args.scrape_interval:g} s; the dashboard queries it)")
     print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})")
     print("submit     cellray job submit SPEC.yaml   |   stop: cellray cluster stop")
     return 0
@@ -161,6 +187,8 @@ def run_status(args: argparse.Namespace) -> int:
     if local:
         print(f"dashboard  {local.dashboard_url}")
         print(f"metrics    {local.metrics_url}")
+        if local.prometheus_url:
+            print(f"prometheus {local.prometheus_url}")
     adm, cap = info["admitted"], info["capacity"]
     print(
         f"scheduler  {info['state_dir']} ({info['queueing']}); admitted {adm['CPU']:g}/{cap['CPU']:g} CPUs, "

@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-preempt", action="store_true", help="never preempt this job (pretrain and embed jobs can be)")
 
-    p = add("list", "every job: id, name, kind, priority, state, demand, times, attempts", run_list, id_arg=False)
+    p = add(
+        "list", "every job: id, name, kind, priority, state, demand, times, attempts, progress", run_list, id_arg=False
+    )
     p.add_argument("--json", action="store_true")
-    p = add("status", "one job's state and history", run_status)
+    p = add("status", "one job's state, live progress and history", run_status)
     p.add_argument("--json", action="store_true")
     p = add("logs", "the job's driver log (from Ray Jobs)", run_logs)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -99,6 +101,31 @@ def _demand(d: dict) -> str:
     return describe(d).replace(" CPU", "C").replace(" GPU", "G").replace(", ", " ")
 
 
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def progress_text(p: dict | None, short: bool = False) -> str:
+    """What a running job last reported (jobs/kinds/metrics.py): `step 40/120 (33%) ...`; `-` when nothing yet."""
+    if not p:
+        return "-"
+    noun = {"steps": "step", "parts": "parts"}.get(p["unit"], p["unit"])
+    head = f"{noun} {p['done']}/{p['total']} ({100 * p['fraction']:.0f}%)"
+    if short:
+        return f"{head} ETA {_eta(p['eta_s'])}"
+    figures = [
+        f"loss {p['loss']:.4g}" if p.get("loss") is not None else "",
+        f"{p['cells_per_s']:,.0f} cells/s" if p.get("cells_per_s") is not None else "",
+        f"data wait {100 * p['data_wait']:.0f}%" if p.get("data_wait") is not None else "",
+        f"ETA {_eta(p['eta_s'])}",
+        f"(attempt {p['attempt']}, reported {max(0.0, time.time() - p['updated']):.0f} s ago)",
+    ]
+    return "   ".join(f for f in [head, *figures] if f)
+
+
 def run_list(args: argparse.Namespace) -> int:
     from jobs.scheduler.client import call
 
@@ -107,7 +134,7 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs, indent=1))
         return 0
-    header = ("ID", "NAME", "KIND", "PRIO", "STATE", "DEMAND", "SUBMITTED", "STARTED", "ENDED", "ATTEMPTS")
+    header = ("ID", "NAME", "KIND", "PRIO", "STATE", "DEMAND", "SUBMITTED", "STARTED", "ENDED", "ATTEMPTS", "PROGRESS")
     rows = [
         (
             j["id"],
@@ -120,6 +147,7 @@ def run_list(args: argparse.Namespace) -> int:
             _time(j["started"]),
             _time(j["ended"]),
             str(j["attempts"]),
+            progress_text(j.get("progress"), short=True),
         )
         for j in jobs
     ]
@@ -160,6 +188,7 @@ def run_status(args: argparse.Namespace) -> int:
         f"attempts   {j['attempts']} (retries {j['retries']}, preemptions {j['preemptions']})"
         + (f"  Ray jobs: {', '.join(j['ray_ids'])}" if j["ray_ids"] else "")
     )
+    print(f"progress   {progress_text(j.get('progress'))}")
     print(f"spec       {j['spec_file']}")
     for e in j.get("events", []):
         print(f"  {e}")

@@ -32,8 +32,11 @@ def driver(spec: PretrainConfig) -> Bundle:
 def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summary:
     from engine.train.driver import pretrain
 
-    result = pretrain(spec, address=address, progress=progress, on_report=train_reporter(spec.name))
+    report = train_reporter(spec.name, spec.train.max_steps)
+    result = pretrain(spec, address=address, progress=progress, on_report=report)
     h = result.history
+    if h:  # the final state once more: an attempt resumed at its last step reports nothing of its own
+        report(h[-1])
 
     def median(key: str) -> float | None:
         return sorted(m[key] for m in h)[len(h) // 2] if h else None

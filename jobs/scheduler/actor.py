@@ -166,6 +166,18 @@ class Scheduler:
             text = f"(no log for attempt {attempt}: {e})\n"
         return {"job": job, "attempt": attempt, "text": text}
 
+    def report_progress(self, job_id: str, attempt: int, progress: dict[str, Any]) -> None:
+        """A running job's progress (jobs/kinds/metrics.py), kept in its record for `cellray job status/list`.
+        Not written to disk on its own: the next transition saves it. The latest attempt's report counts even when
+        it arrives after Ray said the attempt ended (its last one races the driver's exit); an earlier attempt's
+        late report does not."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is not None and job.attempts == attempt:
+                job.progress = progress
+                if job.state in TERMINAL:
+                    self._save()
+
     def info(self) -> dict[str, Any]:
         import ray
 
@@ -305,6 +317,8 @@ class Scheduler:
                     },
                 },
                 metadata={
+                    # the dashboard's Jobs page shows `job_name` in its Name column: cellray's record at a glance
+                    "job_name": f"{job.id} {job.name} ({job.kind}, priority {job.priority}, attempt {attempt})",
                     "cellray_id": job.id,
                     "name": job.name,
                     "kind": job.kind,

@@ -1,14 +1,15 @@
-"""The scheduler's cellray_* dashboard metrics (ray.util.metrics): the queue by state and kind, admissions,
-preemptions, retries, queue wait, admitted and total resources. A running job's own series are jobs/kinds/metrics.py.
+"""The scheduler's cellray_* dashboard metrics (ray.util.metrics): the queue by state and kind, the queue's length
+by priority, admissions, preemptions, retries, queue wait, admitted and total resources. A running job's own series
+are jobs/kinds/metrics.py.
 
 Ray exports them on every node's metrics port with a `ray_` prefix (Counters also get `_total`), e.g.
 `ray_cellray_jobs{state="QUEUED",kind="pretrain"}`; jobs/grafana/cellray.json charts them. Tags stay few: state,
-kind and resource.
+kind, priority and resource.
 """
 
 from __future__ import annotations
 
-from jobs.scheduler.state import RESOURCES, STATES, JobRecord
+from jobs.scheduler.state import QUEUED, RESOURCES, STATES, JobRecord
 
 QUEUE_WAIT_BOUNDARIES = [1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600]
 
@@ -37,7 +38,9 @@ class SchedulerMetrics:
         self.capacity = Gauge(
             "cellray_capacity_resources", "resources of the cluster as the scheduler sees them", tag_keys=("resource",)
         )
+        self.queued = Gauge("cellray_queue_length", "jobs waiting in the queue, by priority", tag_keys=("priority",))
         self.seen: set[tuple[str, str]] = set()
+        self.priorities: set[int] = set()
 
     def update(self, jobs: list[JobRecord], capacity: dict[str, float], admitted: dict[str, float]) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -47,6 +50,13 @@ class SchedulerMetrics:
         self.seen |= {(s, k) for s in STATES for k in kinds}
         for state, kind in self.seen:  # every (state, kind) seen so far, zeros included
             self.jobs.set(counts.get((state, kind), 0), tags={"state": state, "kind": kind})
+        waiting: dict[int, int] = {}
+        for j in jobs:
+            if j.state == QUEUED:
+                waiting[j.priority] = waiting.get(j.priority, 0) + 1
+        self.priorities |= set(waiting)
+        for p in self.priorities:  # every priority seen waiting so far, zeros included
+            self.queued.set(waiting.get(p, 0), tags={"priority": str(p)})
         for r in RESOURCES:
             self.admitted.set(admitted.get(r, 0.0), tags={"resource": r})
             self.capacity.set(capacity.get(r, 0.0), tags={"resource": r})

@@ -55,6 +55,9 @@ class JobRecord:
     message: str = ""
     bundles: list[dict[str, float]] = field(default_factory=list)  # one per worker: what an autoscaler must place
     events: list[str] = field(default_factory=list)  # "HH:MM:SS what happened", the last MAX_EVENTS
+    # what the running attempt last reported (jobs/kinds/metrics.py JobProgress): unit, done, total, fraction, eta_s,
+    # attempt, updated, and the kind's figures (loss, cells_per_s, data_wait); kept after the attempt ends
+    progress: dict[str, Any] | None = None
 
     def event(self, text: str, now: float | None = None) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(now or time.time()))
