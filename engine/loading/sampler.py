@@ -254,7 +254,9 @@ class Sampler:
         if world_size < 1 or not 0 <= rank < world_size:
             raise SamplerError(f"rank {rank} is outside world_size {world_size}")
         if config.global_batch and config.batch_size < world_size:
-            raise SamplerError(f"a global batch of {config.batch_size} cells leaves ranks of {world_size} without cells")
+            raise SamplerError(
+                f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks no cells"
+            )
         if config.block_size is None:
             raise SamplerError("block_size is not resolved: plan with Sampler.for_store, which picks it for the store")
         if config.balance_by is not None and balance is None:
