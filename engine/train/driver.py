@@ -53,20 +53,21 @@ def check_resources(config: PretrainConfig) -> None:
     import ray
 
     r = config.resources
-    if r.workers == 0:
+    n = r.min_workers  # an elastic run starts at what fits, from its minimum on
+    if n == 0:
         return
     total = ray.cluster_resources()
-    need_cpu = r.workers * (r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader)
-    need_gpu = r.workers * r.gpus_per_worker
+    need_cpu = n * r.per_worker()["CPU"]
+    need_gpu = n * r.gpus_per_worker
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if need_gpu > have_gpu:
         raise TrainError(
-            f"{config.where('resources')}: {r.workers} workers x {r.gpus_per_worker} GPUs need {need_gpu:g} GPUs; "
+            f"{config.where('resources')}: {n} workers x {r.gpus_per_worker} GPUs need {need_gpu:g} GPUs; "
             f"the cluster has {have_gpu:g}"
         )
     if need_cpu > have_cpu + 1e-9:
         raise TrainError(
-            f"{config.where('resources')}: {r.workers} workers x ({r.cpus_per_worker:g} CPUs + {r.readers_per_worker} "
+            f"{config.where('resources')}: {n} workers x ({r.cpus_per_worker:g} CPUs + {r.readers_per_worker} "
             f"readers x {r.cpus_per_reader:g} CPUs) need {need_cpu:g} CPUs; the cluster has {have_cpu:g} "
             "(lower resources.workers or cpus_per_worker, or start Ray with more CPUs)"
         )
@@ -90,7 +91,7 @@ def pretrain(
     if uri:
         storage_path, name = config.train.output.rstrip("/").rsplit("/", 1)
         output = Path("runs", name).resolve()  # this machine keeps metrics.jsonl and loss.png
-        if r.workers == 0:
+        if r.max_workers == 0:
             raise TrainError(
                 f"{config.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder"
             )
@@ -116,7 +117,7 @@ def pretrain(
             model_config=data.model_config,
             output=str(output),
             output_is_local=not uri,
-            local_mode=r.workers == 0,
+            local_mode=r.max_workers == 0,
             run_log=run_log,
         )
         trainer = _trainer(ctx, storage_path, name)
@@ -167,9 +168,12 @@ def _trainer(ctx: LoopContext, storage_path: str, name: str):
         train_loop_per_worker,
         train_loop_config=ctx,
         scaling_config=ScalingConfig(
-            num_workers=r.workers,
+            # elastic: Ray Train starts as many as fit in [min, max], restarts the group smaller when a worker is
+            # lost and larger when room appears (checked every resize_interval_s), each time from the newest checkpoint
+            num_workers=(r.min_workers, r.max_workers) if r.elastic else r.workers,
+            elastic_resize_monitor_interval_s=r.resize_interval_s,
             use_gpu=r.gpus_per_worker > 0,
-            resources_per_worker=per_worker if r.workers else None,
+            resources_per_worker=per_worker if r.max_workers else None,
         ),
         run_config=RunConfig(
             name=name,

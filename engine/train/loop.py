@@ -86,7 +86,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             state.epoch += 1
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
 
-    trace = StepTrace(cfg.debug.trace_dir, rank)
+    trace = StepTrace(cfg.debug.trace_dir, rank, world, _attempt(ctx, rank, world) if cfg.debug.trace_dir else 0)
     drill = FaultDrill(cfg.debug, ctx.output, rank)
     window = MetricsWindow()
     micro = 0
@@ -109,7 +109,9 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             no_sync = objective.no_sync() if (not sync and hasattr(objective, "no_sync")) else contextlib.nullcontext()
             with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, terms, n_cells = objective(batch, state.step)
-            (loss / t.grad_accum).backward()
+            # a rank's share of a global batch may be a cell more or less than the others': weigh its mean loss
+            # so that DDP's average over ranks is the mean over the global batch
+            (loss * (loader.sampler.loss_weight / t.grad_accum)).backward()
             trace.cells(batch["index"])
             if sync:
                 if t.grad_clip > 0:
@@ -142,6 +144,15 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     if val_loader is not None:
         val_loader.close()
     trace.final(model)
+
+
+def _attempt(ctx: LoopContext, rank: int, world: int) -> int:
+    """This worker group's number within the run (1, 2, ...: a restart or a resize starts a new group), from the
+    driver's run log, the same on every rank."""
+    import ray
+
+    mine = ray.get(ctx.run_log.start_attempt.remote()) if rank == 0 else 0
+    return int(allreduce_sum([mine], world)[0])
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:

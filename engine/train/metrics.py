@@ -73,6 +73,7 @@ class MetricsWindow:
             "cells": int(s[2]),
             "cells_per_s": float(s[2]) / max(elapsed, 1e-9),
             "data_wait_frac": float(s[3] / max(float(s[4]), 1e-9)),
+            "world_size": world,
         }
         m.update({k: float(np.mean(v)) for k, v in self.terms.items()})
         self.reset()
@@ -84,6 +85,12 @@ class RunLog:
 
     def __init__(self):
         self.items: list[dict[str, Any]] = []
+        self.attempts = 0
+
+    def start_attempt(self) -> int:
+        """Called by rank 0 of each new worker group: its number."""
+        self.attempts += 1
+        return self.attempts
 
     def add(self, metrics: dict[str, Any]) -> None:
         self.items.append(metrics)

@@ -14,17 +14,13 @@ from jobs.kinds.metrics import train_reporter
 def bundles(spec: PretrainConfig) -> list[Bundle]:
     """One bundle per Ray Train worker with its reader actors (readers run on their trainer's node)."""
     r = spec.resources
-    worker = {
-        "CPU": r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader,
-        "GPU": r.gpus_per_worker,
-        "memory": 0.0,
-    }
-    return [dict(worker) for _ in range(max(r.workers, 1))]  # workers: 0 runs the loop in the driver
+    worker = {**r.per_worker(), "memory": 0.0}
+    return [dict(worker) for _ in range(max(r.max_workers, 1))]  # workers: 0 runs the loop in the driver
 
 
 def driver(spec: PretrainConfig) -> Bundle:
     r = spec.resources
-    if r.workers == 0:  # the training loop runs in the driver
+    if r.max_workers == 0:  # the training loop runs in the driver
         return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, "memory": 0.0}
     return dict(NONE)  # the workers and readers reserve their own
 
@@ -57,7 +53,9 @@ def check(spec: PretrainConfig) -> str:
     from engine.train.data import open_run_data
 
     open_run_data(spec)
-    return f"{spec.model.name}, {spec.resources.workers} workers, {spec.train.max_steps} steps"
+    r = spec.resources
+    workers = f"{r.min_workers}-{r.max_workers} (elastic)" if r.elastic else str(r.workers)
+    return f"{spec.model.name}, {workers} workers, {spec.train.max_steps} steps"
 
 
 def describe(s: Summary) -> list[str]:
