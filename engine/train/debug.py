@@ -37,7 +37,8 @@ class StepTrace:
         cells = np.concatenate(self.pending).tolist() if self.pending else []
         self.pending = []
         with open(self.dir / f"rank{self.rank}.jsonl", "a") as f:
-            entry = {"step": step, "epoch": epoch, "attempt": self.attempt, "world_size": self.world_size}
+            entry = {"step": step, "epoch": epoch, "attempt": self.attempt, "world_size": self.world_size,
+                     "time": time.time()}  # fmt: skip
             f.write(json.dumps({**entry, "pid": os.getpid(), "cells": cells}) + "\n")
 
     def final(self, model: torch.nn.Module) -> None:

@@ -124,9 +124,10 @@ def pretrain(
         # a resumed run adds to the steps of earlier attempts, including reports only its checkpoints kept
         earlier = merge_by_step(checkpoint_metrics(output) + read_metrics(output))
         history: list[dict[str, Any]] = []
+        look = _ClusterView(r.resize_interval_s) if r.elastic else None
         for attempt in range(config.train.max_failures + 1):
             outcome = _fit_in_thread(
-                trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report
+                trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report, look
             )
             if "result" in outcome:
                 break
@@ -186,12 +187,51 @@ def _trainer(ctx: LoopContext, storage_path: str, name: str):
     )
 
 
+class _ClusterView:
+    """Keeps the cluster view of Ray Train's elastic policy fresh. The policy sizes a worker group from the nodes that
+    Ray's AutoscalingCoordinator actor lists, and that actor looks at the cluster only every 20 s: a lost node stays
+    listed (a restart then asks for a worker that cannot be placed and waits out the placement timeout) and an added
+    one stays unlisted. Asking it to recompute (a `ray.nodes()` call) every `interval_s` bounds both delays."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last = float("-inf")
+
+    def __call__(self, now: float) -> None:
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        import ray
+
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                get_or_create_autoscaling_coordinator,
+            )
+
+            coordinator = get_or_create_autoscaling_coordinator()
+            ray.get(coordinator.get_reserved_resources.remote("cellray", recompute=True), timeout=10)
+        except Exception as e:  # a Ray without this actor: resizes wait for its own refresh
+            log.debug("could not refresh the elastic cluster view: %s", e)
+
+
 def _fit_in_thread(
-    trainer, run_log, history, earlier, output: Path, progress: Progress, total: int, on_report: OnReport | None
+    trainer,
+    run_log,
+    history,
+    earlier,
+    output: Path,
+    progress: Progress,
+    total: int,
+    on_report: OnReport | None,
+    look: _ClusterView | None = None,
 ) -> dict[str, Any]:
     """trainer.fit() in a thread while this one polls the run log: progress, and metrics.jsonl rewritten as reports
     arrive (a driver killed mid-run loses at most the last half second of history)."""
+    import time
+
     outcome: dict[str, Any] = {}
+    if look is not None:
+        look(time.monotonic())
 
     def fit() -> None:
         try:
@@ -203,6 +243,8 @@ def _fit_in_thread(
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        if look is not None:
+            look(time.monotonic())
         if _drain(run_log, history, progress, total, on_report):
             write_text_atomically(
                 output / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in merge_by_step(earlier + history))
