@@ -8,7 +8,7 @@ from typing import Any
 from engine.progress import Progress
 from engine.train.config import PretrainConfig
 from jobs.kinds.base import NONE, Bundle, Kind, Summary
-from jobs.kinds.metrics import train_reporter
+from jobs.kinds.metrics import WorldReporter, train_reporter
 
 
 def bundles(spec: PretrainConfig) -> list[Bundle]:
@@ -28,7 +28,13 @@ def driver(spec: PretrainConfig) -> Bundle:
 def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summary:
     from engine.train.driver import pretrain
 
-    result = pretrain(spec, address=address, progress=progress, on_report=train_reporter(spec.name))
+    gauges, world = train_reporter(spec.name), WorldReporter(spec.name)
+
+    def on_report(m: dict[str, Any]) -> None:
+        gauges(m)
+        world(m)
+
+    result = pretrain(spec, address=address, progress=progress, on_report=on_report)
     h = result.history
 
     def median(key: str) -> float | None:
@@ -46,6 +52,8 @@ def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summar
         "cells_per_s": median("cells_per_s"),  # median over reports
         "data_wait_frac": median("data_wait_frac"),
         "loss_curve": str(curve) if curve.exists() else None,
+        "world_sizes": sorted({int(m["world_size"]) for m in h if "world_size" in m}),
+        "resizes": world.resizes,
     }
 
 
