@@ -3,11 +3,12 @@ the newest complete checkpoint under train.output, at the next unseen batch."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from engine.progress import Progress
-from engine.train.config import PretrainConfig
-from jobs.kinds.base import NONE, Bundle, Kind, Summary
+from engine.train.config import PretrainConfig, WorkerRange
+from jobs.kinds.base import NONE, WORKERS_ENV, Bundle, Kind, Summary
 from jobs.kinds.metrics import WorldReporter, train_reporter
 
 
@@ -25,8 +26,26 @@ def driver(spec: PretrainConfig) -> Bundle:
     return dict(NONE)  # the workers and readers reserve their own
 
 
+def sizes(spec: PretrainConfig) -> tuple[int, int] | None:
+    r = spec.resources
+    return (r.min_workers, r.max_workers) if r.elastic else None
+
+
+def admitted_size(spec: PretrainConfig) -> PretrainConfig:
+    """An elastic spec run by the scheduler: at most the workers it was admitted with (`WORKERS_ENV`); Ray Train
+    still shrinks it toward its minimum when a node is lost."""
+    n = int(os.environ.get(WORKERS_ENV) or 0)
+    r = spec.resources
+    if not r.elastic or not n:
+        return spec
+    workers = WorkerRange(min=min(r.min_workers, n), max=n)
+    return spec.model_copy(update={"resources": r.model_copy(update={"workers": workers})})
+
+
 def run(spec: PretrainConfig, address: str | None, progress: Progress) -> Summary:
     from engine.train.driver import pretrain
+
+    spec = admitted_size(spec)
 
     gauges, world = train_reporter(spec.name), WorldReporter(spec.name)
 
@@ -93,4 +112,5 @@ KIND = Kind(
     run=run,
     check=check,
     describe=describe,
+    sizes=sizes,
 )
