@@ -37,6 +37,7 @@ EXCLUDES = [".venv*", "data", "runs", ".git", "bench/out", "**/__pycache__", "*.
 # Ray Job errors that mean the job's process or node was lost, not that the job failed on its own.
 LOST_ERRORS = {"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"}
 RESTOP_AFTER_S = 15.0  # ask Ray again to stop a job that has not stopped after this long
+GROW_AFTER_ENV = "CELLRAY_GROW_AFTER_S"  # the head's environment: seconds an elastic job runs before it may grow
 MAX_SUBMIT_FAILURES = 20  # consecutive failed submissions of one job before it fails (transient errors retry)
 
 
@@ -62,7 +63,7 @@ class Scheduler:
         queueing: str = "strict",
         capacity: dict[str, float] | None = None,
         tick_s: float = 0.5,
-        grow_after_s: float = 30.0,  # an elastic job runs this long at one size before it is grown
+        grow_after_s: float | None = None,  # an elastic job runs this long at one size before it is grown
     ):
         from engine.runtime import PROJECT_ROOT
 
@@ -73,7 +74,7 @@ class Scheduler:
         self.queueing = queueing
         self.fixed_capacity = capacity
         self.tick_s = tick_s
-        self.grow_after_s = grow_after_s
+        self.grow_after_s = float(os.environ.get(GROW_AFTER_ENV, 30.0)) if grow_after_s is None else grow_after_s
         self.project = str(PROJECT_ROOT)
         self.python = sys.executable
         self.lock = threading.RLock()
