@@ -458,7 +458,8 @@ def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, stor
     while not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint_*")):
         assert time.monotonic() < deadline, head.job(e)
         time.sleep(0.2)
-    high = head.submit(head.spec("urgent", seconds=2, resources={"cpus": 1.5}), "--priority", "10")
+    # it holds its CPUs long enough for the shrunk attempt to start (~10 s here) and checkpoint at 1 worker
+    high = head.submit(head.spec("urgent", seconds=15, resources={"cpus": 1.5}), "--priority", "10")
     j = head.wait_for(e, lambda j: j["resizes"] >= 1, "was shrunk", timeout=120)
     assert any("resizing from 2 to 1 workers" in ev for ev in j["events"]), j["events"]
     assert head.ended(high)["state"] == "SUCCEEDED"
