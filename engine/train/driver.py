@@ -30,9 +30,11 @@ from engine.train.checkpoint import checkpoint_metrics, latest_checkpoint
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 from engine.train.loop import LoopContext, train_loop_per_worker
-from engine.train.metrics import METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
+from engine.train.metrics import METRICS_FILE, RunLog, merge_by_step, read_attempts, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = ".attempts"  # worker groups started for this output folder so far (the step trace's attempt numbers)
 
 OnReport = Callable[[dict[str, Any]], None]  # sees each metrics report as it arrives (e.g. dashboard gauges)
 
@@ -109,7 +111,7 @@ def pretrain(
         # On the driver's own node: the log must outlive the loss of any worker node (a node-loss drill found it
         # placed on the node it then removed).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote()
+        run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote(str(output / ATTEMPTS_FILE))
         ctx = LoopContext(
             config=config,
             store=str(data.store.path.resolve()),
@@ -124,7 +126,8 @@ def pretrain(
         # a resumed run adds to the steps of earlier attempts, including reports only its checkpoints kept
         earlier = merge_by_step(checkpoint_metrics(output) + read_metrics(output))
         history: list[dict[str, Any]] = []
-        look = _ClusterView(r.resize_interval_s) if r.elastic else None
+        stale = read_attempts(output / ATTEMPTS_FILE)["requesters"]  # earlier drivers' (a stopped one's linger)
+        look = _ClusterView(r.resize_interval_s, stale) if r.elastic else None
         for attempt in range(config.train.max_failures + 1):
             outcome = _fit_in_thread(
                 trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report, look
@@ -191,11 +194,16 @@ class _ClusterView:
     """Keeps the cluster view of Ray Train's elastic policy fresh. The policy sizes a worker group from the nodes that
     Ray's AutoscalingCoordinator actor lists, and that actor looks at the cluster only every 20 s: a lost node stays
     listed (a restart then asks for a worker that cannot be placed and waits out the placement timeout) and an added
-    one stays unlisted. Asking it to recompute (a `ray.nodes()` call) every `interval_s` bounds both delays."""
+    one stays unlisted. Asking it to recompute (a `ray.nodes()` call) every `interval_s` bounds both delays.
 
-    def __init__(self, interval_s: float):
+    A run's earlier drivers that were stopped (a scheduler resizing or preempting the job) could not withdraw their
+    controllers' resource requests, which the actor keeps for 180 s and counts against this run: the first call
+    withdraws them (`stale`: their requester ids, recorded by the run log)."""
+
+    def __init__(self, interval_s: float, stale: list[str] = ()):
         self.interval_s = interval_s
         self.last = float("-inf")
+        self.stale = list(stale)
 
     def __call__(self, now: float) -> None:
         if now - self.last < self.interval_s:
@@ -209,6 +217,8 @@ class _ClusterView:
             )
 
             coordinator = get_or_create_autoscaling_coordinator()
+            ray.get([coordinator.cancel_request.remote(r) for r in self.stale], timeout=10)
+            self.stale = []
             ray.get(coordinator.get_reserved_resources.remote("cellray", recompute=True), timeout=10)
         except Exception as e:  # a Ray without this actor: resizes wait for its own refresh
             log.debug("could not refresh the elastic cluster view: %s", e)

@@ -86,7 +86,8 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             state.epoch += 1
         log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
 
-    trace = StepTrace(cfg.debug.trace_dir, rank, world, _attempt(ctx, rank, world) if cfg.debug.trace_dir else 0)
+    attempt = _attempt(ctx, rank, world) if cfg.debug.trace_dir or cfg.resources.elastic else 0
+    trace = StepTrace(cfg.debug.trace_dir, rank, world, attempt)
     drill = FaultDrill(cfg.debug, ctx.output, rank)
     window = MetricsWindow()
     micro = 0
@@ -151,8 +152,18 @@ def _attempt(ctx: LoopContext, rank: int, world: int) -> int:
     driver's run log, the same on every rank."""
     import ray
 
-    mine = ray.get(ctx.run_log.start_attempt.remote()) if rank == 0 else 0
+    mine = ray.get(ctx.run_log.start_attempt.remote(_requester())) if rank == 0 else 0
     return int(allreduce_sum([mine], world)[0])
+
+
+def _requester() -> str | None:
+    """The id under which this run's Ray Train controller reserves elastic resources (see driver._ClusterView)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return f"train-{get_train_context().train_run_context.run_id}"
+    except Exception:  # another Ray version, or local mode
+        return None
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:

@@ -101,6 +101,7 @@ class Scheduler:
         return {
             "state_dir": str(self.store.dir),
             "queueing": self.queueing,
+            "grow_after_s": self.grow_after_s,
             "pid": os.getpid(),
             "started": self.started,
         }
@@ -241,7 +242,7 @@ class Scheduler:
             error = getattr(info.error_type, "value", info.error_type)
             if job.stop_reason == "preempt":
                 self._requeue(job, f"preempted (attempt {job.attempts}); requeued to resume", preempted=True)
-            elif job.stop_reason == "resize":
+            elif job.stop_reason == "resize" and status != "SUCCEEDED":  # it may end before the stop lands
                 job.resizes += 1
                 self._requeue(job, f"stopped to resize (from {job.workers} workers); requeued to resume")
             elif job.stop_reason == "user" or status == "STOPPED":
