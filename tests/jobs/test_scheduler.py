@@ -132,7 +132,6 @@ def head(tmp_path_factory):
         "CELLRAY_STATE_DIR": str(state),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         "RAY_DEDUP_LOGS": "0",
-        "CELLRAY_GROW_AFTER_S": "2",  # elastic jobs grow 2 s after their admission, not 30
     }
     env.pop("RAY_ADDRESS", None)
     cli = Cli(env, work / "client.log", work)
@@ -458,8 +457,9 @@ def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, stor
     while not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint_*")):
         assert time.monotonic() < deadline, head.job(e)
         time.sleep(0.2)
-    # it holds its CPUs long enough for the shrunk attempt to start (10-20 s here) and step at 1 worker
-    high = head.submit(head.spec("urgent", seconds=25, resources={"cpus": 1.5}), "--priority", "10")
+    # the scheduler grows a job 30 s after its admission at the earlier: the shrunk attempt has time to start (10-20
+    # s on this busy machine) and step at 1 worker
+    high = head.submit(head.spec("urgent", seconds=5, resources={"cpus": 1.5}), "--priority", "10")
     j = head.wait_for(e, lambda j: j["resizes"] >= 1, "was shrunk", timeout=120)
     assert any("resizing from 2 to 1 workers" in ev for ev in j["events"]), j["events"]
     assert head.ended(high)["state"] == "SUCCEEDED"
