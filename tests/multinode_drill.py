@@ -8,7 +8,10 @@ one after the other, and the script prints one JSON line with what each saw:
   readers ran, and the cells each rank read (tests/engine/loading/test_placement.py checks them);
 - node loss: 2 DDP workers with a reader actor each train 16 steps; once step 6 has passed, the node of the busiest
   worker is removed; the final step, and for each rank whether every step's cells (the last attempt of each step)
-  equal that rank's plan (tests/faults/test_node_loss.py checks them).
+  equal that rank's plan (tests/faults/test_node_loss.py checks them);
+- elastic: a node added back (three worker nodes again), then `bench/elastic.py`'s drill: an elastic run
+  (workers {min: 1, max: 3}, one worker per node) loses a node mid-epoch, goes on at 2, and grows back to 3 when a
+  node is added (tests/faults/test_elastic.py checks what it saw).
 """
 
 from __future__ import annotations
@@ -102,6 +105,16 @@ def node_loss(cluster, nodes: list, store: str, work: str) -> dict:
     return {"final_step": result.history[-1]["step"], "plan_ok": ok, "removed": "node" in removed, **removed}
 
 
+def elastic(cluster, nodes: list, removed: str | None, store: str, work: str) -> dict:
+    from bench.elastic import drill
+
+    alive = [n for n in nodes if n.node_id != removed]
+    while len(alive) < WORLD:  # the node-loss drill left two: one node per elastic worker, three of them
+        alive.append(cluster.add_node(num_cpus=2, object_store_memory=80 * 2**20))
+    cluster.wait_for_nodes()
+    return drill(cluster, alive, store, work, steps=40, pace=0.2)
+
+
 def main(store: str, work: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -118,6 +131,7 @@ def main(store: str, work: str) -> None:
         ray.init(address=cluster.address, logging_level="ERROR")
         out = {"nodes": [n.node_id for n in nodes], "placement": placement(store)}
         out["node_loss"] = node_loss(cluster, nodes, store, work)
+        out["elastic"] = elastic(cluster, nodes, out["node_loss"].get("node"), store, work)
         print(json.dumps(out))
     finally:
         ray.shutdown()

@@ -116,7 +116,9 @@ class BufferReader:
             raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
 
         rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
-        if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
+        if plan.columns is not None:  # this rank's slice of each global batch (resize-invariant plan)
+            pick = plan.column_pick()
+        elif plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
             p = plan.balance.weights[obs_a[plan.balance.key]]
             if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
                 log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)

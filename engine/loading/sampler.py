@@ -19,6 +19,23 @@ Remainder policy, so all ranks yield the same number of batches (DDP lockstep):
   around to the start of its own range, and those repeated rows are flagged (`pad` is True) so a metric can
   ignore them. Every cell is seen at least once per epoch; only flagged rows repeat.
 
+Resize-invariant plan (``global_batch=True``, elastic training): `batch_size` is the *global* batch of all ranks
+together, and the epoch is a sequence of global batches that does not depend on the world size:
+
+1. as above, the blocks are permuted (seed, epoch) into one stream of N positions;
+2. the stream is cut into global buffers of `buffer_batches` global batches (K of them, B cells each); a buffer's
+   K*B cells form B *columns* of K consecutive stream cells, and global batch k takes from column p its cell
+   sigma_p(k), sigma_p a permutation of K drawn from (seed, epoch, buffer): position p of every global batch comes
+   from column p, so a batch draws evenly from every block of the buffer;
+3. rank r of W takes positions [r*B//W, (r+1)*B//W) of every global batch (uneven but exact when W does not divide
+   B: ranks differ by at most one cell, and the training loop weighs each rank's loss by its share): the columns
+   of its positions are one contiguous range of the stream, so a rank reads only its 1/W of each buffer's blocks.
+
+The position is "global batches consumed", equal on every rank; resumed at another world size, the run continues
+at the next unseen global batch, so within an epoch every cell is still delivered once (drop: the last N mod B
+cells of the stream are skipped; pad: the last global batch wraps to the stream's start, flagged `pad`).
+Class balance (`balance_by`) is not offered with it.
+
 Validation split: a cell is in "val" when splitmix64(global index ^ salt) < val_fraction * 2^64: stable for a
 given store and the same on every machine, and training never reads a val cell. Counting the split per
 block is one numba pass over cell *indices* (no data, ~1 ns per cell) done once per Sampler.
@@ -62,6 +79,7 @@ class SamplerConfig(Config):
     remainder: Literal["drop", "pad"] = "drop"
     balance_by: str | None = None  # a categorical obs column: resample each buffer so its classes come equally
     class_weights: dict[str, float] | None = None  # with balance_by: weight per category (default 1 / frequency)
+    global_batch: bool = False  # batch_size is the global batch, planned independently of the world size
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplerConfig:
@@ -69,6 +87,8 @@ class SamplerConfig(Config):
             raise ValueError("split='val' with val_fraction=0: the validation split is empty (set val_fraction)")
         if self.class_weights is not None and self.balance_by is None:
             raise ValueError("class_weights needs balance_by (the obs column they weigh)")
+        if self.global_batch and self.balance_by is not None:
+            raise ValueError("balance_by is not offered with global_batch (the resize-invariant plan)")
         return self
 
     @property
@@ -190,10 +210,23 @@ class BufferPlan:
     val_fraction: float
     balance: Balance | None = None
     remainder: str = "drop"
+    # global plan: (lo, hi, global batch): this rank's positions [lo, hi) of each global batch (batch_size = hi - lo)
+    columns: tuple[int, int, int] | None = None
 
     @property
     def n_cells(self) -> int:
         return self.n_batches * self.batch_size
+
+    def column_pick(self) -> np.ndarray:
+        """Global plan: the rows of this rank's read (its columns, K = n_batches cells each, in stream order) that
+        make its slice of each global batch, batch after batch. The permutations are drawn for all B columns, so
+        a column's order is the same whichever rank reads it, at any world size."""
+        lo, hi, width = self.columns
+        k = self.n_batches
+        sigma = np.tile(np.arange(k, dtype=np.int64), (width, 1))
+        if self.shuffle:
+            sigma = np.random.Generator(np.random.PCG64(list(self.shuffle_seed))).permuted(sigma, axis=1)
+        return (np.arange(hi - lo, dtype=np.int64)[:, None] * k + sigma[lo:hi]).T.ravel()
 
     @property
     def filtered(self) -> bool:
@@ -220,6 +253,10 @@ class Sampler:
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise SamplerError(f"rank {rank} is outside world_size {world_size}")
+        if config.global_batch and config.batch_size < world_size:
+            raise SamplerError(
+                f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks no cells"
+            )
         if config.block_size is None:
             raise SamplerError("block_size is not resolved: plan with Sampler.for_store, which picks it for the store")
         if config.balance_by is not None and balance is None:
@@ -300,9 +337,25 @@ class Sampler:
         n, w = self.n_split_cells, self.world_size
         return r * n // w, (r + 1) * n // w
 
+    def slice_range(self) -> tuple[int, int]:
+        """Global plan: this rank's positions [lo, hi) of every global batch."""
+        b, w, r = self.config.batch_size, self.world_size, self.rank
+        return r * b // w, (r + 1) * b // w
+
+    @property
+    def loss_weight(self) -> float:
+        """What this rank's mean loss is weighed by so that DDP's average over ranks is the mean over the global
+        batch: (its cells x world size) / global batch; 1 for per-rank plans and where the world size divides."""
+        if not self.config.global_batch:
+            return 1.0
+        lo, hi = self.slice_range()
+        return (hi - lo) * self.world_size / self.config.batch_size
+
     def __len__(self) -> int:
-        """Batches per rank per epoch: the same on every rank."""
+        """Batches per rank per epoch: the same on every rank (global plan: global batches per epoch)."""
         n, w, b = self.n_split_cells, self.world_size, self.config.batch_size
+        if self.config.global_batch:
+            return n // b if self.config.remainder == "drop" else -(-n // b)
         if self.config.remainder == "drop":
             return (n // w) // b
         if n // w == 0:
@@ -320,33 +373,46 @@ class Sampler:
         if not 0 <= j < self.n_buffers:
             raise IndexError(f"buffer {j} outside [0, {self.n_buffers})")
         ep = self._epoch(epoch)
-        lo, hi = self.rank_range()
-        count = hi - lo
         k0 = j * c.buffer_batches
         n_batches = min(c.buffer_batches, len(self) - k0)
-        p0, p1 = k0 * c.batch_size, (k0 + n_batches) * c.batch_size
-        rows = []
-        while p0 < p1:  # positions past the rank's count wrap around (pad policy only)
-            wrap, a = divmod(p0, count)
-            b = min(count, a + p1 - p0)
-            rows.extend(self._pieces(ep, lo + a, lo + b, pad=wrap > 0))
-            p0 += b - a
-        segments = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        columns = None
+        if c.global_batch:  # this rank's columns of the global buffer: one contiguous range of the stream
+            lo, hi = self.slice_range()
+            base = k0 * c.batch_size
+            segments = self._segments(ep, 0, self.n_split_cells, base + lo * n_batches, base + hi * n_batches)
+            batch_size, seed, columns = hi - lo, (c.seed, epoch, j), (lo, hi, c.batch_size)
+        else:
+            lo, hi = self.rank_range()
+            p0, p1 = k0 * c.batch_size, (k0 + n_batches) * c.batch_size
+            segments = self._segments(ep, lo, hi - lo, p0, p1)
+            batch_size, seed = c.batch_size, (c.seed, epoch, self.rank, j)
         return BufferPlan(
             epoch=epoch,
             rank=self.rank,
             index=j,
             first_batch=k0,
             n_batches=n_batches,
-            batch_size=c.batch_size,
+            batch_size=batch_size,
             segments=segments,
-            shuffle_seed=(c.seed, epoch, self.rank, j),
+            shuffle_seed=seed,
             shuffle=c.shuffle,
             split=c.split,
             val_fraction=c.val_fraction,
             balance=self.balance,
             remainder=c.remainder,
+            columns=columns,
         )
+
+    def _segments(self, ep: _Epoch, lo: int, count: int, p0: int, p1: int) -> np.ndarray:
+        """Segment rows of positions [p0, p1) of the range of `count` stream positions from `lo`; positions past
+        `count` wrap around to its start, flagged pad (pad policy only)."""
+        rows = []
+        while p0 < p1:
+            wrap, a = divmod(p0, count)
+            b = min(count, a + p1 - p0)
+            rows.extend(self._pieces(ep, lo + a, lo + b, pad=wrap > 0))
+            p0 += b - a
+        return np.array(rows, dtype=np.int64).reshape(-1, 6)
 
     def _pieces(self, ep: _Epoch, x0: int, x1: int, pad: bool) -> list[tuple[int, ...]]:
         k0 = int(np.searchsorted(ep.cum, x0, side="right")) - 1
@@ -372,9 +438,11 @@ class Sampler:
         self.epoch, self.batches_done = int(epoch), 0
 
     def fingerprint(self) -> dict[str, Any]:
+        """The settings a mid-epoch position is valid for; the global plan's does not depend on the world size."""
+        world = {} if self.config.global_batch else {"world_size": self.world_size}
         return {
             **self.config.model_dump(),
-            "world_size": self.world_size,
+            **world,
             "n_cells": int(self.cell_offsets[-1]),
             "n_shards": len(self.shard_cells),
         }
@@ -383,7 +451,8 @@ class Sampler:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "rank": self.rank, "plan": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the next unseen batch. Mid-epoch this needs the same plan settings and world size."""
+        """Continue at the next unseen batch. Mid-epoch this needs the same plan settings and (per-rank plans only)
+        the same world size; a global plan continues at the next unseen global batch at any world size."""
         batches_done = int(state["batches_done"])
         if batches_done and state.get("plan") != self.fingerprint():
             diff = {

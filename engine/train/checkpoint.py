@@ -7,7 +7,7 @@ A checkpoint is a directory that every rank writes a part of (Ray Train merges t
     model.pt         rank 0: the bare model state_dict (weights_only; what inference loads)
     meta.json        rank 0: step, epoch, world size, job name, model name + resolved config, the data section,
                      and the training vocabulary (`training_vocabulary`: gene ids, their fingerprint, obs categories)
-    rank{r}.pt       every rank: its loader position and RNG states
+    rank{r}.pt       every rank: its loader position and RNG states (a run resumed at another size: see `restore`)
 
 A checkpoint is complete when every one of these files is there; readers skip incomplete ones. A run whose
 `train.output` is a URI keeps its checkpoints in the bucket (Ray Train uploads them); `latest_checkpoint` finds the
@@ -142,14 +142,15 @@ class Checkpointer:
             d = Path(d)
             saved = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
             mine = d / f"rank{self.rank}.pt"
-            if not mine.exists():
-                raise TrainError(f"{d}: no {mine.name}: the checkpoint was written by another number of workers")
-            own = torch.load(mine, map_location="cpu", weights_only=False)
+            # A run resized to more workers: a new rank takes rank 0's loader position, which a resize-invariant
+            # plan shares with every rank (a per-rank plan refuses it mid-epoch), and keeps its fresh RNG seed.
+            own = torch.load(mine if mine.exists() else d / "rank0.pt", map_location="cpu", weights_only=False)
         state.model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         state.loader.load_state_dict(own["loader"])
-        set_rng_state(own["rng"])
+        if mine.exists():
+            set_rng_state(own["rng"])
         state.step, state.epoch = saved["step"], state.loader.state_dict()["epoch"]
         return True
 

@@ -5,7 +5,7 @@
     data: {store: data/demo.store, batch_size: 512, transforms: [], obs_keys: [dataset]}
     model: {name: vae, config: {n_latent: 16}}
     train: {max_steps: 200, lr: 1.0e-3, checkpoint_every: 50, output: runs/vae-demo}
-    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}   # or elastic: workers: {min: 2, max: 4}
     debug: {trace_dir: null, fault: null}
 
 Every section refuses unknown fields; an error names the file and the field path. Relative paths are relative
@@ -40,7 +40,10 @@ class LoaderOptions(_Section):
 
 class DataConfig(_Section):
     store: str
-    batch_size: int = Field(512, gt=0)
+    batch_size: int = Field(512, gt=0)  # cells per step and worker
+    # Cells per step of all workers together, planned independently of the number of workers (each takes its
+    # slice): the same batches at any size. Elastic runs (resources.workers: {min, max}) need it; batch_size is unused.
+    global_batch_size: int | None = Field(None, gt=0)
     transforms: list[Any] = Field(default_factory=list)  # engine.preprocess.transforms pipeline steps
     obs_keys: list[str] = Field(default_factory=list)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -91,12 +94,53 @@ class TrainConfig(_Section):
     output: str = "runs/run"
 
 
+class WorkerRange(_Section):
+    """resources.workers: {min, max}: an elastic run, at as many workers as the cluster holds within the range."""
+
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
 class ResourcesConfig(_Section):
-    workers: int = Field(1, ge=0)  # 0: the loop runs in this process (Ray Train local mode)
+    workers: int | WorkerRange = Field(1)  # 0: the loop runs in this process (Ray Train local mode)
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     readers_per_worker: int = Field(1, ge=0)
     cpus_per_reader: float = Field(0.5, ge=0)
+    # elastic runs: how often Ray Train looks for room to grow (seconds; it resizes at the next checkpoint report)
+    resize_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, int) and v < 0):
+            raise ValueError(
+                f"Input should be greater than or equal to 0 (0: in this process), or {{min, max}} (elastic); got {v!r}"
+            )
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers.min if isinstance(self.workers, WorkerRange) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.max if isinstance(self.workers, WorkerRange) else self.workers
+
+    def per_worker(self) -> dict[str, float]:
+        """What one worker and its readers reserve."""
+        cpu = self.cpus_per_worker + self.readers_per_worker * self.cpus_per_reader
+        return {"CPU": cpu, "GPU": self.gpus_per_worker}
 
 
 class FaultConfig(_Section):
@@ -123,6 +167,18 @@ class PretrainConfig(Config):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
     source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
+
+    @model_validator(mode="after")
+    def _elastic_needs_a_global_batch(self) -> PretrainConfig:
+        if self.resources.elastic and self.data.global_batch_size is None:
+            raise ValueError(
+                "resources.workers: {min, max} (elastic) needs data.global_batch_size: the batches must not depend "
+                "on the number of workers"
+            )
+        g = self.data.global_batch_size
+        if g is not None and g < max(1, self.resources.max_workers):
+            raise ValueError(f"data.global_batch_size ({g}) is less than the {self.resources.max_workers} workers")
+        return self
 
     def where(self, field: str) -> str:
         return f"{self.source or 'spec'}: {field}"

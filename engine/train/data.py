@@ -52,17 +52,18 @@ def sampler_config(data: DataConfig, split: str) -> SamplerConfig:
     """The read plan of the training or validation split: data's settings, then data.loader's (validation is
     never shuffled and always padded, so a small split still gives every rank a batch)."""
     options = data.loader.model_dump(exclude_none=True, exclude={"prefetch"})
+    batch = data.batch_size
     if split == "val":
         options.update(remainder="pad", shuffle=False, balance_by=None, class_weights=None)
-    return SamplerConfig(
-        batch_size=data.batch_size, seed=data.seed, split=split, val_fraction=data.val_fraction, **options
-    )
+    elif data.global_batch_size is not None:  # resize-invariant: each worker takes its slice of a global batch
+        batch, options["global_batch"] = data.global_batch_size, True
+    return SamplerConfig(batch_size=batch, seed=data.seed, split=split, val_fraction=data.val_fraction, **options)
 
 
 def check_progress(config: PretrainConfig, store: Store) -> None:
     """Refuse a run that can make no progress: a rank whose share of the training split is less than one batch
     (it would loop over empty epochs forever)."""
-    world = max(1, config.resources.workers)
+    world = max(1, config.resources.max_workers)
     try:
         plan = sampler_config(config.data, "train")
     except CellrayError as e:
@@ -78,6 +79,13 @@ def check_progress(config: PretrainConfig, store: Store) -> None:
     except CellrayError as e:
         raise SpecError(f"{config.where('data')}: {e}") from None
     n_train = train.n_split_cells
+    if train.config.global_batch:
+        if train.config.remainder == "drop" and n_train < train.config.batch_size:
+            raise SpecError(
+                f"{config.where('data.global_batch_size')}: {train.config.batch_size} is more than the training split "
+                f"({n_train} cells after data.val_fraction {config.data.val_fraction:g})"
+            )
+        return
     per_rank = n_train // world
     if train.config.remainder == "drop" and per_rank < config.data.batch_size:
         raise SpecError(

@@ -14,12 +14,15 @@ from engine.train.config import DebugConfig
 
 
 class StepTrace:
-    """Per-rank log of the cells each optimizer step consumed, and the final parameters (tests of exactly-once
-    delivery and of resume). Does nothing without `debug.trace_dir`."""
+    """Per-rank log of the cells each optimizer step consumed, with the worker group's attempt and world size, and
+    the final parameters (tests of exactly-once delivery, resume and resize). Does nothing without
+    `debug.trace_dir`."""
 
-    def __init__(self, trace_dir: str | None, rank: int):
+    def __init__(self, trace_dir: str | None, rank: int, world_size: int = 1, attempt: int = 0):
         self.dir = Path(trace_dir) if trace_dir else None
         self.rank = rank
+        self.world_size = world_size
+        self.attempt = attempt
         self.pending: list[np.ndarray] = []
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +37,9 @@ class StepTrace:
         cells = np.concatenate(self.pending).tolist() if self.pending else []
         self.pending = []
         with open(self.dir / f"rank{self.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, "pid": os.getpid(), "cells": cells}) + "\n")
+            entry = {"step": step, "epoch": epoch, "attempt": self.attempt, "world_size": self.world_size,
+                     "time": time.time()}  # fmt: skip
+            f.write(json.dumps({**entry, "pid": os.getpid(), "cells": cells}) + "\n")
 
     def final(self, model: torch.nn.Module) -> None:
         if self.dir:

@@ -31,9 +31,19 @@ from engine.train.checkpoint import checkpoint_metrics, latest_checkpoint
 from engine.train.config import PretrainConfig
 from engine.train.data import open_run_data
 from engine.train.loop import LoopContext, train_loop_per_worker
-from engine.train.metrics import LOSS_PNG, METRICS_FILE, RunLog, merge_by_step, read_metrics, write_metrics
+from engine.train.metrics import (
+    LOSS_PNG,
+    METRICS_FILE,
+    RunLog,
+    merge_by_step,
+    read_attempts,
+    read_metrics,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = ".attempts"  # worker groups started for this output folder so far (the step trace's attempt numbers)
 
 OnReport = Callable[[dict[str, Any]], None]  # sees each metrics report as it arrives (e.g. dashboard gauges)
 
@@ -54,20 +64,21 @@ def check_resources(config: PretrainConfig) -> None:
     import ray
 
     r = config.resources
-    if r.workers == 0:
+    n = r.min_workers  # an elastic run starts at what fits, from its minimum on
+    if n == 0:
         return
     total = ray.cluster_resources()
-    need_cpu = r.workers * (r.cpus_per_worker + r.readers_per_worker * r.cpus_per_reader)
-    need_gpu = r.workers * r.gpus_per_worker
+    need_cpu = n * r.per_worker()["CPU"]
+    need_gpu = n * r.gpus_per_worker
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if need_gpu > have_gpu:
         raise TrainError(
-            f"{config.where('resources')}: {r.workers} workers x {r.gpus_per_worker} GPUs need {need_gpu:g} GPUs; "
+            f"{config.where('resources')}: {n} workers x {r.gpus_per_worker} GPUs need {need_gpu:g} GPUs; "
             f"the cluster has {have_gpu:g}"
         )
     if need_cpu > have_cpu + 1e-9:
         raise TrainError(
-            f"{config.where('resources')}: {r.workers} workers x ({r.cpus_per_worker:g} CPUs + {r.readers_per_worker} "
+            f"{config.where('resources')}: {n} workers x ({r.cpus_per_worker:g} CPUs + {r.readers_per_worker} "
             f"readers x {r.cpus_per_reader:g} CPUs) need {need_cpu:g} CPUs; the cluster has {have_cpu:g} "
             "(lower resources.workers or cpus_per_worker, or start Ray with more CPUs)"
         )
@@ -94,7 +105,7 @@ def pretrain(
             raise TrainError(f"{config.where('train.output')}: {remote} needs a prefix (s3://BUCKET/RUN)")
         storage_path, name = str(remote.parent), remote.name
         output = cache_dir() / "runs" / remote.scheme / remote.bucket / remote.key  # this node's metrics and plot
-        if r.workers == 0:
+        if r.max_workers == 0:
             raise TrainError(
                 f"{config.where('train.output')}: resources.workers: 0 (in-process) needs a local output folder"
             )
@@ -114,7 +125,7 @@ def pretrain(
         # On the driver's own node: the log must outlive the loss of any worker node (a node-loss drill found it
         # placed on the node it then removed).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote()
+        run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote(str(output / ATTEMPTS_FILE))
         ctx = LoopContext(
             config=config,
             store=str(data.store.path.resolve()),
@@ -122,16 +133,18 @@ def pretrain(
             model_config=data.model_config,
             output=str(output),
             checkpoints=config.train.output if uri else str(output),
-            local_mode=r.workers == 0,
+            local_mode=r.max_workers == 0,
             run_log=run_log,
         )
         trainer = _trainer(ctx, storage_path, name)
         # a resumed run adds to the steps of earlier attempts, including reports only its checkpoints kept
         earlier = merge_by_step(checkpoint_metrics(output) + read_metrics(output))
         history: list[dict[str, Any]] = []
+        stale = read_attempts(output / ATTEMPTS_FILE)["requesters"]  # earlier drivers' (a stopped one's linger)
+        look = _ClusterView(r.resize_interval_s, stale) if r.elastic else None
         for attempt in range(config.train.max_failures + 1):
             outcome = _fit_in_thread(
-                trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report
+                trainer, run_log, history, earlier, output, progress, config.train.max_steps, on_report, look
             )
             if "result" in outcome:
                 break
@@ -177,9 +190,12 @@ def _trainer(ctx: LoopContext, storage_path: str, name: str):
         train_loop_per_worker,
         train_loop_config=ctx,
         scaling_config=ScalingConfig(
-            num_workers=r.workers,
+            # elastic: Ray Train starts as many as fit in [min, max], restarts the group smaller when a worker is
+            # lost and larger when room appears (checked every resize_interval_s), each time from the newest checkpoint
+            num_workers=(r.min_workers, r.max_workers) if r.elastic else r.workers,
+            elastic_resize_monitor_interval_s=r.resize_interval_s,
             use_gpu=r.gpus_per_worker > 0,
-            resources_per_worker=per_worker if r.workers else None,
+            resources_per_worker=per_worker if r.max_workers else None,
         ),
         run_config=RunConfig(
             name=name,
@@ -192,12 +208,58 @@ def _trainer(ctx: LoopContext, storage_path: str, name: str):
     )
 
 
+class _ClusterView:
+    """Keeps the cluster view of Ray Train's elastic policy fresh. The policy sizes a worker group from the nodes that
+    Ray's AutoscalingCoordinator actor lists, and that actor looks at the cluster only every 20 s: a lost node stays
+    listed (a restart then asks for a worker that cannot be placed and waits out the placement timeout) and an added
+    one stays unlisted. Asking it to recompute (a `ray.nodes()` call) every `interval_s` bounds both delays.
+
+    A run's earlier drivers that were stopped (a scheduler resizing or preempting the job) could not withdraw their
+    controllers' resource requests, which the actor keeps for 180 s and counts against this run: the first call
+    withdraws them (`stale`: their requester ids, recorded by the run log)."""
+
+    def __init__(self, interval_s: float, stale: list[str] = ()):
+        self.interval_s = interval_s
+        self.last = float("-inf")
+        self.stale = list(stale)
+
+    def __call__(self, now: float) -> None:
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        import ray
+
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                get_or_create_autoscaling_coordinator,
+            )
+
+            coordinator = get_or_create_autoscaling_coordinator()
+            ray.get([coordinator.cancel_request.remote(r) for r in self.stale], timeout=10)
+            self.stale = []
+            ray.get(coordinator.get_reserved_resources.remote("cellray", recompute=True), timeout=10)
+        except Exception as e:  # a Ray without this actor: resizes wait for its own refresh
+            log.debug("could not refresh the elastic cluster view: %s", e)
+
+
 def _fit_in_thread(
-    trainer, run_log, history, earlier, output: Path, progress: Progress, total: int, on_report: OnReport | None
+    trainer,
+    run_log,
+    history,
+    earlier,
+    output: Path,
+    progress: Progress,
+    total: int,
+    on_report: OnReport | None,
+    look: _ClusterView | None = None,
 ) -> dict[str, Any]:
     """trainer.fit() in a thread while this one polls the run log: progress, and metrics.jsonl rewritten as reports
     arrive (a driver killed mid-run loses at most the last half second of history)."""
+    import time
+
     outcome: dict[str, Any] = {}
+    if look is not None:
+        look(time.monotonic())
 
     def fit() -> None:
         try:
@@ -209,6 +271,8 @@ def _fit_in_thread(
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        if look is not None:
+            look(time.monotonic())
         if _drain(run_log, history, progress, total, on_report):
             write_text_atomically(
                 output / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in merge_by_step(earlier + history))

@@ -79,14 +79,10 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     torch.manual_seed(t.seed * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
     state = TrainState(model, optimizer, scheduler, loader)
     checkpointer = _checkpointer(ctx, rank, world)
-    resumed_in_epoch = False
-    if checkpointer.restore(state):
-        resumed_in_epoch = loader.state_dict()["batches_done"] < len(loader)
-        if not resumed_in_epoch:  # the checkpoint closed an epoch
-            state.epoch += 1
-        log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+    resumed_in_epoch = _resume(checkpointer, state, rank)
 
-    trace = StepTrace(cfg.debug.trace_dir, rank)
+    attempt = _attempt(ctx, rank, world) if cfg.debug.trace_dir or cfg.resources.elastic else 0
+    trace = StepTrace(cfg.debug.trace_dir, rank, world, attempt)
     drill = FaultDrill(cfg.debug, ctx.output, rank)
     window = MetricsWindow()
     micro = 0
@@ -109,7 +105,9 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             no_sync = objective.no_sync() if (not sync and hasattr(objective, "no_sync")) else contextlib.nullcontext()
             with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, terms, n_cells = objective(batch, state.step)
-            (loss / t.grad_accum).backward()
+            # a rank's share of a global batch may be a cell more or less than the others': weigh its mean loss
+            # so that DDP's average over ranks is the mean over the global batch
+            (loss * (loader.sampler.loss_weight / t.grad_accum)).backward()
             trace.cells(batch["index"])
             if sync:
                 if t.grad_clip > 0:
@@ -146,6 +144,36 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     if val_loader is not None:
         val_loader.close()
     trace.final(model)
+
+
+def _resume(checkpointer: Checkpointer, state: TrainState, rank: int) -> bool:
+    """Restore the newest complete checkpoint into `state`; whether it left the loader inside an epoch."""
+    if not checkpointer.restore(state):
+        return False
+    in_epoch = state.loader.state_dict()["batches_done"] < len(state.loader)
+    if not in_epoch:  # the checkpoint closed an epoch
+        state.epoch += 1
+    log.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+    return in_epoch
+
+
+def _attempt(ctx: LoopContext, rank: int, world: int) -> int:
+    """This worker group's number within the run (1, 2, ...: a restart or a resize starts a new group), from the
+    driver's run log, the same on every rank."""
+    import ray
+
+    mine = ray.get(ctx.run_log.start_attempt.remote(_requester())) if rank == 0 else 0
+    return int(allreduce_sum([mine], world)[0])
+
+
+def _requester() -> str | None:
+    """The id under which this run's Ray Train controller reserves elastic resources (see driver._ClusterView)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return f"train-{get_train_context().train_run_context.run_id}"
+    except Exception:  # another Ray version, or local mode
+        return None
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:

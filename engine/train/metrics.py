@@ -82,6 +82,7 @@ class MetricsWindow:
             "data_wait_frac": float(s[3] / max(float(s[4]), 1e-9)),
             "rank_data_wait_frac": [float(v) for v in s[5 : 5 + world]],
             "rank_queue_depth": [int(v) for v in s[5 + world :]],
+            "world_size": world,
         }
         m.update({k: float(np.mean(v)) for k, v in self.terms.items()})
         self.reset()
@@ -91,14 +92,31 @@ class MetricsWindow:
 class RunLog:
     """Rank 0's metric reports for the driver (a Ray actor: `ray.remote(RunLog)`)."""
 
-    def __init__(self):
+    def __init__(self, attempts_file: str | None = None):
         self.items: list[dict[str, Any]] = []
+        self.attempts_file = Path(attempts_file) if attempts_file else None
+        self.record = read_attempts(self.attempts_file) if self.attempts_file else {"attempts": 0, "requesters": []}
+
+    def start_attempt(self, requester: str | None = None) -> int:
+        """Called by rank 0 of each new worker group: its number, counted over every driver of the run (a rerun of
+        the spec, a scheduler's next attempt) in `attempts_file`, with the group's Ray Train resource requester."""
+        self.record["attempts"] += 1
+        if requester:
+            self.record["requesters"] = [*self.record["requesters"], requester][-20:]
+        if self.attempts_file is not None:
+            write_text_atomically(self.attempts_file, json.dumps(self.record))
+        return self.record["attempts"]
 
     def add(self, metrics: dict[str, Any]) -> None:
         self.items.append(metrics)
 
     def since(self, n: int) -> list[dict[str, Any]]:
         return self.items[n:]
+
+
+def read_attempts(path: Path) -> dict[str, Any]:
+    """A run's worker-group count and their Ray Train resource requesters (see `RunLog.start_attempt`)."""
+    return json.loads(path.read_text()) if path.exists() else {"attempts": 0, "requesters": []}
 
 
 def merge_by_step(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

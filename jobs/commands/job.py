@@ -83,6 +83,7 @@ def run_submit(args: argparse.Namespace) -> int:
         "demand": demand(spec),
         "bundles": bundles(spec),
         "driver": kind.driver(spec),
+        "sizes": kind.sizes(spec),
         "spec": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
     }
     _connect(args)
@@ -180,6 +181,9 @@ def run_status(args: argparse.Namespace) -> int:
         + (f"  {j['message']}" if j["message"] else "")
     )
     print(f"demand     {_demand(j['demand'])}")
+    if j.get("sizes"):
+        now = f"{j['workers']} now" if j["workers"] else "none now"
+        print(f"workers    {now}, allowed {j['sizes'][0]}-{j['sizes'][1]} (elastic; {j['resizes']} resizes)")
     print(
         f"submitted  {_time(j['submitted'])}   started {_time(j['started'])}   ended {_time(j['ended'])}"
         f"   queued {wait:.1f} s"

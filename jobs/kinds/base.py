@@ -21,6 +21,7 @@ from engine.progress import Progress
 # Set by the scheduler in a scheduled job's environment (jobs/scheduler/actor.py): its cellray id and attempt.
 JOB_ID_ENV = "CELLRAY_JOB_ID"
 ATTEMPT_ENV = "CELLRAY_ATTEMPT"
+WORKERS_ENV = "CELLRAY_WORKERS"  # an elastic job's workers for this attempt, as the scheduler admitted it
 
 Bundle = dict[str, float]  # {"CPU": ..., "GPU": ..., "memory": bytes}
 NONE: Bundle = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
@@ -69,6 +70,7 @@ class Kind:
     run: Callable[[Any, str | None, Progress], Summary]  # run it now (embedded Ray, or the cluster at address)
     check: Callable[[Any], str]  # validate its data without running it: a one-line description
     describe: Callable[[Summary], list[str]]  # the summary as lines for a terminal
+    sizes: Callable[[Any], tuple[int, int] | None] = lambda spec: None  # elastic: (min, max) workers, one bundle each
 
 
 def group_bundles(resources: JobResources) -> list[Bundle]:

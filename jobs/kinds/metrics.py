@@ -187,3 +187,32 @@ def infer_progress(progress: Progress, name: str) -> Progress:
         job.update(done, total, cells_per_s=cells.get("done", 0) / elapsed if elapsed > 0 else None)
 
     return update
+
+
+class WorldReporter:
+    """For elastic runs: `cellray_train_world_size{job}` (workers of the latest report) and
+    `cellray_train_resizes{job}` (a counter: reports whose world size differs from the one before)."""
+
+    def __init__(self, name: str):
+        self.tags = {"job": job_tag(name)}
+        self.world: int | None = None
+        self.resizes = 0
+        self._metrics: tuple[Any, Any] | None = None
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        world = m.get("world_size")
+        if world is None:
+            return
+        from ray.util.metrics import Counter, Gauge
+
+        if self._metrics is None:
+            self._metrics = (
+                Gauge("cellray_train_world_size", "training workers now", tag_keys=("job",)),
+                Counter("cellray_train_resizes", "changes of a run's number of workers", tag_keys=("job",)),
+            )
+        gauge, counter = self._metrics
+        if self.world is not None and world != self.world:
+            self.resizes += 1
+            counter.inc(1.0, tags=self.tags)
+        self.world = int(world)
+        gauge.set(float(world), tags=self.tags)

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from engine.errors import SchedulerError
-from jobs.kinds.base import ATTEMPT_ENV, JOB_ID_ENV
+from jobs.kinds.base import ATTEMPT_ENV, JOB_ID_ENV, WORKERS_ENV
 from jobs.scheduler import admission
 from jobs.scheduler.metrics import SchedulerMetrics
 from jobs.scheduler.state import FAILED, QUEUED, RUNNING, STOPPED, SUCCEEDED, TERMINAL, JobRecord, StateStore
@@ -37,6 +37,7 @@ EXCLUDES = [".venv*", "data", "runs", ".git", "bench/out", "**/__pycache__", "*.
 # Ray Job errors that mean the job's process or node was lost, not that the job failed on its own.
 LOST_ERRORS = {"JOB_SUPERVISOR_ACTOR_DIED", "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"}
 RESTOP_AFTER_S = 15.0  # ask Ray again to stop a job that has not stopped after this long
+GROW_AFTER_ENV = "CELLRAY_GROW_AFTER_S"  # the head's environment: seconds an elastic job runs before it may grow
 MAX_SUBMIT_FAILURES = 20  # consecutive failed submissions of one job before it fails (transient errors retry)
 
 
@@ -57,7 +58,12 @@ class Scheduler:
     """The queue. Methods are called from the CLI (`cellray job ...`) through Ray; the loop runs in a thread."""
 
     def __init__(
-        self, state_dir: str, queueing: str = "strict", capacity: dict[str, float] | None = None, tick_s: float = 0.5
+        self,
+        state_dir: str,
+        queueing: str = "strict",
+        capacity: dict[str, float] | None = None,
+        tick_s: float = 0.5,
+        grow_after_s: float | None = None,  # an elastic job runs this long at one size before it is grown
     ):
         from engine.runtime import PROJECT_ROOT
 
@@ -68,6 +74,7 @@ class Scheduler:
         self.queueing = queueing
         self.fixed_capacity = capacity
         self.tick_s = tick_s
+        self.grow_after_s = float(os.environ.get(GROW_AFTER_ENV, 30.0)) if grow_after_s is None else grow_after_s
         self.project = str(PROJECT_ROOT)
         self.python = sys.executable
         self.lock = threading.RLock()
@@ -94,6 +101,7 @@ class Scheduler:
         return {
             "state_dir": str(self.store.dir),
             "queueing": self.queueing,
+            "grow_after_s": self.grow_after_s,
             "pid": os.getpid(),
             "started": self.started,
         }
@@ -122,6 +130,7 @@ class Scheduler:
                 demand=request["demand"],
                 driver=request["driver"],
                 bundles=request.get("bundles") or [],
+                sizes=list(request["sizes"]) if request.get("sizes") else None,
                 spec_file=self.store.write_spec(job_id, request["spec"]),
                 submitted=now,
                 queued_since=now,
@@ -245,6 +254,9 @@ class Scheduler:
             error = getattr(info.error_type, "value", info.error_type)
             if job.stop_reason == "preempt":
                 self._requeue(job, f"preempted (attempt {job.attempts}); requeued to resume", preempted=True)
+            elif job.stop_reason == "resize" and status != "SUCCEEDED":  # it may end before the stop lands
+                job.resizes += 1
+                self._requeue(job, f"stopped to resize (from {job.workers} workers); requeued to resume")
             elif job.stop_reason == "user" or status == "STOPPED":
                 self._finish(job, STOPPED, "stopped" if job.stop_reason == "user" else "stopped through Ray")
             elif status == "SUCCEEDED":
@@ -265,11 +277,19 @@ class Scheduler:
         import ray
 
         queued = [j for j in self.jobs.values() if j.state == QUEUED]
-        if not queued:
-            return False
+        if not queued and not any(j.sizes for j in self.jobs.values() if j.state == RUNNING):
+            return False  # nothing to admit, and no elastic job that could grow
         running = [j for j in self.jobs.values() if j.state == RUNNING]
         available = ray.available_resources()
-        plan = admission.plan(queued, running, self.capacity(), available, strict=self.queueing == "strict")
+        plan = admission.plan(
+            queued,
+            running,
+            self.capacity(),
+            available,
+            strict=self.queueing == "strict",
+            now=time.time(),
+            grow_after_s=self.grow_after_s,
+        )
         if self.fixed_capacity:  # an autoscaling cluster: ask for the nodes the queue head waits for
             self._request_nodes(admission.scale_request(queued, running, self._current_resources()))
         changed = False
@@ -282,7 +302,16 @@ class Scheduler:
             self._save()  # recorded before Ray is asked: a restarted scheduler knows why it stopped
             self._stop_ray_job(victim)
             changed = True
+        for job_id, workers in plan.resize.items():
+            job = self.jobs[job_id]
+            job.stop_reason, job.stop_requested = "resize", time.time()
+            job.message = f"resizing from {job.workers} to {workers} workers"
+            job.event(f"{job.message}: stopping at its checkpoint")
+            self._save()
+            self._stop_ray_job(job)
+            changed = True
         for job_id in plan.admit:
+            self.jobs[job_id].workers = plan.sizes.get(job_id, 0)
             if not self._start(self.jobs[job_id]):
                 break  # Ray Jobs is not taking submissions now: keep the order, try again next pass
             changed = True
@@ -312,6 +341,7 @@ class Scheduler:
                     "env_vars": {
                         JOB_ID_ENV: job.id,
                         ATTEMPT_ENV: str(attempt),
+                        WORKERS_ENV: str(job.workers),  # an elastic job's size this attempt (0: its spec's)
                         # the driver's own ray.init(address, runtime_env=working_dir) ships the same files again
                         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
                     },
@@ -415,7 +445,7 @@ class Scheduler:
             log.warning("%s: stopping Ray job %s failed: %s", job.id, job.ray_id, e)
 
     def _requeue(self, job: JobRecord, why: str, preempted: bool = False) -> None:
-        job.state, job.queued_since, job.admitted = QUEUED, time.time(), None
+        job.state, job.queued_since, job.admitted, job.workers = QUEUED, time.time(), None, 0
         job.ray_status = job.stop_reason = job.stop_requested = None
         job.preemptions += int(preempted)
         job.message = why

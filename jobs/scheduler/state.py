@@ -54,6 +54,9 @@ class JobRecord:
     stop_requested: float | None = None
     message: str = ""
     bundles: list[dict[str, float]] = field(default_factory=list)  # one per worker: what an autoscaler must place
+    sizes: list[int] | None = None  # elastic jobs: [min, max] workers (`demand` is at max, a worker per bundle)
+    workers: int = 0  # elastic jobs: the workers of the current attempt (0 while queued)
+    resizes: int = 0  # elastic jobs: restarts at another size (shrunk for a job of higher priority, or grown)
     events: list[str] = field(default_factory=list)  # "HH:MM:SS what happened", the last MAX_EVENTS
     # what the running attempt last reported (jobs/kinds/metrics.py JobProgress): unit, done, total, fraction, eta_s,
     # attempt, updated, and the kind's figures (loss, cells_per_s, data_wait); kept after the attempt ends

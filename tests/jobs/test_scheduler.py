@@ -295,6 +295,52 @@ def test_preempted_pretraining_resumes_from_checkpoint_exactly(head, store, tmp_
     ]
 
 
+def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, store, tmp_path):
+    """An elastic pretraining job (workers {min: 1, max: 2}) runs at 2; a higher-priority job that needs more than
+    is free shrinks it to 1 (nobody is preempted); when that job ends it grows back to 2. Every step is done once
+    in the end, with the global batches of a fixed-size run."""
+    from bench.elastic import last_attempts, planned, trace_entries
+
+    steps, trace = 120, tmp_path / "trace"
+    spec = tmp_path / "elastic.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "pretrain", "name": "elastic",
+        "data": {"store": str(store), "global_batch_size": 60, "obs_keys": ["cell_type"],
+                 "loader": {"block_size": 64, "buffer_blocks": 2}},
+        "model": {"name": "probe", "config": {"label_key": "cell_type", "n_hidden": 16}},
+        "train": {"max_steps": steps, "lr": 3e-2, "checkpoint_every": 5, "report_every": 5, "max_failures": 0,
+                  "output": str(tmp_path / "run")},
+        "resources": {"workers": {"min": 1, "max": 2}, "cpus_per_worker": 0.5, "readers_per_worker": 0},
+        "debug": {"trace_dir": str(trace), "min_step_seconds": 0.3},
+    }))  # fmt: skip
+    e = head.submit(spec)
+    j = head.wait_for(e, lambda j: j["ray_status"] == "RUNNING" and j["workers"] == 2, "ran at 2 workers")
+    assert j["sizes"] == [1, 2]
+    assert "workers    2 now, allowed 1-2 (elastic; 0 resizes)" in head.cli.ok("job", "status", e)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint_*")):
+        assert time.monotonic() < deadline, head.job(e)
+        time.sleep(0.2)
+    # the scheduler grows a job 30 s after its admission at the earlier: the shrunk attempt has time to start (10-20
+    # s on this busy machine) and step at 1 worker
+    high = head.submit(head.spec("urgent", seconds=5, resources={"cpus": 1.5}), "--priority", "10")
+    j = head.wait_for(e, lambda j: j["resizes"] >= 1, "was shrunk", timeout=120)
+    assert any("resizing from 2 to 1 workers" in ev for ev in j["events"]), j["events"]
+    assert head.ended(high)["state"] == "SUCCEEDED"
+    j = head.wait_for(e, lambda j: j["resizes"] >= 2 and j["workers"] == 2, "grew back", timeout=240)
+    assert any("resizing from 1 to 2 workers" in ev for ev in j["events"]), j["events"]
+    j = head.ended(e, timeout=600)
+    assert j["state"] == "SUCCEEDED" and j["preemptions"] == 0 and j["attempts"] == 3, j
+    seen = last_attempts(trace_entries(trace))
+    assert sorted(seen) == list(range(1, steps + 1)), "no step lost"
+    worlds = [seen[s]["world"] for s in sorted(seen)]
+    assert worlds[0] == 2 and worlds[-1] == 2, (worlds, j["events"])
+    # the shrunk attempt stepped at 1 worker (its steps may be redone at 2 if it had no checkpoint before growing)
+    assert any(e["world_size"] == 1 for e in trace_entries(trace)), j["events"]
+    want = planned(str(store), steps)
+    assert all(seen[s]["cells"] == want[s - 1] for s in range(1, steps + 1))
+
+
 def test_cluster_stop_leaves_no_process_and_a_restart_keeps_the_queue(head):
     """Runs last. `cellray cluster stop` ends this cluster and nothing else (its process group and the processes
     naming its temp dir); started again on the same state directory, the scheduler keeps the queue, and a job
