@@ -191,7 +191,8 @@ def infer_progress(progress: Progress, name: str) -> Progress:
 
 class WorldReporter:
     """For elastic runs: `cellray_train_world_size{job}` (workers of the latest report) and
-    `cellray_train_resizes{job}` (a counter: reports whose world size differs from the one before)."""
+    `cellray_train_resizes{job}` (a gauge of the resizes so far: reports whose world size differs from the one
+    before; a gauge, so a run that never resized shows 0 rather than no series)."""
 
     def __init__(self, name: str):
         self.tags = {"job": job_tag(name)}
@@ -203,16 +204,16 @@ class WorldReporter:
         world = m.get("world_size")
         if world is None:
             return
-        from ray.util.metrics import Counter, Gauge
+        from ray.util.metrics import Gauge
 
         if self._metrics is None:
             self._metrics = (
                 Gauge("cellray_train_world_size", "training workers now", tag_keys=("job",)),
-                Counter("cellray_train_resizes", "changes of a run's number of workers", tag_keys=("job",)),
+                Gauge("cellray_train_resizes", "changes of a run's number of workers so far", tag_keys=("job",)),
             )
-        gauge, counter = self._metrics
+        gauge, resizes = self._metrics
         if self.world is not None and world != self.world:
             self.resizes += 1
-            counter.inc(1.0, tags=self.tags)
         self.world = int(world)
         gauge.set(float(world), tags=self.tags)
+        resizes.set(float(self.resizes), tags=self.tags)

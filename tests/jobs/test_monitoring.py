@@ -90,6 +90,7 @@ def pretrain(store: Path, output: Path) -> dict:
             "report_every": 5,
             "output": str(output),
             "max_failures": 0,
+            "keep_checkpoints": STEPS // CHECKPOINT_EVERY + 1,  # the embeds below read a checkpoint while it trains
         },
         "resources": {"workers": 1, "cpus_per_worker": 1, "readers_per_worker": 1, "cpus_per_reader": 0.5},
         "debug": {"min_step_seconds": 0.05},  # 10 s of steps at least: preempted well before the end
