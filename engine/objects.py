@@ -43,8 +43,8 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")  # two letters or mor
 LOCK_NAME = ".cellray-lock"
 WRITING_MARKER = ".cellray-writing"
 UPLOAD_THREADS = 16
-# Requests and bytes this process fetched (GET) and sent (PUT): bench/ reads them for read amplification.
-TRAFFIC = {"get_requests": 0, "get_bytes": 0, "put_requests": 0, "put_bytes": 0}
+# Requests and bytes this process fetched (GET): bench/s3bench.py reads them.
+TRAFFIC = {"get_requests": 0, "get_bytes": 0}
 _traffic_lock = threading.Lock()
 
 
@@ -74,9 +74,6 @@ class ObjectPath:
     @property
     def parent(self) -> ObjectPath:
         return ObjectPath(self.scheme, self.bucket, self.key.rsplit("/", 1)[0] if "/" in self.key else "")
-
-    def with_name(self, name: str) -> ObjectPath:
-        return self.parent / name
 
     def resolve(self) -> ObjectPath:
         return self
@@ -202,10 +199,10 @@ def _request(where: ObjectPath) -> Iterator[None]:
         raise object_error(e, where) from None
 
 
-def _count(kind: str, n_bytes: int, requests: int = 1) -> None:
+def _count_get(n_bytes: int, requests: int = 1) -> None:
     with _traffic_lock:
-        TRAFFIC[f"{kind}_requests"] += requests
-        TRAFFIC[f"{kind}_bytes"] += n_bytes
+        TRAFFIC["get_requests"] += requests
+        TRAFFIC["get_bytes"] += n_bytes
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -232,7 +229,7 @@ def read_bytes(p: ObjectPath) -> bytes:
 
     with _request(p):
         data = bytes(obstore.get(_client_of(p), p.key).bytes())
-    _count("get", len(data))
+    _count_get(len(data))
     return data
 
 
@@ -245,7 +242,7 @@ def read_ranges(p: ObjectPath, starts: Sequence[int], ends: Sequence[int]) -> li
     with _request(p):
         parts = obstore.get_ranges(_client_of(p), p.key, starts=list(starts), ends=list(ends))
     views = [memoryview(b) for b in parts]
-    _count("get", sum(len(v) for v in views), len(views))
+    _count_get(sum(len(v) for v in views), len(views))
     return views
 
 
@@ -257,7 +254,6 @@ def write_bytes(p: ObjectPath, data: bytes, *, create_only: bool = False, if_eta
     mode: Any = "create" if create_only else ({"e_tag": if_etag} if if_etag else "overwrite")
     with _request(p):
         result = obstore.put(_client_of(p), p.key, data, mode=mode)
-    _count("put", len(data))
     return result.get("e_tag") or ""
 
 
@@ -266,7 +262,6 @@ def upload_file(p: ObjectPath, local: Path) -> None:
 
     with _request(p):
         obstore.put(_client_of(p), p.key, Path(local))
-    _count("put", Path(local).stat().st_size)
 
 
 def delete(paths: Sequence[ObjectPath]) -> None:
