@@ -335,15 +335,12 @@ def machine_note() -> str:
 
 
 def compare(args, peer: str | None) -> None:
-    import inspect
-
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
     chunk_elements = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    defaults = inspect.signature(Loader).parameters
     n_a = 50_000 if args.quick else 200_000
     # (name, label, cells, genes, nnz per cell, cells per shard or None for the default --shard-size)
     datasets = [(f"a_synth_{n_a // 1000}k", f"(a) synthetic {n_a // 1000}k x 2k", n_a, 2_000, 100, None)]
@@ -359,7 +356,8 @@ def compare(args, peer: str | None) -> None:
         probe = Loader(store, SamplerConfig(batch_size=BATCH, block_size=args.block_size), mode="local")
         block = probe.config.block_size
         # a buffer holds at least one batch (cellray rounds it up; annbatch refuses less): same count for both
-        buffer_blocks = max(args.buffer_blocks or defaults["buffer_blocks"].default, -(-BATCH // block))
+        default_blocks = SamplerConfig.model_fields["buffer_blocks"].default
+        buffer_blocks = max(args.buffer_blocks or default_blocks, -(-BATCH // block))
         probe.close()
         # small datasets: time groups of epochs of at least ~100k cells, so per-epoch start-up does not dominate
         group = max(1, -(-100_000 // s.n_cells))

@@ -98,7 +98,9 @@ class Loader:
         self.obs_keys = tuple(obs_keys)
         self.reading = reading or ReadOptions()
         k = self.config.buffer_batches
-        self.prefetch = max(k, 2 * k if self.reading.prefetch is None else self.reading.prefetch)
+        # read ahead: two buffers, or a call's worth of buffers for each reader actor (mode "ray")
+        default = k * (self.reading.readers * self.reading.buffers_per_call if mode == "ray" else 2)
+        self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = device
         self.metrics = LoaderMetrics()
         # built in either mode: it checks the output, obs keys and transforms here, before any reader starts
@@ -169,18 +171,29 @@ class Loader:
         next_e, next_j = epoch, j0 + len(pending)
         in_flight = sum(job.plan.n_batches for job in pending)  # batches submitted and not yet handed out
         self.metrics = LoaderMetrics()
+        group = self._readers.buffers_per_submit
         while True:
-            while True:  # read ahead while the bound allows, into the next epoch's first buffers too
-                if next_j >= n_buffers:
-                    if next_e != epoch or n_buffers == 0:
+            # read ahead while the bound allows, into the next epoch's first buffers too; actor readers take
+            # `group` buffers per call, so wait until that many fit (or no more come)
+            plans, room, last = [], self.prefetch - in_flight, False
+            e, j = next_e, next_j
+            while len(plans) < group:
+                if j >= n_buffers:
+                    if e != epoch or n_buffers == 0:
+                        last = True
                         break
-                    next_e, next_j = epoch + 1, 0
-                plan = s.buffer(next_e, next_j)
-                if pending and in_flight + plan.n_batches > self.prefetch:
+                    e, j = epoch + 1, 0
+                plan = s.buffer(e, j)
+                if (pending or plans) and plan.n_batches > room:
                     break
-                pending.append(self._readers.submit(plan))
-                in_flight += plan.n_batches
-                next_j += 1
+                plans.append(plan)
+                room -= plan.n_batches
+                j += 1
+            if plans and (len(plans) == group or last or not pending):
+                pending.extend(self._readers.submit(plans))
+                in_flight += sum(p.n_batches for p in plans)
+                next_e, next_j = e, j
+                continue
             if not pending or pending[0].plan.epoch != epoch:
                 break
             job = pending.popleft()
