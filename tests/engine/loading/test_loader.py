@@ -89,16 +89,22 @@ def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
     assert not loader._reader.dense_buffers.get((32, store.n_genes))[1]  # the pool was really used
 
 
-def test_modes_give_identical_batches_and_epochs_differ(tiny_store, ray_local):
+@pytest.mark.parametrize("buffers_per_call", [2, 3])
+def test_modes_give_identical_batches_and_epochs_differ(tiny_store, ray_local, buffers_per_call):
     kw = dict(rank=1, world_size=2, obs_keys=("cell_type",), output="csr")
     local = Loader(tiny_store, plan(40, seed=5, **SMALL), mode="local", **kw)
-    remote = Loader(tiny_store, plan(40, seed=5, **SMALL), mode="ray", **kw)
+    reading = ReadOptions(buffers_per_call=buffers_per_call)  # buffers per actor call: one epoch's end inside a call
+    remote = Loader(tiny_store, plan(40, seed=5, **SMALL), mode="ray", reading=reading, **kw)
     try:
         a, b = list(local), list(remote)
         assert len(a) == len(b) == len(local)
         for x, y in zip(a, b):
             assert torch.equal(x["index"], y["index"]) and torch.equal(x["cell_type"], y["cell_type"])
             assert torch.equal(x["X"].to_dense(), y["X"].to_dense())
+        # the next epoch, partly read ahead within the last calls, comes out the same too
+        a2, b2 = list(local), list(remote)
+        assert len(a2) == len(b2) and all(torch.equal(x["index"], y["index"]) for x, y in zip(a2, b2))
+        local.set_epoch(1)
         # the next pass is the next epoch: same cells for this rank's share, another order
         c = epoch_indices(local)
         first = np.concatenate([x["index"].numpy() for x in a])
