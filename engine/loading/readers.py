@@ -51,6 +51,21 @@ def build_pipeline(transforms: Any, store: Store):
     return Pipeline.from_spec(transforms, store)
 
 
+def buffer_pick(plan: BufferPlan, obs: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Which of the buffer's n cells (in stream order) make its batches, batch after batch: this rank's slice of
+    each global batch, a class-balanced resample (`obs` holds the balance key's codes), a permutation, or as is."""
+    rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
+    if plan.columns is not None:  # this rank's slice of each global batch (resize-invariant plan)
+        return plan.column_pick()
+    if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
+        p = plan.balance.weights[obs[plan.balance.key]]
+        if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
+            log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
+            p = np.ones(n)
+        return rng.choice(n, size=n, replace=True, p=p / p.sum())
+    return rng.permutation(n) if plan.shuffle else np.arange(n)
+
+
 class BufferReader:
     """Reads buffers of one store. Thread-safe: the Loader's local mode shares one across threads."""
 
@@ -115,20 +130,7 @@ class BufferReader:
         if len(rows_a) != n:
             raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
 
-        rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
-        if plan.columns is not None:  # this rank's slice of each global batch (resize-invariant plan)
-            pick = plan.column_pick()
-        elif plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
-            p = plan.balance.weights[obs_a[plan.balance.key]]
-            if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
-                log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
-                p = np.ones(n)
-            pick = rng.choice(n, size=n, replace=True, p=p / p.sum())
-        elif plan.shuffle:
-            pick = rng.permutation(n)
-        else:
-            pick = np.arange(n)
-
+        pick = buffer_pick(plan, obs_a, n)
         batches = []
         want_pad = plan.remainder == "pad"
         for b in range(plan.n_batches):
