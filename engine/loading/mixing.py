@@ -37,9 +37,9 @@ import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
-from engine.loading.readers import BufferReader, buffer_pick, build_pipeline
+from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
 from engine.loading.sampler import Balance, Sampler, SamplerConfig, _Epoch, category_counts
-from engine.store.csr import CSRRows, gather_rows_csr, gather_rows_dense
+from engine.store.csr import CSRRows, csr_rows, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,7 @@ class MixedReader:
 
     def read(self, plan) -> list[dict[str, Any]]:
         """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
+        single_threaded_kernels()
         cols = self._gather(plan)
         pool, n = cols.pop("pool"), plan.n_cells
         pick = buffer_pick(plan, cols, n)
@@ -346,60 +347,39 @@ class MixedReader:
         return batches
 
     def _gather(self, plan) -> dict[str, Any]:
-        """Each source's cells of the buffer, mapped, as one CSR `pool`, plus per stream position: its row in the
-        pool, global index within its source, source, pad flag and obs codes."""
+        """Each source's cells of the buffer (`BufferReader.collect`: its decoded pool, no copy) as one CSR `pool`
+        in the run's genes, plus per stream position: its row in the pool, index within its source, source, pad
+        flag and obs codes in the run's categories."""
         base = self.mix.shard_base
         seg = plan.segments
         src = np.searchsorted(base, seg[:, 0], side="right") - 1
-        parts: dict[int, dict[str, Any]] = {}
+        pools, cols, n_rows, nnz = [], [], 0, 0
         for s in np.unique(src):
             own = seg[src == s].copy()
             own[:, 0] -= base[s]
-            sub = dataclasses.replace(
-                plan,
-                segments=own,
-                n_batches=1,
-                batch_size=int(own[:, 4].sum()),
-                shuffle=False,
-                balance=None,
-                columns=None,
-                remainder="pad",
-            )
-            (part,) = self.readers[s].read(sub)
-            x = part.pop("X")
-            if self.mix.gene_maps[s] is not None:
-                x = remap_genes(x, self.mix.gene_maps[s], self.mix.n_genes)
+            take = int(own[:, 4].sum())
+            sub = dataclasses.replace(plan, segments=own, n_batches=1, batch_size=take, balance=None, columns=None)
+            pool, rows, gidx, pad, obs = self.readers[s].collect(sub)
+            if self.mix.gene_maps[s] is not None:  # its cells, compacted, in the run's columns
+                block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
+                block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
+                pool, rows = csr_rows(block.indptr, block.indices, block.data), np.arange(take, dtype=np.int64)
             for k, m in self.code_maps[s].items():
                 if m is not None:
-                    part[k] = m[part[k]]
-            parts[int(s)] = {**part, "X": x}
-        # stream position -> (source, position within the source's read)
-        first = {s: 0 for s in parts}
-        nnz_base, offset, starts, lens = 0, {}, [], []
-        for s, p in parts.items():
-            ip = np.asarray(p["X"].indptr, dtype=np.int64)
-            offset[s] = sum(len(q["index"]) for t, q in parts.items() if t < s)
-            starts.append(ip[:-1] + nnz_base)
-            lens.append(np.diff(ip))
-            nnz_base += int(ip[-1])
-        pool = CSRRows(
-            np.concatenate([p["X"].indices for p in parts.values()]),
-            np.concatenate([p["X"].data for p in parts.values()]).astype(np.float32, copy=False),
-            np.concatenate(starts),
-            np.concatenate(lens),
-        )
-        row = np.empty(plan.n_cells, dtype=np.int64)
-        pos = 0
-        for s, take in zip(src, seg[:, 4]):
-            row[pos : pos + take] = offset[int(s)] + first[int(s)] + np.arange(take)
-            first[int(s)] += int(take)
-            pos += int(take)
-        out: dict[str, Any] = {"pool": pool, "row": row}
-        sources = np.concatenate([np.full(len(p["index"]), s, dtype=np.int64) for s, p in parts.items()])
-        for k in ("index", "pad", *self.readers[0].obs_keys):
-            out[k] = np.concatenate([p[k] for p in parts.values()])[row]
-        out["source"] = sources[row]
-        return out
+                    obs[k] = m[obs[k]]
+            pools.append(CSRRows(pool.indices, pool.data, pool.row_start + nnz, pool.row_len))
+            cols.append({"row": rows + n_rows, "index": gidx, "pad": pad, "source": np.full(take, s), **obs})
+            n_rows, nnz = n_rows + pool.n_cells, nnz + len(pool.indices)
+        if len(pools) == 1:
+            pool = pools[0]
+        else:  # one pool: a copy of the decoded values (cheaper than gathering each source's cells twice)
+            pool = CSRRows(*(np.concatenate([getattr(p, f) for p in pools]) for f in CSRRows.__dataclass_fields__))
+        # the sources' cells one source after another -> stream order
+        by_source = np.argsort(np.repeat(src, seg[:, 4]), kind="stable")
+        stream = np.empty_like(by_source)
+        stream[by_source] = np.arange(len(by_source))
+        out = {k: np.concatenate([c[k] for c in cols])[stream] for k in cols[0]}
+        return {**out, "pool": pool}
 
     def _x(self, pool: CSRRows, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
         """X of the batch's rows (and whatever else the pipeline makes), as `BufferReader.read` gives them."""

@@ -24,7 +24,7 @@ from engine.errors import LoaderError, cellray_cause
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
 from engine.loading.sampler import BufferPlan, split_mask
-from engine.store.csr import gather_dense, gather_rows_csr, gather_rows_dense
+from engine.store.csr import CSRRows, gather_dense, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ class BufferReader:
     def close(self) -> None:
         self.blocks.close()
 
-    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
-        """The plan's batches, in order."""
-        single_threaded_kernels()
+    def collect(self, plan: BufferPlan) -> tuple[CSRRows, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The buffer's cells, unshuffled: the decoded pool, then per cell in stream order its row in the pool, global
+        index, pad flag, and codes of the obs keys read."""
         segs = plan.segments
         offsets = self.store.cell_offsets
         pool = self.blocks.read_pool(segs[:, :3])
@@ -129,7 +129,13 @@ class BufferReader:
         n = plan.n_cells
         if len(rows_a) != n:
             raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
+        return pool, rows_a, gidx_a, pad_a, obs_a
 
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order."""
+        single_threaded_kernels()
+        pool, rows_a, gidx_a, pad_a, obs_a = self.collect(plan)
+        n = plan.n_cells
         pick = buffer_pick(plan, obs_a, n)
         batches = []
         want_pad = plan.remainder == "pad"
