@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -39,7 +40,7 @@ from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
 from engine.loading.sampler import Balance, Sampler, SamplerConfig, _Epoch, category_counts
-from engine.store.csr import CSRRows, csr_rows, gather_rows_csr, gather_rows_dense
+from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ class MixedReader:
         base = self.mix.shard_base
         seg = plan.segments
         src = np.searchsorted(base, seg[:, 0], side="right") - 1
-        pools, cols, n_rows, nnz = [], [], 0, 0
+        pools, cols, n_rows = [], [], 0
         for s in np.unique(src):
             own = seg[src == s].copy()
             own[:, 0] -= base[s]
@@ -363,17 +364,15 @@ class MixedReader:
             if self.mix.gene_maps[s] is not None:  # its cells, compacted, in the run's columns
                 block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
                 block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
-                pool, rows = csr_rows(block.indptr, block.indices, block.data), np.arange(take, dtype=np.int64)
+                ix, dx = block.indices.astype(pool.indices.dtype), block.data.astype(pool.data.dtype)  # as decoded
+                pool, rows = csr_rows(block.indptr, ix, dx), np.arange(take, dtype=np.int64)
             for k, m in self.code_maps[s].items():
                 if m is not None:
                     obs[k] = m[obs[k]]
-            pools.append(CSRRows(pool.indices, pool.data, pool.row_start + nnz, pool.row_len))
+            pools.append(pool)
             cols.append({"row": rows + n_rows, "index": gidx, "pad": pad, "source": np.full(take, s), **obs})
-            n_rows, nnz = n_rows + pool.n_cells, nnz + len(pool.indices)
-        if len(pools) == 1:
-            pool = pools[0]
-        else:  # one pool: a copy of the decoded values (cheaper than gathering each source's cells twice)
-            pool = CSRRows(*(np.concatenate([getattr(p, f) for p in pools]) for f in CSRRows.__dataclass_fields__))
+            n_rows += pool.n_cells
+        pool = Pools.of(pools)
         # the sources' cells one source after another -> stream order
         by_source = np.argsort(np.repeat(src, seg[:, 4]), kind="stable")
         stream = np.empty_like(by_source)
@@ -381,14 +380,14 @@ class MixedReader:
         out = {k: np.concatenate([c[k] for c in cols])[stream] for k in cols[0]}
         return {**out, "pool": pool}
 
-    def _x(self, pool: CSRRows, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
+    def _x(self, pool: Pools, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
         """X of the batch's rows (and whatever else the pipeline makes), as `BufferReader.read` gives them."""
         n_genes = self.mix.n_genes
         if self.pipeline is None:
             if self.output == "dense":
-                return {"X": gather_rows_dense(pool, rows, n_genes, self.dense_buffers)}
-            return {"X": csr_out(*gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers), n_genes)}
-        ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
+                return {"X": pool.dense(rows, n_genes, self.dense_buffers)}
+            return {"X": csr_out(*pool.csr(rows, self.csr_buffers), n_genes)}
+        ip, ix, dx = pool.csr(rows, self.csr_buffers)
         out = self.pipeline(CSRBlock(ip, ix, dx, n_genes), index)
         x = out["X"]
         if isinstance(x, CSRBlock):
@@ -405,3 +404,72 @@ def csr_out(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: 
     """A CSR batch as torch takes it: indptr and indices of one signed dtype (int32 unless too many non-zeros)."""
     dt = np.int32 if indptr[-1] < 2**31 - 1 else np.int64
     return CSRBlock(indptr.astype(dt, copy=False), indices.astype(dt, copy=False), data, n_genes)
+
+
+# ------------------------------------------------------------------------------------------------ pools
+
+
+@dataclass
+class Pools:
+    """The decoded pools of a buffer's sources, addressed as one: cell r lies in pool `pool[r]` (each source's
+    decoded chunks stay where they were decoded: gathering a batch is the one copy, as for one store)."""
+
+    indices: tuple[np.ndarray, ...]  # each pool's arrays (one dtype: cast where the stores differ)
+    data: tuple[np.ndarray, ...]
+    pool: np.ndarray  # per cell
+    row_start: np.ndarray
+    row_len: np.ndarray
+
+    @classmethod
+    def of(cls, pools: list[CSRRows]) -> Pools:
+        dt_i = np.result_type(*(p.indices.dtype for p in pools))
+        dt_d = np.result_type(*(p.data.dtype for p in pools))
+        return cls(
+            tuple(p.indices.astype(dt_i, copy=False) for p in pools),
+            tuple(p.data.astype(dt_d, copy=False) for p in pools),
+            np.concatenate([np.full(p.n_cells, i, dtype=np.int64) for i, p in enumerate(pools)]),
+            np.concatenate([p.row_start for p in pools]).astype(np.int64, copy=False),
+            np.concatenate([p.row_len for p in pools]).astype(np.int64, copy=False),
+        )
+
+    def dense(self, rows: np.ndarray, n_genes: int, buffers: BatchBuffers) -> np.ndarray:
+        out, fresh = buffers.get((len(rows), n_genes))
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        _pools_dense(self.indices, self.data, self.pool, self.row_start, self.row_len, rows, out, not fresh)
+        return out
+
+    def csr(self, rows: np.ndarray, buffers: BatchBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells `rows` as CSR arrays: int64 indptr, int32 indices, float32 data (these two from `buffers`)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self.row_len[rows], out=indptr[1:])
+        indices, data = buffers.empty(int(indptr[-1]), np.int32), buffers.empty(int(indptr[-1]), np.float32)
+        _pools_fill(self.indices, self.data, self.pool, self.row_start, rows, indptr, indices, data)
+        return indptr, indices, data
+
+
+@numba.njit(nogil=True, cache=True)
+def _pools_dense(indices, data, pool, row_start, row_len, rows, out, clear):
+    for i in range(rows.shape[0]):
+        if clear:  # a reused buffer: clear the row just before filling it
+            out[i, :] = 0
+        r = rows[i]
+        ind, dat = indices[pool[r]], data[pool[r]]
+        a = row_start[r]
+        for k in range(a, a + row_len[r]):
+            out[i, ind[k]] = dat[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _pools_fill(indices, data, pool, row_start, rows, out_indptr, out_indices, out_data):
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        a, o = row_start[r], out_indptr[i]
+        n = out_indptr[i + 1] - o
+        # per-row views and one loop per array, as engine.store.csr's kernel: numba vectorises these
+        src_i, src_d = indices[pool[r]][a : a + n], data[pool[r]][a : a + n]
+        dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
+        for k in range(n):
+            dst_i[k] = src_i[k]
+        for k in range(n):
+            dst_d[k] = src_d[k]
