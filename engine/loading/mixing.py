@@ -19,8 +19,9 @@ The plan (`MixSampler`) is `engine.loading.sampler.Sampler`'s, over a different 
 
 Vocabularies may differ: the run's genes are a given list or the union of the sources' (in order of first
 appearance), each source's columns mapped onto them by gene id, as inference maps a store onto a checkpoint; the
-categories of an obs column are the union too, each source's codes mapped onto them. `MixedReader` reads a
-buffer's cells of each source with that source's `BufferReader`, maps them, and cuts the shuffled batches.
+categories of an obs column are the union too, each source's codes mapped onto them. `MixedReader` decodes a
+buffer's cells of each source with that source's `BufferReader.collect`, then gathers each shuffled batch straight
+out of the sources' decoded pools (`Pools`), as `BufferReader.read` does out of one store's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import pandas as pd
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
-from engine.loading.sampler import Balance, Sampler, SamplerConfig, _Epoch, category_counts
+from engine.loading.sampler import Balance, BufferPlan, Sampler, SamplerConfig, _Epoch, category_counts
 from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 
@@ -308,10 +309,18 @@ class MixSampler(Sampler):
 
 
 class MixedReader:
-    """Reads a mix's buffers: each source's cells with its own `BufferReader` (raw CSR, in stream order), mapped
+    """Reads a mix's buffers: each source's cells with its own `BufferReader` (decoded, in stream order), mapped
     onto the run's genes and obs categories, then shuffled and cut into batches as `BufferReader.read` does."""
 
-    def __init__(self, mix: OpenMix, transforms: Any, output: str, obs_keys: Sequence[str], direct_io: bool, extra=()):
+    def __init__(
+        self,
+        mix: OpenMix,
+        transforms: Any,
+        output: str,
+        obs_keys: Sequence[str],
+        direct_io: bool = True,
+        extra: Sequence[str] = (),  # obs keys read beside obs_keys (balance_by's)
+    ):
         if output not in ("dense", "csr"):
             raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         self.mix, self.output, self.obs_keys = mix, output, tuple(obs_keys)
@@ -321,7 +330,7 @@ class MixedReader:
         self.readers = [BufferReader(st, None, "csr", keys, direct_io) for st in mix.stores]
         self.code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
         self.pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
-        self.dense_buffers, self.csr_buffers, self.small_buffers = BatchBuffers(), BatchBuffers(), BatchBuffers()
+        self.dense_buffers, self.csr_buffers = BatchBuffers(), BatchBuffers()
 
     @property
     def blocks_stats(self) -> dict[str, int]:
@@ -331,7 +340,7 @@ class MixedReader:
         for r in self.readers:
             r.close()
 
-    def read(self, plan) -> list[dict[str, Any]]:
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
         """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
         single_threaded_kernels()
         cols = self._gather(plan)
@@ -347,7 +356,7 @@ class MixedReader:
             batches.append(batch)
         return batches
 
-    def _gather(self, plan) -> dict[str, Any]:
+    def _gather(self, plan: BufferPlan) -> dict[str, Any]:
         """Each source's cells of the buffer (`BufferReader.collect`: its decoded pool, no copy) as one CSR `pool`
         in the run's genes, plus per stream position: its row in the pool, index within its source, source, pad
         flag and obs codes in the run's categories."""
@@ -450,26 +459,33 @@ class Pools:
 
 @numba.njit(nogil=True, cache=True)
 def _pools_dense(indices, data, pool, row_start, row_len, rows, out, clear):
-    for i in range(rows.shape[0]):
-        if clear:  # a reused buffer: clear the row just before filling it
-            out[i, :] = 0
-        r = rows[i]
-        ind, dat = indices[pool[r]], data[pool[r]]
-        a = row_start[r]
-        for k in range(a, a + row_len[r]):
-            out[i, ind[k]] = dat[k]
+    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
+        ind, dat = indices[p], data[p]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if pool[r] != p:
+                continue
+            if clear:  # a reused buffer: clear the row just before filling it (it is in cache then)
+                out[i, :] = 0
+            a = row_start[r]
+            for k in range(a, a + row_len[r]):
+                out[i, ind[k]] = dat[k]
 
 
 @numba.njit(nogil=True, cache=True)
 def _pools_fill(indices, data, pool, row_start, rows, out_indptr, out_indices, out_data):
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        a, o = row_start[r], out_indptr[i]
-        n = out_indptr[i + 1] - o
-        # per-row views and one loop per array, as engine.store.csr's kernel: numba vectorises these
-        src_i, src_d = indices[pool[r]][a : a + n], data[pool[r]][a : a + n]
-        dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
-        for k in range(n):
-            dst_i[k] = src_i[k]
-        for k in range(n):
-            dst_d[k] = src_d[k]
+    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
+        ind, dat = indices[p], data[p]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if pool[r] != p:
+                continue
+            a, o = row_start[r], out_indptr[i]
+            n = out_indptr[i + 1] - o
+            # per-row views and one loop per array, as engine.store.csr's kernel: numba vectorises these
+            src_i, src_d = ind[a : a + n], dat[a : a + n]
+            dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
+            for k in range(n):
+                dst_i[k] = src_i[k]
+            for k in range(n):
+                dst_d[k] = src_d[k]
