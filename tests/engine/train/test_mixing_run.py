@@ -69,6 +69,14 @@ def test_bad_sources_are_one_line_errors(data, message):
     assert "\n" not in str(e.value)
 
 
+def test_submitted_sources_get_absolute_paths(tmp_path):
+    from jobs.kinds import resolve_paths
+
+    fixed = resolve_paths(spec({"sources": [{"store": "a.store", "weight": 2}, {"store": "s3://b/c.store"}]}), tmp_path)
+    assert [s.store for s in fixed.data.sources] == [str(tmp_path / "a.store"), "s3://b/c.store"]
+    assert [s.weight for s in fixed.data.sources] == [2.0, 1.0] and fixed.data.store is None
+
+
 def test_an_unknown_store_names_its_source(two_stores, tmp_path):
     bad = spec({"sources": [{"store": str(two_stores[0])}, {"store": str(tmp_path / "nowhere.store")}]})
     with pytest.raises(SpecError, match=r"mix.yaml: data.sources\[1\].store: no such store '.*nowhere.store'") as e:
