@@ -5,6 +5,7 @@
     python bench/loader.py --multinode                                          3 ranks on 3 nodes vs on 1 node
     python bench/loader.py --profile STORE [STORE ...]                          one reader thread, profiled
     python bench/loader.py --s3 [--quick] [--readme]                            from a bucket (bench/s3bench.py)
+    python bench/loader.py --mixing [--rounds N] [--readme]                     3 stores mixed 0.5/0.3/0.2
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
@@ -660,7 +661,81 @@ def multinode(args) -> None:
                       "ratio": round(three / one, 3), "load_average": round(os.getloadavg()[0], 1)}))  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------ mixing
+
+MIX_WEIGHTS = (0.5, 0.3, 0.2)
+MIX_CELLS = (40_000, 60_000, 100_000)  # sizes unlike the weights: the first source repeats, the last is subsampled
+MIX_EPOCH = 1_000_000
+
+
+def mixing(args) -> None:
+    """The mixing row: 3 stores mixed 0.5/0.3/0.2 (epochs of 1M cells) vs the plain Loader over one store of the
+    same three inputs, CSR batches, local mode, in one fresh process taking turns; plus the realized weights."""
+    chunk = args.chunk_elements or 16384
+    inputs = [synthetic_input(f"mix{i}", n, 2000, 100, seed=i) for i, n in enumerate(MIX_CELLS)]
+    stores = [make_store(f"mix{i}", [p], chunk) for i, p in enumerate(inputs)]
+    combined = make_store("mix_all", inputs, chunk)
+    kw = {"stores": [str(s) for s in stores], "combined": str(combined), "rounds": args.rounds or 3}
+    out = subprocess.run([sys.executable, __file__, "--measure-mixing", json.dumps(kw)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"mixing run failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio_ = r["mixed"] / r["plain"]
+    shares = ", ".join(f"{w:g}: {s:.4f}" for w, s in zip(MIX_WEIGHTS, r["shares"]))
+    print(f"mixed {fmt_rate(r['mixed'])} cells/s vs unweighted {fmt_rate(r['plain'])} ({ratio_:.2f}x); realized "
+          f"weights per {MIX_EPOCH:,} cells {shares} (max error {r['max_error']:.4f})")  # fmt: skip
+    if args.readme:
+        lines = [
+            "| loader (CSR, batches of 4,096) | cells/s | vs unweighted | realized weights per 1M cells |",
+            "|---|---:|---:|---|",
+            f"| one store of the 3 inputs | {fmt_rate(r['plain'])} | 1.00x | |",
+            f"| 3 stores mixed 0.5 / 0.3 / 0.2 | {fmt_rate(r['mixed'])} | {ratio_:.2f}x | "
+            + " / ".join(f"{s:.4f}" for s in r["shares"])
+            + " |",
+        ]
+        write_readme("loader-mixing", lines, machine_note())
+    print(json.dumps({"bench": "loader-mixing", **r, "ratio": round(ratio_, 3)}))
+
+
+def measure_mixing(kw: dict) -> dict:
+    """The child of `mixing`: each round, one 1M-cell epoch of the mix, then 1M cells of the plain Loader."""
+    import numpy as np
+
+    from engine.loading.loader import Loader
+    from engine.loading.mixing import Mix, Source
+    from engine.loading.sampler import SamplerConfig
+
+    plan = SamplerConfig(batch_size=BATCH)
+    mix = Mix([Source(s, w) for s, w in zip(kw["stores"], MIX_WEIGHTS)], epoch_cells=MIX_EPOCH)
+    loaders = {"mixed": Loader(mix, plan, mode="local", output="csr"),
+               "plain": Loader(kw["combined"], plan, mode="local", output="csr")}  # fmt: skip
+    rates: dict[str, list[float]] = {k: [] for k in loaders}
+    shares = []
+    for r in range(kw["rounds"] + 1):  # round 0 warms up
+        for name, loader in loaders.items():
+            t0, cells, counts = time.perf_counter(), 0, np.zeros(len(MIX_WEIGHTS), dtype=np.int64)
+            while cells < MIX_EPOCH - 2 * BATCH:  # the mix: one epoch; the plain Loader: as many cells
+                for batch in loader:
+                    cells += batch["X"].shape[0]
+                    if name == "mixed":
+                        counts += np.bincount(batch["source"].numpy(), minlength=len(counts))
+                    if name == "plain" and cells >= MIX_EPOCH:
+                        break
+            if r:
+                rates[name].append(cells / (time.perf_counter() - t0))
+                if name == "mixed":
+                    shares.append(counts / counts.sum())
+    for loader in loaders.values():
+        loader.close()
+    share = np.median(np.array(shares), axis=0)
+    return {"mixed": median(rates["mixed"]), "plain": median(rates["plain"]), "shares": share.tolist(),
+            "max_error": float(np.abs(np.array(shares) - MIX_WEIGHTS).max())}  # fmt: skip
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-mixing":  # the child process of mixing
+        print(json.dumps(measure_mixing(json.loads(sys.argv[2]))))
+        return
     if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
         kw = json.loads(sys.argv[3])
         if not kw.pop("verify"):
@@ -683,6 +758,7 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write this run's table into README.md")
     ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
+    ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store of the same cells")
     args = ap.parse_args()
     if args.profile:
         profile(args.profile)
@@ -696,6 +772,10 @@ def main() -> None:
 
     if args.multinode:
         multinode(args)
+        return
+    if args.mixing:
+        init_ray(num_cpus=2)  # ingest of the stores runs as Ray tasks
+        mixing(args)
         return
     if args.scaling:
         init_ray(num_cpus=2)  # ingest of the 1M/2M stores runs as Ray tasks

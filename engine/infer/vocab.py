@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from engine.errors import InferError
+from engine.loading.mixing import remap_genes
 from engine.store.format import CSRBlock
 from engine.train.checkpoint import gene_fingerprint
 
@@ -36,18 +37,7 @@ class GeneMap:
 
     def apply(self, block: CSRBlock) -> CSRBlock:
         """The block with its columns in training order; dropped genes removed; rows sorted by column."""
-        if self.index is None:
-            return block
-        import scipy.sparse as sp
-
-        cols = self.index[block.indices]
-        keep = cols >= 0
-        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
-        np.cumsum(keep, out=kept_before[1:])
-        indptr = kept_before[np.asarray(block.indptr, dtype=np.int64)]
-        m = sp.csr_matrix((block.data[keep], cols[keep], indptr), shape=(block.n_cells, self.n_genes))
-        m.sort_indices()  # a permuted vocabulary scrambles the order within rows
-        return CSRBlock(indptr=m.indptr.astype(np.int64), indices=m.indices, data=m.data, n_genes=self.n_genes)
+        return block if self.index is None else remap_genes(block, self.index, self.n_genes)
 
 
 def training_genes(meta: dict[str, Any]) -> list[str] | None:

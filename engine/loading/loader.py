@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import LoaderError
+from engine.loading.mixing import Mix, MixedReader
 from engine.loading.readers import ActorReading, BufferReader, InFlight, ReaderProcess, ReadOptions, ThreadReading
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.loading.tensors import to_torch
@@ -62,9 +63,11 @@ class LoaderMetrics:
 class Loader:
     """Batches of one rank. See the module docstring and engine/loading/sampler.py for the plan's guarantees.
 
-    store: a path or an opened Store. sampler: the plan's settings (batch size, blocks, buffers, split, remainder,
-    class balance). transforms: None (raw counts as float32), a pipeline spec for
-    `engine.preprocess.transforms.Pipeline.from_spec`, or a callable(CSRBlock, cell_index) -> dict (a built Pipeline).
+    store: a path, an opened Store, or a `Mix` of several (engine/loading/mixing.py; batches then carry "source",
+    each cell's position in the mix's sources, and a mix reads in threads whatever the mode). sampler: the plan's
+    settings (batch size, blocks, buffers, split, remainder, class balance). transforms: None (raw counts as
+    float32), a pipeline spec for `engine.preprocess.transforms.Pipeline.from_spec`, or a callable(CSRBlock,
+    cell_index) -> dict (a built Pipeline).
     output: "dense" (float32 [B, genes]) or "csr" (torch sparse CSR, densify on the GPU with `.to_dense()`).
     mode: "local" (threads), "ray" (reader actors), or None: "ray" when Ray is initialised, else "local".
     reading: readers, their CPUs, read-ahead. device: where batches go (pinned host memory first on CUDA).
@@ -72,7 +75,7 @@ class Loader:
 
     def __init__(
         self,
-        store: Store | str | Path,
+        store: Store | str | Path | Mix,
         sampler: SamplerConfig,
         *,
         rank: int = 0,
@@ -84,8 +87,13 @@ class Loader:
         reading: ReadOptions | None = None,
         device: Any = None,
     ):
-        self.store = store if isinstance(store, Store) else Store.open(store)
-        self.sampler = Sampler.for_store(self.store, sampler, rank, world_size)
+        self.mix = store.open() if isinstance(store, Mix) else None
+        if self.mix is not None:
+            self.store = self.mix.stores[0]
+            self.sampler = self.mix.sampler(sampler, rank, world_size)
+        else:
+            self.store = store if isinstance(store, Store) else Store.open(store)
+            self.sampler = Sampler.for_store(self.store, sampler, rank, world_size)
         self.config = self.sampler.config  # the block size resolved for this store
         if mode is None:
             import ray
@@ -93,6 +101,8 @@ class Loader:
             mode = "ray" if ray.is_initialized() else "local"
         if mode not in ("local", "ray"):
             raise LoaderError(f"mode is {mode!r}: expected 'local' or 'ray'")
+        if self.mix is not None:
+            mode = "local"
         self.mode = mode
         self.rank, self.world_size = rank, world_size
         self.obs_keys = tuple(obs_keys)
@@ -104,7 +114,11 @@ class Loader:
         self.device = device
         self.metrics = LoaderMetrics()
         # built in either mode: it checks the output, obs keys and transforms here, before any reader starts
-        self._reader = BufferReader(self.store, transforms, output, self.obs_keys, self.reading.direct_io)
+        if self.mix is not None:
+            extra = (self.config.balance_by,) if self.config.balance_by else ()
+            self._reader = MixedReader(self.mix, transforms, output, self.obs_keys, self.reading.direct_io, extra)
+        else:
+            self._reader = BufferReader(self.store, transforms, output, self.obs_keys, self.reading.direct_io)
         self._readers: ThreadReading | ActorReading = (
             ThreadReading(self._reader, self.reading.readers)
             if mode == "local"
@@ -140,7 +154,7 @@ class Loader:
 
     def decode_stats(self) -> dict[str, int]:
         """Elements decoded and used by this process's reads (mode "local"; benchmarks report their ratio)."""
-        return dict(self._reader.blocks.stats)
+        return self._reader.blocks_stats if self.mix is not None else dict(self._reader.blocks.stats)
 
     def reader_processes(self) -> list[ReaderProcess]:
         """(pid, node id) of each reader actor (mode "ray"); empty when threads of this process read."""
@@ -220,7 +234,7 @@ class Loader:
         import torch
 
         pin = self.device is not None and torch.device(self.device).type == "cuda" and torch.cuda.is_available()
-        return to_torch(batch, self.obs_keys, pin=pin, device=self.device)
+        return to_torch(batch, (*self.obs_keys, "source"), pin=pin, device=self.device)
 
     def _report(self) -> None:
         """Dashboard gauges (Ray mode only), at most once a second."""

@@ -24,7 +24,7 @@ from engine.errors import LoaderError, cellray_cause
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
 from engine.loading.sampler import BufferPlan, split_mask
-from engine.store.csr import gather_dense, gather_rows_csr, gather_rows_dense
+from engine.store.csr import CSRRows, gather_dense, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,21 @@ def build_pipeline(transforms: Any, store: Store):
     from engine.preprocess.transforms import Pipeline
 
     return Pipeline.from_spec(transforms, store)
+
+
+def buffer_pick(plan: BufferPlan, obs: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Which of the buffer's n cells (in stream order) make its batches, batch after batch: this rank's slice of
+    each global batch, a class-balanced resample (`obs` holds the balance key's codes), a permutation, or as is."""
+    rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
+    if plan.columns is not None:  # this rank's slice of each global batch (resize-invariant plan)
+        return plan.column_pick()
+    if plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
+        p = plan.balance.weights[obs[plan.balance.key]]
+        if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
+            log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
+            p = np.ones(n)
+        return rng.choice(n, size=n, replace=True, p=p / p.sum())
+    return rng.permutation(n) if plan.shuffle else np.arange(n)
 
 
 class BufferReader:
@@ -82,9 +97,9 @@ class BufferReader:
     def close(self) -> None:
         self.blocks.close()
 
-    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
-        """The plan's batches, in order."""
-        single_threaded_kernels()
+    def collect(self, plan: BufferPlan) -> tuple[CSRRows, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The buffer's cells, unshuffled: the decoded pool, then per cell in stream order its row in the pool, global
+        index, pad flag, and codes of the obs keys read."""
         segs = plan.segments
         offsets = self.store.cell_offsets
         pool = self.blocks.read_pool(segs[:, :3])
@@ -114,21 +129,14 @@ class BufferReader:
         n = plan.n_cells
         if len(rows_a) != n:
             raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
+        return pool, rows_a, gidx_a, pad_a, obs_a
 
-        rng = np.random.Generator(np.random.PCG64(list(plan.shuffle_seed)))
-        if plan.columns is not None:  # this rank's slice of each global batch (resize-invariant plan)
-            pick = plan.column_pick()
-        elif plan.balance is not None:  # class-balanced: resample the buffer with replacement, p ~ weight[code]
-            p = plan.balance.weights[obs_a[plan.balance.key]]
-            if p.sum() <= 0:  # no cell of a weighted class in this buffer: keep it as it is, shuffled
-                log.warning("buffer %d of epoch %d has no cell with a positive class weight", plan.index, plan.epoch)
-                p = np.ones(n)
-            pick = rng.choice(n, size=n, replace=True, p=p / p.sum())
-        elif plan.shuffle:
-            pick = rng.permutation(n)
-        else:
-            pick = np.arange(n)
-
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order."""
+        single_threaded_kernels()
+        pool, rows_a, gidx_a, pad_a, obs_a = self.collect(plan)
+        n = plan.n_cells
+        pick = buffer_pick(plan, obs_a, n)
         batches = []
         want_pad = plan.remainder == "pad"
         for b in range(plan.n_batches):

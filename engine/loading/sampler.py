@@ -139,16 +139,23 @@ def class_balance(store: Store, key: str, class_weights: dict[str, float] | None
             raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({cats})")
         w = np.array([float(class_weights.get(c, 0.0)) for c in cats])
     else:
-        from engine.loading.chunks import StoreBlocks
-
-        blocks = StoreBlocks(store)
-        counts = np.zeros(len(cats), dtype=np.int64)
-        for shard in range(store.n_shards):
-            codes = blocks.obs_codes(shard, key)
-            counts += np.bincount(codes[codes >= 0], minlength=len(cats))[: len(cats)]
-        blocks.close()
+        counts = category_counts(store, key)
         w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     return Balance(key, np.concatenate([w, [0.0]]))
+
+
+def category_counts(store: Store, key: str) -> np.ndarray:
+    """Cells of each category of the categorical obs column `key` (one pass over its codes)."""
+    from engine.loading.chunks import StoreBlocks
+
+    n_cats = len(store.manifest.obs_schema[key]["categories"])
+    blocks = StoreBlocks(store)
+    counts = np.zeros(n_cats, dtype=np.int64)
+    for shard in range(store.n_shards):
+        codes = blocks.obs_codes(shard, key)
+        counts += np.bincount(codes[codes >= 0], minlength=n_cats)[:n_cats]
+    blocks.close()
+    return counts
 
 
 # ------------------------------------------------------------------------------------------------ split

@@ -231,6 +231,11 @@ class Pipeline:
         return f"Pipeline([{', '.join(s.name for s in self.steps)}], n_genes_out={self._n_out})"
 
     @property
+    def bound(self) -> bool:
+        """Built with a store: its vocabulary, hence its output width, is known."""
+        return self._n_out is not None
+
+    @property
     def n_genes_out(self) -> int:
         if self._n_out is None:
             raise TransformError("pipeline built without a store: n_genes_out is known after the first batch")

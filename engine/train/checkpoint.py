@@ -32,6 +32,7 @@ import torch
 import models
 from engine.atomic import temporary_sibling
 from engine.errors import TrainError
+from engine.loading.mixing import Mix
 from engine.objects import ObjectPath, cache_dir, exists, list_objects, read_bytes, store_path
 
 META_FILE = "meta.json"
@@ -178,20 +179,24 @@ def gene_fingerprint(gene_ids) -> str:
     return "sha256:" + hashlib.sha256("\n".join(map(str, gene_ids)).encode()).hexdigest()[:32]
 
 
-def training_vocabulary(store_path: str | os.PathLike, obs_keys=()) -> dict[str, Any]:
+def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=()) -> dict[str, Any]:
     """What the model's inputs mean, kept in meta.json so inference can map another store onto them by name:
-    the training store's gene ids in column order (+ fingerprint), and the categories of the obs keys it read."""
+    the training store's gene ids in column order (+ fingerprint), and the categories of the obs keys it read
+    (a mix of stores: the run's genes and the union of the sources' categories)."""
     from engine.store.format import Store
 
-    store = Store.open(store_path)
-    genes = [str(g) for g in store.gene_ids]
-    schema = store.manifest.obs_schema
-    return {
-        "store": str(Path(store_path).resolve()),
-        "genes": genes,
-        "fingerprint": gene_fingerprint(genes),
-        "obs_categories": {k: schema[k]["categories"] for k in obs_keys if "categories" in schema.get(k, {})},
-    }
+    if isinstance(source, Mix):
+        mix = source.open()
+        genes = [str(g) for g in mix.genes]
+        cats = {k: c for k in obs_keys if (c := mix.categories(k)) is not None}
+        where: str | list[str] = [str(Path(st.path).resolve()) for st in mix.stores]
+    else:
+        store = Store.open(source)
+        genes = [str(g) for g in store.gene_ids]
+        schema = store.manifest.obs_schema
+        cats = {k: schema[k]["categories"] for k in obs_keys if "categories" in schema.get(k, {})}
+        where = str(Path(source).resolve())
+    return {"store": where, "genes": genes, "fingerprint": gene_fingerprint(genes), "obs_categories": cats}
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

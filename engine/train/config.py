@@ -3,6 +3,7 @@
     kind: pretrain
     name: vae-demo
     data: {store: data/demo.store, batch_size: 512, transforms: [], obs_keys: [dataset]}
+    # or several stores mixed by weight: data: {sources: [{store: a.store, weight: 0.7}, {store: b.store, weight: 0.3}]}
     model: {name: vae, config: {n_latent: 16}}
     train: {max_steps: 200, lr: 1.0e-3, checkpoint_every: 50, output: runs/vae-demo}
     resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}   # or elastic: workers: {min: 2, max: 4}
@@ -38,8 +39,18 @@ class LoaderOptions(_Section):
     prefetch: int | None = Field(None, gt=0)  # batches read ahead
 
 
-class DataConfig(_Section):
+class SourceChoice(_Section):
+    """One of data.sources: a store and its weight (its share of each epoch is weight / sum of weights)."""
+
     store: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(_Section):
+    store: str | None = None  # one store; or, for several mixed by weight:
+    sources: list[SourceChoice] | None = Field(None, min_length=1)
+    epoch_cells: int | None = Field(None, gt=0)  # with sources: cells per epoch (default: all sources' together)
+    genes: list[str] | None = Field(None, min_length=1)  # with sources: the run's genes (default: their union)
     batch_size: int = Field(512, gt=0)  # cells per step and worker
     # Cells per step of all workers together, planned independently of the number of workers (each takes its
     # slice): the same batches at any size. Elastic runs (resources.workers: {min, max}) need it; batch_size is unused.
@@ -49,6 +60,14 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
     loader: LoaderOptions = Field(default_factory=LoaderOptions)
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DataConfig:
+        if (self.store is None) == (self.sources is None):
+            raise ValueError("give either store (one store) or sources (several, mixed by weight), not both")
+        if self.sources is None and (self.epoch_cells is not None or self.genes is not None):
+            raise ValueError("epoch_cells and genes go with sources (several stores)")
+        return self
 
 
 class ModelChoice(_Section):

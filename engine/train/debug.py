@@ -14,7 +14,8 @@ from engine.train.config import DebugConfig
 
 
 class StepTrace:
-    """Per-rank log of the cells each optimizer step consumed, with the worker group's attempt and world size, and
+    """Per-rank log of the cells each optimizer step consumed (with data.sources, `sources`: each one's position in
+    data.sources, beside `cells`, its row in that store), with the worker group's attempt and world size, and
     the final parameters (tests of exactly-once delivery, resume and resize). Does nothing without
     `debug.trace_dir`."""
 
@@ -24,22 +25,26 @@ class StepTrace:
         self.world_size = world_size
         self.attempt = attempt
         self.pending: list[np.ndarray] = []
+        self.sources: list[np.ndarray] = []  # data.sources: each cell's source, beside its row
         if self.dir:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def cells(self, index: torch.Tensor) -> None:
+    def cells(self, index: torch.Tensor, source: torch.Tensor | None = None) -> None:
         if self.dir:
             self.pending.append(index.detach().cpu().numpy())
+            if source is not None:
+                self.sources.append(source.detach().cpu().numpy())
 
     def step(self, step: int, epoch: int) -> None:
         if not self.dir:
             return
         cells = np.concatenate(self.pending).tolist() if self.pending else []
-        self.pending = []
+        sources = {"sources": np.concatenate(self.sources).tolist()} if self.sources else {}
+        self.pending, self.sources = [], []
         with open(self.dir / f"rank{self.rank}.jsonl", "a") as f:
             entry = {"step": step, "epoch": epoch, "attempt": self.attempt, "world_size": self.world_size,
                      "time": time.time()}  # fmt: skip
-            f.write(json.dumps({**entry, "pid": os.getpid(), "cells": cells}) + "\n")
+            f.write(json.dumps({**entry, "pid": os.getpid(), "cells": cells, **sources}) + "\n")
 
     def final(self, model: torch.nn.Module) -> None:
         if self.dir:

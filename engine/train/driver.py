@@ -128,7 +128,7 @@ def pretrain(
         run_log = ray.remote(RunLog).options(num_cpus=0, scheduling_strategy=here).remote(str(output / ATTEMPTS_FILE))
         ctx = LoopContext(
             config=config,
-            store=str(data.store.path.resolve()),
+            store=data.source,
             pipeline=data.pipeline,
             model_config=data.model_config,
             output=str(output),

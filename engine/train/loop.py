@@ -21,6 +21,7 @@ import torch
 import models
 from engine.errors import TrainError
 from engine.loading.loader import Loader
+from engine.loading.mixing import Mix
 from engine.loading.readers import ReadOptions
 from engine.preprocess.transforms import Pipeline
 from engine.train.checkpoint import Checkpointer, TrainState, training_vocabulary
@@ -37,7 +38,7 @@ class LoopContext:
     """What the driver hands every worker: the typed config plus what it resolved from the data."""
 
     config: PretrainConfig
-    store: str  # absolute store path
+    store: str | Mix  # absolute store path, or the mix of data.sources (absolute paths)
     pipeline: Pipeline | None  # data.transforms bound to the store (built once by the driver)
     model_config: dict[str, Any]  # the model config with data-dependent sizes filled in
     output: str  # absolute local output folder (metrics, local-mode checkpoints)
@@ -108,7 +109,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             # a rank's share of a global batch may be a cell more or less than the others': weigh its mean loss
             # so that DDP's average over ranks is the mean over the global batch
             (loss * (loader.sampler.loss_weight / t.grad_accum)).backward()
-            trace.cells(batch["index"])
+            trace.cells(batch["index"], batch.get("source"))
             if sync:
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -239,8 +240,9 @@ def _report(
 def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_readers: bool) -> Loader:
     """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
     d, r = ctx.config.data, ctx.config.resources
+    source = ctx.store.unweighted() if split == "val" and isinstance(ctx.store, Mix) else ctx.store
     loader = Loader(
-        ctx.store,
+        source,
         sampler_config(d, split),
         rank=rank,
         world_size=world,

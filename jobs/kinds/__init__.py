@@ -78,11 +78,16 @@ def resolve_paths(spec: Any, base: str | Path) -> Any:
         text = str(value)
         return text if is_uri(text) or Path(text).is_absolute() else str((base / text).resolve())
 
+    def visit(node: Any, parts: list[str]) -> None:  # a list on the way (data.sources): each of its items
+        if isinstance(node, list):
+            for item in node:
+                visit(item, parts)
+        elif isinstance(node, dict) and len(parts) == 1:
+            node[parts[0]] = fix(node.get(parts[0]))
+        elif isinstance(node, dict):
+            visit(node.get(parts[0]), parts[1:])
+
     data = spec.model_dump(mode="json")
     for dotted in KINDS[spec.kind].paths:
-        *parents, last = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        node[last] = fix(node.get(last))
+        visit(data, dotted.split("."))
     return type(spec).parse(data, spec.source or "spec").model_copy(update={"source": spec.source})

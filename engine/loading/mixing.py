@@ -1,0 +1,491 @@
+"""Weighted mixing of several stores into one epoch stream (pretraining on several atlases).
+
+    mix = Mix([Source("atlas.store", 0.5), Source("perturb.store", 0.3), Source("small.store", 0.2)])
+    loader = Loader(mix, SamplerConfig(batch_size=4096), rank=rank, world_size=world_size)
+    for batch in loader:   # as from one store, plus "source": each cell's position in `mix.sources`
+        ...
+
+The plan (`MixSampler`) is `engine.loading.sampler.Sampler`'s, over a different stream of blocks:
+
+1. an epoch holds E cells (`epoch_cells`, default: all sources' cells together); source s gets the quota
+   round(E * w_s / sum w) (largest remainders, so the quotas sum to E exactly);
+2. source s fills its quota with *draws*: draw k is its blocks permuted by (seed, epoch, s, k), taken in order until
+   the quota is met (the last block cut short). A source smaller than its quota is repeated (draw 0, 1, ...: every
+   cell once per draw), a larger one subsampled without replacement (a random subset of its blocks);
+3. the pieces of every source are permuted together by (seed, epoch): one stream of E positions, block-shuffled
+   across all sources, that ranks, buffers, batches, the remainder policy, the global plan and the position
+   (resume mid-epoch) cut exactly as for one store. A block's shard is a *virtual* shard: the source's shards
+   follow each other (`shard_base`), so the read plan's segments keep their layout.
+
+Vocabularies may differ: the run's genes are a given list or the union of the sources' (in order of first
+appearance), each source's columns mapped onto them by gene id, as inference maps a store onto a checkpoint; the
+categories of an obs column are the union too, each source's codes mapped onto them. `MixedReader` decodes a
+buffer's cells of each source with that source's `BufferReader.collect`, then gathers each shuffled batch straight
+out of the sources' decoded pools (`Pools`), as `BufferReader.read` does out of one store's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import pandas as pd
+
+from engine.errors import LoaderError, SamplerError
+from engine.loading.buffers import BatchBuffers
+from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
+from engine.loading.sampler import Balance, BufferPlan, Sampler, SamplerConfig, _Epoch, category_counts
+from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
+from engine.store.format import CSRBlock, Store
+
+log = logging.getLogger(__name__)
+
+MIX_SALT = 0x6D1C_5EED  # the joint permutation of all sources' pieces: a stream of its own
+
+
+@dataclass(frozen=True)
+class Source:
+    """One store of a mix and its weight (its share of every epoch is weight / sum of weights)."""
+
+    store: str | Path | Store
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Several stores read as one: their weights, the epoch's size and the run's gene vocabulary.
+    `weighted=False` reads every source's cells once per epoch (validation)."""
+
+    sources: Sequence[Source]
+    epoch_cells: int | None = None  # None: all sources' cells together
+    genes: Sequence[str] | None = None  # the run's vocabulary; None: the union of the sources'
+    weighted: bool = True
+
+    def unweighted(self) -> Mix:
+        return dataclasses.replace(self, epoch_cells=None, weighted=False)
+
+    def open(self) -> OpenMix:
+        if not self.sources:
+            raise LoaderError("a mix needs at least one source")
+        for i, s in enumerate(self.sources):
+            if not s.weight > 0:
+                raise LoaderError(f"sources[{i}].weight is {s.weight!r}: expected a positive number")
+        if self.epoch_cells is not None and self.epoch_cells < 1:
+            raise LoaderError(f"epoch_cells is {self.epoch_cells!r}: expected a positive number of cells")
+        stores = [s.store if isinstance(s.store, Store) else Store.open(s.store) for s in self.sources]
+        genes = run_genes(stores, self.genes)
+        return OpenMix(self, stores, genes, [gene_index(st, genes) for st in stores])
+
+
+def run_genes(stores: Sequence[Store], genes: Sequence[str] | None = None) -> pd.Index:
+    """The run's gene vocabulary: `genes`, or the union of the stores' gene ids in order of first appearance."""
+    for st in stores:
+        if not st.gene_ids.is_unique:
+            raise LoaderError(f"{st.path}: var has duplicate gene ids; sources are mapped onto the run's genes by id")
+    if genes is not None:
+        out = pd.Index([str(g) for g in genes])
+        if not out.is_unique or len(out) == 0:
+            raise LoaderError("genes: expected a non-empty list of distinct gene ids")
+        return out
+    out = pd.Index([str(g) for g in stores[0].gene_ids])
+    for st in stores[1:]:
+        ids = pd.Index([str(g) for g in st.gene_ids])
+        out = out.append(ids[~ids.isin(out)])
+    return out
+
+
+def gene_index(store: Store, genes: pd.Index) -> np.ndarray | None:
+    """Store gene -> run column (-1: not a run gene); None when the store's vocabulary is the run's."""
+    index = genes.get_indexer(pd.Index([str(g) for g in store.gene_ids])).astype(np.int64)
+    if len(index) == len(genes) and np.array_equal(index, np.arange(len(genes))):
+        return None
+    if not (index >= 0).any():
+        raise LoaderError(f"{store.path}: none of its genes is in the run's vocabulary of {len(genes)} genes")
+    return index
+
+
+def remap_genes(block: CSRBlock, index: np.ndarray, n_genes: int) -> CSRBlock:
+    """The block's columns moved to `index[column]` of a vocabulary of `n_genes` (-1: dropped); rows stay sorted
+    by column (a permuted vocabulary scrambles the order within rows, so they are sorted again)."""
+    import scipy.sparse as sp
+
+    cols = index[block.indices]
+    keep = cols >= 0
+    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    indptr = kept_before[np.asarray(block.indptr, dtype=np.int64)]
+    m = sp.csr_matrix((block.data[keep], cols[keep], indptr), shape=(block.n_cells, n_genes))
+    m.sort_indices()
+    return CSRBlock(indptr=m.indptr.astype(np.int64), indices=m.indices, data=m.data, n_genes=n_genes)
+
+
+@dataclass
+class OpenMix:
+    """A mix with its stores opened and its vocabulary resolved."""
+
+    mix: Mix
+    stores: list[Store]
+    genes: pd.Index
+    gene_maps: list[np.ndarray | None]  # per source: store gene -> run column, None: the same vocabulary
+    _categories: dict[str, list[str] | None] = field(default_factory=dict)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def shard_base(self) -> np.ndarray:
+        """Virtual shard of each source's first shard: its shards follow those of the sources before it."""
+        return np.concatenate([[0], np.cumsum([st.n_shards for st in self.stores])]).astype(np.int64)
+
+    @property
+    def vocabulary_store(self) -> Store | None:
+        """A source whose vocabulary is the run's (its statistics bind a transform pipeline), if any."""
+        return next((st for st, m in zip(self.stores, self.gene_maps) if m is None), None)
+
+    def categories(self, key: str) -> list[str] | None:
+        """The union of the sources' categories of obs column `key` (None: a numeric column)."""
+        if key not in self._categories:
+            cats: list[str] | None = None
+            for st in self.stores:
+                schema = st.manifest.obs_schema.get(key)
+                if schema is None:
+                    raise LoaderError(f"{st.path}: no obs column {key!r}; it has {list(st.manifest.obs_schema)}")
+                if "categories" in schema:
+                    cats = (cats or []) + [c for c in schema["categories"] if c not in (cats or [])]
+            self._categories[key] = cats
+        return self._categories[key]
+
+    def code_map(self, source: int, key: str) -> np.ndarray | None:
+        """Source codes of `key` -> run codes, with a trailing -1 that code -1 (missing) indexes."""
+        cats = self.categories(key)
+        if cats is None:
+            return None
+        own = self.stores[source].manifest.obs_schema[key].get("categories", [])
+        return np.array([cats.index(c) for c in own] + [-1], dtype=np.int64)
+
+    def sampler(self, config: SamplerConfig, rank: int = 0, world_size: int = 1) -> MixSampler:
+        """The plan of `rank`: each source's blocks (block size picked per store), then the mix's stream."""
+        plain = config.model_copy(update={"balance_by": None, "class_weights": None, "global_batch": False})
+        sources = [Sampler.for_store(st, plain) for st in self.stores]
+        block = max(s.config.block_size for s in sources)  # sizes the buffers
+        config = config.model_copy(update={"block_size": config.block_size or block})
+        balance = None if config.balance_by is None else self.balance(config.balance_by, config.class_weights, sources)
+        return MixSampler(self, sources, config, rank, world_size, balance)
+
+    def balance(self, key: str, class_weights: dict[str, float] | None, sources: list[Sampler]) -> Balance:
+        """Class weights over the union of categories: given, or the inverse of each class's expected share of an
+        epoch (each source's counts scaled by its quota over its size)."""
+        cats = self.categories(key)
+        if cats is None:
+            raise SamplerError(f"balance_by={key!r} needs a categorical obs column in every source")
+        if class_weights is not None:
+            unknown = sorted(set(class_weights) - set(cats))
+            if unknown:
+                raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({cats})")
+            w = np.array([float(class_weights.get(c, 0.0)) for c in cats])
+        else:
+            quota = quotas(self, sources)
+            counts = np.zeros(len(cats))
+            for s, st in enumerate(self.stores):
+                own = category_counts(st, key)
+                np.add.at(counts, self.code_map(s, key)[:-1], own * quota[s] / sources[s].n_split_cells)
+            w = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), 0.0)
+        return Balance(key, np.concatenate([w, [0.0]]))
+
+
+def quotas(mix: OpenMix, sources: Sequence[Sampler]) -> np.ndarray:
+    """Cells of each source in an epoch: round(E * w / sum w) by largest remainders (they sum to E), or each
+    source's own cells when the mix is unweighted."""
+    sizes = np.array([s.n_split_cells for s in sources], dtype=np.int64)
+    if not mix.mix.weighted:
+        return sizes
+    total = int(mix.mix.epoch_cells or sizes.sum())
+    w = np.array([s.weight for s in mix.mix.sources], dtype=np.float64)
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]] += 1
+    return out
+
+
+class MixSampler(Sampler):
+    """The plan over a mix's stream (see the module docstring). Block ids are global: source s's blocks follow
+    those of the sources before it (`block_base`), and so do its shards (`shard_base`)."""
+
+    def __init__(
+        self,
+        mix: OpenMix,
+        sources: list[Sampler],
+        config: SamplerConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        balance: Balance | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise SamplerError(f"rank {rank} is outside world_size {world_size}")
+        if config.global_batch and config.batch_size < world_size:
+            raise SamplerError(f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks none")
+        self.config, self.rank, self.world_size, self.balance = config, rank, world_size, balance
+        self.mix, self.sources = mix, sources
+        self.block_base = np.concatenate([[0], np.cumsum([s.n_blocks for s in sources])]).astype(np.int64)
+        self.shard_base = mix.shard_base
+        self.quota = quotas(mix, sources)
+        self.n_split_cells = int(self.quota.sum())
+        self.epoch, self.batches_done = 0, 0
+        self._cache: dict[int, _Epoch] = {}
+
+    def blocks(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global block ids -> (virtual shard, start, stop)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        src = np.searchsorted(self.block_base, ids, side="right") - 1
+        shard, start, stop = (np.empty(len(ids), dtype=np.int64) for _ in range(3))
+        for s in np.unique(src):
+            at = src == s
+            sh, shard_start, shard_stop = self.sources[s].blocks(ids[at] - self.block_base[s])
+            shard[at], start[at], stop[at] = sh + self.shard_base[s], shard_start, shard_stop
+        return shard, start, stop
+
+    def _draws(self, s: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source s's pieces of an epoch: (global block id, cells taken from the block's start)."""
+        src, c = self.sources[s], self.config
+        ids, counts, need, k = [], [], int(self.quota[s]), 0
+        while need > 0:
+            if c.shuffle:
+                order = np.random.Generator(np.random.PCG64([c.seed, epoch, s, k])).permutation(src.n_blocks)
+            else:
+                order = np.arange(src.n_blocks, dtype=np.int64)
+            order = order[src.block_counts[order] > 0]
+            n = src.block_counts[order]
+            cum = np.cumsum(n)
+            m = min(len(order), int(np.searchsorted(cum, need, side="left")) + 1)
+            n = n[:m].copy()
+            n[-1] -= max(0, int(cum[m - 1]) - need)  # the last block cut short
+            ids.append(order[:m] + self.block_base[s])
+            counts.append(n)
+            need -= int(n.sum())
+            k += 1
+        empty = np.empty(0, dtype=np.int64)
+        return np.concatenate(ids) if ids else empty, np.concatenate(counts) if counts else empty
+
+    def _epoch(self, epoch: int) -> _Epoch:
+        if epoch not in self._cache:
+            drawn = [self._draws(s, epoch) for s in range(len(self.sources))]
+            order = np.concatenate([d[0] for d in drawn])
+            counts = np.concatenate([d[1] for d in drawn])
+            if self.config.shuffle:
+                perm = np.random.Generator(np.random.PCG64([self.config.seed, epoch, MIX_SALT])).permutation(len(order))
+                order, counts = order[perm], counts[perm]
+            cum = np.zeros(len(order) + 1, dtype=np.int64)
+            np.cumsum(counts, out=cum[1:])
+            while len(self._cache) >= 2:  # this epoch and the next (the Loader reads ahead)
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[epoch] = _Epoch(order, cum)
+        return self._cache[epoch]
+
+    def source_counts(self, epoch: int) -> np.ndarray:
+        """Cells of each source in the epoch's stream (all ranks together, before the remainder policy)."""
+        ep = self._epoch(epoch)
+        src = np.searchsorted(self.block_base, ep.order, side="right") - 1
+        return np.bincount(src, weights=np.diff(ep.cum), minlength=len(self.sources)).astype(np.int64)
+
+    def fingerprint(self) -> dict[str, Any]:
+        world = {} if self.config.global_batch else {"world_size": self.world_size}
+        return {
+            **self.config.model_dump(),
+            **world,
+            "sources": [
+                {"n_cells": int(s.cell_offsets[-1]), "n_shards": len(s.shard_cells), "weight": float(w.weight)}
+                for s, w in zip(self.sources, self.mix.mix.sources)
+            ],
+            "epoch_cells": self.n_split_cells,
+            "weighted": self.mix.mix.weighted,
+        }
+
+
+class MixedReader:
+    """Reads a mix's buffers: each source's cells with its own `BufferReader` (decoded, in stream order), mapped
+    onto the run's genes and obs categories, then shuffled and cut into batches as `BufferReader.read` does."""
+
+    def __init__(
+        self,
+        mix: OpenMix,
+        transforms: Any,
+        output: str,
+        obs_keys: Sequence[str],
+        direct_io: bool = True,
+        extra: Sequence[str] = (),  # obs keys read beside obs_keys (balance_by's)
+    ):
+        if output not in ("dense", "csr"):
+            raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
+        self.mix, self.output, self.obs_keys = mix, output, tuple(obs_keys)
+        keys = tuple(dict.fromkeys(self.obs_keys + tuple(extra)))
+        for k in keys:
+            mix.categories(k)  # every source has the column
+        self.readers = [BufferReader(st, None, "csr", keys, direct_io) for st in mix.stores]
+        self.code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
+        self.pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
+        self.dense_buffers, self.csr_buffers = BatchBuffers(), BatchBuffers()
+
+    @property
+    def blocks_stats(self) -> dict[str, int]:
+        return {k: sum(r.blocks.stats[k] for r in self.readers) for k in ("decoded", "used")}
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
+        single_threaded_kernels()
+        cols = self._gather(plan)
+        pool, n = cols.pop("pool"), plan.n_cells
+        pick = buffer_pick(plan, cols, n)
+        batches = []
+        for b in range(plan.n_batches):
+            sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
+            keys = ("index", "source", *self.obs_keys, *(("pad",) if plan.remainder == "pad" else ()))
+            batch: dict[str, Any] = {k: cols[k][sel] for k in keys}
+            rows = cols["row"][sel]
+            batch.update(self._x(pool, rows, batch["index"]))
+            batches.append(batch)
+        return batches
+
+    def _gather(self, plan: BufferPlan) -> dict[str, Any]:
+        """Each source's cells of the buffer (`BufferReader.collect`: its decoded pool, no copy) as one CSR `pool`
+        in the run's genes, plus per stream position: its row in the pool, index within its source, source, pad
+        flag and obs codes in the run's categories."""
+        base = self.mix.shard_base
+        seg = plan.segments
+        src = np.searchsorted(base, seg[:, 0], side="right") - 1
+        pools, cols, n_rows = [], [], 0
+        for s in np.unique(src):
+            own = seg[src == s].copy()
+            own[:, 0] -= base[s]
+            take = int(own[:, 4].sum())
+            sub = dataclasses.replace(plan, segments=own, n_batches=1, batch_size=take, balance=None, columns=None)
+            pool, rows, gidx, pad, obs = self.readers[s].collect(sub)
+            if self.mix.gene_maps[s] is not None:  # its cells, compacted, in the run's columns
+                block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
+                block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
+                ix, dx = block.indices.astype(pool.indices.dtype), block.data.astype(pool.data.dtype)  # as decoded
+                pool, rows = csr_rows(block.indptr, ix, dx), np.arange(take, dtype=np.int64)
+            for k, m in self.code_maps[s].items():
+                if m is not None:
+                    obs[k] = m[obs[k]]
+            pools.append(pool)
+            cols.append({"row": rows + n_rows, "index": gidx, "pad": pad, "source": np.full(take, s), **obs})
+            n_rows += pool.n_cells
+        pool = Pools.of(pools)
+        # the sources' cells one source after another -> stream order
+        by_source = np.argsort(np.repeat(src, seg[:, 4]), kind="stable")
+        stream = np.empty_like(by_source)
+        stream[by_source] = np.arange(len(by_source))
+        out = {k: np.concatenate([c[k] for c in cols])[stream] for k in cols[0]}
+        return {**out, "pool": pool}
+
+    def _x(self, pool: Pools, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
+        """X of the batch's rows (and whatever else the pipeline makes), as `BufferReader.read` gives them."""
+        n_genes = self.mix.n_genes
+        if self.pipeline is None:
+            if self.output == "dense":
+                return {"X": pool.dense(rows, n_genes, self.dense_buffers)}
+            return {"X": csr_out(*pool.csr(rows, self.csr_buffers), n_genes)}
+        ip, ix, dx = pool.csr(rows, self.csr_buffers)
+        out = self.pipeline(CSRBlock(ip, ix, dx, n_genes), index)
+        x = out["X"]
+        if isinstance(x, CSRBlock):
+            if self.output == "dense":
+                from engine.store.csr import gather_dense
+
+                x = gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
+            else:
+                x = csr_out(x.indptr, x.indices, x.data.astype(np.float32, copy=False), x.n_genes)
+        return {**out, "X": x}
+
+
+def csr_out(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: int) -> CSRBlock:
+    """A CSR batch as torch takes it: indptr and indices of one signed dtype (int32 unless too many non-zeros)."""
+    dt = np.int32 if indptr[-1] < 2**31 - 1 else np.int64
+    return CSRBlock(indptr.astype(dt, copy=False), indices.astype(dt, copy=False), data, n_genes)
+
+
+# ------------------------------------------------------------------------------------------------ pools
+
+
+@dataclass
+class Pools:
+    """The decoded pools of a buffer's sources, addressed as one: cell r lies in pool `pool[r]` (each source's
+    decoded chunks stay where they were decoded: gathering a batch is the one copy, as for one store)."""
+
+    indices: tuple[np.ndarray, ...]  # each pool's arrays (one dtype: cast where the stores differ)
+    data: tuple[np.ndarray, ...]
+    pool: np.ndarray  # per cell
+    row_start: np.ndarray
+    row_len: np.ndarray
+
+    @classmethod
+    def of(cls, pools: list[CSRRows]) -> Pools:
+        dt_i = np.result_type(*(p.indices.dtype for p in pools))
+        dt_d = np.result_type(*(p.data.dtype for p in pools))
+        return cls(
+            tuple(p.indices.astype(dt_i, copy=False) for p in pools),
+            tuple(p.data.astype(dt_d, copy=False) for p in pools),
+            np.concatenate([np.full(p.n_cells, i, dtype=np.int64) for i, p in enumerate(pools)]),
+            np.concatenate([p.row_start for p in pools]).astype(np.int64, copy=False),
+            np.concatenate([p.row_len for p in pools]).astype(np.int64, copy=False),
+        )
+
+    def dense(self, rows: np.ndarray, n_genes: int, buffers: BatchBuffers) -> np.ndarray:
+        out, fresh = buffers.get((len(rows), n_genes))
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        _pools_dense(self.indices, self.data, self.pool, self.row_start, self.row_len, rows, out, not fresh)
+        return out
+
+    def csr(self, rows: np.ndarray, buffers: BatchBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cells `rows` as CSR arrays: int64 indptr, int32 indices, float32 data (these two from `buffers`)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self.row_len[rows], out=indptr[1:])
+        indices, data = buffers.empty(int(indptr[-1]), np.int32), buffers.empty(int(indptr[-1]), np.float32)
+        _pools_fill(self.indices, self.data, self.pool, self.row_start, rows, indptr, indices, data)
+        return indptr, indices, data
+
+
+@numba.njit(nogil=True, cache=True)
+def _pools_dense(indices, data, pool, row_start, row_len, rows, out, clear):
+    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
+        ind, dat = indices[p], data[p]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if pool[r] != p:
+                continue
+            if clear:  # a reused buffer: clear the row just before filling it (it is in cache then)
+                out[i, :] = 0
+            a = row_start[r]
+            for k in range(a, a + row_len[r]):
+                out[i, ind[k]] = dat[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _pools_fill(indices, data, pool, row_start, rows, out_indptr, out_indices, out_data):
+    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
+        ind, dat = indices[p], data[p]
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if pool[r] != p:
+                continue
+            a, o = row_start[r], out_indptr[i]
+            n = out_indptr[i + 1] - o
+            # per-row views and one loop per array, as engine.store.csr's kernel: numba vectorises these
+            src_i, src_d = ind[a : a + n], dat[a : a + n]
+            dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
+            for k in range(n):
+                dst_i[k] = src_i[k]
+            for k in range(n):
+                dst_d[k] = src_d[k]
