@@ -40,7 +40,7 @@ import pandas as pd
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
-from engine.loading.sampler import Balance, BufferPlan, Sampler, SamplerConfig, _Epoch, category_counts
+from engine.loading.sampler import Balance, BufferPlan, Sampler, SamplerConfig, _Epoch, category_counts, check_rank
 from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 
@@ -227,10 +227,7 @@ class MixSampler(Sampler):
         world_size: int = 1,
         balance: Balance | None = None,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise SamplerError(f"rank {rank} is outside world_size {world_size}")
-        if config.global_batch and config.batch_size < world_size:
-            raise SamplerError(f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks none")
+        check_rank(config, rank, world_size)
         self.config, self.rank, self.world_size, self.balance = config, rank, world_size, balance
         self.mix, self.sources = mix, sources
         self.block_base = np.concatenate([[0], np.cumsum([s.n_blocks for s in sources])]).astype(np.int64)

@@ -246,6 +246,14 @@ class _Epoch:
     cum: np.ndarray  # cum[k] = stream position of the first cell of order[k]; cum[-1] = N
 
 
+def check_rank(config: SamplerConfig, rank: int, world_size: int) -> None:
+    """A rank of the world, and a global batch that gives every rank cells."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise SamplerError(f"rank {rank} is outside world_size {world_size}")
+    if config.global_batch and config.batch_size < world_size:
+        raise SamplerError(f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks no cells")
+
+
 class Sampler:
     """Plans epochs for one rank. `shard_cells` is the manifest's cell count per shard; `Sampler.for_store` also
     resolves the config's block size and class balance for a store."""
@@ -258,12 +266,7 @@ class Sampler:
         world_size: int = 1,
         balance: Balance | None = None,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise SamplerError(f"rank {rank} is outside world_size {world_size}")
-        if config.global_batch and config.batch_size < world_size:
-            raise SamplerError(
-                f"a global batch of {config.batch_size} cells leaves some of {world_size} ranks no cells"
-            )
+        check_rank(config, rank, world_size)
         if config.block_size is None:
             raise SamplerError("block_size is not resolved: plan with Sampler.for_store, which picks it for the store")
         if config.balance_by is not None and balance is None:
