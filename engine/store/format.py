@@ -188,7 +188,8 @@ def checksum_values(values: Any) -> str:
     a = np.asarray(values)
     if a.dtype.kind in "OUST":
         encoded = [str(v).encode() for v in a]
-        return checksum_arrays(np.array([len(e) for e in encoded], np.int64), np.frombuffer(b"".join(encoded), np.uint8))
+        lengths = np.array([len(e) for e in encoded], np.int64)
+        return checksum_arrays(lengths, np.frombuffer(b"".join(encoded), np.uint8))
     return checksum_arrays(a.astype(np.float64 if a.dtype.kind in "bf" else np.int64))
 
 
