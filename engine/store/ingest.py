@@ -213,8 +213,10 @@ def write_bucket(
     obs_df = pd.concat([p["obs"] for p in parts], axis=0).iloc[order]
     del parts
     for col, schema in obs_columns.items():
-        if "categories" in schema:
-            obs_df[col] = pd.Categorical(obs_df[col].astype(object), categories=schema["categories"])
+        if "categories" in schema:  # categories are strings (`_obs_schema`): so are the values, whatever their input
+            values = obs_df[col].astype(object)
+            values = values.where(values.isna(), values.map(str))
+            obs_df[col] = pd.Categorical(values, categories=schema["categories"])
     obs_df.index = obs_df.index.astype(str)
     root = zarr.open_group(tmp_store, mode="a")
     info = write_shard(root, shard_id, indptr, indices, data, obs_df, gene_ids, config.codec, config.chunk_elements)
@@ -238,20 +240,31 @@ def _obs_for(source: Source, dataset: str, obs_keys: Sequence[str]) -> pd.DataFr
     return obs
 
 
-def _obs_schema(obs_frames: list[pd.DataFrame], obs_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Unified dtypes and categories of the kept obs columns across inputs."""
+def _obs_schema(
+    obs_frames: list[pd.DataFrame], obs_keys: Sequence[str], names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Unified dtypes and categories of the kept obs columns across inputs: a column numeric in every input that has
+    it stays numeric; any other becomes categorical, its categories (and values) strings, whatever each input held."""
     schema: dict[str, dict[str, Any]] = {"dataset": {}, "obs_name": {"dtype": "string"}}
     for col in ["dataset", *obs_keys]:
         values = [f[col] for f in obs_frames]
         present = [v for v in values if not v.isna().all()]
-        numeric = present and all(
-            pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in present
-        )
+        kinds = {  # input -> what its column holds
+            n: "numbers" if pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) else "text"
+            for n, v in zip(names, values)
+            if not v.isna().all()
+        }
+        numeric = bool(kinds) and all(k == "numbers" for k in kinds.values())
+        if len(set(kinds.values())) > 1:
+            log.warning(
+                "obs column %r holds numbers in %s and text in %s: stored as categories (strings) for all",
+                col, [n for n, k in kinds.items() if k == "numbers"], [n for n, k in kinds.items() if k == "text"],
+            )  # fmt: skip
         if numeric and col != "dataset":
             schema[col] = {
                 "dtype": "float64"
                 if any(v.isna().any() for v in values) or any(v.dtype.kind == "f" for v in present)
-                else str(present[0].dtype)
+                else str(np.result_type(*[v.dtype for v in present]))
             }
         else:
             cats: list[str] = []
@@ -357,7 +370,7 @@ def _open_inputs(paths: Sequence[Path], config: IngestConfig) -> _Inputs:
         var=var,
         gene_maps=gene_maps,
         obs_frames=obs_frames,
-        schema=_obs_schema(obs_frames, config.obs_keys),
+        schema=_obs_schema(obs_frames, config.obs_keys, names),
         n_cells=sum(s.n_obs for s in sources),
         nnz_estimate=sum(s.nnz_estimate for s in sources),
     )
