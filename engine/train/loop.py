@@ -210,6 +210,11 @@ class _Objective(torch.nn.Module):
 
     def forward(self, batch: dict, step: int):
         out = self.model.loss(batch, step=step)
+        if not torch.isfinite(out.loss.detach()):  # a diverged run: stop, never train on (and save) NaN weights
+            raise TrainError(
+                f"the loss is {float(out.loss):g} at step {step + 1}: training diverged (lower train.lr, or check the "
+                "data's counts and transforms)"
+            )
         return out.loss, out.terms, out.n_cells
 
 
