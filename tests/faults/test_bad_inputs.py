@@ -4,6 +4,7 @@ status 2, no Python traceback, and nothing left behind (no output, no temporary,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -455,6 +456,19 @@ def test_run_on_a_damaged_store(action, expect, chunky, ray_local, tmp_path, cap
 
     assert expect in run_case(setup, chunky, tmp_path, capsys, monkeypatch)
     assert not list(out.rglob("model.pt")), "no checkpoint saved from damaged data"
+
+
+def test_diverging_run_ends_with_exit_2_naming_the_step(chunky_store, ray_local, tmp_path, capsys, monkeypatch):
+    """A finite but absurd learning rate: the loss turns inf/NaN after the first update, and the run stops there."""
+    side = tmp_path / "side"
+    side.mkdir()
+    raw = spec(
+        str(chunky_store),
+        **{"train.lr": 1e30, "train.max_steps": 6, "train.output": str(side / "run"), "resources": {"workers": 0}},
+    )
+    err = run_case(lambda d, s: ["run", str(write_spec(side, raw))], chunky_store, tmp_path, capsys, monkeypatch)
+    assert re.search(r"the loss is (nan|inf|-inf) at step [2-6]: training diverged", err), err
+    assert not list((side / "run").rglob("model.pt")), "no checkpoint of NaN weights"
 
 
 EMBED_DAMAGE = [X_DAMAGE[0], OBS_DAMAGE[0], OBS_DAMAGE[1], VAR_DAMAGE[0]]
