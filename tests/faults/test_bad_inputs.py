@@ -494,6 +494,45 @@ def test_embed_with_an_unknown_label_key_writes_nothing(chunky, chunky_checkpoin
     assert "nope" in run_case(setup, chunky, tmp_path, capsys, monkeypatch)
 
 
+def first_checkpoint(run: Path) -> Path:
+    return sorted(run.glob("checkpoint_*"))[-1]
+
+
+CHECKPOINT_DAMAGE = [
+    ("model.pt garbage", lambda c: garbage(first_checkpoint(c) / "model.pt"), "model.pt: not a readable checkpoint"),
+    (
+        "model.pt truncated",
+        lambda c: (first_checkpoint(c) / "model.pt").write_bytes((first_checkpoint(c) / "model.pt").read_bytes()[:500]),
+        "model.pt: not a readable checkpoint file, garbage or truncated",
+    ),
+    (
+        "meta.json garbled",
+        lambda c: (first_checkpoint(c) / "meta.json").write_text("{step: 2,"),
+        "meta.json: not valid",
+    ),
+    (
+        "meta.json of a directory given",
+        lambda c: (first_checkpoint(c) / "meta.json").write_text("[1, 2]"),
+        "meta.json: not a checkpoint's meta",
+    ),
+    ("model.pt missing", lambda c: (first_checkpoint(c) / "model.pt").unlink(), "incomplete checkpoint"),
+]
+
+
+@pytest.mark.parametrize("action, expect", [d[1:] for d in CHECKPOINT_DAMAGE], ids=[d[0] for d in CHECKPOINT_DAMAGE])
+def test_embed_with_a_damaged_checkpoint(action, expect, chunky, chunky_checkpoint, tmp_path, capsys, monkeypatch):
+    side = tmp_path / "side"
+    run = Path(shutil.copytree(chunky_checkpoint, side / "run"))
+    action(run)
+    given = first_checkpoint(run) if "directory given" in expect or "meta" in expect else run
+
+    def setup(d, s):
+        return ["embed", "--checkpoint", str(given), "--store", str(s), "--out", str(d / "e.h5ad"), "--executor",
+                "local"]  # fmt: skip
+
+    assert expect in run_case(setup, chunky, tmp_path, capsys, monkeypatch)
+
+
 def test_undamaged_chunky_store_reads_back(chunky):
     """The damage tests' control: the same reads of the intact store succeed, and match its inputs' totals."""
     assert main(["verify", str(chunky)]) == 0
@@ -518,5 +557,13 @@ def test_obs_column_of_numbers_and_text_is_stored_as_strings(tmp_path):
 
 
 def test_the_table_is_large():
-    n = len(CASES) + len(CHUNKY_CASES) + 2 * len(ALL_DAMAGE) + len(TRAINING_DAMAGE) + len(EMBED_DAMAGE) + 1
+    n = (
+        len(CASES)
+        + len(CHUNKY_CASES)
+        + 2 * len(ALL_DAMAGE)
+        + len(TRAINING_DAMAGE)
+        + len(EMBED_DAMAGE)
+        + len(CHECKPOINT_DAMAGE)
+        + 2
+    )
     assert n >= 120, n
