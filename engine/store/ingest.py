@@ -113,6 +113,13 @@ def scatter_range(task: ScatterTask) -> dict[str, Any]:
             block = source.read_rows(a, b)
             block.sum_duplicates()
             validate_counts(block, path, source.field, a, config.allow_non_integer)
+            if block.nnz and (block.indices.min() < 0 or block.indices.max() >= len(gene_map)):
+                bad = np.flatnonzero((block.indices < 0) | (block.indices >= len(gene_map)))[0]
+                raise InputError(
+                    f"{path}: field '{source.field}' has gene index {int(block.indices[bad])} at row "
+                    f"{a + int(np.searchsorted(block.indptr, bad, side='right') - 1)}, outside [0, {len(gene_map)}) "
+                    "(its var has that many genes): a corrupt sparse matrix"
+                )
             # remap genes onto the vocabulary; drop genes it lacks; restore sorted indices within rows
             new_idx = gene_map[block.indices]
             keep = new_idx >= 0

@@ -333,11 +333,27 @@ CHUNKY_CASES = (
 )
 
 
+def bad_gene_index(d: Path, value: int) -> Path:
+    """A valid h5ad whose CSR X then gets one gene index outside [0, n_vars) (as a broken writer leaves it)."""
+    import h5py
+
+    path = h5ad(d, "b.h5ad", counts())
+    with h5py.File(path, "r+") as f:
+        indices = f["X/indices"][:].astype(np.int64)
+        del f["X/indices"]
+        indices[7] = value
+        f["X/indices"] = indices
+    return path
+
+
 def nonfinite_spec(path: str, value):
     return lambda d, s: ["run", str(write_spec(d, spec(str(s), **{path: value}))), "--check"]
 
 
 CASES += [
+    ("ingest: gene index >= n_vars", ingest(lambda d: bad_gene_index(d, 8)), "gene index 8 at row"),
+    ("ingest: gene index far out", ingest(lambda d: bad_gene_index(d, 10**6)), "outside [0, 8)"),
+    ("ingest: negative gene index", ingest(lambda d: bad_gene_index(d, -1)), "gene index -1"),
     ("spec: lr .inf", nonfinite_spec("train.lr", float("inf")), "train.lr: inf is not a finite number"),  # YAML .inf
     ("spec: lr .nan", nonfinite_spec("train.lr", float("nan")), "train.lr: nan is not a finite number"),
     ("spec: lr -.inf", nonfinite_spec("train.lr", float("-inf")), "train.lr: -inf is not a finite number"),
