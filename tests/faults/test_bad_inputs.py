@@ -354,6 +354,21 @@ CASES += [
     ("ingest: gene index >= n_vars", ingest(lambda d: bad_gene_index(d, 8)), "gene index 8 at row"),
     ("ingest: gene index far out", ingest(lambda d: bad_gene_index(d, 10**6)), "outside [0, 8)"),
     ("ingest: negative gene index", ingest(lambda d: bad_gene_index(d, -1)), "gene index -1"),
+    (
+        "cluster start --num-cpus -1",
+        lambda d, s: ["cluster", "start", "--num-cpus", "-1", "--state-dir", str(d / "c")],
+        "--num-cpus -1: expected an integer >= 1",
+    ),  # fmt: skip
+    (
+        "cluster start --num-gpus -2",
+        lambda d, s: ["cluster", "start", "--num-gpus", "-2", "--state-dir", str(d / "c")],
+        "--num-gpus -2",
+    ),  # fmt: skip
+    (
+        "cluster start --object-store-mb 0",
+        lambda d, s: ["cluster", "start", "--object-store-mb", "0", "--state-dir", str(d / "c")],
+        "--object-store-mb 0",
+    ),
     ("spec: lr .inf", nonfinite_spec("train.lr", float("inf")), "train.lr: inf is not a finite number"),  # YAML .inf
     ("spec: lr .nan", nonfinite_spec("train.lr", float("nan")), "train.lr: nan is not a finite number"),
     ("spec: lr -.inf", nonfinite_spec("train.lr", float("-inf")), "train.lr: -inf is not a finite number"),
@@ -547,6 +562,14 @@ def test_embed_with_a_damaged_checkpoint(action, expect, chunky, chunky_checkpoi
                 "local"]  # fmt: skip
 
     assert expect in run_case(setup, chunky, tmp_path, capsys, monkeypatch)
+
+
+def test_cluster_start_with_token_auth_turned_off(fresh_store, tmp_path, capsys, monkeypatch):
+    """RAY_AUTH_MODE=disabled: refused at once (the cluster would start with token auth, this client without)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    argv = ["cluster", "start", "--state-dir", str(tmp_path / "side" / "c")]
+    assert "RAY_AUTH_MODE=disabled" in run_case(lambda d, s: argv, fresh_store, tmp_path, capsys, monkeypatch)
+    assert not (tmp_path / "side").exists()
 
 
 def test_undamaged_chunky_store_reads_back(chunky):
