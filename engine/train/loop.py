@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,8 @@ from engine.train.debug import FaultDrill, StepTrace
 from engine.train.metrics import MetricsWindow, allreduce_sum
 
 log = logging.getLogger(__name__)
+
+WORKER_ERRORS_LOG = "worker-errors.log"  # in the run's output folder: tracebacks of errors in the workers
 
 
 @dataclass
@@ -50,7 +53,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_ray_train_reports()
+    _quiet_ray_train_reports(ctx.output)
     cfg, t = ctx.config, ctx.config.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
@@ -289,14 +292,24 @@ def _validate(objective, loader: Loader, step: int, device, use_bf16: bool, worl
     return float(s[0] / s[1]) if s[1] > 0 else float("nan")
 
 
-def _quiet_ray_train_reports() -> None:
+def _quiet_ray_train_reports(output: str) -> None:
     """Ray Train logs one INFO line per report() per worker from a logger named after its file (outside
-    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead."""
+    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead. It also logs
+    the traceback of an error in the training function, which Ray streams to the driver's terminal before the
+    driver's own one-line error: that goes to the run's `worker-errors.log` instead (debugging keeps both)."""
     if log.isEnabledFor(logging.DEBUG):
         return
     try:
+        from ray.train.v2._internal import util
         from ray.train.v2._internal.execution import context, storage
     except ImportError:
         return
     for name in (context.__file__, storage.__name__):
         logging.getLogger(name).setLevel(logging.WARNING)
+    errors = logging.getLogger(util.__name__)
+    if not any(isinstance(h, logging.FileHandler) for h in errors.handlers):
+        Path(output).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(output) / WORKER_ERRORS_LOG)
+        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(levelname)s %(message)s"))
+        errors.addHandler(handler)
+        errors.propagate = False
