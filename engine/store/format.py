@@ -307,6 +307,24 @@ def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def settle_zarr() -> None:
+    """After a failed zarr-python read: zarr's sync() raises at the first bad chunk while the array's other chunk reads
+    are still pending on zarr's event loop; at exit they would be destroyed, each with lines of asyncio noise ("Task
+    was destroyed but it is pending!"). Wait for them to end (they are reads: seconds at most)."""
+    import asyncio
+
+    from zarr.core.sync import _get_loop
+
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(drain(), _get_loop()).result(timeout=60)
+    except Exception as e:  # a zarr without this loop, or reads that hang: the noise, then, is the lesser harm
+        log.debug("could not wait for zarr's pending reads: %s", e)
+
+
 def root_metadata(path: Path | ObjectPath) -> dict[str, Any] | None:
     """The root zarr.json of a store as a dict (in a bucket: the committed one), or None when there is none."""
     try:
@@ -437,6 +455,7 @@ class Store:
                 index = pd.Index(ad.io.read_elem(group[group.attrs["_index"]]), name=None)
                 frame = pd.DataFrame({c: ad.io.read_elem(group[c]) for c in columns}, index=index)
         except Exception as e:  # zarr raises KeyError, ValueError, RuntimeError, ... for missing or corrupt chunks
+            settle_zarr()
             raise StoreError(f"{self.path}/{where}: missing or unreadable ({type(e).__name__}: {e})") from None
         for key, got in frame_checksums(frame).items():
             if checksums and got != checksums.get(key):
@@ -496,6 +515,7 @@ class Store:
         try:
             return arr[lo:hi]
         except Exception as e:  # zarr/numcodecs raise ValueError/RuntimeError/... on bad bytes
+            settle_zarr()
             first, last = lo // arr.chunks[0], max(lo, hi - 1) // arr.chunks[0]
             raise StoreError(
                 f"{self.where(shard, name)}: chunks {first}-{last} are corrupt ({type(e).__name__}: {e})"
@@ -569,6 +589,7 @@ class Store:
             categorical = elem.attrs.get("encoding-type") == "categorical"
             values = np.asarray(elem["codes"][:]).astype(np.int64) if categorical else np.asarray(ad.io.read_elem(elem))
         except Exception as e:  # zarr raises KeyError, ValueError, RuntimeError, ... for missing or corrupt chunks
+            settle_zarr()
             raise StoreError(f"{where}: missing or unreadable ({type(e).__name__}: {e})") from None
         name = f"{key}/codes" if categorical else key
         if info.obs and (got := checksum_values(values)) != info.obs.get(name):

@@ -258,9 +258,7 @@ def _obs_schema(
         present = [v for v in values if not v.isna().all()]
         is_number = [pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in values]
         kinds = {  # input -> what its column holds
-            n: "numbers" if number else "text"
-            for n, v, number in zip(names, values, is_number)
-            if not v.isna().all()
+            n: "numbers" if number else "text" for n, v, number in zip(names, values, is_number) if not v.isna().all()
         }
         numeric = bool(kinds) and all(k == "numbers" for k in kinds.values())
         if len(set(kinds.values())) > 1:
