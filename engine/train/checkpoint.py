@@ -86,6 +86,7 @@ class Checkpointer:
         self.meta = meta  # job name, model name + resolved config, data section
         self.keep = keep
         self.local_mode = local_mode  # Ray Train's local mode persists nothing: write to output/ ourselves
+        self.reports: list[dict[str, Any]] = []  # rank 0: the metrics reported since the previous checkpoint
 
     def write(self, d: Path, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -105,8 +106,10 @@ class Checkpointer:
                 "world_size": self.world_size,
                 **self.meta,
                 "metrics": metrics,
+                "reports": self.reports or [metrics],  # every report since the previous checkpoint
             }
             (d / META_FILE).write_text(json.dumps(meta, indent=1))
+            self.reports = []
         torch.save(
             {"loader": state.loader.state_dict(), "rng": rng_state(), "epoch": state.epoch, "step": state.step},
             d / f"rank{self.rank}.pt",
@@ -309,9 +312,10 @@ def checkpoint_metrics(output: str | os.PathLike) -> list[dict[str, Any]]:
     found = []
     for meta_file in Path(output).glob(f"checkpoint_*/{META_FILE}"):
         if checkpoint_complete(meta_file.parent):
-            metrics = read_meta(meta_file.parent).get("metrics")
-            if isinstance(metrics, dict) and "step" in metrics:
-                found.append(metrics)
+            meta = read_meta(meta_file.parent)
+            for metrics in meta.get("reports") or [meta.get("metrics")]:
+                if isinstance(metrics, dict) and "step" in metrics:
+                    found.append(metrics)
     return found
 
 

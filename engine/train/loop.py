@@ -133,7 +133,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
                 )
                 if do_val:
                     metrics["val_loss"] = _validate(objective, val_loader, state.step, device, use_bf16, world)
-                _report(ctx, rank, metrics, checkpointer if do_ckpt else None, state)
+                _report(ctx, rank, metrics, checkpointer, state, save=do_ckpt)
         else:
             break  # max_steps reached mid-epoch
         state.epoch += 1
@@ -234,13 +234,21 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def _report(
-    ctx: LoopContext, rank: int, metrics: dict[str, Any], checkpointer: Checkpointer | None, state: TrainState
+    ctx: LoopContext,
+    rank: int,
+    metrics: dict[str, Any],
+    checkpointer: Checkpointer,
+    state: TrainState,
+    save: bool = True,
 ) -> None:
-    """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints, a checkpoint to Ray Train.
-    report() is a barrier the controller drains every few seconds, so it is called at checkpoints only."""
+    """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints (`save`), a checkpoint to Ray
+    Train. report() is a barrier the controller drains every few seconds, so it is called at checkpoints only. The
+    checkpoint also keeps every report since the previous one: a driver killed before it wrote them to
+    metrics.jsonl loses none (its rerun resumes after that checkpoint and takes them from it)."""
     if rank == 0:
         ctx.run_log.add.remote(metrics)
-    if checkpointer is not None:
+        checkpointer.reports.append(metrics)
+    if save:
         checkpointer.save(state, metrics)
 
 

@@ -235,3 +235,25 @@ def test_a_worker_error_is_one_line_in_the_terminal_and_whole_in_the_run_log(fre
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "shards/00001/X/data" in errors[0], err
     logged = (tmp_path / "run" / "worker-errors.log").read_text()
     assert "Traceback" in logged and "shards/00001/X/data" in logged
+
+
+def test_checkpoints_keep_every_report_since_the_previous_one(tiny_store, ray_local, tmp_path):
+    """What a rerun takes from the checkpoints when its killed driver wrote metrics.jsonl last before the final
+    reports: every step's report (issue 23: a killed and resumed run's metrics.jsonl missed a step)."""
+    from engine.train.checkpoint import checkpoint_metrics
+    from engine.train.driver import pretrain
+    from jobs.spec import parse_spec
+
+    config = parse_spec({
+        "kind": "pretrain",
+        "name": "reports",
+        "data": {"store": str(tiny_store), "batch_size": 64},
+        "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16}},
+        "train": {"max_steps": 7, "checkpoint_every": 3, "report_every": 1, "keep_checkpoints": 5,
+                  "output": str(tmp_path / "run")},
+        "resources": {"workers": 0},
+    })  # fmt: skip
+    result = pretrain(config)
+    assert [m["step"] for m in result.history] == list(range(1, 8))
+    kept = sorted({m["step"] for m in checkpoint_metrics(result.output)})
+    assert kept == list(range(1, 8)), kept  # checkpoints at 3, 6, 7 hold the reports of 1-3, 4-6, 7
