@@ -36,8 +36,6 @@ import json
 import logging
 import os
 import threading
-import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,11 +47,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from engine.errors import MissingObjectError, StoreError
 from engine.objects import ObjectPath, store_path, zarr_store
-from engine.store.chunkfile import ArrayReader, tail_crc
+from engine.store.chunkfile import ArrayReader
+from engine.store.integrity import (
+    check_names,
+    checksum_values,
+    frame_checksums,
+    settle_zarr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 14
 DEFAULT_CHUNKS_PER_FILE = 256
 INDPTR_CHUNK = 1 << 16  # cells per chunk of X/indptr
 MAX_OPEN_READERS = 48  # direct array readers a Store keeps for reuse
-# obs and var arrays: checksummed like X, every chunk written (a missing one must not read as "" or 0)
-FRAME_ARRAYS = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "config": {"write_empty_chunks": True}}
 
 
 @dataclass(frozen=True)
@@ -175,154 +177,7 @@ def smallest_uint(max_value: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def checksum_arrays(*arrays: np.ndarray) -> str:
-    crc = 0
-    for a in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8), crc)
-    return f"crc32:{crc:08x}"
-
-
-def checksum_values(values: Any) -> str:
-    """`checksum_arrays` of an obs/var array's values as anndata reads them back: strings as their utf-8 bytes and
-    lengths (so where one ends counts), categorical codes as int64, numbers as float64."""
-    a = np.asarray(values)
-    if a.dtype.kind in "OUST":
-        encoded = [str(v).encode() for v in a]
-        lengths = np.array([len(e) for e in encoded], np.int64)
-        return checksum_arrays(lengths, np.frombuffer(b"".join(encoded), np.uint8))
-    return checksum_arrays(a.astype(np.float64 if a.dtype.kind in "bf" else np.int64))
-
-
-def frame_checksums(frame: pd.DataFrame) -> dict[str, str]:
-    """The checksum of every array anndata writes for `frame` (an obs or var), keyed by its path in the group."""
-    out = {"_index": checksum_values(frame.index)}
-    for col in frame.columns:
-        v = frame[col]
-        if isinstance(v.dtype, pd.CategoricalDtype):
-            out[f"{col}/codes"] = checksum_values(v.cat.codes)
-            out[f"{col}/categories"] = checksum_values(v.cat.categories)
-        else:
-            out[col] = checksum_values(v.to_numpy())
-    return out
-
-
-def check_names(names: pd.Index, where: str, what: str) -> None:
-    """Refuse empty or duplicate names (gene ids, cell names): each one names one gene or cell."""
-    as_str = names.astype(str)
-    if len(empty := np.flatnonzero((as_str == "") | names.isna())):
-        raise StoreError(f"{where}: {len(empty)} empty {what} (the first at position {int(empty[0])})")
-    if not names.is_unique:
-        dup = names[names.duplicated()]
-        raise StoreError(f"{where}: {len(dup)} duplicate {what} (the first: {str(dup[0])!r})")
-
-
-def file_digests(array_dir: Path, n_files: int) -> list[str]:
-    """The crc32c each file of an array ends in (its chunk index's in a zarr shard, its chunk's otherwise), by file
-    number: what `ArrayReader` checks each file against when it maps it."""
-    return [tail_crc(array_dir / "c" / str(k)) for k in range(n_files)]
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-
-def write_shard(
-    root: zarr.Group,
-    shard_id: int,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    obs: pd.DataFrame,
-    gene_ids: pd.Index,
-    codec: Codec,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> ShardInfo:
-    """Write one shard as a complete AnnData zarr group under `root/shards/NNNNN`; return its manifest entry."""
-    import anndata as ad
-
-    path = f"shards/{shard_id:05d}"
-    n_cells, n_genes = len(indptr) - 1, len(gene_ids)
-    if len(obs) != n_cells:
-        raise StoreError(f"{path}: obs has {len(obs)} rows, expected {n_cells} (one per cell)")
-    group = root.require_group(path)
-    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    x = group.create_group("X")
-    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
-    nnz = len(data)
-    chunk = max(1, min(chunk_elements, nnz))
-    n_chunks = -(-max(nnz, 1) // chunk)
-    file_elems = chunk * min(n_chunks, DEFAULT_CHUNKS_PER_FILE)
-    # every chunk written (a missing one is corruption, not fill) and checksummed (crc32c after compression)
-    integrity = {"config": {"write_empty_chunks": True}}
-    for name, arr in (("data", data), ("indices", indices)):
-        x.create_array(
-            name,
-            data=np.ascontiguousarray(arr),
-            chunks=(chunk,),
-            shards=(file_elems,),
-            compressors=[codec.zarr_compressor(), Crc32cCodec()],
-            **integrity,
-        )
-    indptr = np.asarray(indptr, dtype=np.int64)
-    # chunked too, so a reader of a few blocks of a big shard does not fetch the whole indptr
-    x.create_array(
-        "indptr",
-        data=indptr,
-        chunks=(min(len(indptr), INDPTR_CHUNK),),
-        compressors=[ZstdCodec(level=3), Crc32cCodec()],
-        **integrity,
-    )
-    with warnings.catch_warnings():  # anndata's note on zarr autosharding concerns its own chunking, not ours
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
-            ad.io.write_elem(group, key, {})
-        ad.io.write_elem(group, "obs", obs, dataset_kwargs=FRAME_ARRAYS)
-        ad.io.write_elem(group, "var", pd.DataFrame(index=gene_ids), dataset_kwargs=FRAME_ARRAYS)
-    local = Path(root.store.root) / path / "X"  # shards are always written to a local directory (then uploaded)
-    files = {
-        name: file_digests(local / name, -(-n // per))
-        for name, n, per in (("data", nnz, file_elems), ("indices", nnz, file_elems),
-                             ("indptr", len(indptr), min(len(indptr), INDPTR_CHUNK)))
-    }  # fmt: skip
-    return ShardInfo(
-        path=path,
-        n_cells=int(n_cells),
-        nnz=int(nnz),
-        checksum=checksum_arrays(indptr, indices, data),
-        files=files,
-        obs=frame_checksums(obs),
-    )
-
-
-def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
-    """Write the vocabulary and, last, the manifest: a store without a manifest is incomplete."""
-    import anndata as ad
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        ad.io.write_elem(root, "var", var, dataset_kwargs=FRAME_ARRAYS)
-    manifest.var_checksums = frame_checksums(var)
-    root.attrs[MANIFEST_KEY] = manifest.to_dict()
-
-
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def settle_zarr() -> None:
-    """After a failed zarr-python read: zarr's sync() raises at the first bad chunk while the array's other chunk reads
-    are still pending on zarr's event loop; at exit they would be destroyed, each with lines of asyncio noise ("Task
-    was destroyed but it is pending!"). Wait for them to end (they are reads: seconds at most)."""
-    import asyncio
-
-    from zarr.core.sync import _get_loop
-
-    async def drain() -> None:
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        await asyncio.gather(*others, return_exceptions=True)
-
-    try:
-        asyncio.run_coroutine_threadsafe(drain(), _get_loop()).result(timeout=60)
-    except Exception as e:  # a zarr without this loop, or reads that hang: the noise, then, is the lesser harm
-        log.debug("could not wait for zarr's pending reads: %s", e)
 
 
 def root_metadata(path: Path | ObjectPath) -> dict[str, Any] | None:

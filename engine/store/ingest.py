@@ -46,11 +46,10 @@ from engine.store.format import (
     Store,
     is_store,
     smallest_uint,
-    write_root,
-    write_shard,
 )
 from engine.store.permutation import FeistelPermutation
 from engine.store.sources import Source, build_vocabulary, check_source, validate_counts
+from engine.store.write import write_root, write_shard
 
 log = logging.getLogger(__name__)
 

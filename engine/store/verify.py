@@ -9,7 +9,8 @@ import numpy as np
 from engine.errors import StoreError
 from engine.objects import ObjectPath
 from engine.progress import Progress, silent
-from engine.store.format import Store, checksum_arrays
+from engine.store.format import Store
+from engine.store.integrity import checksum_arrays
 
 
 def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None = None) -> list[str]:
