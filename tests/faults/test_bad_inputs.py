@@ -565,6 +565,17 @@ def test_embed_with_a_damaged_checkpoint(action, expect, chunky, chunky_checkpoi
     assert expect in run_case(setup, chunky, tmp_path, capsys, monkeypatch)
 
 
+def test_resuming_from_another_models_checkpoint(chunky_store, chunky_checkpoint, tmp_path, capsys, monkeypatch):
+    """A run whose output holds another model's checkpoint: its whole cause in one line, exit 2, no retries."""
+    side = tmp_path / "side"
+    run = Path(shutil.copytree(chunky_checkpoint, side / "run"))
+    raw = spec(str(chunky_store), **{"model.config": {"n_latent": 9}, "train.max_steps": 4, "train.output": str(run),
+                                     "resources": {"workers": 0}})  # fmt: skip
+    err = run_case(lambda d, s: ["run", str(write_spec(side, raw))], chunky_store, tmp_path, capsys, monkeypatch)
+    assert "does not fit this run's model" in err and "size mismatch" in err, err
+    assert "attempt" not in err and "lost a process" not in err
+
+
 def test_cluster_start_with_token_auth_turned_off(fresh_store, tmp_path, capsys, monkeypatch):
     """RAY_AUTH_MODE=disabled: refused at once (the cluster would start with token auth, this client without)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
