@@ -145,7 +145,7 @@ def test_corrupted_chunk_under_stats_on_ray_tasks(fresh_store, ray_local):
         compute_stats(fresh_store, StatsConfig(executor="ray"))
 
 
-def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tmp_path):
+def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tmp_path, capfd):
     from engine.train.driver import pretrain
     from jobs.spec import parse_spec
 
@@ -163,6 +163,13 @@ def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tm
         pretrain(config)
     assert "attempt" not in str(e.value)  # the data error itself, not "failed after 4 attempts"
     assert time.monotonic() - t0 < 120
+    # the worker's traceback is kept in the run's log, not streamed to this terminal (Ray's log monitor prints a
+    # worker's stderr here within a second or so)
+    time.sleep(2)
+    logged = (tmp_path / "run" / "worker-errors.log").read_text()
+    assert "Traceback" in logged and "shards/00001/X/indices" in logged
+    shown = capfd.readouterr()
+    assert "Error in training function" not in shown.out + shown.err
 
 
 def test_soak_three_epochs_in_ray_mode_every_cell_matches_the_store(tiny_store, ray_local):
@@ -209,32 +216,6 @@ def test_embedded_ray_refuses_to_start_without_token_auth(tiny_store, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "--insecure" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.timeout(300)
-def test_a_worker_error_is_one_line_in_the_terminal_and_whole_in_the_run_log(fresh_store, tmp_path):
-    """A data error in a Ray Train worker: the terminal shows cellray's one line (exit 2), not the worker's
-    traceback, which the run's worker-errors.log keeps."""
-    flip_byte(chunk_files(fresh_store, 1, "data")[0])
-    spec = {
-        "kind": "pretrain",
-        "name": "bad-data",
-        "data": {"store": str(fresh_store), "batch_size": 64},
-        "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16}},
-        "train": {"max_steps": 40, "output": str(tmp_path / "run")},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5, "readers_per_worker": 0},
-    }
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    proc = cellray("run", "spec.yaml", cwd=tmp_path)
-    out, err = proc.communicate(timeout=280)
-    assert proc.returncode == 2, err
-    # (Ray Train's PlacementGroupCleaner may still complain when other Ray instances run on this machine: issue 23's
-    # "left behind" part, not this test's)
-    assert "RayTrainWorker" not in err and "Error in training function" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "shards/00001/X/data" in errors[0], err
-    logged = (tmp_path / "run" / "worker-errors.log").read_text()
-    assert "Traceback" in logged and "shards/00001/X/data" in logged
 
 
 def test_checkpoints_keep_every_report_since_the_previous_one(tiny_store, ray_local, tmp_path):
