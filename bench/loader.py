@@ -77,10 +77,12 @@ def synthetic_input(name: str, n_cells: int, n_genes: int, nnz: int, seed: int =
 
 def make_store(name: str, inputs: list[Path], chunk_elements: int, shard_cells: int | None = None) -> Path:
     """The cellray store of `inputs`, ingested once (the default --shard-size unless shard_cells is given)."""
+    from engine.store.format import FORMAT_VERSION, Store
     from engine.store.ingest import IngestConfig, ingest
 
     store = OUT / f"{name}-c{chunk_elements}.store"
-    if not store.exists():
+    # a store of an older format lacks its checks (v2: chunk placement), so it would measure less than a new one
+    if not store.exists() or Store.open(store).manifest.version < FORMAT_VERSION:
         obs_keys = () if name == "c_kang" else ("cell_type",)  # the Kang files carry no cell types
         cfg = IngestConfig(obs_keys=obs_keys, overwrite=True, chunk_elements=chunk_elements)
         if shard_cells:
@@ -193,6 +195,68 @@ def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float
             cells += files[which].X[idx].shape[0]
         rates.append(cells / (time.perf_counter() - t0))
     return rates[1:]
+
+
+def placement_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, min_cells: int = 200_000) -> dict:
+    """What binding chunks to their place (format v3) costs a reader: 1 - CPU with the check off / CPU with it on.
+    The check runs once per file, when a reader maps it, and readers keep their files mapped; here every buffer is
+    read by a fresh reader, so every file it touches is mapped and checked again (the worst case). On and off back to
+    back, the order alternating, as in `verify_cost` (thread CPU time, summed over `rounds` passes)."""
+    import threading
+
+    import engine.store.chunkfile as chunks
+    from engine.loading.loader import Loader
+    from engine.loading.readers import BufferReader
+    from engine.loading.sampler import SamplerConfig
+    from engine.store.format import Store
+
+    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
+    loader = Loader(store, plan, mode="local", output="csr")
+    plans, cells, epoch = [], 0, 0
+    while cells < min_cells:
+        for j in range(loader.sampler.n_buffers):
+            plans.append(loader.sampler.buffer(epoch, j))
+            cells += plans[-1].n_cells
+        epoch += 1
+    loader.close()
+    opened = Store.open(store)
+    cpu = {True: 0.0, False: 0.0}
+
+    def run() -> None:
+        try:
+            for r in range(rounds):
+                for i, plan in enumerate(plans):
+                    for flag in (True, False) if (i + r) % 2 else (False, True):
+                        reader = BufferReader(Store(opened.path, opened.manifest, opened.root), None, "csr")
+                        chunks.VERIFY_PLACEMENT = flag
+                        t0 = time.thread_time()
+                        reader.read(plan)
+                        cpu[flag] += time.thread_time() - t0
+                        reader.close()
+        finally:
+            chunks.VERIFY_PLACEMENT = True
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return {"cost": 1 - cpu[False] / cpu[True], "cpu_on_s": cpu[True], "cpu_off_s": cpu[False]}
+
+
+def placement(args: argparse.Namespace) -> None:
+    """`--placement`: `placement_cost` on dataset (a) (one shard) and (d) (64 shards: many files per buffer)."""
+    from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    n_a = 50_000 if args.quick else 200_000
+    for name, n_cells, shard_cells in ((f"a_synth_{n_a // 1000}k", n_a, None), ("d_synth_640k_64shards", 640_000,
+                                                                                 10_000)):  # fmt: skip
+        store, _ = prepare(name, n_cells, 2_000, 100, args.chunk_elements or DEFAULT_CHUNK_ELEMENTS, shard_cells)
+        with Loader(store, SamplerConfig(batch_size=BATCH, block_size=args.block_size), mode="local") as probe:
+            block = probe.config.block_size
+            buffer_blocks = max(probe.config.buffer_blocks, -(-BATCH // block))
+        got = placement_cost(store, block, buffer_blocks)
+        print(json.dumps({"bench": "loader-placement", "store": name, **{k: round(v, 4) for k, v in got.items()}}))
 
 
 def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, min_cells: int = 200_000) -> dict:
@@ -759,7 +823,11 @@ def main() -> None:
     ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
     ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store of the same cells")
+    ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     args = ap.parse_args()
+    if args.placement:
+        placement(args)
+        return
     if args.profile:
         profile(args.profile)
         return

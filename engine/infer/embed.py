@@ -261,7 +261,12 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
     )
     remote = isinstance(out, ObjectPath)
     with writer_lock(output.root if remote else out), contextlib.nullcontext() if local else ray_session(address):
-        run = _embed_parts(config, r, output, local, progress or silent, result)
+        try:
+            run = _embed_parts(config, r, output, local, progress or silent, result)
+        except CellrayError:  # bad data or settings: nothing to resume, so a run that began the output removes it
+            if (previous is None or config.overwrite) and _began_here(output, r.fingerprint):
+                shutil.rmtree(output.root, ignore_errors=True)
+            raise
         head = Head(**run["head"]) if run.get("head") else None
         output.finish({"cellray": _uns(r, head)})
         output.write_run({**run, "complete": True})
@@ -283,6 +288,14 @@ def run_embed(config: EmbedConfig, address: str | None = None, progress: Progres
         out, result.n_cells, result.dim, result.parts, result.parts_run, result.cells_per_s,
     )  # fmt: skip
     return result
+
+
+def _began_here(output: PartsOutput, fingerprint: str) -> bool:
+    """Whether the unfinished output is this run's (no run record, or one of this fingerprint), not another's."""
+    try:
+        return (output.read_run() or {}).get("fingerprint") in (None, fingerprint)
+    except CellrayError:  # an unreadable record: not ours to remove
+        return False
 
 
 def _embed_parts(

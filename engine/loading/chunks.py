@@ -81,7 +81,8 @@ class StoreBlocks:
             if key not in self._arrays:
                 reader = None
                 if self.direct:
-                    reader = ArrayReader.open(self.store.array_path(shard, name), self.strict)
+                    place = self.store.placement(shard, name)
+                    reader = ArrayReader.open(self.store.array_path(shard, name), self.strict, place)
                     info = self.store.manifest.shards[shard]
                     want = info.n_cells + 1 if name == "indptr" else info.nnz
                     if reader is not None and reader.layout.shape != want:

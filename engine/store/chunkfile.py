@@ -41,8 +41,17 @@ from engine.objects import ObjectPath
 
 MISSING = 2**64 - 1  # offset/nbytes of an inner chunk that was never written
 _U32 = struct.Struct("<I")
-# Check each chunk's crc32c before decoding it (format v2). Only bench/loader.py turns this off, to measure the cost.
+# Check each chunk's crc32c before decoding it (format v2), and each file's place (format v3: see `ArrayReader`).
+# Only bench/loader.py turns these off, to measure their cost.
 VERIFY_CHECKSUMS = True
+VERIFY_PLACEMENT = True
+
+
+def tail_crc(path: Path) -> str:
+    """The crc32c a file of a checksummed array ends in (a zarr shard's: its index's), as 8 hex digits."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return f"{_U32.unpack(fh.read(4))[0]:08x}"
 
 
 @dataclass(frozen=True)
@@ -164,13 +173,23 @@ class ArrayReader:
 
     Shard files are memory-mapped (read-only), so a chunk is checked and decompressed straight from the page cache
     into its destination: no read() copy and no intermediate buffer. `strict` (format v2): every chunk inside the
-    array must exist; otherwise (v1) a chunk zarr did not write reads as the fill value."""
+    array must exist; otherwise (v1) a chunk zarr did not write reads as the fill value. `placement` (format v3, from
+    the manifest): the crc32c each file ends in, by file number; a file that ends otherwise is not the one written
+    there (chunks swapped in its index, a file moved or replaced), although each chunk may pass its own checksum."""
 
-    def __init__(self, path: Path | ObjectPath, layout: ChunkLayout, strict: bool = True, max_open_files: int = 64):
+    def __init__(
+        self,
+        path: Path | ObjectPath,
+        layout: ChunkLayout,
+        strict: bool = True,
+        max_open_files: int = 64,
+        placement: Sequence[str] | None = None,
+    ):
         self.path = path
         self.remote = isinstance(path, ObjectPath)
         self.layout = layout
         self.strict = strict
+        self.placement = placement
         self._per_file = layout.file_elems // layout.chunk_elems
         self._max_open = max_open_files
         # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one, and evicting
@@ -179,9 +198,11 @@ class ArrayReader:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path | ObjectPath, strict: bool = True) -> ArrayReader | None:
+    def open(
+        cls, path: Path | ObjectPath, strict: bool = True, placement: Sequence[str] | None = None
+    ) -> ArrayReader | None:
         layout = parse_layout(path)
-        return None if layout is None else cls(path, layout, strict)
+        return None if layout is None else cls(path, layout, strict, placement=placement)
 
     def close(self) -> None:
         with self._lock:
@@ -234,6 +255,9 @@ class ArrayReader:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
+            if cached is not None:
+                cached.ensure([(size - 4, size)])
+            self._check_place(file_id, buf)
             return MappedFile.of(mm, buf, np.array([[0, size]], dtype="<u8"), cached)
         nbytes = per_file * 16 + 4
         last = min(first + per_file, max(1, lay.n_chunks)) - 1
@@ -254,11 +278,24 @@ class ArrayReader:
                 f"{self.path}: chunk file {name} ({what}): its chunk index fails its crc32c checksum "
                 "(corrupted or truncated file)"
             )
+        self._check_place(file_id, buf)
         index = raw[:-4].view("<u8").reshape(per_file, 2)
         present = index[:, 0] != MISSING
         if present.any() and int((index[present, 0] + index[present, 1]).max()) > size - nbytes:
             raise StoreError(f"{self.path}: chunk file {name} ({what}): its index points past the end (truncated)")
         return MappedFile.of(mm, buf, index, cached)
+
+    def _check_place(self, file_id: int, buf: np.ndarray) -> None:
+        """The file ends in the crc32c the manifest recorded for this place (its index's, or its one chunk's)."""
+        if self.placement is None or not VERIFY_PLACEMENT or not self.layout.checksum:
+            return
+        got = f"{_U32.unpack_from(buf, len(buf) - 4)[0]:08x}" if len(buf) >= 4 else "none"
+        want = self.placement[file_id] if file_id < len(self.placement) else "none"
+        if got != want:
+            raise StoreError(
+                f"{self.path}: chunk file {self.layout.key_prefix}{file_id} is not the one written there (it ends in "
+                f"crc32c {got}, the manifest says {want}: chunks swapped, or a file moved or replaced)"
+            )
 
     def cached_whole(self) -> bool:
         """Whether every file of this array is mapped and wholly in the node's cache (or local): nothing to fetch."""

@@ -16,7 +16,17 @@ range with two array reads and no per-row indexing.
 
 Version 2 adds integrity: every chunk of X (data, indices, indptr) ends in zarr's `crc32c` codec, so every read
 checks the bytes it decodes (zarr-python does it too), and every chunk is written, even one equal to the fill
-value, so a missing chunk file is an error, never zeros. Version 1 stores are still read (without chunk checks).
+value, so a missing chunk file is an error, never zeros.
+
+Version 3 extends it to the rest of the store and binds chunks to their place:
+- obs and var arrays end in `crc32c` too, and the manifest holds a checksum of every obs/var array's values
+  (`ShardInfo.obs`, `Manifest.var_checksums`), checked whenever they are read: a chunk missing (zarr reads it as "" or
+  0), replaced or corrupt is a StoreError naming the array. Empty or duplicate gene ids and cell names are refused.
+- `ShardInfo.files` records, for every file of X/data, X/indices and X/indptr, the crc32c it ends in (a shard file's:
+  that of its chunk index; an indptr chunk's: that of the chunk). `ArrayReader` compares it when it maps the file, so
+  chunks swapped inside a file's index, or a file moved or replaced, are an error although each chunk's own crc32c
+  still holds. Its cost is one comparison per file opened.
+Versions 1 and 2 are still read, without the checks they lack (a warning says so).
 """
 
 from __future__ import annotations
@@ -26,8 +36,6 @@ import json
 import logging
 import os
 import threading
-import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,17 +47,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from engine.errors import MissingObjectError, StoreError
 from engine.objects import ObjectPath, store_path, zarr_store
 from engine.store.chunkfile import ArrayReader
+from engine.store.integrity import (
+    check_names,
+    checksum_values,
+    frame_checksums,
+    settle_zarr,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "cellray.store"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # v1: no per-chunk checksums
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # v1: no per-chunk checksums; v2: none of obs/var, nor of chunk placement
 MANIFEST_KEY = "cellray"
 # Elements per compressed chunk of X/data and X/indices, and chunks per file (zarr sharding). A random block of
 # cells decodes about one chunk more than it uses: chunks of a quarter of the loader's default block (65,536
@@ -83,6 +97,9 @@ class ShardInfo:
     n_cells: int
     nnz: int
     checksum: str  # "crc32:<hex>" over indptr, indices and data as stored
+    # v3: array (data, indices, indptr) -> the crc32c each of its files ends in, as 8 hex digits, by file number
+    files: dict[str, list[str]] = field(default_factory=dict)
+    obs: dict[str, str] = field(default_factory=dict)  # v3: obs array ("_index", "COL/codes", ...) -> its checksum
 
 
 @dataclass
@@ -99,6 +116,7 @@ class Manifest:
     obs_schema: dict[str, dict[str, Any]]  # column -> {"dtype": ..., "categories": [...] for categoricals}
     provenance: list[dict[str, Any]]  # one entry per source file
     shuffle: dict[str, Any] = field(default_factory=dict)  # {"shuffled": bool, "seed": int}
+    var_checksums: dict[str, str] = field(default_factory=dict)  # v3: var array ("_index", ...) -> its checksum
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
@@ -116,13 +134,21 @@ class Manifest:
                 f"{list(READABLE_VERSIONS)}"
             )
         if d["version"] < FORMAT_VERSION:
-            log.warning(
-                "%s: store format v%d has no per-chunk checksums: re-ingest for verified reads", where, d["version"]
-            )
+            lacks = "per-chunk checksums" if d["version"] < 2 else "checks of obs/var and of chunk placement"
+            log.warning("%s: store format v%d has no %s: re-ingest for verified reads", where, d["version"], lacks)
         d = dict(d)
-        d["codec"] = Codec(**d["codec"])
-        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**d)
+        try:
+            d["codec"] = Codec(**d["codec"])
+            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+            manifest = cls(**d)
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{where}: malformed ({type(e).__name__}: {e})") from None
+        if manifest.version >= 3:
+            arrays = ("data", "indices", "indptr")
+            bad = next((s.path for s in manifest.shards if set(s.files) != set(arrays) or "_index" not in s.obs), None)
+            if bad is not None or "_index" not in manifest.var_checksums:
+                raise StoreError(f"{where}: format v3 without the checksums of {bad or 'var'} (malformed manifest)")
+        return manifest
 
 
 @dataclass
@@ -149,81 +175,6 @@ def smallest_uint(max_value: int) -> np.dtype:
         if max_value <= np.iinfo(dt).max:
             return np.dtype(dt)
     return np.dtype(np.uint64)
-
-
-def checksum_arrays(*arrays: np.ndarray) -> str:
-    crc = 0
-    for a in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8), crc)
-    return f"crc32:{crc:08x}"
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-
-def write_shard(
-    root: zarr.Group,
-    shard_id: int,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    obs: pd.DataFrame,
-    gene_ids: pd.Index,
-    codec: Codec,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> ShardInfo:
-    """Write one shard as a complete AnnData zarr group under `root/shards/NNNNN`; return its manifest entry."""
-    import anndata as ad
-
-    path = f"shards/{shard_id:05d}"
-    n_cells, n_genes = len(indptr) - 1, len(gene_ids)
-    if len(obs) != n_cells:
-        raise StoreError(f"{path}: obs has {len(obs)} rows, expected {n_cells} (one per cell)")
-    group = root.require_group(path)
-    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    x = group.create_group("X")
-    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
-    nnz = len(data)
-    chunk = max(1, min(chunk_elements, nnz))
-    n_chunks = -(-max(nnz, 1) // chunk)
-    file_elems = chunk * min(n_chunks, DEFAULT_CHUNKS_PER_FILE)
-    # every chunk written (a missing one is corruption, not fill) and checksummed (crc32c after compression)
-    integrity = {"config": {"write_empty_chunks": True}}
-    for name, arr in (("data", data), ("indices", indices)):
-        x.create_array(
-            name,
-            data=np.ascontiguousarray(arr),
-            chunks=(chunk,),
-            shards=(file_elems,),
-            compressors=[codec.zarr_compressor(), Crc32cCodec()],
-            **integrity,
-        )
-    indptr = np.asarray(indptr, dtype=np.int64)
-    # chunked too, so a reader of a few blocks of a big shard does not fetch the whole indptr
-    x.create_array(
-        "indptr",
-        data=indptr,
-        chunks=(min(len(indptr), INDPTR_CHUNK),),
-        compressors=[ZstdCodec(level=3), Crc32cCodec()],
-        **integrity,
-    )
-    with warnings.catch_warnings():  # anndata's note on zarr autosharding concerns its own chunking, not ours
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
-            ad.io.write_elem(group, key, {})
-        ad.io.write_elem(group, "obs", obs)
-        ad.io.write_elem(group, "var", pd.DataFrame(index=gene_ids))
-    return ShardInfo(path=path, n_cells=int(n_cells), nnz=int(nnz), checksum=checksum_arrays(indptr, indices, data))
-
-
-def write_root(root: zarr.Group, manifest: Manifest, var: pd.DataFrame) -> None:
-    """Write the vocabulary and, last, the manifest: a store without a manifest is incomplete."""
-    import anndata as ad
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        ad.io.write_elem(root, "var", var)
-    root.attrs[MANIFEST_KEY] = manifest.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -266,9 +217,10 @@ class Store:
         self._readers_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str | os.PathLike | ObjectPath) -> Store:
+    def open(cls, path: str | os.PathLike | ObjectPath, vocabulary: bool = True) -> Store:
         """Open a store: a local directory or a URI (s3://, gs://, az://). In a bucket only a committed store opens:
-        its root zarr.json, written last, holds the manifest, and nothing else under the prefix is trusted."""
+        its root zarr.json, written last, holds the manifest, and nothing else under the prefix is trusted.
+        `vocabulary`: read and check the gene ids now (`verify` reports a bad vocabulary as a finding instead)."""
         path = store_path(path)
         if isinstance(path, ObjectPath):
             try:
@@ -294,7 +246,10 @@ class Store:
         total = sum(s.n_cells for s in manifest.shards)
         if total != manifest.n_cells:
             raise StoreError(f"{path}: manifest n_cells is {manifest.n_cells} but its shards hold {total} cells")
-        return cls(path, manifest, root)
+        store = cls(path, manifest, root)
+        if vocabulary and len(store.var) != manifest.n_genes:
+            raise StoreError(f"{path}/var: {len(store.var)} genes, the manifest says {manifest.n_genes}")
+        return store
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -335,9 +290,35 @@ class Store:
 
     @cached_property
     def var(self) -> pd.DataFrame:
+        """The vocabulary, checked: its arrays against the manifest's checksums (v3), its gene ids non-empty and
+        unique."""
+        var = self._read_frame("var", self.manifest.var_checksums)
+        check_names(var.index, f"{self.path}/var/_index", "gene ids")
+        return var
+
+    def _read_frame(self, where: str, checksums: dict[str, str], columns: list[str] | None = None) -> pd.DataFrame:
+        """An obs or var group (`where`, relative to the store) read by anndata, every array it read checked against
+        `checksums` (empty before format v3): a chunk missing (zarr reads it as "" or 0), replaced or corrupt is a
+        StoreError naming the array."""
         import anndata as ad
 
-        return ad.io.read_elem(self.root["var"])
+        try:
+            group = self.root[where]
+            if columns is None:
+                frame = ad.io.read_elem(group)
+            else:
+                index = pd.Index(ad.io.read_elem(group[group.attrs["_index"]]), name=None)
+                frame = pd.DataFrame({c: ad.io.read_elem(group[c]) for c in columns}, index=index)
+        except Exception as e:  # zarr raises KeyError, ValueError, RuntimeError, ... for missing or corrupt chunks
+            settle_zarr()
+            raise StoreError(f"{self.path}/{where}: missing or unreadable ({type(e).__name__}: {e})") from None
+        for key, got in frame_checksums(frame).items():
+            if checksums and got != checksums.get(key):
+                raise StoreError(
+                    f"{self.path}/{where}/{key}: its values differ from those written (checksum {got}, the manifest "
+                    f"says {checksums.get(key)}): a chunk missing, replaced or corrupt"
+                )
+        return frame
 
     @property
     def gene_ids(self) -> pd.Index:
@@ -389,6 +370,7 @@ class Store:
         try:
             return arr[lo:hi]
         except Exception as e:  # zarr/numcodecs raise ValueError/RuntimeError/... on bad bytes
+            settle_zarr()
             first, last = lo // arr.chunks[0], max(lo, hi - 1) // arr.chunks[0]
             raise StoreError(
                 f"{self.where(shard, name)}: chunks {first}-{last} are corrupt ({type(e).__name__}: {e})"
@@ -400,12 +382,16 @@ class Store:
             if key in self._readers:
                 self._readers.move_to_end(key)
                 return self._readers[key]
-        reader = ArrayReader.open(self.array_path(shard, name))
+        reader = ArrayReader.open(self.array_path(shard, name), placement=self.placement(shard, name))
         with self._readers_lock:
             self._readers[key] = reader
             while len(self._readers) > MAX_OPEN_READERS:
                 self._readers.popitem(last=False)  # its files close when no read uses them
         return reader
+
+    def placement(self, shard: int, name: str) -> list[str] | None:
+        """What each file of X/`name` of a shard ends in, for `ArrayReader` to check (None before format v3)."""
+        return self.manifest.shards[shard].files.get(name) if self.manifest.version >= 3 else None
 
     def shard_indptr(self, shard: int) -> np.ndarray:
         """The shard's whole indptr (n_cells + 1 int64), read once and cached."""
@@ -430,27 +416,42 @@ class Store:
         )
 
     def read_obs(self, shard: int, columns: Iterable[str] | None = None) -> pd.DataFrame:
-        import anndata as ad
-
-        group = self.root[f"{self.manifest.shards[shard].path}/obs"]
-        if columns is None:
-            return ad.io.read_elem(group)
-        columns = list(columns)
-        missing = [c for c in columns if c not in self.manifest.obs_schema]
-        if missing:
-            raise StoreError(f"{self.path}: obs has no column(s) {missing}; it has {list(self.manifest.obs_schema)}")
-        index = ad.io.read_elem(group[group.attrs["_index"]])
-        return pd.DataFrame({c: ad.io.read_elem(group[c]) for c in columns}, index=pd.Index(index, name=None))
+        """A shard's obs (all columns, or `columns`; always the cell names), checked against the manifest (v3)."""
+        if columns is not None:
+            columns = list(columns)
+            missing = [c for c in columns if c not in self.manifest.obs_schema]
+            if missing:
+                raise StoreError(
+                    f"{self.path}: obs has no column(s) {missing}; it has {list(self.manifest.obs_schema)}"
+                )
+        info = self.manifest.shards[shard]
+        obs = self._read_frame(f"{info.path}/obs", info.obs, columns)
+        check_names(obs.index, f"{self.where(shard)}/obs/_index", "cell names")
+        return obs
 
     def obs_codes(self, shard: int, key: str) -> np.ndarray:
         """A whole shard's integer codes (int64, -1 = missing) of a categorical obs column, or the values of a
-        numeric one. Categories are unified across shards at ingest, so codes mean the same in every shard."""
+        numeric one, checked against the manifest (v3). Categories are unified across shards at ingest, so codes
+        mean the same in every shard."""
         import anndata as ad
 
-        group = self.root[f"{self.manifest.shards[shard].path}/obs"]
-        if key not in group:
+        info = self.manifest.shards[shard]
+        where = f"{self.where(shard)}/obs/{key}"
+        if key not in self.manifest.obs_schema:
             raise StoreError(f"{self.path}: obs has no column {key!r}; it has {list(self.manifest.obs_schema)}")
-        elem = group[key]
-        if elem.attrs.get("encoding-type") == "categorical":
-            return np.asarray(elem["codes"][:]).astype(np.int64)
-        return np.asarray(ad.io.read_elem(elem))
+        try:
+            elem = self.root[f"{info.path}/obs/{key}"]
+            categorical = elem.attrs.get("encoding-type") == "categorical"
+            values = np.asarray(elem["codes"][:]).astype(np.int64) if categorical else np.asarray(ad.io.read_elem(elem))
+        except Exception as e:  # zarr raises KeyError, ValueError, RuntimeError, ... for missing or corrupt chunks
+            settle_zarr()
+            raise StoreError(f"{where}: missing or unreadable ({type(e).__name__}: {e})") from None
+        name = f"{key}/codes" if categorical else key
+        if info.obs and (got := checksum_values(values)) != info.obs.get(name):
+            raise StoreError(
+                f"{self.where(shard)}/obs/{name}: its values differ from those written (checksum {got}, the manifest "
+                f"says {info.obs.get(name)}): a chunk missing, replaced or corrupt"
+            )
+        if len(values) != info.n_cells:
+            raise StoreError(f"{where}: {len(values)} values, the manifest says {info.n_cells} cells")
+        return values

@@ -46,11 +46,10 @@ from engine.store.format import (
     Store,
     is_store,
     smallest_uint,
-    write_root,
-    write_shard,
 )
 from engine.store.permutation import FeistelPermutation
 from engine.store.sources import Source, build_vocabulary, check_source, validate_counts
+from engine.store.write import write_root, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +112,13 @@ def scatter_range(task: ScatterTask) -> dict[str, Any]:
             block = source.read_rows(a, b)
             block.sum_duplicates()
             validate_counts(block, path, source.field, a, config.allow_non_integer)
+            if block.nnz and (block.indices.min() < 0 or block.indices.max() >= len(gene_map)):
+                bad = np.flatnonzero((block.indices < 0) | (block.indices >= len(gene_map)))[0]
+                raise InputError(
+                    f"{path}: field '{source.field}' has gene index {int(block.indices[bad])} at row "
+                    f"{a + int(np.searchsorted(block.indptr, bad, side='right') - 1)}, outside [0, {len(gene_map)}) "
+                    "(its var has that many genes): a corrupt sparse matrix"
+                )
             # remap genes onto the vocabulary; drop genes it lacks; restore sorted indices within rows
             new_idx = gene_map[block.indices]
             keep = new_idx >= 0
@@ -213,8 +219,10 @@ def write_bucket(
     obs_df = pd.concat([p["obs"] for p in parts], axis=0).iloc[order]
     del parts
     for col, schema in obs_columns.items():
-        if "categories" in schema:
-            obs_df[col] = pd.Categorical(obs_df[col].astype(object), categories=schema["categories"])
+        if "categories" in schema:  # categories are strings (`_obs_schema`): so are the values, whatever their input
+            values = obs_df[col].astype(object)
+            values = values.where(values.isna(), values.map(str))
+            obs_df[col] = pd.Categorical(values, categories=schema["categories"])
     obs_df.index = obs_df.index.astype(str)
     root = zarr.open_group(tmp_store, mode="a")
     info = write_shard(root, shard_id, indptr, indices, data, obs_df, gene_ids, config.codec, config.chunk_elements)
@@ -238,20 +246,30 @@ def _obs_for(source: Source, dataset: str, obs_keys: Sequence[str]) -> pd.DataFr
     return obs
 
 
-def _obs_schema(obs_frames: list[pd.DataFrame], obs_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Unified dtypes and categories of the kept obs columns across inputs."""
+def _obs_schema(
+    obs_frames: list[pd.DataFrame], obs_keys: Sequence[str], names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Unified dtypes and categories of the kept obs columns across inputs: a column numeric in every input that has
+    it stays numeric; any other becomes categorical, its categories (and values) strings, whatever each input held."""
     schema: dict[str, dict[str, Any]] = {"dataset": {}, "obs_name": {"dtype": "string"}}
     for col in ["dataset", *obs_keys]:
         values = [f[col] for f in obs_frames]
         present = [v for v in values if not v.isna().all()]
-        numeric = present and all(
-            pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in present
-        )
+        is_number = [pd.api.types.is_numeric_dtype(v) and not isinstance(v.dtype, pd.CategoricalDtype) for v in values]
+        kinds = {  # input -> what its column holds
+            n: "numbers" if number else "text" for n, v, number in zip(names, values, is_number) if not v.isna().all()
+        }
+        numeric = bool(kinds) and all(k == "numbers" for k in kinds.values())
+        if len(set(kinds.values())) > 1:
+            log.warning(
+                "obs column %r holds numbers in %s and text in %s: stored as categories (strings) for all",
+                col, [n for n, k in kinds.items() if k == "numbers"], [n for n, k in kinds.items() if k == "text"],
+            )  # fmt: skip
         if numeric and col != "dataset":
             schema[col] = {
                 "dtype": "float64"
                 if any(v.isna().any() for v in values) or any(v.dtype.kind == "f" for v in present)
-                else str(present[0].dtype)
+                else str(np.result_type(*[v.dtype for v in present]))
             }
         else:
             cats: list[str] = []
@@ -357,7 +375,7 @@ def _open_inputs(paths: Sequence[Path], config: IngestConfig) -> _Inputs:
         var=var,
         gene_maps=gene_maps,
         obs_frames=obs_frames,
-        schema=_obs_schema(obs_frames, config.obs_keys),
+        schema=_obs_schema(obs_frames, config.obs_keys, names),
         n_cells=sum(s.n_obs for s in sources),
         nnz_estimate=sum(s.nnz_estimate for s in sources),
     )

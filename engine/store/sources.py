@@ -124,6 +124,11 @@ def build_vocabulary(sources: list[Source], vocab: str) -> pd.DataFrame:
 
 def check_source(source: Source, vocabulary: pd.Index, obs_keys: Sequence[str]) -> np.ndarray:
     """Validate one input's vocabulary and obs; return its gene map (input column -> store gene, -1 = dropped)."""
+    for names, what in ((source.var.index, "var index has empty gene ids"), (source.obs.index, "obs index has empty "
+                         "cell names")):  # fmt: skip
+        empty = np.flatnonzero(pd.isna(names) | (pd.Index(names).astype(str).str.strip() == ""))
+        if len(empty):
+            raise InputError(f"{source.path}: {what} ({len(empty)}, the first at position {int(empty[0])})")
     var_ids = pd.Index(source.var.index.astype(str))
     if var_ids.has_duplicates:
         dups = list(var_ids[var_ids.duplicated()].unique()[:5])

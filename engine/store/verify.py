@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 
+from engine.errors import StoreError
 from engine.objects import ObjectPath
 from engine.progress import Progress, silent
-from engine.store.format import Store, checksum_arrays
+from engine.store.format import Store
+from engine.store.integrity import checksum_arrays
 
 
 def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None = None) -> list[str]:
@@ -17,7 +19,7 @@ def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None
     Returns the problems found (empty when the store is sound); the first names the first bad shard.
     """
     progress = progress or silent
-    store = Store.open(path)
+    store = Store.open(path, vocabulary=False)
     m = store.manifest
     problems: list[str] = []
     if sum(s.n_cells for s in m.shards) != m.n_cells:
@@ -26,8 +28,8 @@ def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None
         n_var = len(store.var)
         if n_var != m.n_genes:
             problems.append(f"{path}/var: {n_var} genes, manifest says {m.n_genes}")
-    except Exception as e:
-        problems.append(f"{path}/var: unreadable ({e})")
+    except StoreError as e:
+        problems.append(str(e))
     for i, info in enumerate(m.shards):
         where = f"{path}/{info.path}"
         progress("verify", i, len(m.shards))
@@ -36,9 +38,9 @@ def verify_store(path: str | os.PathLike | ObjectPath, progress: Progress | None
             indptr = store.read_array(i, "indptr", 0, info.n_cells + 1)  # every chunk checked, direct or zarr
             indices = store.read_array(i, "indices", 0, info.nnz)
             data = store.read_array(i, "data", 0, info.nnz)
-            obs_len = len(store.read_obs(i, columns=[]))
-        except Exception as e:  # a missing shard, a truncated or corrupt chunk
-            problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
+            obs_len = len(store.read_obs(i))  # every column, checked against the manifest (v3)
+        except Exception as e:  # a missing shard, a truncated, corrupt or misplaced chunk
+            problems.append(str(e) if isinstance(e, StoreError) else f"{where}: unreadable ({type(e).__name__}: {e})")
             continue
         if len(indptr) != info.n_cells + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
             problems.append(

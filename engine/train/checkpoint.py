@@ -87,6 +87,7 @@ class Checkpointer:
         self.meta = meta  # job name, model name + resolved config, data section
         self.keep = keep
         self.local_mode = local_mode  # Ray Train's local mode persists nothing: write to output/ ourselves
+        self.reports: list[dict[str, Any]] = []  # rank 0: the metrics reported since the previous checkpoint
 
     def write(self, d: Path, state: TrainState, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -106,8 +107,10 @@ class Checkpointer:
                 "world_size": self.world_size,
                 **self.meta,
                 "metrics": metrics,
+                "reports": self.reports or [metrics],  # every report since the previous checkpoint
             }
             (d / META_FILE).write_text(json.dumps(meta, indent=1))
+            self.reports = []
         torch.save(
             {"loader": state.loader.state_dict(), "rng": rng_state(), "epoch": state.epoch, "step": state.step},
             d / f"rank{self.rank}.pt",
@@ -141,14 +144,21 @@ class Checkpointer:
             return False
         with checkpoint.as_directory() as d:
             d = Path(d)
-            saved = torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+            saved = torch_load(d / STATE_FILE)
             mine = d / f"rank{self.rank}.pt"
             # A run resized to more workers: a new rank takes rank 0's loader position, which a resize-invariant
             # plan shares with every rank (a per-rank plan refuses it mid-epoch), and keeps its fresh RNG seed.
-            own = torch.load(mine if mine.exists() else d / "rank0.pt", map_location="cpu", weights_only=False)
-        state.model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
+            own = torch_load(mine if mine.exists() else d / "rank0.pt")
+        # a checkpoint of another model (or run) in this output cannot resume this one: deterministic, never retried
+        try:
+            state.model.load_state_dict(saved["model"])
+            state.optimizer.load_state_dict(saved["optimizer"])
+            state.scheduler.load_state_dict(saved["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise TrainError(
+                f"{self.output}: its checkpoint {d.name} does not fit this run's model ({one_line(e)}): it holds "
+                "another model's training; use another train.output"
+            ) from None
         state.loader.load_state_dict(own["loader"])
         if mine.exists():
             set_rng_state(own["rng"])
@@ -199,15 +209,40 @@ def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=()) -> dict[st
     return {"store": where, "genes": genes, "fingerprint": gene_fingerprint(genes), "obs_categories": cats}
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's whole message on one line (torch's load_state_dict errors span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def torch_load(path: Path, weights_only: bool = False) -> Any:
+    """torch.load on CPU; a file that is garbage or truncated is a TrainError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise TrainError(f"{path}: missing (an incomplete checkpoint)") from None
+    except Exception as e:  # pickle, zipfile and torch raise many types for bad bytes
+        raise TrainError(f"{path}: not a readable checkpoint file, garbage or truncated ({one_line(e)})") from None
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
+    """A checkpoint's meta.json; unreadable or not a JSON object: a TrainError naming it."""
+    path = Path(checkpoint) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{path}: missing (not a checkpoint, or an incomplete one)") from None
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise TrainError(f"{path}: not a checkpoint's meta (expected a JSON object with an integer 'step')")
+    return meta
 
 
 def checkpoint_complete(path: Path) -> bool:
     """Every file of every rank is there (a rank that died while writing leaves an incomplete directory)."""
     try:
         meta = read_meta(path)
-    except (OSError, ValueError):
+    except TrainError:
         return False
     names = [MODEL_FILE, STATE_FILE] + [f"rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
     return all((path / n).is_file() and (path / n).stat().st_size > 0 for n in names)
@@ -256,15 +291,20 @@ def latest_checkpoint(path: str | os.PathLike | ObjectPath, required: bool = Tru
             raise TrainError(f"{path}: no complete checkpoint here (expected a run's train.output or a checkpoint)")
         return found
     if (path / META_FILE).exists():
+        read_meta(path)  # a garbled meta.json is named as such
         return path
     best: tuple[int, Path] | None = None
-    for meta in path.glob(f"checkpoint_*/{META_FILE}") if path.is_dir() else ():
+    metas = sorted(path.glob(f"checkpoint_*/{META_FILE}")) if path.is_dir() else []
+    for meta in metas:
         if not checkpoint_complete(meta.parent):
             continue
         step = read_meta(meta.parent)["step"]
         if best is None or step > best[0]:
             best = (step, meta.parent)
     if best is None and required:
+        if metas:  # checkpoints, none complete: say why the newest is not
+            read_meta(metas[-1].parent)
+            raise TrainError(f"{metas[-1].parent}: an incomplete checkpoint (a file missing or empty), and no other")
         raise TrainError(
             f"{path}: no checkpoint here (expected a run's train.output folder or a checkpoint_* directory)"
         )
@@ -277,9 +317,10 @@ def checkpoint_metrics(output: str | os.PathLike) -> list[dict[str, Any]]:
     found = []
     for meta_file in Path(output).glob(f"checkpoint_*/{META_FILE}"):
         if checkpoint_complete(meta_file.parent):
-            metrics = read_meta(meta_file.parent).get("metrics")
-            if isinstance(metrics, dict) and "step" in metrics:
-                found.append(metrics)
+            meta = read_meta(meta_file.parent)
+            for metrics in meta.get("reports") or [meta.get("metrics")]:
+                if isinstance(metrics, dict) and "step" in metrics:
+                    found.append(metrics)
     return found
 
 
@@ -287,8 +328,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str,
     """The model of a checkpoint (or of a run folder's latest one), in eval mode on CPU, and its meta."""
     ckpt = latest_checkpoint(path)
     meta = read_meta(ckpt)
-    model = models.build(meta["model"]["name"], meta["model"]["config"])
-    model.load_state_dict(torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True))
+    try:
+        model = models.build(meta["model"]["name"], meta["model"]["config"])
+    except (KeyError, TypeError) as e:
+        raise TrainError(f"{ckpt / META_FILE}: no model name and config ({one_line(e)})") from None
+    try:
+        model.load_state_dict(torch_load(ckpt / MODEL_FILE, weights_only=True))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{ckpt / MODEL_FILE}: does not fit the model its meta.json names ({one_line(e)})") from None
     model.eval()
     meta["path"] = str(ckpt)
     return model, meta

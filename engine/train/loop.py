@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ from engine.train.debug import FaultDrill, StepTrace
 from engine.train.metrics import MetricsWindow, allreduce_sum
 
 log = logging.getLogger(__name__)
+
+WORKER_ERRORS_LOG = "worker-errors.log"  # in the run's output folder: tracebacks of errors in the workers
 
 
 @dataclass
@@ -51,7 +54,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_ray_train_reports()
+    _quiet_ray_train_reports(ctx.output)
     cfg, t = ctx.config, ctx.config.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
@@ -131,7 +134,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
                 )
                 if do_val:
                     metrics["val_loss"] = _validate(objective, val_loader, state.step, device, use_bf16, world)
-                _report(ctx, rank, metrics, checkpointer if do_ckpt else None, state)
+                _report(ctx, rank, metrics, checkpointer, state, save=do_ckpt)
         else:
             break  # max_steps reached mid-epoch
         state.epoch += 1
@@ -211,6 +214,11 @@ class _Objective(torch.nn.Module):
 
     def forward(self, batch: dict, step: int):
         out = self.model.loss(batch, step=step)
+        if not torch.isfinite(out.loss.detach()):  # a diverged run: stop, never train on (and save) NaN weights
+            raise TrainError(
+                f"the loss is {float(out.loss):g} at step {step + 1}: training diverged (lower train.lr, or check the "
+                "data's counts and transforms)"
+            )
         return out.loss, out.terms, out.n_cells
 
 
@@ -227,13 +235,21 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def _report(
-    ctx: LoopContext, rank: int, metrics: dict[str, Any], checkpointer: Checkpointer | None, state: TrainState
+    ctx: LoopContext,
+    rank: int,
+    metrics: dict[str, Any],
+    checkpointer: Checkpointer,
+    state: TrainState,
+    save: bool = True,
 ) -> None:
-    """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints, a checkpoint to Ray Train.
-    report() is a barrier the controller drains every few seconds, so it is called at checkpoints only."""
+    """Metrics to the driver's run log (rank 0, fire and forget) and, at checkpoints (`save`), a checkpoint to Ray
+    Train. report() is a barrier the controller drains every few seconds, so it is called at checkpoints only. The
+    checkpoint also keeps every report since the previous one: a driver killed before it wrote them to
+    metrics.jsonl loses none (its rerun resumes after that checkpoint and takes them from it)."""
     if rank == 0:
         ctx.run_log.add.remote(metrics)
-    if checkpointer is not None:
+        checkpointer.reports.append(metrics)
+    if save:
         checkpointer.save(state, metrics)
 
 
@@ -286,14 +302,24 @@ def _validate(objective, loader: Loader, step: int, device, use_bf16: bool, worl
     return float(s[0] / s[1]) if s[1] > 0 else float("nan")
 
 
-def _quiet_ray_train_reports() -> None:
+def _quiet_ray_train_reports(output: str) -> None:
     """Ray Train logs one INFO line per report() per worker from a logger named after its file (outside
-    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead."""
+    `ray.train`, so RunConfig's LoggingConfig misses it); the driver prints its own progress instead. It also logs
+    the traceback of an error in the training function, which Ray streams to the driver's terminal before the
+    driver's own one-line error: that goes to the run's `worker-errors.log` instead (debugging keeps both)."""
     if log.isEnabledFor(logging.DEBUG):
         return
     try:
+        from ray.train.v2._internal import util
         from ray.train.v2._internal.execution import context, storage
     except ImportError:
         return
     for name in (context.__file__, storage.__name__):
         logging.getLogger(name).setLevel(logging.WARNING)
+    errors = logging.getLogger(util.__name__)
+    if not any(isinstance(h, logging.FileHandler) for h in errors.handlers):
+        Path(output).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(output) / WORKER_ERRORS_LOG)
+        handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(levelname)s %(message)s"))
+        errors.addHandler(handler)
+        errors.propagate = False

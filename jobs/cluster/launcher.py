@@ -11,6 +11,7 @@ head with its state directory on shared storage. One line per problem.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ def ray_problems(config: dict[str, Any]) -> list[str]:
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    quiet = logging.getLogger("ray.autoscaler")  # its INFO lines ("setting max workers ...") are not problems
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
     except jsonschema.ValidationError as e:
@@ -45,6 +49,8 @@ def ray_problems(config: dict[str, Any]) -> list[str]:
         return [f"{where + ': ' if where else ''}{e.message} (Ray's cluster schema)"]
     except Exception as e:  # prepare_config's own checks (ValueError, KeyError on a missing provider, ...)
         return [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'invalid'} (Ray's prepare_config)"]
+    finally:
+        quiet.setLevel(level)
     return []
 
 
@@ -60,8 +66,19 @@ def cellray_problems(config: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
+    if not types:  # Ray's schema lets both go (its launcher then falls back to one default node type)
+        return ["available_node_types: missing (cellray needs a CPU head type and a GPU worker type)"]
+    if head is None:
+        return ["head_node_type: missing (expected one of available_node_types: " + ", ".join(map(str, types)) + ")"]
     if not isinstance(types, dict) or head not in types:
         return problems  # Ray's schema check already said so
+    for name, t in types.items():
+        for key in ("min_workers", "max_workers"):
+            value = (t or {}).get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"available_node_types.{name}.{key}: {value!r} is not a count (an integer >= 0)")
+    if problems:
+        return problems
     head_res = (types[head] or {}).get("resources") or {}
     if head_res.get("GPU", 0):
         problems.append(

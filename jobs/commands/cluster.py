@@ -103,6 +103,16 @@ def run_start(args: argparse.Namespace) -> int:
         raise ClusterError(f"--system-config: not JSON ({e})") from None
     if args.scrape_interval <= 0:
         raise ClusterError(f"--scrape-interval {args.scrape_interval:g}: expected seconds > 0")
+    for flag, value, low in (("--num-cpus", args.num_cpus, 1), ("--num-gpus", args.num_gpus, 0),
+                             ("--object-store-mb", args.object_store_mb, 1)):  # fmt: skip
+        if value is not None and value < low:
+            raise ClusterError(f"{flag} {value}: expected an integer >= {low}")
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":  # the cluster has token auth; this client would send none
+        raise ClusterError(
+            f"RAY_AUTH_MODE={mode}: `cellray cluster start` always starts Ray with token auth, which this setting "
+            "would keep this command (and every client in this environment) from using: unset RAY_AUTH_MODE"
+        )
     prometheus = find_prometheus() if args.prometheus else None  # before anything starts: one line if missing
     prometheus_port = free_ports(1)[0] if prometheus else None
     c = start_cluster(

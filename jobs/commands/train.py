@@ -82,6 +82,13 @@ def run_embed(args: argparse.Namespace) -> int:
         },
         source="cellray embed",
     )
+    if args.label_key:  # checked before anything is written: the output's obs columns are the store's (+ cellray_*)
+        from engine.errors import InferError
+        from engine.store.format import Store
+
+        columns = list(Store.open(args.store).manifest.obs_schema)
+        if args.label_key not in columns and not args.label_key.startswith("cellray_"):
+            raise InferError(f"--label-key {args.label_key!r}: not an obs column of {args.store}; it has {columns}")
     _run_kind(config, args.address, False, KINDS["embed"])
     if args.label_key:
         _print_knn(config.out, args.label_key)

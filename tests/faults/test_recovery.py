@@ -145,7 +145,7 @@ def test_corrupted_chunk_under_stats_on_ray_tasks(fresh_store, ray_local):
         compute_stats(fresh_store, StatsConfig(executor="ray"))
 
 
-def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tmp_path):
+def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tmp_path, capfd):
     from engine.train.driver import pretrain
     from jobs.spec import parse_spec
 
@@ -163,6 +163,13 @@ def test_corrupted_chunk_under_training_fails_at_once(fresh_store, ray_local, tm
         pretrain(config)
     assert "attempt" not in str(e.value)  # the data error itself, not "failed after 4 attempts"
     assert time.monotonic() - t0 < 120
+    # the worker's traceback is kept in the run's log, not streamed to this terminal (Ray's log monitor prints a
+    # worker's stderr here within a second or so)
+    time.sleep(2)
+    logged = (tmp_path / "run" / "worker-errors.log").read_text()
+    assert "Traceback" in logged and "shards/00001/X/indices" in logged
+    shown = capfd.readouterr()
+    assert "Error in training function" not in shown.out + shown.err
 
 
 def test_soak_three_epochs_in_ray_mode_every_cell_matches_the_store(tiny_store, ray_local):
@@ -209,3 +216,25 @@ def test_embedded_ray_refuses_to_start_without_token_auth(tiny_store, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "--insecure" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoints_keep_every_report_since_the_previous_one(tiny_store, ray_local, tmp_path):
+    """What a rerun takes from the checkpoints when its killed driver wrote metrics.jsonl last before the final
+    reports: every step's report (issue 23: a killed and resumed run's metrics.jsonl missed a step)."""
+    from engine.train.checkpoint import checkpoint_metrics
+    from engine.train.driver import pretrain
+    from jobs.spec import parse_spec
+
+    config = parse_spec({
+        "kind": "pretrain",
+        "name": "reports",
+        "data": {"store": str(tiny_store), "batch_size": 64},
+        "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16}},
+        "train": {"max_steps": 7, "checkpoint_every": 3, "report_every": 1, "keep_checkpoints": 5,
+                  "output": str(tmp_path / "run")},
+        "resources": {"workers": 0},
+    })  # fmt: skip
+    result = pretrain(config)
+    assert [m["step"] for m in result.history] == list(range(1, 8))
+    kept = sorted({m["step"] for m in checkpoint_metrics(result.output)})
+    assert kept == list(range(1, 8)), kept  # checkpoints at 3, 6, 7 hold the reports of 1-3, 4-6, 7

@@ -74,6 +74,13 @@ BROKEN = {
         lambda c: c.update(head_start_ray_commands=c["head_start_ray_commands"][:2]),
         "the scheduler is not started",
     ),
+    "min_workers: two": (
+        lambda c: c["available_node_types"]["gpu_1x"].update(min_workers="two"),
+        "available_node_types.gpu_1x.min_workers: 'two' is not a count",
+    ),
+    "max_workers: -1": (lambda c: c["available_node_types"]["gpu_4x"].update(max_workers=-1), "gpu_4x.max_workers"),
+    "no node types": (lambda c: c.pop("available_node_types"), "available_node_types: missing"),
+    "no head type": (lambda c: c.pop("head_node_type"), "head_node_type: missing"),
     "min above max": (lambda c: c["available_node_types"]["gpu_1x"].update(min_workers=5), "min_workers"),
 }
 

@@ -127,7 +127,8 @@ def _write_store(path: Path, n_cells: int, shard_cells: int, genes: list[str], s
     """A store of random counts written with the store format's own writer (faster than ingest for 200k cells)."""
     import zarr
 
-    from engine.store.format import Codec, Manifest, write_root, write_shard
+    from engine.store.format import Codec, Manifest
+    from engine.store.write import write_root, write_shard
 
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
