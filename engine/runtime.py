@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,21 @@ INSECURE_ENV = "CELLRAY_INSECURE"  # set by `cellray --insecure`: accept an embe
 SESSIONS_DIR = Path.home() / ".cache" / "cellray" / "embedded-ray"  # one record per live embedded Ray
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that are free now (bound and released; the kernel hands out each once)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> bool:
     """Connect to Ray unless already connected. Returns True when this call started/connected it.
 
@@ -55,11 +71,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if address is None:
         stop_orphaned_embedded_rays()
         secure_embedded_ray()
+        # Ray's state API (Ray Train's placement-group cleaner polls it) resolves "auto" in every worker and fails
+        # with "Found multiple active Ray instances" when another Ray runs on this machine: name this one's
+        dashboard_port = free_ports(1)[0]
+        env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"} if dashboard else {}
         ctx = ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            runtime_env={"env_vars": env} if env else None,
             object_store_memory=local_object_store_bytes(),
             logging_level=logging.WARNING,
             log_to_driver=True,

@@ -29,7 +29,7 @@ from typing import Any
 
 from engine.atomic import write_text_atomically
 from engine.errors import ClusterError
-from engine.runtime import PROJECT_ROOT
+from engine.runtime import PROJECT_ROOT, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +98,6 @@ def _is_zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that are free now (bound and released; the kernel hands out each once)."""
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def free_port_range(n: int, low: int = 20000, high: int = 32000) -> int:

@@ -93,7 +93,8 @@ def run_start(args: argparse.Namespace) -> int:
     import ray
 
     from engine.errors import ClusterError
-    from jobs.cluster.local import free_ports, install_grafana_dashboard, start_cluster, stop_cluster
+    from engine.runtime import free_ports
+    from jobs.cluster.local import install_grafana_dashboard, start_cluster, stop_cluster
     from jobs.cluster.prometheus import find_prometheus, start_prometheus
     from jobs.scheduler.client import connect, scheduler
 
