@@ -185,6 +185,8 @@ def start_cluster(
             **base_env,
             "AUTOSCALER_METRIC_PORT": str(autoscaler_port),
             "DASHBOARD_METRIC_PORT": str(dashboard_metric_port),
+            # the state API in its workers (Ray Train's placement-group cleaner) asks this head, never "auto"
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['dashboard-port']}",
         }
         cmd = _head_command(temp_dir, store_bytes, ports, worker_low, num_cpus, num_gpus, system_config)
         address_file.unlink(missing_ok=True)
