@@ -197,6 +197,22 @@ def time_h5ad(inputs: list[Path], repeats: int, batches: int = 12) -> list[float
     return rates[1:]
 
 
+def buffer_plans(store: Path, block: int, buffer_blocks: int, min_cells: int) -> list:
+    """The loader's read plans (CSR, in-process) over as many epochs as hold `min_cells` cells."""
+    from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
+
+    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
+    with Loader(store, plan, mode="local", output="csr") as loader:
+        plans, cells, epoch = [], 0, 0
+        while cells < min_cells:
+            for j in range(loader.sampler.n_buffers):
+                plans.append(loader.sampler.buffer(epoch, j))
+                cells += plans[-1].n_cells
+            epoch += 1
+    return plans
+
+
 def placement_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, min_cells: int = 200_000) -> dict:
     """What binding chunks to their place (format v3) costs a reader: 1 - CPU with the check off / CPU with it on.
     The check runs once per file, when a reader maps it, and readers keep their files mapped; here every buffer is
@@ -205,20 +221,10 @@ def placement_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3,
     import threading
 
     import engine.store.chunkfile as chunks
-    from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
-    from engine.loading.sampler import SamplerConfig
     from engine.store.format import Store
 
-    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
-    loader = Loader(store, plan, mode="local", output="csr")
-    plans, cells, epoch = [], 0, 0
-    while cells < min_cells:
-        for j in range(loader.sampler.n_buffers):
-            plans.append(loader.sampler.buffer(epoch, j))
-            cells += plans[-1].n_cells
-        epoch += 1
-    loader.close()
+    plans = buffer_plans(store, block, buffer_blocks, min_cells)
     opened = Store.open(store)
     cpu = {True: 0.0, False: 0.0}
 
@@ -268,19 +274,10 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
     import threading
 
     import engine.store.chunkfile as chunks
-    from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
-    from engine.loading.sampler import SamplerConfig
 
-    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
-    loader = Loader(store, plan, mode="local", output="csr")
-    plans, cells, epoch = [], 0, 0
-    while cells < min_cells:
-        for j in range(loader.sampler.n_buffers):
-            plans.append(loader.sampler.buffer(epoch, j))
-            cells += plans[-1].n_cells
-        epoch += 1
-    reader = BufferReader(loader.store, None, "csr")
+    plans = buffer_plans(store, block, buffer_blocks, min_cells)
+    reader = BufferReader(store, None, "csr")
     cpu = {True: 0.0, False: 0.0}
 
     def run() -> None:
@@ -300,7 +297,6 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
     thread.start()
     thread.join()
     reader.close()
-    loader.close()
     return {"cost": 1 - cpu[False] / cpu[True]}
 
 

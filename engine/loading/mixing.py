@@ -40,7 +40,16 @@ import pandas as pd
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
 from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
-from engine.loading.sampler import Balance, BufferPlan, Sampler, SamplerConfig, _Epoch, category_counts, check_rank
+from engine.loading.sampler import (
+    Balance,
+    BufferPlan,
+    Sampler,
+    SamplerConfig,
+    _Epoch,
+    category_counts,
+    check_rank,
+    given_balance,
+)
 from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 
@@ -186,17 +195,13 @@ class OpenMix:
         if cats is None:
             raise SamplerError(f"balance_by={key!r} needs a categorical obs column in every source")
         if class_weights is not None:
-            unknown = sorted(set(class_weights) - set(cats))
-            if unknown:
-                raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({cats})")
-            w = np.array([float(class_weights.get(c, 0.0)) for c in cats])
-        else:
-            quota = quotas(self, sources)
-            counts = np.zeros(len(cats))
-            for s, st in enumerate(self.stores):
-                own = category_counts(st, key)
-                np.add.at(counts, self.code_map(s, key)[:-1], own * quota[s] / sources[s].n_split_cells)
-            w = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), 0.0)
+            return given_balance(key, cats, class_weights)
+        quota = quotas(self, sources)
+        counts = np.zeros(len(cats))
+        for s, st in enumerate(self.stores):
+            own = category_counts(st, key)
+            np.add.at(counts, self.code_map(s, key)[:-1], own * quota[s] / sources[s].n_split_cells)
+        w = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), 0.0)
         return Balance(key, np.concatenate([w, [0.0]]))
 
 

@@ -134,14 +134,17 @@ def class_balance(store: Store, key: str, class_weights: dict[str, float] | None
         )
     cats = list(schema["categories"])
     if class_weights is not None:
-        unknown = sorted(set(class_weights) - set(cats))
-        if unknown:
-            raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({cats})")
-        w = np.array([float(class_weights.get(c, 0.0)) for c in cats])
-    else:
-        counts = category_counts(store, key)
-        w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    return Balance(key, np.concatenate([w, [0.0]]))
+        return given_balance(key, cats, class_weights)
+    counts = category_counts(store, key)
+    return Balance(key, np.concatenate([np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0), [0.0]]))
+
+
+def given_balance(key: str, categories: list[str], class_weights: dict[str, float]) -> Balance:
+    """The user's class weights for the categories of `key` (0 for a category not named; the last slot: missing)."""
+    unknown = sorted(set(class_weights) - set(categories))
+    if unknown:
+        raise SamplerError(f"class_weights names {unknown}, not categories of obs column {key!r} ({categories})")
+    return Balance(key, np.array([float(class_weights.get(c, 0.0)) for c in categories] + [0.0]))
 
 
 def category_counts(store: Store, key: str) -> np.ndarray:
