@@ -108,3 +108,44 @@ def test_bad_inputs_are_one_line_exit_2(reference_output, tiny_store, tmp_path, 
         assert main(["evaluate", *target, "--label-key", "cell_type"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_embed_spec_evaluate_section_writes_json_and_gauges(vae_checkpoint, tiny_store, ray_local, tmp_path, capsys):
+    import time
+    import urllib.request
+
+    import yaml
+
+    from jobs.spec import load_spec
+
+    out = tmp_path / "emb.zarr"
+    spec = tmp_path / "embed.yaml"
+    body = {"kind": "embed", "name": "eval-embed", "checkpoint": str(vae_checkpoint), "store": str(tiny_store),
+            "out": str(out), "evaluate": {"label_key": "cell_type", "batch_key": "batch"}}  # fmt: skip
+    spec.write_text(yaml.safe_dump(body))
+    assert load_spec(spec).evaluate == EvalConfig(label_key="cell_type", batch_key="batch")
+    assert main(["run", str(spec), "--json"]) == 0
+    e = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["evaluation"]
+    report = json.loads((tmp_path / "emb.eval.json").read_text())  # beside the output
+    assert e["report"] == str(tmp_path / "emb.eval.json") and e["scib_is"] == "Total"
+    assert e["scib"] == report["scores"][MODEL]["Total"] and e["knn"] == report["scores"][MODEL][KNN]
+    assert e["knn_vs_baseline"] == pytest.approx(report["scores"][MODEL][KNN] / report["scores"][BASELINE][KNN])
+    # the headline on Ray's metrics endpoint (the dashboard's source), tagged with the job
+    port = ray_local.nodes()[0]["MetricsExportPort"]
+    want = "ray_cellray_eval_knn_accuracy{"
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith(want) and 'job="eval-embed"' in ln]
+        if lines:
+            assert float(lines[0].rsplit(" ", 1)[1]) == pytest.approx(e["knn"])
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("no cellray_eval_knn_accuracy{job=eval-embed} on the metrics endpoint")
+    # a label key the store lacks fails before anything is embedded, in one line
+    spec.write_text(yaml.safe_dump({**body, "out": str(tmp_path / "x.zarr"), "evaluate": {"label_key": "tissue"}}))
+    assert main(["run", str(spec)]) == 2
+    assert "evaluate.label_key: 'tissue' is not an obs column of" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()
