@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -293,7 +294,9 @@ def evaluate_embedding(out: str | Path | ObjectPath, config: EvalConfig, store: 
     """Score an embed output (and, with `baseline: pca`, HVG-PCA-50 of the same cells' counts from `store`, or the
     store recorded in the output): scIB metrics and `folds`-fold kNN label accuracy of each, and their ratios.
     Returns the report `cellray evaluate` prints and writes as JSON."""
+    t0 = time.perf_counter()
     s = read_sample(out, config.label_key, config.batch_key, max_cells=config.max_cells, seed=config.seed)
+    seconds = {"read": time.perf_counter() - t0, "baseline": 0.0}
     n_labels = len(np.unique(s.labels))
     if len(s.labels) < MIN_CELLS or n_labels < 2:
         raise InferError(
@@ -307,10 +310,14 @@ def evaluate_embedding(out: str | Path | ObjectPath, config: EvalConfig, store: 
         source = store or s.store
         if source is None:
             raise InferError(f"{out}: records no store it was embedded from: pass it as --store")
+        t0 = time.perf_counter()
         pre = pca_baseline(sample_counts(source, s, str(out)), config.n_hvg, config.n_pcs, config.seed)
+        seconds["baseline"] = time.perf_counter() - t0  # counts read + HVG-PCA: the baseline's own cost
         embeddings[BASELINE] = pre
     batches = s.batches if n_batches and n_batches > 1 else None  # one batch: nothing to correct
+    t0 = time.perf_counter()
     scores, types = scib_scores(embeddings, s.labels, batches, pre)
+    seconds["scib"] = time.perf_counter() - t0
     for name, emb in embeddings.items():
         scores[name][KNN] = knn_accuracy(emb, s.labels, k=config.k, max_cells=len(emb), seed=config.seed,
                                          folds=config.folds)  # fmt: skip
@@ -330,6 +337,7 @@ def evaluate_embedding(out: str | Path | ObjectPath, config: EvalConfig, store: 
         "baseline": "HVG-PCA-50" if pre is not None else None,
         "metric_types": types,
         "scores": scores,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }  # fmt: skip
     report["ratios"] = (
         {m: _ratio(v, scores[BASELINE].get(m)) for m, v in scores[MODEL].items()} if pre is not None else None
