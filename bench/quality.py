@@ -64,7 +64,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     from models.transformer import TransformerConfig
     from models.vae import VAEConfig
 
-    return {
+    specs = {
         "vae": {
             "model": "vae",
             "config": VAEConfig.small(),
@@ -102,6 +102,12 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
             "batch": 64,
         },
     }
+    # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
+    # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
+    binned = specs["transformer-binned"]
+    specs["transformer-binned-ctx512"] = dict(binned, config=TransformerConfig.small(max_len=512))
+    specs["transformer-binned-3x"] = dict(binned, steps=3 * binned["steps"])
+    return specs
 
 
 def data_dir() -> Path | None:
