@@ -249,8 +249,10 @@ def scib_scores(
     if not jax.config.jax_compilation_cache_dir:  # scIB's jax kernels compile in ~10 s; later processes reuse them
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    import scib_metrics
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
+    scib_metrics.settings.verbosity = logging.WARNING  # not a line per label kBET skips (one batch, too few cells)
     n = len(labels)
     obs = pd.DataFrame(
         {"label": pd.Categorical(labels), "batch": pd.Categorical(batches if batches is not None else ["-"] * n)},
