@@ -284,8 +284,13 @@ def scib_scores(
             gc.unfreeze()
         df = bench.get_results(min_max_scale=False)
     types = {str(c): str(t) for c, t in df.loc["Metric Type"].items()}
-    scores = {name: {str(c): float(v) for c, v in df.loc[name].items()} for name in embeddings}
+    # a metric that could not be computed (kBET where every label was skipped) is NaN: None in the report (JSON)
+    scores = {name: {str(c): _finite(v) for c, v in df.loc[name].items()} for name in embeddings}
     return scores, types
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if v is not None and np.isfinite(float(v)) else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -77,10 +77,11 @@ def describe(s: Summary) -> list[str]:
     ]
     if "evaluation" in s:
         e = s["evaluation"]
+        num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         vs = lambda r: f" ({r:.2f}x HVG-PCA-50)" if r is not None else ""  # noqa: E731
         lines.append(
-            f"scIB {e['scib_is'].lower()} {e['scib']:.3f}{vs(e['scib_vs_baseline'])}, kNN accuracy "
-            f"{e['knn']:.3f}{vs(e['knn_vs_baseline'])}: {e['report']}"
+            f"scIB {e['scib_is'].lower()} {num(e['scib'])}{vs(e['scib_vs_baseline'])}, kNN accuracy "
+            f"{num(e['knn'])}{vs(e['knn_vs_baseline'])}: {e['report']}"
         )
     return lines
 
