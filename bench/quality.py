@@ -1,20 +1,26 @@
-"""Embedding quality of every model: kNN label accuracy vs PCA-50 of log-normalized data and vs the VAE.
+"""Embedding quality of every model: scIB metrics and kNN label transfer, each also as a ratio to HVG-PCA-50 of
+the same cells from the same run.
 
     python bench/quality.py [--quick] [--models vae,transformer-binned,transformer-rank,probe]
-                            [--datasets pbmc68k,kang] [--workers 0] [--threads 1] [--steps-scale 1.0]
+                            [--datasets liu,zeisel,cbmc,worm] [--workers 0] [--threads 1] [--steps-scale 1.0]
+                            [--eval-cells 10000]
 
-Datasets (real, from ../shared/data/fetch_real.sh; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tmp/cellray-data):
-- pbmc68k_reduced: 700 cells x 765 genes, 10 `bulk_labels`; counts rebuilt as round(expm1(raw.X) * n_counts / 1e4);
-  500 highly variable genes;
-- Kang 2018 PBMC ctrl + stim: 13,999 cells x 14,053 genes, label = condition (the `dataset` column; the files
-  carry no cell types); 2,000 highly variable genes.
+Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tmp/cellray-data):
+- from bench/fetch_labelled.sh (label `cell_type`, batch `batch`): liu (Liu 2021 COVID PBMC, 30,534 cells x 1,000
+  genes, 17 types, 3 batches), zeisel (mouse cortex, 3,005 x 4,000, 7 types), cbmc (cord blood CITE-seq RNA, 8,617
+  x 500, 13 types), worm (C. elegans neurons, 4,186 x 13,488, 10 types); baron_human / baron_mouse (~2,000 cells)
+  are fetched too but are under 3,000 cells;
+- from ../shared/data/fetch_real.sh: pbmc68k (700 cells x 765 genes, 10 `bulk_labels`; counts rebuilt as
+  round(expm1(raw.X) * n_counts / 1e4)) and kang (13,999 cells, label = condition: every model scores ~0.99).
 Each dataset is ingested into a store and summarised (`cellray stats --hvg N`); every model is pretrained with
 `engine.train.pretrain` (the real loop: the Loader and its transforms, AdamW with warm-up + cosine; `--workers 0`
-runs it in this process, N > 0 on Ray Train with N DDP workers), embedded with `engine.infer.embed.embed`, and
-scored by 5-fold kNN (k=15) label accuracy. The peer: scanpy normalize_total(1e4) + log1p + PCA(50) on the same
-cells (all genes), same kNN. Held-out reconstruction: each model's loss terms averaged over the validation split
-(10% of cells, never trained on): VAE NLL per cell; transformer masked-token loss / accuracy and the cell-level
-reconstruction (mvc MSE, per-cell Pearson r); probe accuracy.
+runs it in this process, N > 0 on Ray Train with N DDP workers), embedded with `engine.infer.embed.embed`, and scored
+by `engine.infer.evaluate.evaluate_embedding` (what `cellray evaluate` runs): scib-metrics' Benchmarker (bio
+conservation; batch correction where the dataset has batches) and 5-fold kNN (k=15) label accuracy, on up to
+--eval-cells cells, beside HVG-PCA-50 (normalize_total 1e4, log1p, 2,000 HVG, PCA 50) of the same cells computed in
+the same call. Held-out reconstruction: each model's loss terms averaged over the validation split (10% of cells,
+never trained on). Cost: training seconds per 1,000 cells seen and embedding seconds per 1,000 cells (1 torch
+thread in-process unless --threads), and the baseline's seconds per 1,000 cells.
 
 Models (specs in MODELS below; every config a `small()` preset):
 - vae: raw counts;
@@ -37,16 +43,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-K = 15
-FOLDS = 5
 VAL_FRACTION = 0.1
 NORM_LOG = [{"normalize_total": {"target_sum": 1e4}}, "log1p"]
 
-# dataset -> label, HVG count, the VAE's cells per batch
+# dataset -> input files, label and batch obs columns, HVG count of the store's stats, the VAE's cells per batch
 DATASETS = {
-    "pbmc68k": {"label": "bulk_labels", "hvg": 500, "vae_batch": 64},
-    "kang": {"label": "dataset", "hvg": 2000, "vae_batch": 256},
-}
+    "liu": {"files": ["liu_covid_pbmc.h5ad"], "label": "cell_type", "batch": "batch", "hvg": 1000, "vae_batch": 256},
+    "zeisel": {"files": ["zeisel.h5ad"], "label": "cell_type", "batch": "batch", "hvg": 2000, "vae_batch": 128},
+    "cbmc": {"files": ["cbmc_citeseq.h5ad"], "label": "cell_type", "batch": "batch", "hvg": 500, "vae_batch": 256},
+    # worm: seurat_v3's loess fit of 13,488 sparse genes is singular (as in scanpy): seurat flavor, log-normalized
+    "worm": {"files": ["worm_neurons.h5ad"], "label": "cell_type", "batch": "batch", "hvg": 2000, "vae_batch": 128,
+             "flavor": "seurat"},
+    "pbmc68k": {"files": ["pbmc68k_reduced.h5ad"], "label": "bulk_labels", "batch": None, "hvg": 500, "vae_batch": 64},
+    "kang": {"files": ["kang_ctrl.h5ad", "kang_stim.h5ad"], "label": "dataset", "batch": None, "hvg": 2000,
+             "vae_batch": 256},
+}  # fmt: skip
 
 
 def model_specs(ds: dict, label: str) -> dict[str, dict]:
@@ -55,7 +66,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     from models.transformer import TransformerConfig
     from models.vae import VAEConfig
 
-    return {
+    specs = {
         "vae": {
             "model": "vae",
             "config": VAEConfig.small(),
@@ -93,11 +104,17 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
             "batch": 64,
         },
     }
+    # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
+    # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
+    binned = specs["transformer-binned"]
+    specs["transformer-binned-ctx512"] = dict(binned, config=TransformerConfig.small(max_len=512))
+    specs["transformer-binned-3x"] = dict(binned, steps=3 * binned["steps"])
+    return specs
 
 
 def data_dir() -> Path | None:
     for d in (os.environ.get("CELLRAY_DATA"), Path.home() / ".cache/cellray-data", "/tmp/cellray-data"):
-        if d and (Path(d) / "pbmc68k_reduced.h5ad").exists():
+        if d and any((Path(d) / ds["files"][0]).exists() for ds in DATASETS.values()):
             return Path(d)
     return None
 
@@ -116,38 +133,17 @@ def pbmc68k_counts(src: Path, out: Path) -> Path:
     return out
 
 
-def prepare(name: str, inputs: list[Path], label: str, hvg: int, work: Path) -> Path:
-    """Ingest the inputs into a store and compute its gene statistics with `hvg` highly variable genes."""
+def prepare(name: str, inputs: list[Path], keys: list[str], hvg: int, work: Path, flavor: str = "seurat_v3") -> Path:
+    """Ingest the inputs (obs columns `keys`) into a store and compute its gene statistics with `hvg` highly
+    variable genes."""
     from engine.preprocess.stats import StatsConfig, compute_stats
     from engine.store.ingest import IngestConfig, ingest
 
     store = work / f"{name}.store"
-    obs_keys = () if label == "dataset" else (label,)
+    obs_keys = tuple(k for k in keys if k != "dataset")  # `dataset` (the input file) is always kept
     ingest(inputs, store, IngestConfig(shard_cells=4000, obs_keys=obs_keys, overwrite=True))
-    compute_stats(store, StatsConfig(hvg=hvg))
+    compute_stats(store, StatsConfig(hvg=hvg, flavor=flavor))
     return store
-
-
-def pca_knn(store_path: Path, label: str) -> tuple[float, float]:
-    import anndata as ad
-    import numpy as np
-    import pandas as pd
-    import scanpy as sc
-    import scipy.sparse as sp
-
-    from engine.infer.evaluate import knn_accuracy
-    from engine.store.format import Store
-
-    store = Store.open(store_path)
-    X = sp.vstack([store.read_csr(s).to_scipy() for s in range(store.n_shards)]).tocsr().astype(np.float32)
-    obs = pd.concat([store.read_obs(s, [label]) for s in range(store.n_shards)])
-    a = ad.AnnData(X=X, obs=obs)
-    t0 = time.perf_counter()
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    sc.pp.pca(a, n_comps=min(50, min(a.shape) - 1))
-    seconds = time.perf_counter() - t0
-    return knn_accuracy(a.obsm["X_pca"], obs[label].to_numpy(), k=K, folds=FOLDS), seconds
 
 
 def held_out(checkpoint: Path, store: Path, spec) -> dict[str, float]:
@@ -192,16 +188,15 @@ def held_out(checkpoint: Path, store: Path, spec) -> dict[str, float]:
     return {k: round(v / max(1, n), 4) for k, v in sums.items() if k not in ("masked", "kl_weight")} | {"cells": n}
 
 
-def run_model(name: str, run: dict, dataset: str, store: Path, label: str, work: Path, workers: int) -> dict:
-    import anndata as ad
-
-    from engine.infer.embed import OBSM_KEY, embed
-    from engine.infer.evaluate import knn_accuracy
+def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work: Path, workers: int) -> dict:
+    """Pretrain, embed and evaluate one model: its row (and the run's HVG-PCA-50 scores, under "baseline")."""
+    from engine.infer.embed import embed
+    from engine.infer.evaluate import BASELINE, MODEL, evaluate_embedding
     from engine.train.driver import pretrain
     from jobs.spec import parse_spec
 
     steps = run["steps"]
-    obs_keys = [label] if run["model"] == "probe" else []
+    obs_keys = [evaluation.label_key] if run["model"] == "probe" else []
     spec = parse_spec(
         {
             "kind": "pretrain",
@@ -234,40 +229,75 @@ def run_model(name: str, run: dict, dataset: str, store: Path, label: str, work:
     t0 = time.perf_counter()
     result = pretrain(spec)
     train_s = time.perf_counter() - t0
-    out = work / f"{dataset}-{name}.h5ad"
+    out = work / f"{dataset}-{name}.zarr"
     t0 = time.perf_counter()
-    embed(result.output, store, out, overwrite=True)
+    res = embed(result.output, store, out, overwrite=True)
     embed_s = time.perf_counter() - t0
-    a = ad.read_h5ad(out)
-    acc = knn_accuracy(a.obsm[OBSM_KEY], a.obs[label].to_numpy(), k=K, folds=FOLDS)
+    t0 = time.perf_counter()
+    report = evaluate_embedding(out, evaluation, store=str(store))
+    eval_s = time.perf_counter() - t0
     h = result.history
     return {
-        "knn": round(acc, 4),
-        "dim": int(a.obsm[OBSM_KEY].shape[1]),
+        **scores(report, MODEL),
+        "dim": res.dim,
         "steps": steps,
         "batch": run["batch"],
         "train_s": round(train_s, 1),
         "embed_s": round(embed_s, 1),
+        "eval_s": round(eval_s, 1),  # evaluate_embedding: the baseline and both embeddings' scIB and kNN
         "cells_per_s": round(steps * run["batch"] / train_s, 1),
+        "train_s_per_1k_cells": round(train_s / (steps * run["batch"]) * 1000, 2),
+        "embed_s_per_1k_cells": round(embed_s / res.n_cells * 1000, 3),
         "loss_first": round(h[0]["loss"], 4),
         "loss_last": round(h[-1]["loss"], 4),
         "held_out": held_out(result.checkpoint, store, spec),
+        "baseline": {**scores(report, BASELINE), "seconds": report["seconds"]["baseline"], "cells": report["cells"]},
+        "batch_correction": report["batch_correction"],
     }
+
+
+HEADLINE = {
+    "scib_bio": "Bio conservation",
+    "scib_batch": "Batch correction",
+    "scib_total": "Total",
+    "knn": "kNN accuracy",
+}
+
+
+def scores(report: dict, which: str) -> dict:
+    """The headline figures of one embedding of an evaluate_embedding report: scIB bio / batch / total (None where
+    absent: no batches) and kNN accuracy."""
+    s = report["scores"][which]
+    out = {k: (round(s[m], 4) if m in s else None) for k, m in HEADLINE.items()}
+    # scIB's total where there are batches, else its bio conservation (as `cellray evaluate`'s headline)
+    return {**out, "scib": out["scib_total"] if out["scib_total"] is not None else out["scib_bio"]}
+
+
+def ratios(row: dict, pca: dict) -> dict:
+    keys = [*HEADLINE, "scib"]
+    return {f"{k}_vs_pca": round(row[k] / pca[k], 3) if row[k] is not None and pca[k] else None for k in keys}
+
+
+def _fmt(v: float | None, x: bool = False) -> str:
+    return "   -  " if v is None else (f"{v:.2f}x" if x else f"{v:.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="pbmc68k only, half the steps (a minute or two)")
-    ap.add_argument("--models", default="vae,transformer-binned,transformer-rank,probe")
-    ap.add_argument("--datasets", default="pbmc68k,kang")
+    ap.add_argument("--quick", action="store_true", help="zeisel only, half the steps (a few minutes)")
+    ap.add_argument("--models", default="vae,transformer-binned,transformer-rank")
+    ap.add_argument("--datasets", default="liu,zeisel,cbmc,worm")
     ap.add_argument("--workers", type=int, default=0, help="Ray Train DDP workers (0: the loop in this process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process loop (2 cores, shared)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's optimizer steps")
+    ap.add_argument("--eval-cells", type=int, default=10_000, help="cells scored per dataset (a random sample)")
     args = ap.parse_args()
     import logging
     import warnings
 
     import torch
+
+    from engine.infer.config import EvalConfig
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -276,10 +306,10 @@ def main() -> None:
 
     d = data_dir()
     if d is None:
-        print("no real data found: run ../shared/data/fetch_real.sh first")
+        print("no real data found: run bench/fetch_labelled.sh (and ../shared/data/fetch_real.sh) first")
         print(json.dumps({"skipped": "no real data"}))
         return
-    datasets = ["pbmc68k"] if args.quick else args.datasets.split(",")
+    datasets = ["zeisel"] if args.quick else args.datasets.split(",")
     wanted = args.models.split(",")
     scale = args.steps_scale * (0.5 if args.quick else 1.0)
     summary: dict[str, dict] = {}
@@ -287,36 +317,43 @@ def main() -> None:
         work = Path(tmp)
         for dataset in datasets:
             ds = DATASETS[dataset]
-            label = ds["label"]
+            inputs = [d / f for f in ds["files"]]
+            if not all(p.exists() for p in inputs):
+                print(f"{dataset}: {inputs} not found, skipped", flush=True)
+                continue
             if dataset == "pbmc68k":
-                inputs = [pbmc68k_counts(d / "pbmc68k_reduced.h5ad", work / "pbmc68k_counts.h5ad")]
-            else:
-                inputs = [d / "kang_ctrl.h5ad", d / "kang_stim.h5ad"]
-                if not inputs[0].exists():
-                    continue
-            store = prepare(dataset, inputs, label, ds["hvg"], work)
-            pca, pca_s = pca_knn(store, label)
-            print(f"{dataset}: {label}, PCA-50 kNN@{K} ({FOLDS}-fold) {pca:.3f} ({pca_s:.1f} s)", flush=True)
-            rows: dict[str, dict] = {"pca50": {"knn": round(pca, 4), "seconds": round(pca_s, 2)}}
+                inputs = [pbmc68k_counts(inputs[0], work / "pbmc68k_counts.h5ad")]
+            label, batch = ds["label"], ds["batch"]
+            keys = [k for k in (label, batch) if k]
+            store = prepare(dataset, inputs, keys, ds["hvg"], work, ds.get("flavor", "seurat_v3"))
+            evaluation = EvalConfig(label_key=label, batch_key=batch, max_cells=args.eval_cells)
+            rows: dict[str, dict] = {}
             for name, run in model_specs(ds, label).items():
                 if name not in wanted:
                     continue
                 run = dict(run, steps=max(10, int(run["steps"] * scale)))
-                row = run_model(name, run, dataset, store, label, work, args.workers)
-                row["vs_pca"] = round(row["knn"] / pca, 3)
-                if "vae" in rows:
-                    row["vs_vae"] = round(row["knn"] / rows["vae"]["knn"], 3)
+                row = run_model(name, run, dataset, store, evaluation, work, args.workers)
+                pca = row.pop("baseline")
+                if "pca50" not in rows:
+                    rows["pca50"] = {**pca, "s_per_1k_cells": round(pca["seconds"] / pca["cells"] * 1000, 3)}
+                    print(f"{dataset}: {label}, {pca['cells']} cells scored ({row['batch_correction']})", flush=True)
+                    print(f"  {'pca50':20s} bio {_fmt(pca['scib_bio'])}  batch {_fmt(pca['scib_batch'])}  total "
+                          f"{_fmt(pca['scib_total'])}  scib {_fmt(pca['scib'])}  kNN {_fmt(pca['knn'])}",
+                          flush=True)  # fmt: skip
+                row.update(ratios(row, rows["pca50"]))
                 rows[name] = row
                 print(
-                    f"  {name:20s} kNN {row['knn']:.3f}  x{row['vs_pca']:.2f} PCA"
-                    + (f"  x{row['vs_vae']:.2f} VAE" if "vs_vae" in row else "")
-                    + f"  ({row['steps']} steps x {row['batch']} cells, train {row['train_s']:.0f} s,"
-                    + f" embed {row['embed_s']:.0f} s)"
-                    + f"  held-out {row['held_out']}",
+                    f"  {name:20s} bio {_fmt(row['scib_bio'])} {_fmt(row['scib_bio_vs_pca'], True)}  batch "
+                    f"{_fmt(row['scib_batch'])} {_fmt(row['scib_batch_vs_pca'], True)}  total "
+                    f"{_fmt(row['scib_total'])} {_fmt(row['scib_total_vs_pca'], True)}  scib "
+                    f"{_fmt(row['scib'])} {_fmt(row['scib_vs_pca'], True)}"
+                    f"  kNN {_fmt(row['knn'])} {_fmt(row['knn_vs_pca'], True)}  ({row['steps']} steps x "
+                    f"{row['batch']} cells, train {row['train_s']:.0f} s, embed {row['embed_s']:.0f} s)  "
+                    f"held-out {row['held_out']}",
                     flush=True,
                 )
             summary[dataset] = rows
-    print(json.dumps({"k": K, "folds": FOLDS, "workers": args.workers, "threads": args.threads, "datasets": summary}))
+    print(json.dumps({"k": 15, "folds": 5, "workers": args.workers, "threads": args.threads, "datasets": summary}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from engine.errors import CellrayError, causes
 from engine.runtime import INSECURE_ENV
 
 # Modules under jobs.commands, each with `register(subparsers)` adding its subcommands.
-COMMAND_MODULES = ["store", "stats", "train", "job", "cluster"]
+COMMAND_MODULES = ["store", "stats", "train", "evaluate", "job", "cluster"]
 
 
 def build_parser() -> argparse.ArgumentParser:

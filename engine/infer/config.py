@@ -9,6 +9,7 @@ batch_size: 1024
 part_cells: null                   # cells per output part; null: one store shard (capped at 256 MB of output)
 min_gene_overlap: 0.5              # refuse a store holding fewer of the checkpoint's genes than this
 resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+evaluate: {label_key: cell_type, batch_key: batch, baseline: pca}   # optional: scIB + kNN vs HVG-PCA-50
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ class InferDebug(Section):
     part_delay_s: float = Field(0.0, ge=0)  # each part sleeps this long before its commit
 
 
+class EvalConfig(Section):
+    """What `cellray evaluate` (and an embed job's `evaluate:` section) scores; engine/infer/evaluate.py."""
+
+    error: ClassVar[type[Exception]] = SpecError
+
+    label_key: str = Field(min_length=1)  # obs column of cell types: bio conservation and kNN label transfer
+    batch_key: str | None = None  # obs column of batches: batch-correction metrics (absent without it)
+    baseline: Literal["pca", "none"] = "pca"  # HVG-PCA-50 of the same cells' counts, scored beside the embedding
+    max_cells: int = Field(20_000, gt=0)  # a random sample of labelled cells (scIB's metrics are O(cells^2))
+    k: int = Field(15, gt=0)  # kNN label transfer: neighbours ...
+    folds: int = Field(5, ge=2)  # ... and cross-validation folds
+    n_hvg: int = Field(2000, gt=0)
+    n_pcs: int = Field(50, gt=0)
+    seed: int = 0
+
+
 class EmbedConfig(Config):
     error: ClassVar[type[Exception]] = SpecError
 
@@ -56,6 +73,7 @@ class EmbedConfig(Config):
     executor: Executor = "auto"
     resources: InferResources = Field(default_factory=InferResources)
     debug: InferDebug = Field(default_factory=InferDebug)
+    evaluate: EvalConfig | None = None  # scored after the last part (engine.infer.evaluate); OUT.eval.json
     source: str | None = Field(None, exclude=True)  # the YAML file, for error messages
 
     def where(self, field: str) -> str:

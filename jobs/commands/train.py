@@ -106,11 +106,9 @@ def _run_kind(spec, address: str | None, as_json: bool, kind) -> int:
 
 
 def _print_knn(out: str, label_key: str) -> None:
-    import pandas as pd
+    from engine.infer.evaluate import knn_accuracy, read_sample
 
-    from engine.infer.evaluate import embedding_sample, knn_accuracy
-
-    emb, labels = embedding_sample(out, label_key)
-    acc = knn_accuracy(emb, labels, k=15)
-    n_labels = len(set(labels[pd.notna(labels)]))
+    s = read_sample(out, label_key)
+    acc = knn_accuracy(s.emb, s.labels, k=15)
+    n_labels = len(set(s.labels))
     print(f"kNN (k=15) accuracy of {label_key!r} ({n_labels} labels) on the embeddings: {acc:.3f}")

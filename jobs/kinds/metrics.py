@@ -1,4 +1,5 @@
-"""What a running job reports: its progress, and the `cellray_job_*`, `cellray_train_*`, `cellray_infer_*` gauges.
+"""What a running job reports: its progress, and the `cellray_job_*`, `cellray_train_*`, `cellray_infer_*` and
+`cellray_eval_*` gauges.
 
 Every way a job runs (`cellray run`, `cellray embed`, a job the scheduler admitted, a resumed or preempted attempt)
 goes through its kind's `run`, which reports through `train_reporter` (pretraining, in steps) or `infer_progress`
@@ -45,6 +46,13 @@ RANK_GAUGES = (
 INFER_GAUGES = (
     ("cellray_infer_parts_done", "inference parts (store shards) committed, earlier attempts included"),
     ("cellray_infer_parts", "inference parts (store shards) in all"),
+)
+
+EVAL_GAUGES = (
+    ("cellray_eval_scib", "scIB total of the job's embedding (its bio conservation where there are no batches)"),
+    ("cellray_eval_knn_accuracy", "kNN label-transfer accuracy of the job's embedding (5-fold)"),
+    ("cellray_eval_scib_vs_baseline", "scIB total of the embedding / that of HVG-PCA-50 of the same cells"),
+    ("cellray_eval_knn_vs_baseline", "kNN accuracy of the embedding / that of HVG-PCA-50 of the same cells"),
 )
 
 
@@ -187,6 +195,19 @@ def infer_progress(progress: Progress, name: str) -> Progress:
         job.update(done, total, cells_per_s=cells.get("done", 0) / elapsed if elapsed > 0 else None)
 
     return update
+
+
+def eval_report(name: str, headline: dict[str, Any]) -> None:
+    """An embed job's evaluation (engine.infer.evaluate's headline) as `cellray_eval_*{job}` gauges."""
+    Gauges(EVAL_GAUGES, ("job",)).set(
+        {
+            "cellray_eval_scib": headline["scib"],
+            "cellray_eval_knn_accuracy": headline["knn"],
+            "cellray_eval_scib_vs_baseline": headline["scib_vs_baseline"],
+            "cellray_eval_knn_vs_baseline": headline["knn_vs_baseline"],
+        },
+        {"job": job_tag(name)},
+    )
 
 
 class WorldReporter:

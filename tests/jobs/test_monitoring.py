@@ -167,7 +167,9 @@ def ran(head, store, tmp_path_factory) -> dict:
     assert "parts 8/8 (100%)" in head.cli.ok("job", "status", embed)
 
     # `cellray run SPEC --address`: the same kind's run in this client's process, its series tagged by the name
-    direct = {**embed_spec, "name": "embed-direct", "out": str(out / "emb-direct.zarr")}
+    # with an evaluate: section, for the embedding-quality panels (cellray_eval_*)
+    evaluate = {"label_key": "cell_type", "batch_key": "batch"}
+    direct = {**embed_spec, "name": "embed-direct", "out": str(out / "emb-direct.zarr"), "evaluate": evaluate}
     head.cli.ok("run", spec_file(head, "embed-direct", direct), "--address", head.info["address"])
 
     j = head.ended(train, timeout=300)
