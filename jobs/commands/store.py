@@ -14,7 +14,9 @@ from engine.errors import CellrayError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="ingest .h5ad / AnnData .zarr files into a sharded cellray store")
     p.add_argument("inputs", nargs="+", help=".h5ad files or AnnData .zarr stores (local)")
-    p.add_argument("--out", required=True, help="the store to create: a directory, or s3://BUCKET/PREFIX (gs://, az://)")
+    p.add_argument(
+        "--out", required=True, help="the store to create: a directory, or s3://BUCKET/PREFIX (gs://, az://)"
+    )
     p.add_argument("--vocab", default="union", help="union (default), intersection, or a file of gene ids")
     p.add_argument("--obs", default="", help="comma-separated obs columns to keep (dataset and obs_name always are)")
     p.add_argument("--layer", default=None, help="take counts from this layer instead of X")
