@@ -35,6 +35,10 @@ def choose_local(executor: Executor, address: str | None, work_bytes: int) -> bo
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Ray's single-machine mode (its default on macOS and Windows): every service of a Ray this process starts or joins
+# listens on 127.0.0.1. On Linux Ray replaces 127.0.0.1 by the machine's address and serves GCS, raylet, object
+# manager, workers and metrics there (several on all interfaces); cellray's own Rays stay on loopback.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 INSECURE_ENV = "CELLRAY_INSECURE"  # set by `cellray --insecure`: accept an embedded Ray without token auth
 SESSIONS_DIR = Path.home() / ".cache" / "cellray" / "embedded-ray"  # one record per live embedded Ray
 
@@ -54,11 +58,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+_UNDO: list[Callable[[], None]] = []  # what init_ray changed for an embedded Ray, undone when its session ends
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> bool:
     """Connect to Ray unless already connected. Returns True when this call started/connected it.
 
     `address=None` starts a fresh embedded Ray (``address="local"`` never attaches to a stale cluster left in
-    /tmp/ray) with token auth set explicitly (see `secure_embedded_ray`) and the dashboard on 127.0.0.1. The
+    /tmp/ray) with token auth set explicitly (see `secure_embedded_ray`), every service on 127.0.0.1
+    (`keep_ray_on_loopback`). The
     dashboard is on by default: it also serves the state API that Ray Train's placement-group cleaner polls every
     second. Processes left by an embedded Ray whose cellray command was killed are stopped first. Any other
     address connects there and ships this project as the job's working_dir so every node imports the same
@@ -71,6 +79,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if address is None:
         stop_orphaned_embedded_rays()
         secure_embedded_ray()
+        _UNDO.append(keep_ray_on_loopback())
         # Ray's state API (Ray Train's placement-group cleaner polls it) resolves "auto" in every worker and fails
         # with "Found multiple active Ray instances" when another Ray runs on this machine: name this one's
         dashboard_port = free_ports(1)[0]
@@ -97,6 +106,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     url = getattr(ctx, "dashboard_url", None)
     log.info("ray ready: %s%s", ray.cluster_resources(), f"; dashboard http://{url}" if url else "")
     return True
+
+
+def keep_ray_on_loopback() -> Callable[[], None]:
+    """Ray's single-machine mode for this process and the Ray processes it starts (they inherit the environment): a
+    Ray started here binds 127.0.0.1 only, and this process joins a head started so (`cellray cluster start`).
+    A user's own RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER wins. Returns a function that undoes it."""
+    import ray._private.ray_constants as constants  # read at call time by Ray's get_node_ip_address
+
+    if LOOPBACK_ENV in os.environ:
+        return lambda: None
+    before = constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
+
+    def undo() -> None:
+        os.environ.pop(LOOPBACK_ENV, None)
+        constants.ENABLE_RAY_CLUSTER = before
+
+    return undo
 
 
 def secure_embedded_ray() -> None:
@@ -197,6 +225,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         if started:
             ray.shutdown()
             _forget_embedded_session()
+            while _UNDO:
+                _UNDO.pop()()
 
 
 def ray_cpus() -> int:

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.scheduler.client import use_token_auth
 
     use_token_auth()  # `--address` clusters started with token auth refuse a client without it (Ray's own rule)
+    if getattr(args, "address", None):
+        from jobs.cluster.local import join_as_local
+
+        join_as_local(args.address, getattr(args, "state_dir", None))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

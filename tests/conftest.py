@@ -148,3 +148,28 @@ def multinode_drill(tiny_store, tmp_path_factory) -> dict:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def listening_beyond_loopback(marker: str) -> list[str]:
+    """TCP ports listened on at an address other than 127.0.0.1 by the Ray whose processes name `marker` (its temp or
+    session dir) and their descendants. Ray Train's workers are left out: torch's DDP rendezvous store listens on all
+    interfaces and torch has no setting for it (a training run's worker only)."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in a for a in p.info["cmdline"] or ()):
+                pids |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            continue
+    found = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1"):
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.NoSuchProcess:
+                continue
+            if not name.startswith("ray::RayTrainWo"):
+                found.append(f"{name} (pid {c.pid}) on {c.laddr.ip}:{c.laddr.port}")
+    return found

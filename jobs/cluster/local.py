@@ -29,7 +29,7 @@ from typing import Any
 
 from engine.atomic import write_text_atomically
 from engine.errors import ClusterError
-from engine.runtime import PROJECT_ROOT, free_ports
+from engine.runtime import LOOPBACK_ENV, PROJECT_ROOT, free_ports, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,14 @@ def _ensure_token() -> None:
         generate_and_save_token()
 
 
+def join_as_local(address: str, state_dir: str | os.PathLike | None = None) -> None:
+    """A client of this machine's head joins it in Ray's single-machine mode: the head listens on 127.0.0.1 only,
+    and a client in Ray's default mode would look for a node at the machine's address and wait there forever."""
+    local = LocalCluster.load(state_dir or default_state_dir())
+    if local is not None and address == local.address and address.startswith("127.0.0.1:"):
+        keep_ray_on_loopback()
+
+
 def start_cluster(
     state_dir: str | os.PathLike | None = None,
     num_cpus: float | None = None,
@@ -152,7 +160,7 @@ def start_cluster(
     env: dict[str, str] | None = None,
     timeout: float = 150.0,
 ) -> LocalCluster:
-    """Start a Ray head for this machine (dashboard on 127.0.0.1, token auth) and record it in STATE_DIR."""
+    """Start a Ray head for this machine (every service on 127.0.0.1, token auth) and record it in STATE_DIR."""
     from engine.runtime import local_object_store_bytes
 
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
@@ -167,6 +175,7 @@ def start_cluster(
     _ensure_token()
     base_env = {**os.environ, **(env or {})}
     base_env["RAY_AUTH_MODE"] = "token"
+    base_env.setdefault(LOOPBACK_ENV, "0")  # every service on 127.0.0.1 unless the user says (keep_ray_on_loopback)
     # The head's workers import this project (the scheduler actor, jobs' drivers before their working_dir).
     base_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), base_env.get("PYTHONPATH", "")) if p)
     # `cellray cluster stop` ends the whole cluster: no 30 s node drain (it waits for idle workers, and the

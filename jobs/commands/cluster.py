@@ -93,7 +93,7 @@ def run_start(args: argparse.Namespace) -> int:
     import ray
 
     from engine.errors import ClusterError
-    from engine.runtime import free_ports
+    from engine.runtime import LOOPBACK_ENV, free_ports
     from jobs.cluster.local import install_grafana_dashboard, start_cluster, stop_cluster
     from jobs.cluster.prometheus import find_prometheus, start_prometheus
     from jobs.scheduler.client import connect, scheduler
@@ -145,6 +145,9 @@ def run_start(args: argparse.Namespace) -> int:
         print(f"prometheus {c.prometheus_url}  (scrapes every {args.scrape_interval:g} s; the dashboard queries it)")
     print(f"scheduler  queue in {info['state_dir']} ({info['queueing']})")
     print("submit     cellray job submit SPEC.yaml   |   stop: cellray cluster stop")
+    if c.address.startswith("127.0.0.1:"):  # Ray's single-machine mode (engine.runtime.keep_ray_on_loopback)
+        env = f"{LOOPBACK_ENV}=0 RAY_AUTH_MODE=token"
+        print(f"python     {env} before `import ray`, then ray.init(address={c.address!r})")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.errors import SchedulerError, cellray_cause
 from engine.objects import store_path
-from jobs.cluster.local import LocalCluster, default_state_dir
+from jobs.cluster.local import LocalCluster, default_state_dir, join_as_local
 from jobs.scheduler.actor import NAME, NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def connect(address: str | None = None, state_dir: str | os.PathLike | None = No
         return ray.get_runtime_context().gcs_address
     addr = resolve_address(address, state_dir)
     use_token_auth()
+    join_as_local(addr, state_dir)
     try:
         ray.init(address=addr, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:

@@ -26,6 +26,7 @@ import yaml
 from engine.errors import CellrayError, StoreError
 from engine.preprocess.stats import StatsConfig, compute_stats
 from engine.store.format import Store
+from tests.conftest import listening_beyond_loopback
 from tests.faults.conftest import chunk_files, flip_byte
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,6 +126,7 @@ def test_killed_run_resumes_with_its_whole_history(tiny_store, tmp_path, ray_loc
     records = list((Path.home() / ".cache/cellray/embedded-ray").glob(f"{proc.pid}.json"))
     assert records, "the embedded Ray's session was not recorded"
     session = json.loads(records[0].read_text())["session_dir"]
+    assert listening_beyond_loopback(session) == []  # the embedded Ray serves this machine only
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9 PID` does: its Ray processes live on
     proc.wait()
     seen = steps()

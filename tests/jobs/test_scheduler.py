@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import listening_beyond_loopback
 from tests.jobs.conftest import running_head, sample
 
 pytestmark = pytest.mark.timeout(900)
@@ -26,6 +27,16 @@ def head(tmp_path_factory):
         tmp_path_factory, "--num-gpus", "2", "--system-config", json.dumps({"metrics_report_interval_ms": 500})
     ) as h:
         yield h
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test(head):
+    """A failed test's running jobs would hold the head's CPUs and stall every later test: stop them."""
+    yield
+    listed = head.cli("job", "list", "--json")  # rc 2 after the last test's `cluster stop`
+    for j in json.loads(listed["out"]) if listed["rc"] == 0 else []:
+        if j["state"] in ("QUEUED", "RUNNING"):
+            head.cli("job", "stop", j["id"])
 
 
 def _no_processes_of(temp_dir: str) -> list[str]:
@@ -97,6 +108,16 @@ def test_priority_then_fifo_with_gang_admission_and_metrics(head):
         - sample(before, "ray_cellray_queue_wait_seconds_bucket", kind="sleep", le="1.0")
         == 1
     )
+
+
+def test_the_head_and_its_jobs_listen_on_loopback_only(head):
+    """Every port of the head's Ray (GCS, raylet, object manager, dashboard and its agents, metrics, workers, a
+    job's driver) is on 127.0.0.1: nothing is reachable from another machine by default."""
+    job = head.submit(head.spec("listener", seconds=30, resources={"cpus": 1}))
+    head.running(job)
+    assert listening_beyond_loopback(head.info["temp_dir"]) == []
+    assert head.info["address"].startswith("127.0.0.1:"), head.info
+    head.cli.ok("job", "stop", job)
 
 
 def test_job_that_can_never_fit_is_refused_at_submit(head):
@@ -176,10 +197,14 @@ def test_killed_scheduler_keeps_queue_and_readopts_running_job(head):
     running = head.submit(head.spec("long", seconds=120, resources={"cpus": 2}))
     ray_id = head.running(running)["ray_ids"][-1]
     waiting = head.submit(head.spec("after", seconds=0, resources={"cpus": 1}), "--priority", "3")
-    before = head.cli.py("from jobs.scheduler.client import call\nresult = call('ping')['pid']")
+    ping = "from jobs.scheduler.client import call\nresult = call('ping')['pid']"
+    before = head.cli.py(ping)
     head.cli.py("import ray\nray.kill(ray.get_actor('cellray-scheduler', namespace='cellray'), no_restart=False)")
-    after = head.cli.py("from jobs.scheduler.client import call\nresult = call('ping')['pid']")
-    assert after != before  # a new scheduler process, restarted by Ray from the state directory
+    deadline = time.monotonic() + 60  # ray.kill returns before the process is gone: a ping may still reach it
+    while head.cli.py(ping) == before:
+        assert time.monotonic() < deadline, "the scheduler was not restarted"
+        time.sleep(0.5)
+    # a new scheduler process, restarted by Ray from the state directory
     assert head.job(waiting)["state"] == "QUEUED"
     j = head.job(running)
     assert j["state"] == "RUNNING" and j["ray_ids"] == [ray_id]  # re-adopted by its Ray submission id
