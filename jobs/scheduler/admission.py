@@ -109,8 +109,9 @@ def plan(
     `running`: every admitted job not yet ended (those being stopped too); their demand is in use.
     `capacity`: the cluster's total resources. `available`: what Ray itself reports free (catches resources
     held outside the scheduler, or not yet released by a job that just ended); None to ignore. An elastic job
-    grows only once it has run `grow_after_s` since its admission (`now`): a restart costs it its steps since the
-    last checkpoint.
+    grows only once its attempt has reported progress (it steps at its size) and has run `grow_after_s` since its
+    admission (`now`): a restart costs it its steps since the last checkpoint, and one that has not stepped yet
+    would restart for nothing.
     """
     running = list(running)
     used = total(running)
@@ -154,9 +155,14 @@ def plan(
             _behind(out, queued, job)
             break
     if not out.waiting and not out.preempt:
-        grown = [r for r in running if (r.admitted or 0.0) + grow_after_s <= now]
+        grown = [r for r in running if (r.admitted or 0.0) + grow_after_s <= now and _stepped(r)]
         out.resize.update(_growths(grown, free))
     return out
+
+
+def _stepped(job: JobRecord) -> bool:
+    """The job's current attempt has reported progress (jobs/kinds/metrics.py JobProgress, sent after steps)."""
+    return job.progress is not None and job.progress.get("attempt") == job.attempts and job.progress["done"] > 0
 
 
 def _behind(out: Plan, queued: Iterable[JobRecord], job: JobRecord) -> None:

@@ -127,9 +127,10 @@ def sample(text: str, name: str, **tags) -> float:
 
 
 @contextlib.contextmanager
-def running_head(tmp_path_factory, *start_args: str) -> Iterator[Head]:
+def running_head(tmp_path_factory, *start_args: str, env_vars: dict[str, str] | None = None) -> Iterator[Head]:
     """`cellray cluster start --num-cpus 2 --object-store-mb 300 START_ARGS` in a temp state dir, from a client
-    process; stopped (and the client closed) at the end, leaving no cluster.json behind."""
+    process (with `env_vars`, which the head inherits); stopped (and the client closed) at the end, leaving no
+    cluster.json behind."""
     state = tmp_path_factory.mktemp("state")
     work = tmp_path_factory.mktemp("work")
     env = {
@@ -138,6 +139,7 @@ def running_head(tmp_path_factory, *start_args: str) -> Iterator[Head]:
         "CELLRAY_STATE_DIR": str(state),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         "RAY_DEDUP_LOGS": "0",
+        **(env_vars or {}),
     }
     env.pop("RAY_ADDRESS", None)
     cli = Cli(env, work / "client.log", work)

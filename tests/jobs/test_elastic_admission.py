@@ -51,9 +51,15 @@ def test_a_higher_priority_job_shrinks_elastic_jobs_before_preempting_anyone():
 
 
 def test_an_elastic_job_grows_when_room_frees_and_nothing_waits():
-    e = elastic("e", 1, 1, 3, state=RUNNING, workers=1, admitted=100.0)
+    stepped = {"attempt": 2, "done": 40}
+    e = elastic("e", 1, 1, 3, state=RUNNING, workers=1, admitted=100.0, attempts=2, progress=stepped)
     assert plan([], [e], CAP, now=200.0, grow_after_s=30.0).resize == {"e": 3}
     assert plan([], [e], CAP, now=110.0, grow_after_s=30.0).resize == {}, "not right after its admission"
+    # not before its attempt has stepped at its size: a restart then would only throw its start-up away
+    for progress in (None, {"attempt": 1, "done": 40}, {"attempt": 2, "done": 0}):
+        e.progress = progress
+        assert plan([], [e], CAP, now=200.0, grow_after_s=30.0).resize == {}, progress
+    e.progress = stepped
     hi = fixed("hi", 2, 4.0, priority=5, state=RUNNING)
     assert plan([], [e, hi], CAP, now=200.0).resize == {}, "no room"
     waiting = fixed("w", 3, 6.0)

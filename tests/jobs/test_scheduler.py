@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.scheduler.actor import GROW_AFTER_ENV
 from tests.conftest import listening_beyond_loopback
 from tests.jobs.conftest import running_head, sample
 
@@ -24,8 +25,10 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     with running_head(
-        tmp_path_factory, "--num-gpus", "2", "--system-config", json.dumps({"metrics_report_interval_ms": 500})
-    ) as h:
+        tmp_path_factory,
+        "--num-gpus", "2", "--system-config", json.dumps({"metrics_report_interval_ms": 500}),
+        env_vars={GROW_AFTER_ENV: "5"},  # an elastic job may grow 5 s after its admission, once it has stepped
+    ) as h:  # fmt: skip
         yield h
 
 
@@ -326,7 +329,7 @@ def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, stor
     in the end, with the global batches of a fixed-size run."""
     from bench.elastic import last_attempts, planned, trace_entries
 
-    steps, trace = 120, tmp_path / "trace"
+    steps, trace = 75, tmp_path / "trace"
     spec = tmp_path / "elastic.yaml"
     spec.write_text(yaml.safe_dump({
         "kind": "pretrain", "name": "elastic",
@@ -346,8 +349,8 @@ def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, stor
     while not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoint_*")):
         assert time.monotonic() < deadline, head.job(e)
         time.sleep(0.2)
-    # the scheduler grows a job 30 s after its admission at the earlier: the shrunk attempt has time to start (10-20
-    # s on this busy machine) and step at 1 worker
+    # the scheduler grows the shrunk attempt once it has stepped at 1 worker (and 5 s after its admission: the head's
+    # CELLRAY_GROW_AFTER_S)
     high = head.submit(head.spec("urgent", seconds=5, resources={"cpus": 1.5}), "--priority", "10")
     j = head.wait_for(e, lambda j: j["resizes"] >= 1, "was shrunk", timeout=120)
     assert any("resizing from 2 to 1 workers" in ev for ev in j["events"]), j["events"]
@@ -360,7 +363,7 @@ def test_elastic_job_shrinks_for_a_higher_priority_job_and_grows_back(head, stor
     assert sorted(seen) == list(range(1, steps + 1)), "no step lost"
     worlds = [seen[s]["world"] for s in sorted(seen)]
     assert worlds[0] == 2 and worlds[-1] == 2, (worlds, j["events"])
-    # the shrunk attempt stepped at 1 worker (its steps may be redone at 2 if it had no checkpoint before growing)
+    # the shrunk attempt stepped at 1 worker before it grew (its steps may be redone at 2 if it had no checkpoint)
     assert any(e["world_size"] == 1 for e in trace_entries(trace)), j["events"]
     want = planned(str(store), steps)
     assert all(seen[s]["cells"] == want[s - 1] for s in range(1, steps + 1))
