@@ -179,13 +179,11 @@ class Scheduler:
         """A running job's progress (jobs/kinds/metrics.py), kept in its record for `cellray job status/list`.
         Not written to disk on its own: the next transition saves it. The latest attempt's report counts even when
         it arrives after Ray said the attempt ended (its last one races the driver's exit); an earlier attempt's
-        late report does not."""
+        late report does not, nor one older than the report kept (`JobRecord.take_progress`)."""
         with self.lock:
             job = self.jobs.get(job_id)
-            if job is not None and job.attempts == attempt:
-                job.progress = progress
-                if job.state in TERMINAL:
-                    self._save()
+            if job is not None and job.take_progress(attempt, progress) and job.state in TERMINAL:
+                self._save()
 
     def info(self) -> dict[str, Any]:
         import ray

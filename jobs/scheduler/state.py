@@ -66,6 +66,18 @@ class JobRecord:
         stamp = time.strftime("%H:%M:%S", time.localtime(now or time.time()))
         self.events = [*self.events, f"{stamp} {text}"][-MAX_EVENTS:]
 
+    def take_progress(self, attempt: int, progress: dict[str, Any]) -> bool:
+        """Keep a report of the current attempt unless a newer one is kept: the scheduler runs calls in threads, so a
+        driver's reports may arrive out of order (its last one overtaken by the one before). An earlier attempt's
+        late report is dropped."""
+        if attempt != self.attempts:
+            return False
+        kept = self.progress
+        if kept is not None and kept.get("attempt") == attempt and kept.get("updated", 0) > progress.get("updated", 0):
+            return False
+        self.progress = progress
+        return True
+
     @property
     def ray_id(self) -> str | None:
         return self.ray_ids[-1] if self.ray_ids else None

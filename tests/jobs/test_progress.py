@@ -29,3 +29,24 @@ def test_status_and_list_lines():
     parts = {"unit": "parts", "done": 3, "total": 8, "fraction": 0.375, "eta_s": 3725.0}
     assert progress_text(parts, short=True) == "parts 3/8 (38%) ETA 1:02:05"
     assert progress_text(None) == "-"
+
+
+def test_the_scheduler_keeps_the_newest_report_of_the_current_attempt():
+    """The scheduler actor runs calls in threads: a driver's last report can arrive before the one sent just before
+    it (seen once: a SUCCEEDED 200-step job listed at step 195/200)."""
+    from jobs.scheduler.state import JobRecord
+
+    job = JobRecord("j1", 1, "vae", "pretrain", 0, True, 0, {}, {}, "spec.yaml", attempts=2)
+    p = JobProgress("vae", "pretrain", "steps")
+    p.attempt = 2
+    before_last = p.update(195, 200)
+    time.sleep(0.01)
+    last = p.update(200, 200)
+    assert job.take_progress(2, last) and not job.take_progress(2, before_last)
+    assert job.progress["done"] == 200
+    p.attempt = 1
+    assert not job.take_progress(1, p.update(10, 200)), "an earlier attempt's late report"
+    assert job.progress["done"] == 200
+    job.attempts = 3
+    p.attempt = 3
+    assert job.take_progress(3, p.update(150, 200)) and job.progress["done"] == 150, "a new attempt starts over"
