@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,8 @@ class Loader:
     """Batches of one rank. See the module docstring and engine/loading/sampler.py for the plan's guarantees.
 
     store: a path, an opened Store, or a `Mix` of several (engine/loading/mixing.py; batches then carry "source",
-    each cell's position in the mix's sources, and a mix reads in threads whatever the mode). sampler: the plan's
-    settings (batch size, blocks, buffers, split, remainder, class balance). transforms: None (raw counts as
+    each cell's position in the mix's sources). sampler: the plan's settings (batch size, blocks, buffers, split,
+    remainder, class balance). transforms: None (raw counts as
     float32), a pipeline spec for `engine.preprocess.transforms.Pipeline.from_spec`, or a callable(CSRBlock,
     cell_index) -> dict (a built Pipeline).
     output: "dense" (float32 [B, genes]) or "csr" (torch sparse CSR, densify on the GPU with `.to_dense()`).
@@ -101,8 +102,6 @@ class Loader:
             mode = "ray" if ray.is_initialized() else "local"
         if mode not in ("local", "ray"):
             raise LoaderError(f"mode is {mode!r}: expected 'local' or 'ray'")
-        if self.mix is not None:
-            mode = "local"
         self.mode = mode
         self.rank, self.world_size = rank, world_size
         self.obs_keys = tuple(obs_keys)
@@ -113,16 +112,20 @@ class Loader:
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = device
         self.metrics = LoaderMetrics()
-        # built in either mode: it checks the output, obs keys and transforms here, before any reader starts
+        # built in either mode: it checks the output, obs keys and transforms here, before any reader starts; a
+        # reader actor builds its own the same way (`make_reader`)
+        direct = self.reading.direct_io
         if self.mix is not None:
             extra = (self.config.balance_by,) if self.config.balance_by else ()
-            self._reader = MixedReader(self.mix, transforms, output, self.obs_keys, self.reading.direct_io, extra)
+            self._reader = MixedReader(self.mix, transforms, output, self.obs_keys, direct, extra)
+            make_reader = partial(MixedReader, store.by_path(), transforms, output, self.obs_keys, direct, extra)
         else:
-            self._reader = BufferReader(self.store, transforms, output, self.obs_keys, self.reading.direct_io)
+            self._reader = BufferReader(self.store, transforms, output, self.obs_keys, direct)
+            make_reader = partial(BufferReader, str(self.store.path), transforms, output, self.obs_keys, direct)
         self._readers: ThreadReading | ActorReading = (
             ThreadReading(self._reader, self.reading.readers)
             if mode == "local"
-            else ActorReading(self.store, transforms, output, self.obs_keys, self.reading)
+            else ActorReading(make_reader, self.reading)
         )
         self._carry: list[InFlight] = []
         self._ray_metrics = None

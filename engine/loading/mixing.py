@@ -39,7 +39,7 @@ import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
-from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels
+from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels, take_into
 from engine.loading.sampler import (
     Balance,
     BufferPlan,
@@ -78,6 +78,11 @@ class Mix:
 
     def unweighted(self) -> Mix:
         return dataclasses.replace(self, epoch_cells=None, weighted=False)
+
+    def by_path(self) -> Mix:
+        """This mix with each source named by its path: what a reader actor opens again in its own process."""
+        paths = [Source(str(s.store.path if isinstance(s.store, Store) else s.store), s.weight) for s in self.sources]
+        return dataclasses.replace(self, sources=paths)
 
     def open(self) -> OpenMix:
         if not self.sources:
@@ -316,7 +321,7 @@ class MixedReader:
 
     def __init__(
         self,
-        mix: OpenMix,
+        mix: OpenMix | Mix,
         transforms: Any,
         output: str,
         obs_keys: Sequence[str],
@@ -325,6 +330,7 @@ class MixedReader:
     ):
         if output not in ("dense", "csr"):
             raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
+        mix = mix.open() if isinstance(mix, Mix) else mix  # a reader actor opens the mix itself
         self.mix, self.output, self.obs_keys = mix, output, tuple(obs_keys)
         keys = tuple(dict.fromkeys(self.obs_keys + tuple(extra)))
         for k in keys:
@@ -333,6 +339,7 @@ class MixedReader:
         self.code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
         self.pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
         self.dense_buffers, self.csr_buffers = BatchBuffers(), BatchBuffers()
+        self.small_buffers = BatchBuffers()  # cell ids, sources, obs codes (as BufferReader's)
 
     @property
     def blocks_stats(self) -> dict[str, int]:
@@ -352,7 +359,7 @@ class MixedReader:
         for b in range(plan.n_batches):
             sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
             keys = ("index", "source", *self.obs_keys, *(("pad",) if plan.remainder == "pad" else ()))
-            batch: dict[str, Any] = {k: cols[k][sel] for k in keys}
+            batch: dict[str, Any] = {k: take_into(self.small_buffers, cols[k], sel) for k in keys}
             rows = cols["row"][sel]
             batch.update(self._x(pool, rows, batch["index"]))
             batches.append(batch)

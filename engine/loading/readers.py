@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -49,6 +49,13 @@ def build_pipeline(transforms: Any, store: Store):
     from engine.preprocess.transforms import Pipeline
 
     return Pipeline.from_spec(transforms, store)
+
+
+def take_into(buffers: BatchBuffers, values: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """values[sel] into a reusable array of `buffers` (shared memory in a reader actor beside its consumer)."""
+    out = buffers.empty(len(sel), values.dtype)
+    np.take(values, sel, out=out)
+    return out
 
 
 def buffer_pick(plan: BufferPlan, obs: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -142,11 +149,11 @@ class BufferReader:
         for b in range(plan.n_batches):
             sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
             r = rows_a[sel]
-            batch: dict[str, Any] = {"index": self._take(gidx_a, sel)}
+            batch: dict[str, Any] = {"index": take_into(self.small_buffers, gidx_a, sel)}
             for k in self.obs_keys:
-                batch[k] = self._take(obs_a[k], sel)
+                batch[k] = take_into(self.small_buffers, obs_a[k], sel)
             if want_pad:
-                batch["pad"] = self._take(pad_a, sel)
+                batch["pad"] = take_into(self.small_buffers, pad_a, sel)
             if self.pipeline is None:
                 batch["X"] = self._raw_x(pool, r)
             else:
@@ -167,12 +174,6 @@ class BufferReader:
         n_out = self.pipeline.n_genes_out
         out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself
         return self.pipeline(block, index, out=out)
-
-    def _take(self, values: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        """values[sel] into a reusable array (shared memory in a reader actor beside its consumer)."""
-        out = self.small_buffers.empty(len(sel), values.dtype)
-        np.take(values, sel, out=out)
-        return out
 
     def _obs_needed(self, plan: BufferPlan) -> list[str]:
         keys = list(self.obs_keys)
@@ -220,21 +221,13 @@ def reader_actor_class():
         """One reader of a rank. Stateless between calls (but for reusable memory), so a restarted actor can redo
         any buffer."""
 
-        def __init__(
-            self,
-            store_path: str,
-            transforms: Any,
-            output: str,
-            obs_keys: Sequence[str],
-            direct_io: bool,
-            shared: tuple[str, str] | None = None,
-        ):
+        def __init__(self, make_reader: Callable[[], Any], direct_io: bool, shared: tuple[str, str] | None = None):
             from numcodecs import blosc
 
             # reads run on this process's main thread, where blosc would start its own thread pool per chunk:
             # a reader is one thread of work by design (its CPU share is reserved), so decode on this thread
             blosc.use_threads = False
-            self.reader = BufferReader(store_path, transforms, output, obs_keys, direct_io)
+            self.reader = make_reader()  # a BufferReader, or a mix's MixedReader
             if direct_io:
                 from engine.store import chunk_kernel
 
@@ -283,17 +276,15 @@ _ACTOR_CLASS = None
 
 
 def start_reader_actor(
-    store_path: str,
-    transforms: Any,
-    output: str,
-    obs_keys: Sequence[str],
+    make_reader: Callable[[], Any],
     direct_io: bool = True,
     num_cpus: float = 0.5,
     max_restarts: int = 3,
     share_memory: str | None = None,
 ):
     """A reader actor on this node (the node of the rank it feeds; soft, so it still starts elsewhere if this node's
-    resources are gone). Ray restarts it up to `max_restarts` times and retries its in-flight reads.
+    resources are gone). `make_reader` (picklable: `functools.partial(BufferReader, path, ...)`) builds its reader
+    in the actor. Ray restarts it up to `max_restarts` times and retries its in-flight reads.
     `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
     segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
@@ -308,9 +299,7 @@ def start_reader_actor(
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote(
-        str(store_path), transforms, output, tuple(obs_keys), direct_io, (here, share_memory) if share_memory else None
-    )
+    ).remote(make_reader, direct_io, (here, share_memory) if share_memory else None)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -394,8 +383,8 @@ class ActorReading:
     its call re-issued; an error in the read itself (bad bytes, a bad spec) is deterministic: raised as cellray's own
     error, never retried."""
 
-    def __init__(self, store: Store, transforms: Any, output: str, obs_keys: Sequence[str], options: ReadOptions):
-        self.args = (str(store.path), transforms, output, tuple(obs_keys), options.direct_io)
+    def __init__(self, make_reader: Callable[[], Any], options: ReadOptions):
+        self.make_reader = make_reader  # what each actor builds its reader with (see start_reader_actor)
         self.options = options
         self.buffers_per_submit = options.buffers_per_call
         self.reissued = 0
@@ -474,4 +463,6 @@ class ActorReading:
             self._views = None
 
     def _new_actor(self):
-        return start_reader_actor(*self.args, self.options.cpus_per_reader, share_memory=self._views.prefix)
+        return start_reader_actor(
+            self.make_reader, self.options.direct_io, self.options.cpus_per_reader, share_memory=self._views.prefix
+        )

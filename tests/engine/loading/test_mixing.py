@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.errors import CellrayError
 from engine.loading.loader import Loader
@@ -158,6 +159,30 @@ def test_balance_by_over_the_union_of_categories_with_ranks_and_readers(stores):
         codes.append(got["dataset"])
     share = np.bincount(np.concatenate(codes), minlength=3) / len(np.concatenate(codes))
     assert np.all(np.abs(share - 1 / 3) < 0.05), share  # unbalanced, the weights would give 0.5 / 0.3 / 0.2
+
+
+@pytest.mark.parametrize("output", ["dense", "csr"])
+def test_ray_reader_actors_give_a_mix_the_batches_threads_give(stores, ray_local, output):
+    """mode="ray": each reader actor opens the mix itself (its stores by path, the run's genes and categories) and
+    hands batches over in shared memory; the batches are those of mode="local", byte for byte."""
+    plan = SamplerConfig(batch_size=32, balance_by="dataset", seed=5, **PLAN)
+
+    def batches(mode: str) -> tuple[list[dict], int]:
+        reading = ReadOptions(readers=2, cpus_per_reader=0.25)
+        kw = dict(rank=1, world_size=2, output=output, obs_keys=("cell_type",), mode=mode, reading=reading)
+        with Loader(mix_of(stores, epoch_cells=EPOCH), plan, **kw) as loader:
+            out = [
+                {k: (v.to_dense() if k == "X" and output == "csr" else v).clone() for k, v in b.items()} for b in loader
+            ]
+            return out, len(loader.reader_processes())
+
+    local, ray_batches = batches("local"), batches("ray")
+    assert local[1] == 0 and ray_batches[1] == 2, "threads read the first, two reader actors the second"
+    assert len(local[0]) == len(ray_batches[0]) > 0
+    for a, b in zip(local[0], ray_batches[0]):
+        assert a.keys() == b.keys() and {"X", "index", "source", "cell_type"} <= a.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert local[0][0]["X"].shape[1] == Mix([Source(s) for s in stores]).open().n_genes  # the union vocabulary
 
 
 @pytest.mark.parametrize(
