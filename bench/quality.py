@@ -109,6 +109,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     binned = specs["transformer-binned"]
     specs["transformer-binned-ctx512"] = dict(binned, config=TransformerConfig.small(max_len=512))
     specs["transformer-binned-3x"] = dict(binned, steps=3 * binned["steps"])
+    # trained on 128 expressed genes a step, embedded with up to 2,048 (every expressed HVG of nearly every cell)
+    specs["transformer-binned-embedall"] = dict(binned, config=TransformerConfig.small(embed_max_len=2048))
     return specs
 
 

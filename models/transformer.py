@@ -54,6 +54,7 @@ class TransformerConfig:
     input: str = "binned"  # binned | rank
     n_bins: int = 51
     max_len: int = 256  # expressed genes per cell in the context (without CLS)
+    embed_max_len: int = 0  # the context at inference (`embed`); 0: max_len. Larger: every expressed gene seen
     d_model: int = 128
     n_heads: int = 4
     n_layers: int = 4
@@ -79,6 +80,10 @@ class TransformerConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio is {self.mask_ratio}, expected within (0, 1)")
+        if self.embed_max_len < 0:
+            raise ValueError(f"embed_max_len is {self.embed_max_len}, expected >= 0 (0: max_len)")
+        if self.input == "rank" and self.embed_max_len > self.max_len:
+            raise ValueError("embed_max_len > max_len needs input='binned' (rank tokens have max_len positions)")
         if self.max_len < 1 or self.n_layers < 1 or self.n_bins < 3:
             raise ValueError("max_len and n_layers must be >= 1, n_bins >= 3")
         if self.mlm_weight < 0 or self.mvc_weight < 0 or self.mlm_weight + self.mvc_weight == 0:
@@ -198,7 +203,8 @@ class Transformer(nn.Module):
         else:  # rank tokens come in rank order: keep the first ones
             score = -torch.arange(genes.shape[1], device=genes.device, dtype=torch.float).expand(genes.shape)
         score = torch.where(real, score, torch.full_like(score, -1e9))
-        width = max(1, min(c.max_len, genes.shape[1], int(real.sum(1).max()) if genes.numel() else 1))
+        limit = c.max_len if self.training or not c.embed_max_len else c.embed_max_len
+        width = max(1, min(limit, genes.shape[1], int(real.sum(1).max()) if genes.numel() else 1))
         keep = torch.topk(score, width, dim=1).indices
         if c.input == "binned":
             keep = keep.sort(dim=1).values  # a stable order (binned tokens have no positions)

@@ -117,6 +117,31 @@ def test_transformer_takes_kernel_tokens():
     assert torch.allclose(e1, model.embed(changed), atol=1e-6)
 
 
+def test_transformer_embeds_with_its_inference_context():
+    """embed_max_len: training sees max_len expressed genes of a cell, `embed` up to embed_max_len of them (every
+    one here), the same embedding whatever the batch; rank tokens have max_len positions, so only binned input."""
+    from models.transformer import Transformer, TransformerConfig
+
+    genes = torch.arange(64).expand(4, -1)
+    values = torch.randint(1, 11, (4, 64))  # 64 expressed genes a cell
+    batch = {"genes": genes, "values": values, "index": torch.arange(4)}
+    torch.manual_seed(0)
+    small = Transformer(TransformerConfig.debug(max_len=16))
+    torch.manual_seed(0)
+    wide = Transformer(TransformerConfig.debug(max_len=16, embed_max_len=64))
+    assert small.tokens(batch)[0].shape[1] == wide.tokens(batch)[0].shape[1] == 16  # training
+    for m in (small, wide):
+        m.eval()
+    assert small.tokens(batch)[0].shape[1] == 16 and wide.tokens(batch)[0].shape[1] == 64
+    e = wide.embed(batch)
+    assert torch.allclose(e[1:3], wide.embed({k: v[1:3] for k, v in batch.items()}), atol=1e-5)
+    assert not torch.allclose(e, small.embed(batch), atol=1e-3)  # the same weights, more of each cell seen
+    with pytest.raises(ValueError, match="embed_max_len is -1"):
+        TransformerConfig.debug(embed_max_len=-1)
+    with pytest.raises(ValueError, match="needs input='binned'"):
+        TransformerConfig.debug(input="rank", max_len=16, embed_max_len=64)
+
+
 def test_registry_and_config_errors():
     assert models.names() == ["probe", "transformer", "vae"]
     assert models.get("vae") is models.VAE
