@@ -54,7 +54,7 @@ class TransformerConfig:
     input: str = "binned"  # binned | rank
     n_bins: int = 51
     max_len: int = 256  # expressed genes per cell in the context (without CLS)
-    embed_max_len: int = 0  # the context at inference (`embed`); 0: max_len. Larger: every expressed gene seen
+    embed_max_len: int = 0  # the context of `embed` (training and validation keep max_len); 0: max_len
     d_model: int = 128
     n_heads: int = 4
     n_layers: int = 4
@@ -183,8 +183,11 @@ class Transformer(nn.Module):
 
     # -- inputs
 
-    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(genes, values, mask) of at most max_len tokens per cell, trimmed to the longest cell; genes < 0 pad."""
+    def tokens(
+        self, batch: dict, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(genes, values, mask) of at most `limit` (default max_len) tokens per cell, trimmed to the longest cell;
+        genes < 0 pad."""
         genes, values, mask = self._full_tokens(batch)
         c = self.config
         real = genes >= 0
@@ -203,8 +206,7 @@ class Transformer(nn.Module):
         else:  # rank tokens come in rank order: keep the first ones
             score = -torch.arange(genes.shape[1], device=genes.device, dtype=torch.float).expand(genes.shape)
         score = torch.where(real, score, torch.full_like(score, -1e9))
-        limit = c.max_len if self.training or not c.embed_max_len else c.embed_max_len
-        width = max(1, min(limit, genes.shape[1], int(real.sum(1).max()) if genes.numel() else 1))
+        width = max(1, min(limit or c.max_len, genes.shape[1], int(real.sum(1).max()) if genes.numel() else 1))
         keep = torch.topk(score, width, dim=1).indices
         if c.input == "binned":
             keep = keep.sort(dim=1).values  # a stable order (binned tokens have no positions)
@@ -360,7 +362,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         """The pooled cell embedding (CLS token or mean over real tokens), from every token unmasked."""
-        genes, values, _ = self.tokens(batch)
+        genes, values, _ = self.tokens(batch, self.config.embed_max_len or None)
         h, keep = self._encode(genes, values, None)
         return self.cell_embedding(h, keep).float()
 

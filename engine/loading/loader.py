@@ -114,14 +114,14 @@ class Loader:
         self.metrics = LoaderMetrics()
         # built in either mode: it checks the output, obs keys and transforms here, before any reader starts; a
         # reader actor builds its own the same way (`make_reader`)
-        direct = self.reading.direct_io
+        settings = (transforms, output, self.obs_keys, self.reading.direct_io)
         if self.mix is not None:
-            extra = (self.config.balance_by,) if self.config.balance_by else ()
-            self._reader = MixedReader(self.mix, transforms, output, self.obs_keys, direct, extra)
-            make_reader = partial(MixedReader, store.by_path(), transforms, output, self.obs_keys, direct, extra)
+            settings += ((self.config.balance_by,) if self.config.balance_by else (),)  # obs read beside obs_keys
+            self._reader = MixedReader(self.mix, *settings)
+            make_reader = partial(MixedReader, store.by_path(), *settings)
         else:
-            self._reader = BufferReader(self.store, transforms, output, self.obs_keys, direct)
-            make_reader = partial(BufferReader, str(self.store.path), transforms, output, self.obs_keys, direct)
+            self._reader = BufferReader(self.store, *settings)
+            make_reader = partial(BufferReader, str(self.store.path), *settings)
         self._readers: ThreadReading | ActorReading = (
             ThreadReading(self._reader, self.reading.readers)
             if mode == "local"

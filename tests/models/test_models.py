@@ -118,8 +118,9 @@ def test_transformer_takes_kernel_tokens():
 
 
 def test_transformer_embeds_with_its_inference_context():
-    """embed_max_len: training sees max_len expressed genes of a cell, `embed` up to embed_max_len of them (every
-    one here), the same embedding whatever the batch; rank tokens have max_len positions, so only binned input."""
+    """embed_max_len: training and validation see max_len expressed genes of a cell, `embed` up to embed_max_len of
+    them (every one here), the same embedding whatever the batch; rank tokens have max_len positions, so only binned
+    input."""
     from models.transformer import Transformer, TransformerConfig
 
     genes = torch.arange(64).expand(4, -1)
@@ -132,7 +133,8 @@ def test_transformer_embeds_with_its_inference_context():
     assert small.tokens(batch)[0].shape[1] == wide.tokens(batch)[0].shape[1] == 16  # training
     for m in (small, wide):
         m.eval()
-    assert small.tokens(batch)[0].shape[1] == 16 and wide.tokens(batch)[0].shape[1] == 64
+    assert small.tokens(batch)[0].shape[1] == wide.tokens(batch)[0].shape[1] == 16  # validation: max_len
+    assert wide.tokens(batch, wide.config.embed_max_len)[0].shape[1] == 64  # what embed asks for
     e = wide.embed(batch)
     assert torch.allclose(e[1:3], wide.embed({k: v[1:3] for k, v in batch.items()}), atol=1e-5)
     assert not torch.allclose(e, small.embed(batch), atol=1e-3)  # the same weights, more of each cell seen
