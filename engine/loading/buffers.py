@@ -16,6 +16,7 @@ class BatchBuffers:
     def __init__(self, keep: int = 16):
         self.keep = keep
         self._free: list[np.ndarray] = []
+        self.reused = 0  # arrays handed out on a returned base (tests and benchmarks read it)
         # reentrant: a finalizer run by the garbage collector inside get() puts its base back in this thread
         self._lock = threading.RLock()
 
@@ -29,6 +30,7 @@ class BatchBuffers:
             for i, b in enumerate(self._free):
                 if b.size >= n:
                     base = self._free.pop(i)
+                    self.reused += 1
                     break
         fresh = base is None
         if fresh:
@@ -45,6 +47,7 @@ class BatchBuffers:
         with self._lock:  # the smallest base that fits: a small array should not take a large one's base
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
             base = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+            self.reused += base is not None
         if base is None:  # headroom, so the next batch's slightly larger nnz still fits
             base = np.empty(-(-nbytes * 5 // 16), dtype=np.float32)
         arr = np.frombuffer(memoryview(base), dtype=dtype, count=n)

@@ -86,7 +86,9 @@ def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
         shard, local = store.locate(batch["index"][:2].numpy())
         block = store.read_csr(int(shard[1]), int(local[1]), int(local[1]) + 1).to_scipy().toarray()[0]
         assert np.array_equal(batch["X"][1].numpy(), block)
-    assert not loader._reader.dense_buffers.get((32, store.n_genes))[1]  # the pool was really used
+    # the pool was really used (counted when taken: the next epoch's first buffers, read ahead, may hold every
+    # returned base when the pass ends)
+    assert loader._reader.dense_buffers.reused > 0
 
 
 @pytest.mark.parametrize("buffers_per_call", [2, 3])
