@@ -104,6 +104,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
             "batch": 64,
         },
     }
+    # the VAE as scVI users run it on data with batches: the batch as covariate of encoder and decoder
+    specs["vae-batch"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"]))
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
@@ -198,7 +200,7 @@ def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work:
     from jobs.spec import parse_spec
 
     steps = run["steps"]
-    obs_keys = [evaluation.label_key] if run["model"] == "probe" else []
+    obs_keys = [evaluation.label_key] if run["model"] == "probe" else list(run["config"].obs_keys())
     spec = parse_spec(
         {
             "kind": "pretrain",
