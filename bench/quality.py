@@ -115,6 +115,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-binned-mvconly"] = dict(binned, config=TransformerConfig.small(mlm_weight=0.0))
     # 4x the cells per step at about the same attention cost per step (256 x 64^2 = 64 x 128^2 token pairs)
     specs["transformer-binned-b256"] = dict(binned, config=TransformerConfig.small(max_len=64), batch=256)
+    # the context past a cell's expressed genes filled with unexpressed ones (scGPT's include_zero_gene)
+    specs["transformer-binned-zeros"] = dict(binned, config=TransformerConfig.small(zero_genes=True))
     specs["transformer-binned-cls"] = dict(binned, config=TransformerConfig.small(pooling="cls"))
     # trained on 128 expressed genes a step, embedded with up to 2,048 (every expressed HVG of nearly every cell)
     specs["transformer-binned-embedall"] = dict(binned, config=TransformerConfig.small(embed_max_len=2048))

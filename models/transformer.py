@@ -15,7 +15,8 @@ Without ``genes`` the model takes a dense ``X`` (log-normalized for binned input
 tokenises it itself the same way (bins by rank among a cell's non-zeros): handy in tests and notebooks.
 
 The context holds at most ``max_len`` expressed genes per cell. Binned: zero bins are not tokens (scGPT's
-non-zero mode); a cell with more expressed genes gets a random subset each training step, and at inference a
+non-zero mode; ``zero_genes`` fills the rest of the context with unexpressed genes, bin 0, as scGPT's
+include_zero_gene does); a cell with more expressed genes gets a random subset each training step, and at inference a
 fixed pseudo-random one (a hash of cell id and gene, so embeddings are deterministic and independent of the
 batch). Rank: the top ``max_len`` ranks. Padding is trimmed to the longest cell of the batch.
 
@@ -55,6 +56,7 @@ class TransformerConfig:
     n_bins: int = 51
     max_len: int = 256  # expressed genes per cell in the context (without CLS)
     embed_max_len: int = 0  # the context of `embed` (training and validation keep max_len); 0: max_len
+    zero_genes: bool = False  # binned: fill the context past a cell's expressed genes with unexpressed ones (bin 0)
     d_model: int = 128
     n_heads: int = 4
     n_layers: int = 4
@@ -82,6 +84,8 @@ class TransformerConfig:
             raise ValueError(f"mask_ratio is {self.mask_ratio}, expected within (0, 1)")
         if self.embed_max_len < 0:
             raise ValueError(f"embed_max_len is {self.embed_max_len}, expected >= 0 (0: max_len)")
+        if self.zero_genes and self.input != "binned":
+            raise ValueError("zero_genes needs input='binned' (rank tokens are a cell's expressed genes in order)")
         if self.input == "rank" and self.embed_max_len > self.max_len:
             raise ValueError("embed_max_len > max_len needs input='binned' (rank tokens have max_len positions)")
         if self.max_len < 1 or self.n_layers < 1 or self.n_bins < 3:
@@ -192,7 +196,9 @@ class Transformer(nn.Module):
         c = self.config
         real = genes >= 0
         if c.input == "binned":
-            real &= values > 0  # zero bins are not tokens
+            expressed = values > 0
+            if not c.zero_genes:
+                real &= expressed  # zero bins are not tokens
             if self.training:
                 score = torch.rand(genes.shape, device=genes.device)
             else:
@@ -203,6 +209,8 @@ class Transformer(nn.Module):
                     else index.long()
                 )
                 score = _hash_scores(genes.clamp(min=0), index)
+            if c.zero_genes:  # expressed genes first (scores in [1, 2)), unexpressed ones fill what is left
+                score = score.clamp(0, 1 - 1e-6) + expressed.to(score.dtype)
         else:  # rank tokens come in rank order: keep the first ones
             score = -torch.arange(genes.shape[1], device=genes.device, dtype=torch.float).expand(genes.shape)
         score = torch.where(real, score, torch.full_like(score, -1e9))

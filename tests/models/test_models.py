@@ -144,6 +144,39 @@ def test_transformer_embeds_with_its_inference_context():
         TransformerConfig.debug(input="rank", max_len=16, embed_max_len=64)
 
 
+def test_transformer_zero_genes_fill_the_context_after_every_expressed_gene():
+    """zero_genes: a cell's expressed genes all stay in the context, unexpressed ones (bin 0) fill it to max_len,
+    chosen by hash at inference (the same whatever the batch); they are tokens, so they change the embedding."""
+    from models.transformer import Transformer, TransformerConfig
+
+    genes = torch.arange(64).expand(4, -1)
+    values = torch.zeros(4, 64, dtype=torch.long)
+    values[:, [3, 10, 40]] = torch.tensor([5, 9, 2])  # 3 expressed genes a cell
+    values[1, 50] = 7  # a 4th in cell 1
+    batch = {"genes": genes, "values": values, "index": torch.arange(4)}
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.debug(max_len=16, zero_genes=True))
+    for training in (True, False):
+        model.train(training)
+        g, v, _ = model.tokens(batch)
+        assert g.shape[1] == 16 and bool((g >= 0).all())  # every cell's context is full
+        for i in range(4):
+            kept = set(g[i][v[i] > 0].tolist())
+            assert kept == set(torch.nonzero(values[i]).flatten().tolist())  # every expressed gene, once
+            assert len(set(g[i].tolist())) == 16
+    model.eval()
+    e = model.embed(batch)
+    assert torch.allclose(e[1:3], model.embed({k: x[1:3] for k, x in batch.items()}), atol=1e-5)
+    plain = Transformer(TransformerConfig.debug(max_len=16))
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    assert plain.tokens(batch)[0].shape[1] == 4  # without: the longest cell's expressed genes only
+    assert not torch.allclose(e, plain.embed(batch), atol=1e-3)
+    assert model.loss(dict(batch)).terms["masked"] > 0
+    with pytest.raises(ValueError, match="zero_genes needs input='binned'"):
+        TransformerConfig.debug(input="rank", zero_genes=True)
+
+
 def test_registry_and_config_errors():
     assert models.names() == ["probe", "transformer", "vae"]
     assert models.get("vae") is models.VAE
