@@ -208,6 +208,17 @@ def eval_report(name: str, headline: dict[str, Any]) -> None:
         },
         {"job": job_tag(name)},
     )
+    wait_for_metrics_export()
+
+
+def wait_for_metrics_export() -> None:
+    """Keep this process up for one of Ray's metrics report intervals (at most 10 s): gauges set just before a
+    driver exits are otherwise lost (Ray exports a process's metrics on that interval, not when they are set)."""
+    if not _ray_up():
+        return
+    import ray
+
+    time.sleep(min(ray._config.metrics_report_interval_ms(), 10_000) / 1000 + 0.5)
 
 
 class WorldReporter:
