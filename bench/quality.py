@@ -106,6 +106,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     }
     # the VAE as scVI users run it on data with batches: the batch as covariate of encoder and decoder
     specs["vae-batch"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"]))
+    specs["vae-30"] = dict(specs["vae"], config=VAEConfig.small(n_latent=30))  # a wider latent, with and without
+    specs["vae-batch-30"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], n_latent=30))
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
@@ -207,7 +209,7 @@ def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work:
     from jobs.spec import parse_spec
 
     steps = run["steps"]
-    obs_keys = [evaluation.label_key] if run["model"] == "probe" else list(run["config"].obs_keys())
+    obs_keys = list(run["config"].obs_keys())  # the probe's label, the VAE's batch covariate
     spec = parse_spec(
         {
             "kind": "pretrain",

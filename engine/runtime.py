@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -213,14 +214,41 @@ def local_object_store_bytes() -> int:
     return int(min(2 * 2**30, max(512 * 2**20, psutil.virtual_memory().total * 0.1)))
 
 
+_METRICS_SET_AT = 0.0  # time.monotonic() when this process last set one of its Ray metrics (`metrics_set`)
+
+
+def metrics_set() -> None:
+    """Note that this process has just set a Ray metric: a `ray_session` attached to a cluster keeps its connection
+    until Ray has exported it."""
+    global _METRICS_SET_AT
+    _METRICS_SET_AT = time.monotonic()
+
+
+def _wait_for_metrics_export() -> None:
+    """Ray exports a process's metrics on its report interval (`metrics_report_interval_ms`, 10 s by default, the
+    cluster's setting in a connected driver), not when they are set: a driver that disconnects right after setting
+    its last values loses them. Waits out what is left of one interval (at most 10.5 s)."""
+    if not _METRICS_SET_AT:
+        return
+    import ray
+
+    interval_ms = getattr(ray._config, "metrics_report_interval_ms", lambda: 10_000)()
+    remaining = _METRICS_SET_AT + min(interval_ms, 10_000) / 1000 + 0.5 - time.monotonic()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use Ray for the duration of a command; shut it down afterwards only if this started it."""
+    """Use Ray for the duration of a command; shut it down afterwards only if this started it (attached to a
+    cluster, once the metrics this process set have been exported: the cluster's dashboard outlives the command)."""
     import ray
 
     started = init_ray(address, num_cpus=num_cpus)
     try:
         yield
+        if started and address is not None:  # a failing command does not wait: its error comes first
+            _wait_for_metrics_export()
     finally:
         if started:
             ray.shutdown()

@@ -19,18 +19,24 @@ def bundles(spec: EmbedConfig) -> list[Bundle]:
 
 
 def run(spec: EmbedConfig, address: str | None, progress: Progress) -> Summary:
+    import contextlib
+
     from engine.infer.embed import run_embed
+    from engine.runtime import ray_session
 
     if spec.evaluate is not None:  # a label or batch key the store lacks fails now, not after the embedding
         check_evaluate(spec)
-    res = run_embed(spec, address=address, progress=infer_progress(progress, spec.name))
-    summary = {
-        "job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step,
-        "parts": res.parts, "parts_run": res.parts_run, "cells_per_s": res.cells_per_s, "seconds": res.seconds,
-        "predicts": res.predicts,
-    }  # fmt: skip
-    if spec.evaluate is not None:
-        summary["evaluation"] = evaluate(spec, res.out)
+    # attached to a cluster: one connection for the embedding and its evaluation, whose gauges go out through it
+    # (without an address the embedded Ray ends with the command: nobody would see them)
+    with contextlib.nullcontext() if address is None else ray_session(address):
+        res = run_embed(spec, address=address, progress=infer_progress(progress, spec.name))
+        summary = {
+            "job": spec.name, "out": str(res.out), "cells": res.n_cells, "dims": res.dim, "step": res.step,
+            "parts": res.parts, "parts_run": res.parts_run, "cells_per_s": res.cells_per_s, "seconds": res.seconds,
+            "predicts": res.predicts,
+        }  # fmt: skip
+        if spec.evaluate is not None:
+            summary["evaluation"] = evaluate(spec, res.out)
     return summary
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.progress import Progress
+from engine.runtime import metrics_set
 from jobs.kinds.base import ATTEMPT_ENV, JOB_ID_ENV, job_tag
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Gauges:
         for name, v in values.items():
             if v is not None:
                 self.gauges[name].set(float(v), tags=tags)
+        metrics_set()
 
 
 class JobProgress:
@@ -208,17 +210,6 @@ def eval_report(name: str, headline: dict[str, Any]) -> None:
         },
         {"job": job_tag(name)},
     )
-    wait_for_metrics_export()
-
-
-def wait_for_metrics_export() -> None:
-    """Keep this process up for one of Ray's metrics report intervals (at most 10 s): gauges set just before a
-    driver exits are otherwise lost (Ray exports a process's metrics on that interval, not when they are set)."""
-    if not _ray_up():
-        return
-    import ray
-
-    time.sleep(min(ray._config.metrics_report_interval_ms(), 10_000) / 1000 + 0.5)
 
 
 class WorldReporter:
@@ -249,3 +240,4 @@ class WorldReporter:
         self.world = int(world)
         gauge.set(float(world), tags=self.tags)
         resizes.set(float(self.resizes), tags=self.tags)
+        metrics_set()

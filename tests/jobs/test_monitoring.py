@@ -153,8 +153,12 @@ def ran(head, store, tmp_path_factory) -> dict:
     # queued behind the preempted job, in this order: a job whose driver will be lost, then an embed job of the
     # preempted job's checkpoint (it runs beside the resumed attempt once the lost job is stopped)
     fragile = head.submit(head.spec("fragile", seconds=60, resources={"cpus": 1}), "--max-retries", "1")
+    # it evaluates its embedding too (`evaluate:`): the embedding-quality panels (cellray_eval_*), from a driver
+    # that disconnects right after
+    evaluate = {"label_key": "cell_type", "batch_key": "batch"}
     embed_spec = {"kind": "embed", "name": "embed-mon", "checkpoint": str(out / "vae-mon"), "store": str(store),
-                  "out": str(out / "emb.zarr"), "part_cells": 200, "resources": {"workers": 1}}  # fmt: skip
+                  "out": str(out / "emb.zarr"), "part_cells": 200, "resources": {"workers": 1},
+                  "evaluate": evaluate}  # fmt: skip
     embed = head.submit(spec_file(head, "embed-mon", embed_spec))
     assert head.ended(urgent)["state"] == "SUCCEEDED"
     kill_driver(head.running(fragile)["spec_file"])
@@ -167,9 +171,7 @@ def ran(head, store, tmp_path_factory) -> dict:
     assert "parts 8/8 (100%)" in head.cli.ok("job", "status", embed)
 
     # `cellray run SPEC --address`: the same kind's run in this client's process, its series tagged by the name
-    # with an evaluate: section, for the embedding-quality panels (cellray_eval_*)
-    evaluate = {"label_key": "cell_type", "batch_key": "batch"}
-    direct = {**embed_spec, "name": "embed-direct", "out": str(out / "emb-direct.zarr"), "evaluate": evaluate}
+    direct = {**embed_spec, "name": "embed-direct", "out": str(out / "emb-direct.zarr"), "evaluate": None}
     head.cli.ok("run", spec_file(head, "embed-direct", direct), "--address", head.info["address"])
 
     j = head.ended(train, timeout=300)
@@ -198,6 +200,7 @@ def test_every_readme_series_is_in_prometheus_with_plausible_values(head, ran):
     assert peak("cellray_job_progress", train) == 1.0 and peak("cellray_job_progress", embed) == 1.0
     assert peak("cellray_infer_parts_done", embed) == peak("cellray_infer_parts", embed) == 8
     assert peak("cellray_infer_parts_done", "embed-direct") == peak("cellray_job_progress", "embed-direct") * 8 == 8
+    assert 0 < peak("cellray_eval_knn_accuracy", embed) <= 1 and peak("cellray_eval_scib_vs_baseline", embed) > 0
     assert peak("cellray_train_cells_per_s", train) > 0
     assert 0 <= peak("cellray_train_data_wait_fraction", train) <= 1
     waits = prom(  # one series per rank (each attempt's driver exports its own: max over them)
