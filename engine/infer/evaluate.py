@@ -202,7 +202,7 @@ def pca_baseline(counts: Any, n_hvg: int = 2000, n_pcs: int = 50, seed: int = 0)
 
 def exact_neighbors(x: np.ndarray, k: int = 15, n_neighbors: int | None = None, **_: Any) -> Any:
     """The k nearest neighbours of every row (itself first), exact, by torch's cdist in blocks: scIB's neighbour
-    graphs (the Benchmarker's neighbour computer, and kBET's diffusion step; see `_exact_scib_neighbors`)."""
+    graphs (the Benchmarker's neighbour computer, and kBET's diffusion step; see `_reproducible_scib`)."""
     import torch
     from scib_metrics.nearest_neighbors import NeighborsResults
 
@@ -217,20 +217,33 @@ def exact_neighbors(x: np.ndarray, k: int = 15, n_neighbors: int | None = None, 
 
 
 @contextlib.contextmanager
-def _exact_scib_neighbors() -> Iterator[None]:
-    """scib-metrics' kBET finds the neighbours of each label's diffusion map with `scib_metrics.nearest_neighbors.
-    pynndescent` whatever neighbour computer the Benchmarker was given; pynndescent's numba kernels compile for
-    60-90 s in every new process (and fail to compile where Ray has replaced builtins.print, as its tqdm does in a
-    driver that trained in-process). Exact neighbours are what pynndescent approximates, and at the <= 20,000 cells
-    scored here cost well under a second: they stand in for it while the metrics run."""
+def _reproducible_scib() -> Iterator[None]:
+    """Two stand-ins while scib-metrics runs, so the same embedding always gets the same scores:
+
+    - kBET finds the neighbours of each label's diffusion map with `scib_metrics.nearest_neighbors.pynndescent`
+      whatever neighbour computer the Benchmarker was given; pynndescent's numba kernels compile for 60-90 s in
+      every new process (and fail to compile where Ray has replaced builtins.print, as its tqdm does in a driver
+      that trained in-process). Exact neighbours are what it approximates, and at the <= 20,000 cells scored here
+      cost well under a second.
+    - The diffusion map's eigenvectors come from ARPACK (`scipy.sparse.linalg.eigsh`), which starts from a random
+      vector whose state advances with every call in the process: the baseline and the model, scored one after
+      the other, got different starts, and an embedding scored 0.999x kBET against itself. A fixed start vector
+      (scanpy's diffusion maps pass one too) makes the score a function of the embedding alone."""
+    import scipy.sparse.linalg
     from scib_metrics import nearest_neighbors
 
-    approximate = nearest_neighbors.pynndescent
-    nearest_neighbors.pynndescent = exact_neighbors
+    approximate, eigsh = nearest_neighbors.pynndescent, scipy.sparse.linalg.eigsh
+
+    def seeded_eigsh(a: Any, *args: Any, v0: np.ndarray | None = None, **kwargs: Any) -> Any:
+        if v0 is None:
+            v0 = np.random.default_rng(0).uniform(-1.0, 1.0, a.shape[0])
+        return eigsh(a, *args, v0=v0, **kwargs)
+
+    nearest_neighbors.pynndescent, scipy.sparse.linalg.eigsh = exact_neighbors, seeded_eigsh
     try:
         yield
     finally:
-        nearest_neighbors.pynndescent = approximate
+        nearest_neighbors.pynndescent, scipy.sparse.linalg.eigsh = approximate, eigsh
 
 
 def scib_scores(
@@ -272,7 +285,7 @@ def scib_scores(
         pre_integrated_embedding_obsm_key="_unintegrated",
         progress_bar=False,
     )
-    with warnings.catch_warnings(), _exact_scib_neighbors():
+    with warnings.catch_warnings(), _reproducible_scib():
         warnings.simplefilter("ignore")
         # the Benchmarker runs gc.collect() before every metric: 0.4 s each in a process holding torch, jax and
         # Ray (80% of a 1,000-cell run); objects that exist now are frozen out of those collections

@@ -85,6 +85,24 @@ def test_pca_itself_scores_1x_and_a_random_embedding_scores_below(reference_outp
     assert set(SCIB) <= set(alone["scores"][MODEL]) and alone["cells"] == 1150
 
 
+def test_kbet_diffusion_maps_start_from_a_fixed_vector_while_scib_runs():
+    """ARPACK's default start vector changes with every call in a process: the same embedding scored twice got two
+    kBETs (0.999x against itself in one CI run). Inside the scoring context every eigsh call starts alike."""
+    import scipy.sparse
+    import scipy.sparse.linalg
+
+    from engine.infer.evaluate import _reproducible_scib
+
+    a = scipy.sparse.random(400, 400, density=0.03, random_state=1)
+    a = (a + a.T).tocsr()
+    unseeded = [scipy.sparse.linalg.eigsh(a, k=20)[1] for _ in range(2)]
+    assert not np.array_equal(unseeded[0], unseeded[1])  # what the scores inherited before
+    with _reproducible_scib():
+        seeded = [scipy.sparse.linalg.eigsh(a, k=20)[1] for _ in range(2)]
+    assert np.array_equal(seeded[0], seeded[1])
+    assert scipy.sparse.linalg.eigsh.__module__.startswith("scipy")  # put back afterwards
+
+
 def test_bad_inputs_are_one_line_exit_2(reference_output, tiny_store, tmp_path, capsys):
     s = read_sample(reference_output, "cell_type")
     shuffled = np.random.default_rng(1).permutation(s.names)
