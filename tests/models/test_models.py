@@ -106,7 +106,8 @@ def test_transformer_takes_kernel_tokens():
     values[:, 12] = 0  # a zero bin: not a token
     mask = torch.zeros(8, 20, dtype=torch.bool)
     mask[:, ::3] = True
-    batch = {"genes": genes, "values": values, "mask": mask, "index": torch.arange(8)}
+    x = torch.where(values > 0, torch.log1p(values.float()), 0.0)  # the expression the bins were cut from
+    batch = {"genes": genes, "values": values, "mask": mask, "index": torch.arange(8), "X": x}
     out = model.loss(batch)
     assert out.terms["masked"] == float((mask & (genes >= 0) & (values > 0)).sum())
     model.eval()
@@ -115,6 +116,40 @@ def test_transformer_takes_kernel_tokens():
     assert torch.allclose(e1, model.embed(changed), atol=1e-6)
     changed = dict(batch, genes=torch.where(values == 0, 63, genes))  # or the genes of zero bins
     assert torch.allclose(e1, model.embed(changed), atol=1e-6)
+
+
+def test_transformer_bins_a_dense_x_as_the_binning_transform_does():
+    """The model's own tokenisation of a dense X gives the kernel's bins exactly, ties included (cells of a few
+    counts have many equal values: they share a bin)."""
+    from engine.preprocess.kernels import bin_values
+    from models.transformer import Transformer, TransformerConfig
+
+    counts = synthetic_counts(200, 300, nnz_per_cell=25, seed=3).X.toarray()
+    counts[:50] = np.minimum(counts[:50], 2)  # shallow cells: ones and twos only
+    counts[50] = 0  # and an empty one
+    x = np.log1p(1e4 * counts / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
+    for n_bins in (11, 51):
+        want = bin_values(x, n_bins, np.empty(x.shape, dtype=np.int64))
+        got = Transformer(TransformerConfig.debug(n_genes=300, n_bins=n_bins))._bin(torch.from_numpy(x))
+        assert np.array_equal(got.numpy(), want)
+    assert len(np.unique(want[0][x[0] == x[0][x[0] > 0].min()])) == 1  # ties share a bin
+
+
+def test_transformer_mvc_target_is_the_expression_not_its_bin():
+    """Binned input: the mvc target is the batch's X (log-normalized, with magnitude) where each token sits, or
+    bin / (n_bins - 1) with mvc_target='bin'; without X the model says what it needs."""
+    from models.transformer import Transformer, TransformerConfig
+
+    x = torch.tensor([[0.0, 2.5, 0.7, 0.0], [1.2, 0.0, 0.0, 4.0]])
+    batch = {"genes": torch.arange(4).expand(2, -1), "values": torch.tensor([[0, 10, 5, 0], [4, 0, 0, 10]]), "X": x}
+    by_x = Transformer(TransformerConfig.debug(n_genes=4))
+    assert torch.equal(by_x._target(batch), x)
+    by_bin = Transformer(TransformerConfig.debug(n_genes=4, mvc_target="bin"))
+    assert torch.allclose(by_bin._target(batch), batch["values"].float() / 10)
+    with pytest.raises(KeyError, match="mvc_target='x' needs the batch's 'X'"):
+        by_x.loss({k: v for k, v in batch.items() if k != "X"})
+    with pytest.raises(ValueError, match="mvc_target is 'counts'"):
+        TransformerConfig.debug(mvc_target="counts")
 
 
 def test_transformer_embeds_with_its_inference_context():
@@ -153,7 +188,7 @@ def test_transformer_zero_genes_fill_the_context_after_every_expressed_gene():
     values = torch.zeros(4, 64, dtype=torch.long)
     values[:, [3, 10, 40]] = torch.tensor([5, 9, 2])  # 3 expressed genes a cell
     values[1, 50] = 7  # a 4th in cell 1
-    batch = {"genes": genes, "values": values, "index": torch.arange(4)}
+    batch = {"genes": genes, "values": values, "index": torch.arange(4), "X": values / 4.0}
     torch.manual_seed(0)
     model = Transformer(TransformerConfig.debug(max_len=16, zero_genes=True))
     for training in (True, False):
