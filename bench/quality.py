@@ -122,8 +122,12 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-binned-cls"] = dict(binned, config=TransformerConfig.small(pooling="cls"))
     # trained on 128 expressed genes a step, embedded with up to 2,048 (every expressed HVG of nearly every cell)
     specs["transformer-binned-embedall"] = dict(binned, config=TransformerConfig.small(embed_max_len=2048))
-    # the mvc target as scGPT has it: each gene's bin / (n_bins - 1), not its log-normalized expression
-    specs["transformer-binned-bintarget"] = dict(binned, config=TransformerConfig.small(mvc_target="bin"))
+    # the mvc target as the tokens hold it: bin / (n_bins - 1) (scGPT's) or log1p(x / gene median), not the
+    # log-normalized expression
+    specs["transformer-binned-bintarget"] = dict(binned, config=TransformerConfig.small(mvc_target="token"))
+    specs["transformer-rank-tokentarget"] = dict(
+        specs["transformer-rank"], config=TransformerConfig.small(input="rank", mvc_target="token")
+    )
     return specs
 
 

@@ -31,11 +31,13 @@ Objectives (``loss`` returns their weighted sum and each term):
   (``value_loss="ce"``) or bin / (n_bins - 1) by MSE (``"mse"``). Rank: the masked gene ids by cross-entropy
   over the vocabulary (Geneformer).
 - ``mvc``, a cell-level reconstruction from the cell embedding (scGPT's MVC / GEPC): every vocabulary gene's
-  value predicted as <c, q_g> + b_g, q_g from the gene's embedding; target = the cell's full token list
-  scattered into the vocabulary, zeros elsewhere (binned: the batch's X, the log-normalized expression the bins were
-  cut from, ``mvc_target="x"``, or bin / (n_bins - 1), ``"bin"``; rank: log1p(x / median)). Per-cell bins keep
-  no magnitude: where a cell has ~15 expressed genes, mostly at one count, they are ranks among ties, and an
-  embedding trained to rebuild them classified worm neurons at 0.42 kNN where one trained on X reached 0.68.
+  value predicted as <c, q_g> + b_g, q_g from the gene's embedding. Target (``mvc_target``): ``"expression"``, every
+  gene's log-normalized expression (the batch's X, which the tokenisers keep: log-normalized in the binned recipe,
+  logged here for rank input, whose X is normalized counts), or ``"token"``, the tokens' own values scattered into
+  the vocabulary, zeros elsewhere (binned: bin / (n_bins - 1), scGPT's; rank: log1p(x / gene median)). Token values
+  keep no gene-to-gene magnitude: a cell's bins are its ranks (ties where it has ~15 expressed genes at one count
+  each) and x / median is ~1 for every gene a shallow cell expresses. An embedding trained to rebuild them
+  classified worm neurons at 0.42-0.43 kNN (binned, rank) where one trained on the expression reached 0.68-0.77.
   It is what trains the embedding: masked-token prediction alone leaves the pooled vector untrained, and at CPU
   scale such embeddings classify cells barely above chance (kNN 0.34 on pbmc68k where PCA-50 gets 0.79).
 """
@@ -71,7 +73,7 @@ class TransformerConfig:
     value_loss: str = "ce"  # binned mlm: ce over bins | mse on bin / (n_bins - 1)
     mlm_weight: float = 1.0
     mvc_weight: float = 10.0  # mvc is a mean squared error over every gene, most of them 0: weighted to be heard
-    mvc_target: str = "x"  # binned: x (the batch's log-normalized X) | bin (bin / (n_bins - 1), scGPT's)
+    mvc_target: str = "expression"  # log-normalized expression (the batch's X) | token (the tokens' own values)
 
     def __post_init__(self):
         if self.input not in ("binned", "rank"):
@@ -80,8 +82,8 @@ class TransformerConfig:
             raise ValueError(f"pooling is {self.pooling!r}, expected 'cls' or 'mean'")
         if self.value_encoder not in ("continuous", "category"):
             raise ValueError(f"value_encoder is {self.value_encoder!r}, expected 'continuous' or 'category'")
-        if self.mvc_target not in ("x", "bin"):
-            raise ValueError(f"mvc_target is {self.mvc_target!r}, expected 'x' or 'bin'")
+        if self.mvc_target not in ("expression", "token"):
+            raise ValueError(f"mvc_target is {self.mvc_target!r}, expected 'expression' or 'token'")
         if self.value_loss not in ("ce", "mse"):
             raise ValueError(f"value_loss is {self.value_loss!r}, expected 'ce' or 'mse'")
         if self.d_model % self.n_heads:
@@ -272,25 +274,28 @@ class Transformer(nn.Module):
         return torch.where(nz, bins, torch.zeros_like(bins))
 
     def _target(self, batch: dict) -> torch.Tensor:
-        """The mvc target: each cell's full token list in vocabulary order (B, n_genes), zeros elsewhere."""
-        genes, values, _ = self._full_tokens(batch)
-        if self.config.input == "binned" and self.config.mvc_target == "x":
+        """The mvc target (B, n_genes): every vocabulary gene's log-normalized expression (mvc_target "expression":
+        the batch's X, logged for rank input, whose X is normalized counts), or each cell's token values scattered
+        into the vocabulary, zeros elsewhere ("token")."""
+        c = self.config
+        if c.mvc_target == "expression":
             if "X" not in batch:
-                raise KeyError("mvc_target='x' needs the batch's 'X' beside its bins (the binning transform keeps it)")
-            v = dense_x(batch)
-            if v.shape != genes.shape:
-                raise ValueError(f"mvc_target='x': X is {tuple(v.shape)}, the bins {tuple(genes.shape)}: expected one")
-        elif self.config.input == "binned":
-            v = values.float() / (self.config.n_bins - 1)
+                raise KeyError("mvc_target='expression' needs the batch's 'X' beside its tokens (tokenisers keep it)")
+            x = dense_x(batch)
+            offset = c.n_genes - x.shape[1]  # token id = column + offset
+            if offset < 0:
+                raise ValueError(f"mvc_target='expression': X has {x.shape[1]} genes, the vocabulary {c.n_genes}")
+            return F.pad(torch.log1p(x.clamp(min=0)) if c.input == "rank" else x, (offset, 0))
+        genes, values, _ = self._full_tokens(batch)
+        if c.input == "binned":
+            v = values.float() / (c.n_bins - 1)
         elif values is None:  # rank tokens without their values: presence
             v = torch.ones(genes.shape, device=genes.device)
         else:
             v = torch.log1p(values.float().clamp(min=0))
         real = genes >= 0
-        out = torch.zeros(genes.shape[0], self.config.n_genes + 1, device=genes.device)
-        out.scatter_(
-            1, torch.where(real, genes, torch.full_like(genes, self.config.n_genes)), torch.where(real, v, 0.0)
-        )
+        out = torch.zeros(genes.shape[0], c.n_genes + 1, device=genes.device)
+        out.scatter_(1, torch.where(real, genes, torch.full_like(genes, c.n_genes)), torch.where(real, v, 0.0))
         return out[:, :-1]
 
     # -- the network

@@ -106,7 +106,7 @@ def test_transformer_takes_kernel_tokens():
     values[:, 12] = 0  # a zero bin: not a token
     mask = torch.zeros(8, 20, dtype=torch.bool)
     mask[:, ::3] = True
-    x = torch.where(values > 0, torch.log1p(values.float()), 0.0)  # the expression the bins were cut from
+    x = torch.zeros(8, 64).scatter_(1, genes.clamp(min=0), torch.log1p(values.float()))  # what the bins came from
     batch = {"genes": genes, "values": values, "mask": mask, "index": torch.arange(8), "X": x}
     out = model.loss(batch)
     assert out.terms["masked"] == float((mask & (genes >= 0) & (values > 0)).sum())
@@ -135,21 +135,32 @@ def test_transformer_bins_a_dense_x_as_the_binning_transform_does():
     assert len(np.unique(want[0][x[0] == x[0][x[0] > 0].min()])) == 1  # ties share a bin
 
 
-def test_transformer_mvc_target_is_the_expression_not_its_bin():
-    """Binned input: the mvc target is the batch's X (log-normalized, with magnitude) where each token sits, or
-    bin / (n_bins - 1) with mvc_target='bin'; without X the model says what it needs."""
+def test_transformer_mvc_target_is_the_expression_not_the_token_values():
+    """mvc_target 'expression': every vocabulary gene's log-normalized expression (binned: the batch's X as the
+    recipe logged it; rank: X is normalized counts, logged here), placed after the tokens' offset; 'token': the
+    tokens' own values (bin / (n_bins - 1); log1p(x / median)). Without X the model says what it needs."""
     from models.transformer import Transformer, TransformerConfig
 
     x = torch.tensor([[0.0, 2.5, 0.7, 0.0], [1.2, 0.0, 0.0, 4.0]])
-    batch = {"genes": torch.arange(4).expand(2, -1), "values": torch.tensor([[0, 10, 5, 0], [4, 0, 0, 10]]), "X": x}
-    by_x = Transformer(TransformerConfig.debug(n_genes=4))
-    assert torch.equal(by_x._target(batch), x)
-    by_bin = Transformer(TransformerConfig.debug(n_genes=4, mvc_target="bin"))
-    assert torch.allclose(by_bin._target(batch), batch["values"].float() / 10)
-    with pytest.raises(KeyError, match="mvc_target='x' needs the batch's 'X'"):
-        by_x.loss({k: v for k, v in batch.items() if k != "X"})
-    with pytest.raises(ValueError, match="mvc_target is 'counts'"):
-        TransformerConfig.debug(mvc_target="counts")
+    bins = torch.tensor([[0, 10, 5, 0], [4, 0, 0, 10]])
+    batch = {"genes": torch.arange(4).expand(2, -1), "values": bins, "X": x}
+    assert torch.equal(Transformer(TransformerConfig.debug(n_genes=4))._target(batch), x)
+    shifted = Transformer(TransformerConfig.debug(n_genes=6))._target(dict(batch, genes=batch["genes"] + 2))
+    assert torch.equal(shifted[:, 2:], x) and not shifted[:, :2].any()  # token id = column + offset
+    by_token = Transformer(TransformerConfig.debug(n_genes=4, mvc_target="token"))
+    assert torch.allclose(by_token._target(batch), bins.float() / 10)
+    counts = torch.tensor([[0.0, 30.0, 5.0, 0.0]])  # rank input: normalized counts, two tokens in rank order
+    ranked = {"genes": torch.tensor([[1, 2]]), "values": torch.tensor([[3.0, 0.5]]), "lengths": torch.tensor([2])}
+    rank = Transformer(TransformerConfig.debug(n_genes=4, input="rank"))
+    assert torch.allclose(rank._target(dict(ranked, X=counts)), torch.log1p(counts))
+    rank_token = Transformer(TransformerConfig.debug(n_genes=4, input="rank", mvc_target="token"))
+    assert torch.allclose(rank_token._target(ranked), torch.tensor([[0.0, 3.0, 0.5, 0.0]]).log1p())
+    with pytest.raises(KeyError, match="mvc_target='expression' needs the batch's 'X'"):
+        Transformer(TransformerConfig.debug(n_genes=4)).loss({k: v for k, v in batch.items() if k != "X"})
+    with pytest.raises(ValueError, match="X has 4 genes, the vocabulary 3"):
+        Transformer(TransformerConfig.debug(n_genes=3))._target(batch)
+    with pytest.raises(ValueError, match="mvc_target is 'bin'"):
+        TransformerConfig.debug(mvc_target="bin")
 
 
 def test_transformer_embeds_with_its_inference_context():
