@@ -128,6 +128,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-rank-tokentarget"] = dict(
         specs["transformer-rank"], config=TransformerConfig.small(input="rank", mvc_target="token")
     )
+    specs["transformer-rank-3x"] = dict(specs["transformer-rank"], steps=3 * specs["transformer-rank"]["steps"])
     return specs
 
 
