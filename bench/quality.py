@@ -124,7 +124,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-binned-embedall"] = dict(binned, config=TransformerConfig.small(embed_max_len=2048))
     # the mvc target as the tokens hold it: bin / (n_bins - 1) (scGPT's) or log1p(x / gene median), not the
     # log-normalized expression
-    specs["transformer-binned-bintarget"] = dict(binned, config=TransformerConfig.small(mvc_target="token"))
+    specs["transformer-binned-tokentarget"] = dict(binned, config=TransformerConfig.small(mvc_target="token"))
     specs["transformer-rank-tokentarget"] = dict(
         specs["transformer-rank"], config=TransformerConfig.small(input="rank", mvc_target="token")
     )

@@ -37,7 +37,8 @@ Objectives (``loss`` returns their weighted sum and each term):
   the vocabulary, zeros elsewhere (binned: bin / (n_bins - 1), scGPT's; rank: log1p(x / gene median)). Token values
   keep no gene-to-gene magnitude: a cell's bins are its ranks (ties where it has ~15 expressed genes at one count
   each) and x / median is ~1 for every gene a shallow cell expresses. An embedding trained to rebuild them
-  classified worm neurons at 0.42-0.43 kNN (binned, rank) where one trained on the expression reached 0.68-0.77.
+  classified worm neurons at 0.43 / 0.27 kNN (binned / rank, bench/quality.py) where one trained on the expression
+  reached 0.55 / 0.81.
   It is what trains the embedding: masked-token prediction alone leaves the pooled vector untrained, and at CPU
   scale such embeddings classify cells barely above chance (kNN 0.34 on pbmc68k where PCA-50 gets 0.79).
 """
