@@ -100,8 +100,8 @@ def _wait(trace: Path, until, timeout: float) -> dict | None:
 
 
 def drill(cluster, nodes: list, store: str, work: str, steps: int = 48, pace: float = 0.3) -> dict:
-    """The elastic run with a node removed then one added (see the module docstring); `nodes` are the cluster's three
-    worker nodes. Returns what it saw, and the nodes it leaves."""
+    """The elastic run with a node removed then one added (see the module docstring); `nodes` are the cluster's
+    worker nodes (the run is elastic from 1 to one worker per node). Returns what it saw, and the nodes it leaves."""
     import torch
 
     from engine.train.driver import pretrain
@@ -109,23 +109,24 @@ def drill(cluster, nodes: list, store: str, work: str, steps: int = 48, pace: fl
     out = Path(work) / "elastic"
     trace = Path(str(out) + "-trace")
     events: dict = {}
+    top = len(nodes)  # one worker per node
 
     def resize() -> None:
         try:
-            if _wait(trace, lambda e: e["world_size"] == 3 and e["step"] >= 6, 240) is None:
-                raise TimeoutError("no step 6 at 3 workers")
+            if _wait(trace, lambda e: e["world_size"] == top and e["step"] >= 6, 240) is None:
+                raise TimeoutError(f"no step 6 at {top} workers")
             victim = nodes.pop()
             cluster.remove_node(victim)
             events["removed"] = time.time()
-            shrunk = _wait(trace, lambda e: e["time"] > events["removed"] and e["world_size"] == 2, 240)
+            shrunk = _wait(trace, lambda e: e["time"] > events["removed"] and e["world_size"] == top - 1, 240)
             if shrunk is None:
-                raise TimeoutError("no step at 2 workers after the node loss")
+                raise TimeoutError(f"no step at {top - 1} workers after the node loss")
             events["shrunk"] = shrunk["time"]
             nodes.append(cluster.add_node(num_cpus=2, object_store_memory=80 * 2**20))
             events["added"] = time.time()
-            grown = _wait(trace, lambda e: e["time"] > events["added"] and e["world_size"] == 3, 240)
+            grown = _wait(trace, lambda e: e["time"] > events["added"] and e["world_size"] == top, 240)
             if grown is None:
-                raise TimeoutError("no step at 3 workers after the node was added")
+                raise TimeoutError(f"no step at {top} workers after the node was added")
             events["grown"] = grown["time"]
         except Exception as e:  # reported in the result: the drill did not happen as planned
             events["error"] = repr(e)
@@ -135,7 +136,7 @@ def drill(cluster, nodes: list, store: str, work: str, steps: int = 48, pace: fl
 
     def train() -> None:
         try:
-            run["result"] = pretrain(spec(store, out, {"min": 1, "max": 3}, steps, pace))
+            run["result"] = pretrain(spec(store, out, {"min": 1, "max": top}, steps, pace))
         except BaseException as e:
             run["error"] = e
 

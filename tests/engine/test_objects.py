@@ -42,6 +42,18 @@ def pretrain_spec(store: str, output: str, workers: int = 2) -> dict:
     }
 
 
+def chain_spec(store: str, output: str, workers: int) -> dict:
+    """A probe of cell_type on a global batch: the same steps whatever the number of workers."""
+    return {
+        "kind": "pretrain",
+        "name": "bucket-chain",
+        "data": {"store": store, "global_batch_size": 64, "obs_keys": ["cell_type"]},
+        "model": {"name": "probe", "config": {"label_key": "cell_type", "n_hidden": 16}},
+        "train": {"max_steps": 6, "lr": 1e-2, "checkpoint_every": 3, "report_every": 3, "output": output},
+        "resources": {"workers": workers, "cpus_per_worker": 0.5, "readers_per_worker": 1, "cpus_per_reader": 0.5},
+    }
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and S3_SECRET not in err, err
@@ -51,7 +63,8 @@ def one_line_error(capsys) -> str:
 
 
 def test_chain_in_a_bucket_equals_the_chain_on_disk(s3, tiny_store, tiny_h5ads, ray_local, tmp_path, capsys):
-    """ingest -> verify -> stats -> 2-worker pretraining -> embed on s3:// gives what the same chain on disk gives."""
+    """ingest -> verify -> stats -> 2-worker pretraining -> embed on s3:// gives what the same chain on disk gives
+    (its pretraining in-process)."""
     from engine.infer.embed import embed
     from engine.preprocess.stats import compute_stats, load_stats
     from engine.store.format import open_group
@@ -76,24 +89,25 @@ def test_chain_in_a_bucket_equals_the_chain_on_disk(s3, tiny_store, tiny_h5ads, 
     assert objects.exists(location(uri) / "stats" / "zarr.json")
     assert load_stats(uri).genes.equals(load_stats(local).genes)
 
-    runs = {}
-    for where, store, output in (("disk", str(local.path), str(tmp_path / "run")), ("bucket", uri, f"{BUCKET}/runs/r")):
-        runs[where] = pretrain(parse_spec(pretrain_spec(store, output))).output
-    assert objects.exists(location(f"{BUCKET}/runs/r") / "metrics.jsonl")
+    # in the bucket: 2 DDP workers with a reader actor each; on disk: the same spec in-process (the probe model draws
+    # no random numbers, so the two differ only in the order of float32 reductions: the multi-node drill's bound)
+    bucket_run = pretrain(parse_spec(chain_spec(uri, f"{BUCKET}/runs/r", workers=2)))
+    pretrain(parse_spec(chain_spec(str(local.path), str(tmp_path / "run"), workers=0)))
+    assert objects.exists(location(f"{BUCKET}/runs/r") / "metrics.jsonl") and bucket_run.final["step"] == 6
     disk_model, _ = load_checkpoint(tmp_path / "run")
     bucket_model, meta = load_checkpoint(f"{BUCKET}/runs/r")  # downloaded into the node's cache
-    assert meta["step"] == 6
+    assert meta["step"] == 6 and meta["world_size"] == 2
     for a, b in zip(disk_model.state_dict().values(), bucket_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
-    embed(tmp_path / "run", local.path, tmp_path / "emb.zarr", num_actors=2)
+    embed(tmp_path / "run", local.path, tmp_path / "emb.zarr")
     embed(f"{BUCKET}/runs/r", uri, f"{BUCKET}/out/emb.zarr", num_actors=2)
     import anndata as ad
 
     on_disk = ad.read_zarr(tmp_path / "emb.zarr")
     in_bucket = ad.io.read_elem(open_group(location(f"{BUCKET}/out/emb.zarr")))
     assert (in_bucket.obs_names == on_disk.obs_names).all()
-    np.testing.assert_allclose(in_bucket.obsm["X_cellray"], on_disk.obsm["X_cellray"], atol=1e-5)
+    np.testing.assert_allclose(in_bucket.obsm["X_cellray"], on_disk.obsm["X_cellray"], atol=1e-4)
     left = [o.name for o in objects.list_objects(location(f"{BUCKET}/out/emb.zarr"))]
     assert "zarr.json" in left and objects.WRITING_MARKER not in left and objects.LOCK_NAME not in left
 
