@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -104,9 +105,38 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": [".venv*", "data", "runs", ".git", "bench/out"]},
             logging_level=logging.WARNING,
         )
+    quiet_benign_ray_lines()
     url = getattr(ctx, "dashboard_url", None)
     log.info("ray ready: %s%s", ray.cluster_resources(), f"; dashboard http://{url}" if url else "")
     return True
+
+
+# Ray-internal lines that Ray streams from its workers' logs to this terminal and that name no problem of the user's.
+# Every Ray Train run's controller logs one at ERROR level from C++: Ray Train's own PreemptionWatcher actor keeps its
+# constructor arguments in the object store (ray-project/ray#53727). They stay in Ray's log files.
+BENIGN_RAY_LINES = re.compile(
+    r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
+)
+
+
+def quiet_benign_ray_lines() -> None:
+    """Drop `BENIGN_RAY_LINES` from the worker logs this driver prints (Ray's log_to_driver handler); idempotent."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def quiet(handler: Callable[[dict], None]) -> Callable[[dict], None]:
+        def handle(data: dict) -> None:
+            lines = [line for line in data.get("lines", ()) if not BENIGN_RAY_LINES.search(line)]
+            if lines or not data.get("lines"):
+                handler({**data, "lines": lines})
+
+        handle.cellray_quiet = True  # type: ignore[attr-defined]
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, h if name != "ray_print_logs" or getattr(h, "cellray_quiet", False) else quiet(h))
+            for name, h in dispatcher.handlers
+        ]
 
 
 def keep_ray_on_loopback() -> Callable[[], None]:
