@@ -171,8 +171,10 @@ def drill(cluster, nodes: list, store: str, work: str, steps: int = 48, pace: fl
 
 
 def figures(seen: dict) -> dict:
-    """Seconds from node loss to the next step and from node add to the larger world; steps/s in each phase."""
+    """Seconds from node loss to the next step and from node add to the larger world; steps/s in each phase (at the
+    full world, one worker per node, and at one fewer)."""
     times, worlds = seen["times"], seen["worlds"]
+    full = max(worlds)
 
     def rate(lo: float, hi: float, world: int) -> float | None:
         ts = [t for t, w in zip(times, worlds) if lo <= t <= hi and w == world]
@@ -182,9 +184,9 @@ def figures(seen: dict) -> dict:
     return {
         "loss_to_next_step_s": first_after - seen["removed"],
         "add_to_larger_world_s": seen["grown"] - seen["added"],
-        "steps_per_s_3_before": rate(0, seen["removed"], 3),
-        "steps_per_s_2": rate(seen["removed"], seen["added"], 2),
-        "steps_per_s_3_after": rate(seen["grown"], float("inf"), 3),
+        f"steps_per_s_{full}_before": rate(0, seen["removed"], full),
+        f"steps_per_s_{full - 1}": rate(seen["removed"], seen["added"], full - 1),
+        f"steps_per_s_{full}_after": rate(seen["grown"], float("inf"), full),
     }
 
 

@@ -1,9 +1,9 @@
 """Multi-node drills on one `ray.cluster_utils.Cluster` (run as a script by the `multinode_drill` fixture of
 tests/conftest.py: a process can be the driver of one cluster only, and the test session has its own Ray).
 
-The cluster: a head without CPUs and two 2-CPU worker nodes, each with a resource naming it (two, not more: every
-node's worker imports torch on the same 2 cores, and a third node made the drill ~20 s longer). Two drills run on
-it, one after the other, and the script prints one JSON line with what each saw:
+The cluster: a head without CPUs and two 2-CPU worker nodes, each with a resource naming it (two, not more: each
+node's worker imports torch on the same 2 cores, so every node added makes every worker group start longer). Two
+drills run on it, one after the other, and the script prints one JSON line with what each saw:
 
 - placement: two ranks, each pinned to its node, read an epoch through two reader actors each; where every rank's
   readers ran, and the cells each rank read (tests/engine/loading/test_placement.py checks them);

@@ -32,21 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def pretrain_spec(store: str, output: str, workers: int = 2) -> dict:
+    """A probe of cell_type on a global batch: the same steps whatever the number of workers (the probe draws no
+    random numbers)."""
     return {
         "kind": "pretrain",
         "name": "bucket-run",
-        "data": {"store": store, "batch_size": 64, "obs_keys": ["batch"]},
-        "model": {"name": "vae", "config": {"n_latent": 4, "n_hidden": 16, "dropout": 0.0, "batch_key": "batch"}},
-        "train": {"max_steps": 6, "lr": 1e-2, "checkpoint_every": 3, "report_every": 3, "output": output},
-        "resources": {"workers": workers, "cpus_per_worker": 0.5, "readers_per_worker": 1, "cpus_per_reader": 0.5},
-    }
-
-
-def chain_spec(store: str, output: str, workers: int) -> dict:
-    """A probe of cell_type on a global batch: the same steps whatever the number of workers."""
-    return {
-        "kind": "pretrain",
-        "name": "bucket-chain",
         "data": {"store": store, "global_batch_size": 64, "obs_keys": ["cell_type"]},
         "model": {"name": "probe", "config": {"label_key": "cell_type", "n_hidden": 16}},
         "train": {"max_steps": 6, "lr": 1e-2, "checkpoint_every": 3, "report_every": 3, "output": output},
@@ -89,10 +79,10 @@ def test_chain_in_a_bucket_equals_the_chain_on_disk(s3, tiny_store, tiny_h5ads, 
     assert objects.exists(location(uri) / "stats" / "zarr.json")
     assert load_stats(uri).genes.equals(load_stats(local).genes)
 
-    # in the bucket: 2 DDP workers with a reader actor each; on disk: the same spec in-process (the probe model draws
-    # no random numbers, so the two differ only in the order of float32 reductions: the multi-node drill's bound)
-    bucket_run = pretrain(parse_spec(chain_spec(uri, f"{BUCKET}/runs/r", workers=2)))
-    pretrain(parse_spec(chain_spec(str(local.path), str(tmp_path / "run"), workers=0)))
+    # in the bucket: 2 DDP workers with a reader actor each; on disk: the same spec in-process (they differ only in the
+    # order of float32 reductions: the multi-node drill's bound)
+    bucket_run = pretrain(parse_spec(pretrain_spec(uri, f"{BUCKET}/runs/r", workers=2)))
+    pretrain(parse_spec(pretrain_spec(str(local.path), str(tmp_path / "run"), workers=0)))
     assert objects.exists(location(f"{BUCKET}/runs/r") / "metrics.jsonl") and bucket_run.final["step"] == 6
     disk_model, _ = load_checkpoint(tmp_path / "run")
     bucket_model, meta = load_checkpoint(f"{BUCKET}/runs/r")  # downloaded into the node's cache
@@ -169,11 +159,11 @@ def _down_for(s3, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tiny_store, ray_local, tmp_path_factory) -> Path:
-    """A VAE trained in-process for a few steps on the tiny store (the bucket stores share its vocabulary)."""
+    """A probe trained in-process for a few steps on the tiny store (the bucket stores share its vocabulary)."""
     from engine.train.driver import pretrain
     from jobs.spec import parse_spec
 
-    spec = pretrain_spec(str(tiny_store), str(tmp_path_factory.mktemp("ckpt") / "vae"), workers=0)
+    spec = pretrain_spec(str(tiny_store), str(tmp_path_factory.mktemp("ckpt") / "probe"), workers=0)
     spec["train"]["max_steps"] = 3
     return pretrain(parse_spec(spec)).output
 
