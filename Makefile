@@ -7,6 +7,7 @@ DATA ?= $(HOME)/.cache/cellray-data
 FETCH := ../shared/data/fetch_real.sh
 DEMO_STORE ?= data/demo.store
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: env test lint demo bench peers clean
 
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 # ruff first: a style or import error fails fast, before the 10-minute suite
 test: env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: env
 	$(BIN)/ruff check .

@@ -173,3 +173,49 @@ def listening_beyond_loopback(marker: str) -> list[str]:
             if not name.startswith("ray::RayTrainWo"):
                 found.append(f"{name} (pid {c.pid}) on {c.laddr.ip}:{c.laddr.port}")
     return found
+
+
+# `make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadfile`, scheduled by `FileGroupScheduling`): a
+# file's tests run on one worker, so its module fixtures (a cluster, a trained run) start once; the files that share a
+# costly session fixture share a worker; and the costliest groups start first, so neither worker is left with one at the
+# end. (xdist's own `loadgroup` marks no longer reach its scheduler under pytest 9: it renames `item._nodeid`.)
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SESSION_FIXTURE_GROUPS = {
+    "tests/engine/loading/test_placement.py": "multinode_drill",
+    "tests/faults/test_elastic.py": "multinode_drill",
+    "tests/engine/infer/": "infer",  # tests/engine/infer/conftest.py's trained checkpoints and embeddings
+}
+COSTLIEST_GROUPS_FIRST = [  # by their seconds in a serial run (`make test TEST_WORKERS=0 PYTEST_ARGS=--durations=0`)
+    "tests/jobs/test_scheduler.py",
+    "tests/engine/test_objects.py",
+    "tests/jobs/test_monitoring.py",
+    "multinode_drill",
+    "tests/faults/test_recovery.py",
+    "infer",
+    "tests/engine/train/test_train.py",
+]
+
+
+def xdist_group_of(path: str) -> str:
+    """The xdist work unit of a test file (its path relative to the repository, or its shared group)."""
+    for prefix, group in SHARED_SESSION_FIXTURE_GROUPS.items():
+        if path.startswith(prefix):
+            return group
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The costliest groups first (a stable sort: the order within a file stays)."""
+    rank = {g: i for i, g in enumerate(COSTLIEST_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_group_of(item.path.resolve().relative_to(ROOT).as_posix()), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False  # keep the collection's order: costliest first
+    return FileGroupScheduling(config, log)
