@@ -128,8 +128,9 @@ def tiny_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
 
 @pytest.fixture(scope="session")
 def multinode_drill(tiny_store, tmp_path_factory) -> dict:
-    """What tests/multinode_drill.py saw on its 4-node `ray.cluster_utils.Cluster` (reader placement, then an elastic
-    run that loses a node and gains one), run once for the tests that check it: one cluster start for both."""
+    """What tests/multinode_drill.py saw on its `ray.cluster_utils.Cluster`, a head and two worker nodes (reader
+    placement, then an elastic run that loses a node and gains one), run once for the tests that check it (one
+    cluster start for both; their two files share an xdist worker, see `SHARED_SESSION_FIXTURE_GROUPS`)."""
     import json
     import sys
 
