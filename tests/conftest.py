@@ -211,6 +211,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(xdist_group_of(item.path.resolve().relative_to(ROOT).as_posix()), len(rank)))
 
 
+@pytest.hookimpl(optionalhook=True)  # a known hook only where pytest-xdist is installed
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
