@@ -30,7 +30,8 @@ os.environ.update(
     CELLRAY_CACHE_DIR=tempfile.mkdtemp(prefix="cellray-cache-"),
 )
 
-SHARED_DATA_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "fetch_real.sh"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SHARED_DATA_SCRIPT = ROOT.parent / "shared" / "data" / "fetch_real.sh"
 
 
 @pytest.fixture(scope="session")
@@ -134,12 +135,11 @@ def multinode_drill(tiny_store, tmp_path_factory) -> dict:
     import json
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     work = tmp_path_factory.mktemp("multinode")
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "multinode_drill.py"), str(tiny_store), str(work)],
+        [sys.executable, str(ROOT / "tests" / "multinode_drill.py"), str(tiny_store), str(work)],
         env=env, capture_output=True, text=True, timeout=850,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,7 +180,6 @@ def listening_beyond_loopback(marker: str) -> list[str]:
 # file's tests run on one worker, so its module fixtures (a cluster, a trained run) start once; the files that share a
 # costly session fixture share a worker; and the costliest groups start first, so neither worker is left with one at the
 # end. (xdist's own `loadgroup` marks no longer reach its scheduler under pytest 9: it renames `item._nodeid`.)
-ROOT = Path(__file__).resolve().parents[1]
 SHARED_SESSION_FIXTURE_GROUPS = {
     "tests/engine/loading/test_placement.py": "multinode_drill",
     "tests/faults/test_elastic.py": "multinode_drill",
