@@ -302,7 +302,7 @@ def verify_cost(store: Path, block: int, buffer_blocks: int, rounds: int = 3, mi
 
 def decode_limit(store: Path, passes: int = 3) -> float:
     """Cells/s when one core does nothing but decompress each chunk of X/data and X/indices once (best pass): the
-    same decoder calls as the reader (`engine.store.chunk_kernel`, a file's chunks per call, checksums not checked),
+    same decoder call as the reader (`engine.store.chunk_kernel`, a file's chunks per call, checksums not checked),
     into one reused buffer."""
     import numpy as np
 
@@ -311,7 +311,7 @@ def decode_limit(store: Path, passes: int = 3) -> float:
     from engine.store.format import Store
 
     s = Store.open(store)
-    files = []  # (file, offsets, nbytes, checksum, chunk bytes)
+    calls = []  # (src, size, tail, chunk bytes) of each file's chunks
     for shard in range(s.n_shards):
         for name in ("data", "indices"):
             r = ArrayReader.open(Path(s.where(shard, name)))
@@ -319,13 +319,15 @@ def decode_limit(store: Path, passes: int = 3) -> float:
             for file_id in range(-(-lay.n_chunks * lay.chunk_elems // lay.file_elems)):
                 f = r.mapped_file(file_id)
                 n = min(len(f.offsets), lay.n_chunks - file_id * (lay.file_elems // lay.chunk_elems))
-                files.append((f.buf, f.offsets[:n], f.nbytes[:n], lay.checksum, lay.chunk_elems * lay.dtype.itemsize))
-    dest = np.empty(max(len(o) * cb for _, o, _, _, cb in files), dtype=np.uint8)
+                tail = np.full(n, 4 if lay.checksum else 0)
+                calls.append((f, f.src[:n], f.size[:n], tail, np.full(n, lay.chunk_elems * lay.dtype.itemsize)))
+    dest = np.empty(max(int(cb.sum()) for *_, cb in calls), dtype=np.uint8)
+    calls = [(*c, dest.ctypes.data + np.cumsum(c[-1]).astype(np.uint64) - c[-1].astype(np.uint64)) for c in calls]
     best = float("inf")
     for _ in range(passes):
         t0 = time.perf_counter()
-        for buf, offsets, nbytes, checksum, chunk_bytes in files:
-            if chunk_kernel.decode_blosc_chunks(buf, offsets, nbytes, checksum, False, dest, chunk_bytes) >= 0:
+        for _f, src, size, tail, chunk_bytes, places in calls:
+            if chunk_kernel.decode_blosc_at(src, size, tail, places, chunk_bytes, False) >= 0:
                 raise RuntimeError(f"{store}: a chunk did not decode")
         best = min(best, time.perf_counter() - t0)
     return s.n_cells / best

@@ -1,7 +1,8 @@
 """Cell ranges of many shards of a store, read as one concatenated CSR with one decode per chunk.
 
 The arrays are read through `engine.store.chunkfile.ArrayReader` (direct, every chunk verified). The chunks every
-segment of a buffer needs are merged per shard into runs and each run is decoded once into a reused per-thread pool;
+segment of a buffer needs are merged per shard into runs, and every run of both arrays is decoded once into a reused
+per-thread pool, in one call (`ChunkBatch`);
 X/indptr chunks are decoded the same way and cached per shard (bounded), so a block of a big shard costs no
 zarr-python call. A layout the direct reader does not handle goes through `Store.read_array`. For a store in a bucket,
 the byte ranges of every run of a buffer (and the indptr chunks it needs) are fetched into the node's cache before
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import StoreError
-from engine.store.chunkfile import ArrayReader
+from engine.store.chunkfile import ArrayReader, ChunkBatch
 from engine.store.csr import CSRRows, gather_rows_csr
 from engine.store.format import Store
 
@@ -175,9 +176,11 @@ class StoreBlocks:
             self._prefetch([(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs for a in ("indices", "data")])
         pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
         pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
+        batch = ChunkBatch()  # every chunk of the buffer in one call: one GIL release per buffer, not per run
         for r, (shard, c0, c1) in enumerate(runs):
-            self._array(shard, "indices").decode_runs([(c0, c1)], pool_i, [bases[r]])
-            self._array(shard, "data").decode_runs([(c0, c1)], pool_d, [bases[r]])
+            batch.add(self._array(shard, "indices"), c0, c1, pool_i, int(bases[r]))
+            batch.add(self._array(shard, "data"), c0, c1, pool_d, int(bases[r]))
+        batch.run()
         shift = [int(bases[run_of[i]] - runs[run_of[i]][1] * chunk) if runs else 0 for i in range(n_seg)]
         with self._lock:
             self.stats["decoded"] += int(bases[-1])

@@ -16,13 +16,14 @@ Every chunk is checked before it is decoded: its crc32c (format v2), its presenc
 entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
 zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
 decompressed straight from the page cache into their destination (blosc and zstd release the GIL, so reader threads
-overlap). A run of blosc chunks is checked and decoded in one numba call (`engine.store.chunk_kernel`): the same
-checks, no Python per chunk. `Store.read_array` and the loader's `StoreBlocks` both read through `ArrayReader`; any
-other layout falls back to zarr-python.
+overlap). A batch of blosc chunk runs (`ChunkBatch`: a loader buffer's, of any arrays and shards) is checked and
+decoded in one numba call (`engine.store.chunk_kernel`): the same checks, no Python per chunk. `Store.read_array`
+and the loader's `StoreBlocks` both read through `ArrayReader`; any other layout falls back to zarr-python.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import mmap
 import os
@@ -149,23 +150,103 @@ def decompress(codec: str, raw, dest: np.ndarray | None = None):
 
 class MappedFile(NamedTuple):
     """One file of an array: its map and a read-only uint8 view of it (None for a v1 file never written), and each
-    chunk's offset and nbytes in it (int64; -1: missing, which the zarr index writes as 2**64 - 1)."""
+    chunk's offset and nbytes in it (int64; -1: missing, which the zarr index writes as 2**64 - 1); `src` and `size`
+    the same chunks as addresses in the map and their byte counts (-1: missing or not inside the file), for
+    `ChunkBatch`."""
 
     map: Any
     buf: np.ndarray | None
     offsets: np.ndarray
     nbytes: np.ndarray
     cached: Any = None  # the file's `CachedObject` when it lives in a bucket
+    src: np.ndarray | None = None
+    size: np.ndarray | None = None
 
     @classmethod
     def of(cls, mm: Any, buf: np.ndarray, index: np.ndarray, cached: Any = None) -> MappedFile:
         signed = np.ascontiguousarray(index, dtype="<u8").view("<i8")  # MISSING (2**64 - 1) reads as -1
-        return cls(mm, buf, signed[:, 0].copy(), signed[:, 1].copy(), cached)
+        offsets, nbytes = signed[:, 0].copy(), signed[:, 1].copy()
+        inside = (offsets >= 0) & (nbytes >= 0) & (offsets + nbytes <= len(buf))
+        src = np.where(inside, buf.ctypes.data + offsets, 0).astype(np.uint64)
+        return cls(mm, buf, offsets, nbytes, cached, src, np.where(inside, nbytes, -1))
 
     @classmethod
     def absent(cls, n_chunks: int) -> MappedFile:
         missing = np.full(n_chunks, -1, dtype=np.int64)
         return cls(None, None, missing, missing)
+
+
+class ChunkBatch:
+    """Chunk runs of one or more arrays (`ArrayReader`s of any shards), each to decode into its place in a pool:
+    every blosc chunk of the batch is checked and decoded in one `chunk_kernel` call, with the GIL released
+    throughout, so reader threads overlap instead of taking turns once per run. Other codecs decode chunk by chunk
+    in `add`. A chunk the kernel stops at (missing, failing a check) is decoded again by its reader's `decode`, which
+    raises the error naming it (or, in a v1 store, fills a chunk never written), and the kernel goes on after it.
+    Bytes of an array in a bucket must be fetched first (`ArrayReader.prefetch`); a chunk whose bytes are not is
+    refetched by `decode`."""
+
+    def __init__(self) -> None:
+        self._src: list[np.ndarray] = []
+        self._size: list[np.ndarray] = []
+        self._dest: list[np.ndarray] = []
+        self._parts: list[tuple[int, ArrayReader, int, np.ndarray, int]] = []  # (position, reader, chunk, pool, at)
+        self._alive: list[Any] = []  # the maps the addresses point into (a map closes only when nothing views it)
+        self._n = 0
+
+    def add(self, reader: ArrayReader, c0: int, c1: int, pool: np.ndarray, at: int) -> None:
+        """Chunks [c0, c1] of `reader` into pool[at : at + (c1 - c0 + 1) * chunk_elems] (a contiguous array of the
+        reader's dtype)."""
+        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
+
+        lay = reader.layout
+        chunk, per_file = lay.chunk_elems, reader._per_file
+        if pool.dtype.itemsize != lay.dtype.itemsize or not pool.flags.c_contiguous:
+            raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
+        if at < 0 or at + (c1 - c0 + 1) * chunk > len(pool):
+            raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0}-{c1} at {at}")
+        fast = lay.codec == "blosc" and chunk_kernel.available()
+        c = c0
+        while c <= c1:
+            file_id, k0 = divmod(c, per_file)
+            n = min(per_file - k0, c1 - c + 1)  # chunks of the run in this file
+            start = at + (c - c0) * chunk
+            f = reader.mapped_file(file_id)
+            if fast and f.buf is not None:
+                self._parts.append((self._n, reader, c, pool, start))
+                self._src.append(f.src[k0 : k0 + n])
+                self._size.append(f.size[k0 : k0 + n])
+                first = pool.ctypes.data + start * pool.itemsize
+                self._dest.append(np.arange(n, dtype=np.uint64) * np.uint64(chunk * pool.itemsize) + np.uint64(first))
+                self._alive.append((f, pool))
+                self._n += n
+            else:
+                for j in range(n):
+                    reader.decode(c + j, pool[start + j * chunk : start + (j + 1) * chunk])
+            c += n
+
+    def run(self) -> None:
+        """Decode every chunk added (raising the error of the first bad one)."""
+        if not self._n:
+            return
+        from engine.store import chunk_kernel
+
+        src, size, dest = np.concatenate(self._src), np.concatenate(self._size), np.concatenate(self._dest)
+        firsts = [p[0] for p in self._parts]
+        ends = firsts[1:] + [self._n]
+        tail = np.concatenate(
+            [np.full(e - b, 4 if p[1].layout.checksum else 0) for b, e, p in zip(firsts, ends, self._parts)]
+        )
+        nbytes = np.concatenate(
+            [np.full(e - b, p[1].layout.chunk_elems * p[3].itemsize) for b, e, p in zip(firsts, ends, self._parts)]
+        )
+        k = 0
+        while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, nbytes, VERIFY_CHECKSUMS, k)) >= 0:
+            first, reader, c, pool, start = self._parts[bisect.bisect_right(firsts, k) - 1]
+            chunk = reader.layout.chunk_elems
+            at = start + (k - first) * chunk
+            reader.decode(c + k - first, pool[at : at + chunk])
+            k += 1
+        self._alive.clear()
 
 
 class ArrayReader:
@@ -336,7 +417,8 @@ class ArrayReader:
         a v1 chunk never written. blosc runs go through `chunk_kernel` instead; this is the path of other codecs
         (X/indptr), of v1 stores' missing chunks, and of the chunk the kernel stopped at (to name its fault)."""
         file_id, k = divmod(c, self._per_file)
-        mm, buf, offsets, nbytes, _ = self.mapped_file(file_id)
+        f = self.mapped_file(file_id)
+        mm, buf, offsets, nbytes = f.map, f.buf, f.offsets, f.nbytes
         off, n = int(offsets[k]), int(nbytes[k])
         if off < 0:
             if self.strict and c < self.layout.n_chunks:
@@ -387,35 +469,13 @@ class ArrayReader:
             raise StoreError(f"{self._where(c)} does not decode ({type(e).__name__}: {e})") from None
 
     def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
-        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems].
-
-        blosc chunks go through `chunk_kernel` (one call per run and file, no Python per chunk); a chunk it stops at
-        (missing, failing a check) is read again by `decode`, which raises the error naming it (or, in a v1 store,
-        fills a chunk never written), and the kernel goes on after it."""
-        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
-
+        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems], checked (one
+        `ChunkBatch`)."""
         self.prefetch([tuple(r) for r in runs])
-        chunk = self.layout.chunk_elems
-        fast = self.layout.codec == "blosc" and chunk_kernel.available()
-        chunk_bytes = chunk * self.layout.dtype.itemsize
+        batch = ChunkBatch()
         for (c0, c1), base in zip(runs, bases):
-            c = c0
-            while c <= c1:
-                file_id, k0 = divmod(c, self._per_file)
-                n = min(self._per_file - k0, c1 - c + 1)  # chunks of the run in this file
-                at = base + (c - c0) * chunk
-                done = 0
-                if fast and (f := self.mapped_file(file_id)).buf is not None:
-                    got = chunk_kernel.decode_blosc_chunks(
-                        f.buf, f.offsets[k0 : k0 + n], f.nbytes[k0 : k0 + n], self.layout.checksum, VERIFY_CHECKSUMS,
-                        pool[at : at + n * chunk], chunk_bytes,
-                    )  # fmt: skip
-                    done = n if got < 0 else got
-                if done < n:  # the Python path: every chunk, or the one the kernel stopped at
-                    for j in range(done, done + 1 if fast else n):
-                        self.decode(c + j, pool[at + j * chunk : at + (j + 1) * chunk])
-                    done = done + 1 if fast else n
-                c += done
+            batch.add(self, c0, c1, pool, base)
+        batch.run()
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Elements [lo, hi) as a new array, every chunk they touch checked and decoded once."""

@@ -9,7 +9,7 @@ import zarr
 
 from engine.errors import StoreError
 from engine.store import chunk_kernel
-from engine.store.chunkfile import ArrayReader
+from engine.store.chunkfile import ArrayReader, ChunkBatch
 
 
 @pytest.mark.parametrize("shards", [None, (40,)])
@@ -60,10 +60,17 @@ def test_chunk_kernel_decodes_runs_across_files_like_zarr_python(tmp_path):
     arr = _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=8)
     reader = ArrayReader.open(tmp_path / "a")
     assert chunk_kernel.available() and reader.layout.codec == "blosc" and reader.layout.checksum
-    f = reader.mapped_file(0)
     dest = np.empty(8 * 100, dtype=np.uint16)
-    assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, True, dest, 200) == -1
+    reader.decode_runs([(0, 7)], dest, [0])  # one file's chunks in one ChunkBatch
     assert np.array_equal(dest, values[:800])
+    batch, pool = ChunkBatch(), np.zeros(2_000, dtype=np.uint16)  # runs of a buffer, crossing files, in any order
+    batch.add(reader, 14, 17, pool, 0)
+    batch.add(reader, 3, 4, pool, 1_000)
+    batch.run()
+    assert np.array_equal(pool[:400], values[1_400:1_800]) and np.array_equal(pool[1_000:1_200], values[300:500])
+    assert not pool[400:1_000].any() and not pool[1_200:].any()  # nothing written outside the places asked for
+    with pytest.raises(ValueError, match="no room for chunks 3-4"):
+        ChunkBatch().add(reader, 3, 4, pool, 1_900)
     for lo, hi in [(0, 10_000), (750, 1_650), (799, 801), (9_950, 10_000)]:
         assert np.array_equal(reader.read(lo, hi), arr[lo:hi])
 
@@ -86,7 +93,9 @@ def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, dam
     f = reader.mapped_file(0)
     dest = np.zeros(1_600, dtype=np.uint16)
     verify = damage == "byte"
-    assert chunk_kernel.decode_blosc_chunks(f.buf, f.offsets, f.nbytes, True, verify, dest, 200) == 5
+    tail, size = np.full(16, 4), np.full(16, 200)
+    assert chunk_kernel.decode_blosc_at(f.src, f.size, tail, dest.ctypes.data + 200 * np.arange(16, dtype=np.uint64),
+                                        size, verify) == 5  # fmt: skip
     assert np.array_equal(dest[:500], values[:500]) and not dest[500:].any()  # nothing decoded past the bad chunk
     with pytest.raises(StoreError, match=r"chunk 5 \(file c/0\)"):
         reader.read(0, 1_600)
