@@ -107,8 +107,9 @@ class Loader:
         self.obs_keys = tuple(obs_keys)
         self.reading = reading or ReadOptions()
         k = self.config.buffer_batches
-        # read ahead: two buffers, or a call's worth of buffers for each reader actor (mode "ray")
-        default = k * (self.reading.readers * self.reading.buffers_per_call if mode == "ray" else 2)
+        # read ahead: two buffers, or two calls' worth of buffers for each reader actor (mode "ray": with one, an
+        # actor sat idle from the end of its call until the consumer had fetched it and called again)
+        default = k * (2 * self.reading.readers * self.reading.buffers_per_call if mode == "ray" else 2)
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = device
         self.metrics = LoaderMetrics()

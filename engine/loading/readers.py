@@ -392,6 +392,7 @@ class ActorReading:
         self._views = None  # engine.loading.shm.SharedViews
         self._calls = 0
         self._inflight: set = set()  # read calls not fetched yet (close lets them finish: no retry noise)
+        self._queued: list[int] = []  # per actor: cells of its calls not fetched yet
 
     def submit(self, plans: Sequence[BufferPlan]) -> list[InFlight]:
         if not self._actors:
@@ -399,13 +400,22 @@ class ActorReading:
 
             self._views = SharedViews()
             self._actors = [self._new_actor() for _ in range(self.options.readers)]
+            self._queued = [0] * len(self._actors)
         jobs = []
         per = self.options.buffers_per_call
         for at in range(0, len(plans), per):
-            call = self._call(list(plans[at : at + per]), self._calls % len(self._actors))
+            group = list(plans[at : at + per])
+            call = self._call(group, self._least_loaded())
+            self._queued[call.reader] += sum(p.n_cells for p in group)
             self._calls += 1
             jobs += [InFlight(plan, call=call, slot=k) for k, plan in enumerate(call.plans)]
         return jobs
+
+    def _least_loaded(self) -> int:
+        """The actor with the fewest cells called for and not fetched yet (ties: in turn). Calls differ in size (an
+        epoch's last buffer is short), so taking turns leaves one actor idle while the other works through a queue."""
+        n = len(self._actors)
+        return min(((self._calls + i) % n for i in range(n)), key=lambda a: self._queued[a])
 
     def _call(self, plans: list[BufferPlan], reader: int) -> ActorCall:
         # `released` hands back the shared segments this process is done with
@@ -424,6 +434,7 @@ class ActorReading:
                         self._inflight.discard(call.ref)
                         res = ray.get(call.ref)
                         call.buffers = self._views.attach(res["buffers"], call.reader, res["dropped"])
+                        self._queued[call.reader] -= sum(p.n_cells for p in call.plans)
                     job.batches, call.buffers[job.slot] = call.buffers[job.slot], None
                 out, job.batches[b] = job.batches[b], None
                 return out

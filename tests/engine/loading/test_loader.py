@@ -195,6 +195,25 @@ def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_lo
     loader.close()
 
 
+def test_ray_mode_reads_two_calls_ahead_per_actor_and_calls_the_least_loaded(tiny_store):
+    """An actor has its next call queued when it finishes one (default read-ahead: two calls' worth per actor), and
+    a call goes to the actor with the fewest cells queued, in turn on ties (pure bookkeeping: no actor starts)."""
+    from engine.loading.readers import ActorReading
+
+    reading = ReadOptions(readers=3, buffers_per_call=2)
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="ray", reading=reading) as loader:
+        assert loader.prefetch == 2 * 3 * 2 * loader.config.buffer_batches
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local") as loader:
+        assert loader.prefetch == 2 * loader.config.buffer_batches  # two buffers
+    actors = ActorReading(lambda: None, reading)
+    actors._actors, actors._queued = [None] * 3, [4096, 100, 100]
+    assert actors._least_loaded() == 1
+    actors._calls = 2  # the turn starts at actor 2 now
+    assert actors._least_loaded() == 2
+    actors._queued = [0, 100, 100]
+    assert actors._least_loaded() == 0
+
+
 def distinct_per_batch(loader: Loader, key: str) -> float:
     return float(np.mean([len(torch.unique(b[key])) for b in loader]))
 
