@@ -23,7 +23,6 @@ and the loader's `StoreBlocks` both read through `ArrayReader`; any other layout
 
 from __future__ import annotations
 
-import bisect
 import json
 import mmap
 import os
@@ -186,11 +185,11 @@ class ChunkBatch:
     refetched by `decode`."""
 
     def __init__(self) -> None:
-        self._src: list[np.ndarray] = []
+        self._src: list[np.ndarray] = []  # per part (the chunks of one run in one file): their addresses, sizes
         self._size: list[np.ndarray] = []
-        self._dest: list[np.ndarray] = []
         self._parts: list[tuple[int, ArrayReader, int, np.ndarray, int]] = []  # (position, reader, chunk, pool, at)
-        self._alive: list[Any] = []  # the maps the addresses point into (a map closes only when nothing views it)
+        self._place: list[tuple[int, int, int, int]] = []  # (chunks, first destination address, chunk bytes, tail)
+        self._alive: list[MappedFile] = []  # the maps the addresses point into (a map closes only when unviewed)
         self._n = 0
 
     def add(self, reader: ArrayReader, c0: int, c1: int, pool: np.ndarray, at: int) -> None:
@@ -205,6 +204,7 @@ class ChunkBatch:
         if at < 0 or at + (c1 - c0 + 1) * chunk > len(pool):
             raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0}-{c1} at {at}")
         fast = lay.codec == "blosc" and chunk_kernel.available()
+        base, chunk_bytes, tail = pool.ctypes.data, chunk * pool.itemsize, 4 if lay.checksum else 0
         c = c0
         while c <= c1:
             file_id, k0 = divmod(c, per_file)
@@ -215,9 +215,8 @@ class ChunkBatch:
                 self._parts.append((self._n, reader, c, pool, start))
                 self._src.append(f.src[k0 : k0 + n])
                 self._size.append(f.size[k0 : k0 + n])
-                first = pool.ctypes.data + start * pool.itemsize
-                self._dest.append(np.arange(n, dtype=np.uint64) * np.uint64(chunk * pool.itemsize) + np.uint64(first))
-                self._alive.append((f, pool))
+                self._place.append((n, base + start * pool.itemsize, chunk_bytes, tail))
+                self._alive.append(f)
                 self._n += n
             else:
                 for j in range(n):
@@ -230,21 +229,19 @@ class ChunkBatch:
             return
         from engine.store import chunk_kernel
 
-        src, size, dest = np.concatenate(self._src), np.concatenate(self._size), np.concatenate(self._dest)
-        firsts = [p[0] for p in self._parts]
-        ends = firsts[1:] + [self._n]
-        tail = np.concatenate(
-            [np.full(e - b, 4 if p[1].layout.checksum else 0) for b, e, p in zip(firsts, ends, self._parts)]
-        )
-        nbytes = np.concatenate(
-            [np.full(e - b, p[1].layout.chunk_elems * p[3].itemsize) for b, e, p in zip(firsts, ends, self._parts)]
-        )
+        # per chunk: its part's values, and its place in the part (a few array operations per batch, not per part)
+        counts, first, chunk_bytes, tail = (np.array(v, dtype=np.int64) for v in zip(*self._place))
+        firsts = np.cumsum(counts) - counts
+        chunk_bytes, tail = np.repeat(chunk_bytes, counts), np.repeat(tail, counts)
+        within = np.arange(self._n, dtype=np.int64) - np.repeat(firsts, counts)
+        dest = (np.repeat(first, counts) + within * chunk_bytes).astype(np.uint64)
+        src, size = np.concatenate(self._src), np.concatenate(self._size)
         k = 0
-        while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, nbytes, VERIFY_CHECKSUMS, k)) >= 0:
-            first, reader, c, pool, start = self._parts[bisect.bisect_right(firsts, k) - 1]
+        while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, chunk_bytes, VERIFY_CHECKSUMS, k)) >= 0:
+            first_k, reader, c, pool, start = self._parts[int(np.searchsorted(firsts, k, side="right")) - 1]
             chunk = reader.layout.chunk_elems
-            at = start + (k - first) * chunk
-            reader.decode(c + k - first, pool[at : at + chunk])
+            at = start + (k - first_k) * chunk
+            reader.decode(c + k - first_k, pool[at : at + chunk])
             k += 1
         self._alive.clear()
 
