@@ -6,6 +6,7 @@
     python bench/loader.py --profile STORE [STORE ...]                          one reader thread, profiled
     python bench/loader.py --s3 [--quick] [--readme]                            from a bucket (bench/s3bench.py)
     python bench/loader.py --mixing [--rounds N] [--readme]                     3 stores mixed 0.5/0.3/0.2
+    python bench/loader.py --threads [--quick] [--readme]                       reader threads vs processes
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
@@ -699,6 +700,88 @@ def from_bucket(args) -> None:
         write_readme("loader-s3", lines, machine_note())
 
 
+def measure_reads(store: Path, threads: int, block: int, buffer_blocks: int, seconds: float, start: float) -> dict:
+    """`threads` threads of this process, sharing one `BufferReader` as the Loader's threads do, each reading
+    buffers (CSR) in turn for `seconds` from wall-clock time `start`: cells/s and cores used. Reads only: no
+    consumer, no hand-over."""
+    import threading
+
+    from engine.loading.loader import Loader
+    from engine.loading.readers import BufferReader
+    from engine.loading.sampler import SamplerConfig
+
+    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
+    with Loader(store, plan, mode="local", output="csr") as loader:
+        plans = [loader.sampler.buffer(0, j) for j in range(loader.sampler.n_buffers)]
+    reader = BufferReader(store, None, "csr")
+    cells = [0] * threads
+
+    def work(i: int) -> None:
+        j, until = i, start + seconds
+        while time.time() < until:
+            plan = plans[j % len(plans)]
+            reader.read(plan)
+            cells[i] += plan.n_cells
+            j += threads
+
+    reader.read(plans[0])  # warm: files mapped, kernels loaded
+    time.sleep(max(0.0, start - time.time()))
+    t0, c0 = time.perf_counter(), time.process_time()
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.perf_counter() - t0
+    reader.close()
+    return {"cells_per_s": sum(cells) / wall, "cores": (time.process_time() - c0) / wall}
+
+
+def thread_scaling(args) -> None:
+    """--threads: reader threads against reader processes on dataset (a), reads only, for blocks of 256, 1,024 (the
+    default) and 4,096 cells at the default buffer's cells: one thread; two threads of one process (the Loader's
+    local mode); two processes of one thread each (what Ray's reader actors are). Two threads short of two processes
+    is time spent waiting for each other, the GIL above all."""
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    n_a = 50_000 if args.quick else 200_000
+    store, _ = prepare(f"a_synth_{n_a // 1000}k", n_a, 2_000, 100, args.chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    seconds = 3.0 if args.quick else 8.0
+
+    def run(threads: int, processes: int, block: int, buffer_blocks: int) -> dict:
+        start = time.time() + 8.0  # every process imported and warm before the clock starts
+        kw = json.dumps({"threads": threads, "block": block, "buffer_blocks": buffer_blocks, "seconds": seconds,
+                         "start": start})  # fmt: skip
+        procs = [subprocess.Popen([sys.executable, __file__, "--measure-reads", str(store), kw],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(processes)]  # fmt: skip
+        outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        return {k: sum(o[k] for o in outs) for k in ("cells_per_s", "cores")}
+
+    rows = []
+    for block, buffer_blocks in ((256, 64), (1024, 16), (4096, 4)):
+        one, threads, processes = (
+            run(1, 1, block, buffer_blocks),
+            run(2, 1, block, buffer_blocks),
+            run(1, 2, block, buffer_blocks),
+        )
+        rows.append({"block": block, "buffer_blocks": buffer_blocks, "one": one, "threads": threads,
+                     "processes": processes})  # fmt: skip
+    lines = [
+        "| block x buffer | 1 thread | 2 threads, 1 process | 2 processes x 1 thread | threads vs 1 | processes vs 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["one"]["cells_per_s"]
+        cell = [f"{fmt_rate(r[k]['cells_per_s'])} ({r[k]['cores']:.2f} cores)" for k in ("one", "threads", "processes")]
+        lines.append(f"| {r['block']} x {r['buffer_blocks']}{' (default)' if r['block'] == 1024 else ''} | "
+                     f"{' | '.join(cell)} | {r['threads']['cells_per_s'] / base:.2f}x | "
+                     f"{r['processes']['cells_per_s'] / base:.2f}x |")  # fmt: skip
+    print("\n".join(lines))
+    print(json.dumps({"bench": "loader-threads", "rows": rows}))
+    if args.readme:
+        write_readme("loader-threads", lines, machine_note())
+
+
 def multinode(args) -> None:
     """3 ranks in Ray mode on a 3-node `ray.cluster_utils.Cluster` (all on this host) vs the same 3 ranks on one
     node: total CPU per cell of the ranks and their readers. Readers beside their rank make both the same work."""
@@ -798,6 +881,9 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-mixing":  # the child process of mixing
         print(json.dumps(measure_mixing(json.loads(sys.argv[2]))))
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "--measure-reads":  # the child process of thread_scaling
+        print(json.dumps(measure_reads(Path(sys.argv[2]), **json.loads(sys.argv[3]))))
+        return
     if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
         kw = json.loads(sys.argv[3])
         if not kw.pop("verify"):
@@ -822,9 +908,13 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
     ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store of the same cells")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
+    ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
     if args.placement:
         placement(args)
+        return
+    if args.threads:
+        thread_scaling(args)
         return
     if args.profile:
         profile(args.profile)
