@@ -129,6 +129,10 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
         specs["transformer-rank"], config=TransformerConfig.small(input="rank", mvc_target="token")
     )
     specs["transformer-rank-3x"] = dict(specs["transformer-rank"], steps=3 * specs["transformer-rank"]["steps"])
+    rank = specs["transformer-rank"]
+    specs["transformer-rank-mvc30"] = dict(rank, config=TransformerConfig.small(input="rank", mvc_weight=30.0))
+    specs["transformer-rank-mvconly"] = dict(rank, config=TransformerConfig.small(input="rank", mlm_weight=0.0))
+    specs["transformer-rank-b128"] = dict(rank, batch=128)
     return specs
 
 
