@@ -312,7 +312,7 @@ def decode_limit(store: Path, passes: int = 3) -> float:
     from engine.store.format import Store
 
     s = Store.open(store)
-    calls = []  # (src, size, tail, chunk bytes) of each file's chunks
+    calls = []  # per file: (its map, kept alive; its chunks' addresses, sizes, checksum tails, decoded bytes)
     for shard in range(s.n_shards):
         for name in ("data", "indices"):
             r = ArrayReader.open(Path(s.where(shard, name)))
@@ -706,13 +706,9 @@ def measure_reads(store: Path, threads: int, block: int, buffer_blocks: int, sec
     consumer, no hand-over."""
     import threading
 
-    from engine.loading.loader import Loader
     from engine.loading.readers import BufferReader
-    from engine.loading.sampler import SamplerConfig
 
-    plan = SamplerConfig(batch_size=BATCH, block_size=block, buffer_blocks=buffer_blocks)
-    with Loader(store, plan, mode="local", output="csr") as loader:
-        plans = [loader.sampler.buffer(0, j) for j in range(loader.sampler.n_buffers)]
+    plans = buffer_plans(store, block, buffer_blocks, min_cells=1)  # one epoch
     reader = BufferReader(store, None, "csr")
     cells = [0] * threads
 

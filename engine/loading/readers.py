@@ -412,8 +412,9 @@ class ActorReading:
         return jobs
 
     def _least_loaded(self) -> int:
-        """The actor with the fewest cells called for and not fetched yet (ties: in turn). Calls differ in size (an
-        epoch's last buffer is short), so taking turns leaves one actor idle while the other works through a queue."""
+        """The actor with the fewest cells called for and not fetched yet (ties: in turn): calls differ in size (an
+        epoch's last buffer is short, a mix's buffers differ), and a call should not queue behind a long one while
+        another actor has less to do."""
         n = len(self._actors)
         return min(((self._calls + i) % n for i in range(n)), key=lambda a: self._queued[a])
 

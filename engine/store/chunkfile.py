@@ -175,6 +175,20 @@ class MappedFile(NamedTuple):
         return cls(None, None, missing, missing)
 
 
+class _Part(NamedTuple):
+    """The chunks of one run that lie in one file, and where they go."""
+
+    n: int  # chunks
+    dest: int  # the first one's address in the pool
+    chunk_bytes: int
+    tail: int  # bytes of crc32c each chunk ends in (0 or 4)
+    reader: ArrayReader
+    chunk: int  # the first one's number in the array
+    pool: np.ndarray
+    at: int  # the first one's element in the pool
+    file: MappedFile  # kept alive while the batch holds addresses into its map
+
+
 class ChunkBatch:
     """Chunk runs of one or more arrays (`ArrayReader`s of any shards), each to decode into its place in a pool:
     every blosc chunk of the batch is checked and decoded in one `chunk_kernel` call, with the GIL released
@@ -185,12 +199,7 @@ class ChunkBatch:
     refetched by `decode`."""
 
     def __init__(self) -> None:
-        self._src: list[np.ndarray] = []  # per part (the chunks of one run in one file): their addresses, sizes
-        self._size: list[np.ndarray] = []
-        self._parts: list[tuple[int, ArrayReader, int, np.ndarray, int]] = []  # (position, reader, chunk, pool, at)
-        self._place: list[tuple[int, int, int, int]] = []  # (chunks, first destination address, chunk bytes, tail)
-        self._alive: list[MappedFile] = []  # the maps the addresses point into (a map closes only when unviewed)
-        self._n = 0
+        self._parts: list[_Part] = []
 
     def add(self, reader: ArrayReader, c0: int, c1: int, pool: np.ndarray, at: int) -> None:
         """Chunks [c0, c1] of `reader` into pool[at : at + (c1 - c0 + 1) * chunk_elems] (a contiguous array of the
@@ -207,17 +216,12 @@ class ChunkBatch:
         base, chunk_bytes, tail = pool.ctypes.data, chunk * pool.itemsize, 4 if lay.checksum else 0
         c = c0
         while c <= c1:
-            file_id, k0 = divmod(c, per_file)
-            n = min(per_file - k0, c1 - c + 1)  # chunks of the run in this file
+            file_id = c // per_file
+            n = min(per_file - c % per_file, c1 - c + 1)  # chunks of the run in this file
             start = at + (c - c0) * chunk
             f = reader.mapped_file(file_id)
             if fast and f.buf is not None:
-                self._parts.append((self._n, reader, c, pool, start))
-                self._src.append(f.src[k0 : k0 + n])
-                self._size.append(f.size[k0 : k0 + n])
-                self._place.append((n, base + start * pool.itemsize, chunk_bytes, tail))
-                self._alive.append(f)
-                self._n += n
+                self._parts.append(_Part(n, base + start * pool.itemsize, chunk_bytes, tail, reader, c, pool, start, f))
             else:
                 for j in range(n):
                     reader.decode(c + j, pool[start + j * chunk : start + (j + 1) * chunk])
@@ -225,25 +229,27 @@ class ChunkBatch:
 
     def run(self) -> None:
         """Decode every chunk added (raising the error of the first bad one)."""
-        if not self._n:
+        if not self._parts:
             return
         from engine.store import chunk_kernel
 
-        # per chunk: its part's values, and its place in the part (a few array operations per batch, not per part)
-        counts, first, chunk_bytes, tail = (np.array(v, dtype=np.int64) for v in zip(*self._place))
+        # per chunk: its part's values and its place in the part (a few array operations per batch, not per part)
+        counts, dest, chunk_bytes, tail = (np.array(v, dtype=np.int64) for v in list(zip(*self._parts))[:4])
         firsts = np.cumsum(counts) - counts
         chunk_bytes, tail = np.repeat(chunk_bytes, counts), np.repeat(tail, counts)
-        within = np.arange(self._n, dtype=np.int64) - np.repeat(firsts, counts)
-        dest = (np.repeat(first, counts) + within * chunk_bytes).astype(np.uint64)
-        src, size = np.concatenate(self._src), np.concatenate(self._size)
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(firsts, counts)
+        dest = (np.repeat(dest, counts) + within * chunk_bytes).astype(np.uint64)
+        k0 = [p.chunk % p.reader._per_file for p in self._parts]
+        src = np.concatenate([p.file.src[k : k + p.n] for k, p in zip(k0, self._parts)])
+        size = np.concatenate([p.file.size[k : k + p.n] for k, p in zip(k0, self._parts)])
         k = 0
         while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, chunk_bytes, VERIFY_CHECKSUMS, k)) >= 0:
-            first_k, reader, c, pool, start = self._parts[int(np.searchsorted(firsts, k, side="right")) - 1]
-            chunk = reader.layout.chunk_elems
-            at = start + (k - first_k) * chunk
-            reader.decode(c + k - first_k, pool[at : at + chunk])
+            i = int(np.searchsorted(firsts, k, side="right")) - 1
+            p, j = self._parts[i], k - int(firsts[i])
+            chunk = p.reader.layout.chunk_elems
+            p.reader.decode(p.chunk + j, p.pool[p.at + j * chunk : p.at + (j + 1) * chunk])
             k += 1
-        self._alive.clear()
+        self._parts.clear()
 
 
 class ArrayReader:
@@ -465,15 +471,6 @@ class ArrayReader:
         except Exception as e:  # numcodecs raises RuntimeError/ValueError/TypeError on corrupt input
             raise StoreError(f"{self._where(c)} does not decode ({type(e).__name__}: {e})") from None
 
-    def decode_runs(self, runs: Sequence[tuple[int, int]], pool: np.ndarray, bases: Sequence[int]) -> None:
-        """Decode chunks [c0, c1] of each run into pool[base : base + (c1 - c0 + 1) * chunk_elems], checked (one
-        `ChunkBatch`)."""
-        self.prefetch([tuple(r) for r in runs])
-        batch = ChunkBatch()
-        for (c0, c1), base in zip(runs, bases):
-            batch.add(self, c0, c1, pool, base)
-        batch.run()
-
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Elements [lo, hi) as a new array, every chunk they touch checked and decoded once."""
         chunk = self.layout.chunk_elems
@@ -481,5 +478,8 @@ class ArrayReader:
             return np.empty(0, dtype=self.layout.dtype)
         c0, c1 = lo // chunk, (hi - 1) // chunk
         pool = np.empty((c1 - c0 + 1) * chunk, dtype=self.layout.dtype)
-        self.decode_runs([(c0, c1)], pool, [0])
+        self.prefetch([(c0, c1)])
+        batch = ChunkBatch()
+        batch.add(self, c0, c1, pool, 0)
+        batch.run()
         return pool[lo - c0 * chunk : hi - c0 * chunk].copy()

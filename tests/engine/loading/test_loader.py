@@ -214,6 +214,34 @@ def test_ray_mode_reads_two_calls_ahead_per_actor_and_calls_the_least_loaded(tin
     assert actors._least_loaded() == 0
 
 
+def test_ray_actors_count_their_queued_cells_until_fetched(tiny_store, ray_local):
+    """Real reader actors: each call adds its cells to its actor's queue and fetching it takes them off, and the next
+    call goes to the actor with fewer cells queued, not the next in turn."""
+    from functools import partial
+
+    from engine.loading.readers import ActorReading, BufferReader
+
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local") as loader:
+        plans = [loader.sampler.buffer(0, j) for j in range(5)]
+    c = plans[0].n_cells
+    assert all(p.n_cells == c for p in plans)  # full buffers: only the queues decide
+    reading = ActorReading(
+        partial(BufferReader, str(tiny_store), None, "csr"), ReadOptions(readers=2, buffers_per_call=1)
+    )
+    try:
+        jobs = reading.submit(plans[:3])
+        assert [j.call.reader for j in jobs] == [0, 1, 0] and reading._queued == [2 * c, c]
+        assert reading.batch(jobs[1], 0)["X"].n_cells == 16  # actor 1's call fetched
+        assert reading._queued == [2 * c, 0]
+        more = reading.submit(plans[3:5])  # in turn they would go to actors 1 and 0; by queue, both to actor 1
+        assert [j.call.reader for j in more] == [1, 1] and reading._queued == [2 * c, 2 * c]
+        for job in jobs[::2] + more:
+            reading.batch(job, 0)
+        assert reading._queued == [0, 0]
+    finally:
+        reading.close()
+
+
 def distinct_per_batch(loader: Loader, key: str) -> float:
     return float(np.mean([len(torch.unique(b[key])) for b in loader]))
 

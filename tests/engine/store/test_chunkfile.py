@@ -60,8 +60,9 @@ def test_chunk_kernel_decodes_runs_across_files_like_zarr_python(tmp_path):
     arr = _blosc_store_array(tmp_path / "a", values, chunk=100, per_file=8)
     reader = ArrayReader.open(tmp_path / "a")
     assert chunk_kernel.available() and reader.layout.codec == "blosc" and reader.layout.checksum
-    dest = np.empty(8 * 100, dtype=np.uint16)
-    reader.decode_runs([(0, 7)], dest, [0])  # one file's chunks in one ChunkBatch
+    dest, whole_file = np.empty(8 * 100, dtype=np.uint16), ChunkBatch()
+    whole_file.add(reader, 0, 7, dest, 0)  # one file's chunks
+    whole_file.run()
     assert np.array_equal(dest, values[:800])
     batch, pool = ChunkBatch(), np.zeros(2_000, dtype=np.uint16)  # runs of a buffer, crossing files, in any order
     batch.add(reader, 14, 17, pool, 0)
