@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,49 @@ class _LRU(OrderedDict):
         return value
 
 
+class ScratchArrays:
+    """Reused arrays, one set per thread: a pool decoded into one is valid until the same thread asks for it again
+    (the readers copy every batch out of a buffer before reading the next), and costs no fresh pages per buffer."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, name: str, n: int, dtype: np.dtype) -> np.ndarray:
+        """This thread's array `name`, n elements of `dtype` (grown by a quarter when too small)."""
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.dtype != dtype or len(buf) < n:
+            buf = np.empty(max(n, int(1.25 * len(buf)) if buf is not None else n), dtype=dtype)
+            setattr(self._local, name, buf)
+        return buf[:n]
+
+
+@dataclass
+class PoolRead:
+    """A planned read of cells: the chunk runs (shard, first, last chunk) to decode, one after another, into a pool
+    of `size` elements, and where each cell's non-zeros then lie in it."""
+
+    runs: list[tuple[int, int, int]]
+    bases: np.ndarray  # each run's first element in the pool; bases[-1] is the pool's size
+    row_start: np.ndarray  # per cell, int64
+    row_len: np.ndarray
+    used: int  # elements of the cells themselves (the rest is the runs' edges)
+    dtypes: tuple[np.dtype, np.dtype]  # of the decoded indices and data
+    cast: tuple[np.dtype, np.dtype]  # of the store's indices and data, as its manifest says
+
+    @property
+    def size(self) -> int:
+        return int(self.bases[-1])
+
+    def rows(self, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> CSRRows:
+        """The cells, once decoded into pool_i/pool_d from element `at` on."""
+        return CSRRows(
+            pool_i.astype(self.cast[0], copy=False),
+            pool_d.astype(self.cast[1], copy=False),
+            self.row_start + at,
+            self.row_len,
+        )
+
+
 class StoreBlocks:
     """Reads cell ranges of many shards of a store as one concatenated CSR, plus obs codes.
 
@@ -66,7 +110,7 @@ class StoreBlocks:
         self._indptr: _LRU | None = None  # (shard, chunk) -> decoded indptr chunk; sized on first use
         self._obs: _LRU = _LRU(cache_shards)
         self._lock = threading.Lock()
-        self._scratch = threading.local()  # per-thread decode buffers, reused: no page faults per buffer
+        self.scratch = ScratchArrays()  # decode pools, reused: no page faults per buffer
         self.stats = {"decoded": 0, "used": 0}  # elements of X/data (= X/indices) decoded and delivered
 
     def close(self) -> None:
@@ -137,6 +181,21 @@ class StoreBlocks:
         The chunks every segment needs are merged per shard into runs, and each run is decoded once into a pool
         (so segments of one buffer that share a chunk decode it once); each cell's non-zeros are contiguous in the
         pool, and nothing is copied after decoding."""
+        read = self.plan_read(segments)
+        return read if isinstance(read, CSRRows) else self.decode(read)  # a CSRRows: read through zarr-python
+
+    def decode(self, read: PoolRead) -> CSRRows:
+        """A planned read, decoded into this thread's pool."""
+        pool_i = self.scratch.get("indices", read.size, read.dtypes[0])
+        pool_d = self.scratch.get("data", read.size, read.dtypes[1])
+        batch = ChunkBatch()  # every chunk of the buffer in one call: one GIL release per buffer, not per run
+        self.decode_into(read, batch, pool_i, pool_d, 0)
+        batch.run()
+        return read.rows(pool_i, pool_d, 0)
+
+    def plan_read(self, segments: np.ndarray) -> PoolRead | CSRRows:
+        """What `read_pool` decodes for `segments`: its chunk runs and where each cell lands in a pool of
+        `PoolRead.size` elements. A layout the direct reader does not handle is read at once (a `CSRRows`)."""
         n_seg = segments.shape[0]
         if self.store.remote and self.direct:
             self._prefetch_indptr(segments)
@@ -174,25 +233,25 @@ class StoreBlocks:
         np.cumsum(sizes, out=bases[1:])
         if self.store.remote:
             self._prefetch([(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs for a in ("indices", "data")])
-        pool_i = self._buffer("indices", int(bases[-1]), readers[0][0].layout.dtype)
-        pool_d = self._buffer("data", int(bases[-1]), readers[0][1].layout.dtype)
-        batch = ChunkBatch()  # every chunk of the buffer in one call: one GIL release per buffer, not per run
-        for r, (shard, c0, c1) in enumerate(runs):
-            batch.add(self._array(shard, "indices"), c0, c1, pool_i, int(bases[r]))
-            batch.add(self._array(shard, "data"), c0, c1, pool_d, int(bases[r]))
-        batch.run()
         shift = [int(bases[run_of[i]] - runs[run_of[i]][1] * chunk) if runs else 0 for i in range(n_seg)]
-        with self._lock:
-            self.stats["decoded"] += int(bases[-1])
-            self.stats["used"] += sum(hi - lo for lo, hi in zip(nnz_lo, nnz_hi))
-        dt_i = np.dtype(self.store.manifest.index_dtype)
-        dt_d = np.dtype(self.store.manifest.count_dtype)
-        return CSRRows(
-            pool_i.astype(dt_i, copy=False),
-            pool_d.astype(dt_d, copy=False),
-            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64),
-            np.concatenate(lens).astype(np.int64),
+        return PoolRead(
+            runs=[tuple(r) for r in runs],
+            bases=bases,
+            row_start=np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64),
+            row_len=np.concatenate(lens).astype(np.int64),
+            used=sum(hi - lo for lo, hi in zip(nnz_lo, nnz_hi)),
+            dtypes=(readers[0][0].layout.dtype, readers[0][1].layout.dtype),
+            cast=(np.dtype(self.store.manifest.index_dtype), np.dtype(self.store.manifest.count_dtype)),
         )
+
+    def decode_into(self, read: PoolRead, batch: ChunkBatch, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> None:
+        """Adds `read`'s runs to `batch`, decoding into pool_i/pool_d from element `at` on (when the batch runs)."""
+        for r, (shard, c0, c1) in enumerate(read.runs):
+            batch.add(self._array(shard, "indices"), c0, c1, pool_i, at + int(read.bases[r]))
+            batch.add(self._array(shard, "data"), c0, c1, pool_d, at + int(read.bases[r]))
+        with self._lock:
+            self.stats["decoded"] += read.size
+            self.stats["used"] += read.used
 
     @staticmethod
     def _prefetch(jobs: list[tuple[ArrayReader, tuple[int, int]]]) -> None:
@@ -220,15 +279,6 @@ class StoreBlocks:
                     if self._indptr is None or (int(shard), c) not in self._indptr:
                         jobs.append((reader, (c, c)))
         self._prefetch(jobs)
-
-    def _buffer(self, name: str, n: int, dtype: np.dtype) -> np.ndarray:
-        """A reused array of at least n elements for this thread. The CSRRows built on it is only valid until
-        this thread's next read_pool (BufferReader copies every batch out before that)."""
-        buf = getattr(self._scratch, name, None)
-        if buf is None or buf.dtype != dtype or len(buf) < n:
-            buf = np.empty(max(n, int(1.25 * len(buf)) if buf is not None else n), dtype=dtype)
-            setattr(self._scratch, name, buf)
-        return buf[:n]
 
     def _read_pool_zarr(self, segments, nnz_lo, nnz_hi, starts, lens) -> CSRRows:
         """The reference path through zarr-python (checked reads): one read per segment and array, concatenated."""

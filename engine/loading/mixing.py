@@ -20,8 +20,8 @@ The plan (`MixSampler`) is `engine.loading.sampler.Sampler`'s, over a different 
 Vocabularies may differ: the run's genes are a given list or the union of the sources' (in order of first
 appearance), each source's columns mapped onto them by gene id, as inference maps a store onto a checkpoint; the
 categories of an obs column are the union too, each source's codes mapped onto them. `MixedReader` decodes a
-buffer's cells of each source with that source's `BufferReader.collect`, then gathers each shuffled batch straight
-out of the sources' decoded pools (`Pools`), as `BufferReader.read` does out of one store's.
+buffer's cells of every source into one pool in one call (a source of another vocabulary or dtype is remapped and
+copied in), then gathers each shuffled batch straight out of it, as `BufferReader.read` does out of one store's.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
 from engine.loading.buffers import BatchBuffers
+from engine.loading.chunks import PoolRead, ScratchArrays
 from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels, take_into
 from engine.loading.sampler import (
     Balance,
@@ -50,7 +51,8 @@ from engine.loading.sampler import (
     check_rank,
     given_balance,
 )
-from engine.store.csr import CSRRows, csr_rows, gather_rows_csr
+from engine.store.chunkfile import ChunkBatch
+from engine.store.csr import CSRRows, gather_dense, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ class OpenMix:
     def n_genes(self) -> int:
         return len(self.genes)
 
-    @property
+    @cached_property
     def shard_base(self) -> np.ndarray:
         """Virtual shard of each source's first shard: its shards follow those of the sources before it."""
         return np.concatenate([[0], np.cumsum([st.n_shards for st in self.stores])]).astype(np.int64)
@@ -340,6 +342,7 @@ class MixedReader:
         self.pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
         self.dense_buffers, self.csr_buffers = BatchBuffers(), BatchBuffers()
         self.small_buffers = BatchBuffers()  # cell ids, sources, obs codes (as BufferReader's)
+        self.scratch = ScratchArrays()  # the buffers' pools
 
     @property
     def blocks_stats(self) -> dict[str, int]:
@@ -366,52 +369,99 @@ class MixedReader:
         return batches
 
     def _gather(self, plan: BufferPlan) -> dict[str, Any]:
-        """Each source's cells of the buffer (`BufferReader.collect`: its decoded pool, no copy) as one CSR `pool`
-        in the run's genes, plus per stream position: its row in the pool, index within its source, source, pad
-        flag and obs codes in the run's categories."""
+        """Each source's cells of the buffer as one CSR `pool` in the run's genes, plus per stream position: its row
+        in the pool, index within its source, source, pad flag and obs codes in the run's categories.
+
+        The sources read directly in the run's vocabulary decode into one pool, in one decoding call (`ChunkBatch`):
+        a batch is then gathered out of decoded chunks in one pass, as for one store. A source of another vocabulary
+        or dtype is decoded on its own, and its cells (remapped, cast) copied in behind them."""
         base = self.mix.shard_base
         seg = plan.segments
         src = np.searchsorted(base, seg[:, 0], side="right") - 1
-        pools, cols, n_rows = [], [], 0
+        cell_src = np.repeat(src, seg[:, 4])  # per stream position
+        parts = []  # per source: its stream positions, its plan, its planned read
         for s in np.unique(src):
             own = seg[src == s].copy()
             own[:, 0] -= base[s]
-            take = int(own[:, 4].sum())
-            sub = dataclasses.replace(plan, segments=own, n_batches=1, batch_size=take, balance=None, columns=None)
-            pool, rows, gidx, pad, obs = self.readers[s].collect(sub)
-            if self.mix.gene_maps[s] is not None:  # its cells, compacted, in the run's columns
-                block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
+            at = np.flatnonzero(cell_src == s)  # its cells' stream positions, in order
+            sub = dataclasses.replace(plan, segments=own, n_batches=1, batch_size=len(at), balance=None, columns=None)
+            parts.append((int(s), at, sub, self.readers[s].blocks.plan_read(own[:, :3])))
+        dt_i, dt_d = common = self._pool_dtypes([(s, read) for s, _, _, read in parts])
+        in_place = [self._in_place(s, read, common) for s, _, _, read in parts]
+        copied = {}  # source -> (its cells compacted into CSR arrays, their stream columns)
+        for (s, _, sub, read), keep in zip(parts, in_place):
+            if keep:
+                continue
+            pool = read if isinstance(read, CSRRows) else self.readers[s].blocks.decode(read)
+            pool, rows, *cols = self.readers[s].collect(sub, pool)
+            block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
+            if self.mix.gene_maps[s] is not None:
                 block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
-                ix, dx = block.indices.astype(pool.indices.dtype), block.data.astype(pool.data.dtype)  # as decoded
-                pool, rows = csr_rows(block.indptr, ix, dx), np.arange(take, dtype=np.int64)
+            copied[s] = (block, cols)
+        size = sum(read.size for (_, _, _, read), keep in zip(parts, in_place) if keep)
+        size += sum(len(block.data) for block, _ in copied.values())
+        pool_i, pool_d = self.scratch.get("indices", size, dt_i), self.scratch.get("data", size, dt_d)
+        batch, pos, row_start, row_len, columns, n_rows = ChunkBatch(), 0, [], [], [], 0
+        for (s, at, sub, read), keep in zip(parts, in_place):
+            if keep:
+                self.readers[s].blocks.decode_into(read, batch, pool_i, pool_d, pos)
+                starts, lens = read.row_start + pos, read.row_len
+                pos += read.size
+                rows, *cols = self.readers[s].collect(sub, CSRRows(pool_i, pool_d, starts, lens))[1:]
+            else:
+                block, cols = copied[s]
+                nnz = len(block.data)
+                pool_i[pos : pos + nnz], pool_d[pos : pos + nnz] = block.indices, block.data
+                starts, lens = block.indptr[:-1] + pos, np.diff(block.indptr)
+                pos += nnz
+                rows = np.arange(len(at), dtype=np.int64)
+            gidx, pad, obs = cols
             for k, m in self.code_maps[s].items():
                 if m is not None:
                     obs[k] = m[obs[k]]
-            pools.append(pool)
-            cols.append({"row": rows + n_rows, "index": gidx, "pad": pad, "source": np.full(take, s), **obs})
-            n_rows += pool.n_cells
-        pool = Pools.of(pools)
-        # the sources' cells one source after another -> stream order
-        by_source = np.argsort(np.repeat(src, seg[:, 4]), kind="stable")
-        stream = np.empty_like(by_source)
-        stream[by_source] = np.arange(len(by_source))
-        out = {k: np.concatenate([c[k] for c in cols])[stream] for k in cols[0]}
-        return {**out, "pool": pool}
+            columns.append((at, {"row": rows + n_rows, "index": gidx, "pad": pad, **obs}))
+            row_start.append(starts)
+            row_len.append(lens)
+            n_rows += len(starts)
+        batch.run()
+        out = {"source": cell_src, "pool": CSRRows(pool_i, pool_d, np.concatenate(row_start), np.concatenate(row_len))}
+        for k in columns[0][1]:  # each column in stream order: every source's values put at its positions
+            out[k] = np.empty(len(cell_src), dtype=np.result_type(*(c[k] for _, c in columns)))
+            for at, c in columns:
+                out[k][at] = c[k]
+        return out
 
-    def _x(self, pool: Pools, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
+    def _pool_dtypes(self, reads: list[tuple[int, PoolRead | CSRRows]]) -> tuple[np.dtype, np.dtype]:
+        """The buffer's pool dtypes: those of the first source that can decode into it in place, when every other
+        source's counts cast to them safely (its gene indices fit: the run's genes are that source's); else the
+        batches' own, int32 and float32."""
+        counts = [np.dtype(self.mix.stores[s].manifest.count_dtype) for s, _ in reads]
+        for s, read in reads:
+            if self._in_place(s, read, None) and all(np.can_cast(c, read.dtypes[1]) for c in counts):
+                return read.dtypes
+        return np.dtype(np.int32), np.dtype(np.float32)
+
+    def _in_place(self, s: int, read: PoolRead | CSRRows, dtypes: tuple[np.dtype, np.dtype] | None) -> bool:
+        """Whether source s's read decodes straight into the buffer's pool (of `dtypes`, when given)."""
+        return (
+            isinstance(read, PoolRead)
+            and self.mix.gene_maps[s] is None
+            and read.dtypes == read.cast
+            and (dtypes is None or read.dtypes == dtypes)
+        )
+
+    def _x(self, pool: CSRRows, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
         """X of the batch's rows (and whatever else the pipeline makes), as `BufferReader.read` gives them."""
         n_genes = self.mix.n_genes
         if self.pipeline is None:
             if self.output == "dense":
-                return {"X": pool.dense(rows, n_genes, self.dense_buffers)}
-            return {"X": csr_out(*pool.csr(rows, self.csr_buffers), n_genes)}
-        ip, ix, dx = pool.csr(rows, self.csr_buffers)
+                return {"X": gather_rows_dense(pool, rows, n_genes, self.dense_buffers)}
+            return {"X": csr_out(*gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers), n_genes)}
+        ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
         out = self.pipeline(CSRBlock(ip, ix, dx, n_genes), index)
         x = out["X"]
         if isinstance(x, CSRBlock):
             if self.output == "dense":
-                from engine.store.csr import gather_dense
-
                 x = gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
             else:
                 x = csr_out(x.indptr, x.indices, x.data.astype(np.float32, copy=False), x.n_genes)
@@ -422,79 +472,3 @@ def csr_out(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: 
     """A CSR batch as torch takes it: indptr and indices of one signed dtype (int32 unless too many non-zeros)."""
     dt = np.int32 if indptr[-1] < 2**31 - 1 else np.int64
     return CSRBlock(indptr.astype(dt, copy=False), indices.astype(dt, copy=False), data, n_genes)
-
-
-# ------------------------------------------------------------------------------------------------ pools
-
-
-@dataclass
-class Pools:
-    """The decoded pools of a buffer's sources, addressed as one: cell r lies in pool `pool[r]` (each source's
-    decoded chunks stay where they were decoded: gathering a batch is the one copy, as for one store)."""
-
-    indices: tuple[np.ndarray, ...]  # each pool's arrays (one dtype: cast where the stores differ)
-    data: tuple[np.ndarray, ...]
-    pool: np.ndarray  # per cell
-    row_start: np.ndarray
-    row_len: np.ndarray
-
-    @classmethod
-    def of(cls, pools: list[CSRRows]) -> Pools:
-        dt_i = np.result_type(*(p.indices.dtype for p in pools))
-        dt_d = np.result_type(*(p.data.dtype for p in pools))
-        return cls(
-            tuple(p.indices.astype(dt_i, copy=False) for p in pools),
-            tuple(p.data.astype(dt_d, copy=False) for p in pools),
-            np.concatenate([np.full(p.n_cells, i, dtype=np.int64) for i, p in enumerate(pools)]),
-            np.concatenate([p.row_start for p in pools]).astype(np.int64, copy=False),
-            np.concatenate([p.row_len for p in pools]).astype(np.int64, copy=False),
-        )
-
-    def dense(self, rows: np.ndarray, n_genes: int, buffers: BatchBuffers) -> np.ndarray:
-        out, fresh = buffers.get((len(rows), n_genes))
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        _pools_dense(self.indices, self.data, self.pool, self.row_start, self.row_len, rows, out, not fresh)
-        return out
-
-    def csr(self, rows: np.ndarray, buffers: BatchBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cells `rows` as CSR arrays: int64 indptr, int32 indices, float32 data (these two from `buffers`)."""
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(self.row_len[rows], out=indptr[1:])
-        indices, data = buffers.empty(int(indptr[-1]), np.int32), buffers.empty(int(indptr[-1]), np.float32)
-        _pools_fill(self.indices, self.data, self.pool, self.row_start, rows, indptr, indices, data)
-        return indptr, indices, data
-
-
-@numba.njit(nogil=True, cache=True)
-def _pools_dense(indices, data, pool, row_start, row_len, rows, out, clear):
-    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
-        ind, dat = indices[p], data[p]
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            if pool[r] != p:
-                continue
-            if clear:  # a reused buffer: clear the row just before filling it (it is in cache then)
-                out[i, :] = 0
-            a = row_start[r]
-            for k in range(a, a + row_len[r]):
-                out[i, ind[k]] = dat[k]
-
-
-@numba.njit(nogil=True, cache=True)
-def _pools_fill(indices, data, pool, row_start, rows, out_indptr, out_indices, out_data):
-    for p in range(len(indices)):  # one pass per pool, its arrays fixed: no tuple lookup per row
-        ind, dat = indices[p], data[p]
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            if pool[r] != p:
-                continue
-            a, o = row_start[r], out_indptr[i]
-            n = out_indptr[i + 1] - o
-            # per-row views and one loop per array, as engine.store.csr's kernel: numba vectorises these
-            src_i, src_d = ind[a : a + n], dat[a : a + n]
-            dst_i, dst_d = out_indices[o : o + n], out_data[o : o + n]
-            for k in range(n):
-                dst_i[k] = src_i[k]
-            for k in range(n):
-                dst_d[k] = src_d[k]

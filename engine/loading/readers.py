@@ -104,12 +104,14 @@ class BufferReader:
     def close(self) -> None:
         self.blocks.close()
 
-    def collect(self, plan: BufferPlan) -> tuple[CSRRows, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """The buffer's cells, unshuffled: the decoded pool, then per cell in stream order its row in the pool, global
-        index, pad flag, and codes of the obs keys read."""
+    def collect(
+        self, plan: BufferPlan, pool: CSRRows | None = None
+    ) -> tuple[CSRRows, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The buffer's cells, unshuffled: the decoded pool (read here unless given, as `read_pool` reads it), then
+        per cell in stream order its row in the pool, global index, pad flag, and codes of the obs keys read."""
         segs = plan.segments
         offsets = self.store.cell_offsets
-        pool = self.blocks.read_pool(segs[:, :3])
+        pool = self.blocks.read_pool(segs[:, :3]) if pool is None else pool
         # rows of the concatenated read that belong to the buffer, in stream order, with their global index
         rows, gidx, pad, obs = [], [], [], {k: [] for k in self._obs_needed(plan)}
         base = 0

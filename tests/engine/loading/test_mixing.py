@@ -22,9 +22,9 @@ WEIGHTS = (0.5, 0.3, 0.2)
 EPOCH = 2048  # a multiple of the batch: no remainder is dropped
 
 
-def ingest_one(inputs: list[Path], out: Path, shuffle: bool = True) -> Path:
+def ingest_one(inputs: list[Path], out: Path, shuffle: bool = True, **kw) -> Path:
     config = IngestConfig(
-        shard_cells=200, obs_keys=("cell_type",), executor="local", chunk_elements=1024, shuffle=shuffle
+        shard_cells=200, obs_keys=("cell_type",), executor="local", chunk_elements=1024, shuffle=shuffle, **kw
     )
     ingest(inputs, out, config)
     return out
@@ -136,6 +136,37 @@ def test_stores_of_different_gene_orders_give_the_rows_of_one_store_of_both(tiny
     one = rows(Loader(both, plan, mode="local"), Store.open(both).gene_ids, [obs_names(both)])
     assert len(mixed) == len(one) == n_a + n_b
     assert all(np.array_equal(mixed[k], one[k]) for k in one)
+
+
+@pytest.mark.parametrize("float_first", [True, False])
+def test_sources_of_other_count_dtypes_keep_their_values(tiny_h5ads, tmp_path, float_first):
+    """A store of float counts (halved) mixed with one of the same cells' integer counts. Float first: the integer
+    cells are cast into the float store's pool; integer first: its pool cannot hold halves, so both are copied into
+    float32. Either way every cell comes out with its own store's values, as its own Loader gives them."""
+    import anndata as ad
+
+    ints, halved = tiny_h5ads[0], tmp_path / "halved.h5ad"
+    h = ad.read_h5ad(ints)
+    h.X = h.X.astype(np.float32) * 0.5
+    h.write_h5ad(halved)
+    inputs = (halved, ints) if float_first else (ints, halved)
+    paths = [ingest_one([p], tmp_path / f"{p.stem}.store", allow_non_integer=True) for p in inputs]
+    dtypes = [Store.open(p).manifest.count_dtype for p in paths]
+    at_float = 0 if float_first else 1
+    assert dtypes[at_float] == "float32" and dtypes[1 - at_float].startswith("uint")
+    n = [Store.open(p).n_cells for p in paths]
+    plan = SamplerConfig(batch_size=25, remainder="pad", **PLAN)
+    own = [{}, {}]
+    for s, path in enumerate(paths):
+        for batch in Loader(path, plan, mode="local"):
+            own[s].update(zip(batch["index"].tolist(), batch["X"].numpy()))
+    seen = np.zeros(2, dtype=int)
+    for batch in Loader(Mix([Source(p, k) for p, k in zip(paths, n)]), plan, mode="local"):
+        for x, i, s in zip(batch["X"].numpy(), batch["index"].tolist(), batch["source"].tolist()):
+            assert np.array_equal(x, own[s][i])
+            seen[s] += 1
+    assert (seen >= n).all()
+    assert any((x % 1).any() for x in own[at_float].values())  # the halves are there to lose
 
 
 def test_balance_by_over_the_union_of_categories_with_ranks_and_readers(stores):
