@@ -38,9 +38,8 @@ import numpy as np
 import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
-from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import PoolRead, ScratchArrays
-from engine.loading.readers import BufferReader, buffer_pick, build_pipeline, single_threaded_kernels, take_into
+from engine.loading.readers import BatchCutter, BufferReader, build_pipeline, single_threaded_kernels
 from engine.loading.sampler import (
     Balance,
     BufferPlan,
@@ -52,7 +51,7 @@ from engine.loading.sampler import (
     given_balance,
 )
 from engine.store.chunkfile import ChunkBatch
-from engine.store.csr import CSRRows, gather_dense, gather_rows_csr, gather_rows_dense
+from engine.store.csr import CSRRows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 
 log = logging.getLogger(__name__)
@@ -330,18 +329,15 @@ class MixedReader:
         direct_io: bool = True,
         extra: Sequence[str] = (),  # obs keys read beside obs_keys (balance_by's)
     ):
-        if output not in ("dense", "csr"):
-            raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         mix = mix.open() if isinstance(mix, Mix) else mix  # a reader actor opens the mix itself
-        self.mix, self.output, self.obs_keys = mix, output, tuple(obs_keys)
+        self.mix, self.obs_keys = mix, tuple(obs_keys)
         keys = tuple(dict.fromkeys(self.obs_keys + tuple(extra)))
         for k in keys:
             mix.categories(k)  # every source has the column
         self.readers = [BufferReader(st, None, "csr", keys, direct_io) for st in mix.stores]
         self.code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
-        self.pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
-        self.dense_buffers, self.csr_buffers = BatchBuffers(), BatchBuffers()
-        self.small_buffers = BatchBuffers()  # cell ids, sources, obs codes (as BufferReader's)
+        pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
+        self.cutter = BatchCutter(output, pipeline, mix.n_genes, ("index", "source", *self.obs_keys))
         self.scratch = ScratchArrays()  # the buffers' pools
 
     @property
@@ -356,17 +352,7 @@ class MixedReader:
         """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
         single_threaded_kernels()
         cols = self._gather(plan)
-        pool, n = cols.pop("pool"), plan.n_cells
-        pick = buffer_pick(plan, cols, n)
-        batches = []
-        for b in range(plan.n_batches):
-            sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
-            keys = ("index", "source", *self.obs_keys, *(("pad",) if plan.remainder == "pad" else ()))
-            batch: dict[str, Any] = {k: take_into(self.small_buffers, cols[k], sel) for k in keys}
-            rows = cols["row"][sel]
-            batch.update(self._x(pool, rows, batch["index"]))
-            batches.append(batch)
-        return batches
+        return self.cutter.cut(plan, cols.pop("pool"), cols)
 
     def _gather(self, plan: BufferPlan) -> dict[str, Any]:
         """Each source's cells of the buffer as one CSR `pool` in the run's genes, plus per stream position: its row
@@ -449,26 +435,3 @@ class MixedReader:
             and read.dtypes == read.cast
             and (dtypes is None or read.dtypes == dtypes)
         )
-
-    def _x(self, pool: CSRRows, rows: np.ndarray, index: np.ndarray) -> dict[str, Any]:
-        """X of the batch's rows (and whatever else the pipeline makes), as `BufferReader.read` gives them."""
-        n_genes = self.mix.n_genes
-        if self.pipeline is None:
-            if self.output == "dense":
-                return {"X": gather_rows_dense(pool, rows, n_genes, self.dense_buffers)}
-            return {"X": csr_out(*gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers), n_genes)}
-        ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
-        out = self.pipeline(CSRBlock(ip, ix, dx, n_genes), index)
-        x = out["X"]
-        if isinstance(x, CSRBlock):
-            if self.output == "dense":
-                x = gather_dense(x.indptr, x.indices, x.data, np.arange(x.n_cells), x.n_genes)
-            else:
-                x = csr_out(x.indptr, x.indices, x.data.astype(np.float32, copy=False), x.n_genes)
-        return {**out, "X": x}
-
-
-def csr_out(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: int) -> CSRBlock:
-    """A CSR batch as torch takes it: indptr and indices of one signed dtype (int32 unless too many non-zeros)."""
-    dt = np.int32 if indptr[-1] < 2**31 - 1 else np.int64
-    return CSRBlock(indptr.astype(dt, copy=False), indices.astype(dt, copy=False), data, n_genes)

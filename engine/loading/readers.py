@@ -84,16 +84,11 @@ class BufferReader:
         obs_keys: Sequence[str] = (),
         direct_io: bool = True,
     ):
-        if output not in ("dense", "csr"):
-            raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.blocks = StoreBlocks(self.store, direct=direct_io)
-        self.pipeline = build_pipeline(transforms, self.store)
-        self.output = output
-        self.dense_buffers = BatchBuffers()
-        self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
-        self.small_buffers = BatchBuffers()  # cell ids, obs codes, indptrs
         self.obs_keys = tuple(obs_keys)
+        pipeline = build_pipeline(transforms, self.store)
+        self.cutter = BatchCutter(output, pipeline, self.store.n_genes, ("index", *self.obs_keys))
         missing = [k for k in self.obs_keys if k not in self.store.manifest.obs_schema]
         if missing:
             raise LoaderError(
@@ -143,24 +138,43 @@ class BufferReader:
     def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
         """The plan's batches, in order."""
         single_threaded_kernels()
-        pool, rows_a, gidx_a, pad_a, obs_a = self.collect(plan)
-        n = plan.n_cells
-        pick = buffer_pick(plan, obs_a, n)
+        pool, rows, gidx, pad, obs = self.collect(plan)
+        return self.cutter.cut(plan, pool, {"row": rows, "index": gidx, "pad": pad, **obs})
+
+    def _obs_needed(self, plan: BufferPlan) -> list[str]:
+        keys = list(self.obs_keys)
+        if plan.balance is not None and plan.balance.key not in keys:
+            keys.append(plan.balance.key)
+        return keys
+
+
+class BatchCutter:
+    """Cuts a buffer's batches out of its decoded pool: the plan's pick of its cells (`buffer_pick`), batch after
+    batch, each with `keys` of the buffer's stream columns (and "pad" where the plan pads) and X, gathered straight
+    out of the pool (raw, or through the pipeline). A reader actor swaps its three array pools for shared memory."""
+
+    def __init__(self, output: str, pipeline: Any, n_genes: int, keys: Sequence[str]):
+        if output not in ("dense", "csr"):
+            raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
+        self.output, self.pipeline, self.n_genes, self.keys = output, pipeline, n_genes, tuple(keys)
+        self.dense_buffers = BatchBuffers()
+        self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
+        self.small_buffers = BatchBuffers()  # cell ids, obs codes, indptrs
+
+    def cut(self, plan: BufferPlan, pool: CSRRows, cols: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """The plan's batches out of `pool`. `cols`: per stream position, "row" (in the pool) and every key."""
+        pick = buffer_pick(plan, cols, plan.n_cells)
+        keys = (*self.keys, "pad") if plan.remainder == "pad" else self.keys
         batches = []
-        want_pad = plan.remainder == "pad"
         for b in range(plan.n_batches):
             sel = pick[b * plan.batch_size : (b + 1) * plan.batch_size]
-            r = rows_a[sel]
-            batch: dict[str, Any] = {"index": take_into(self.small_buffers, gidx_a, sel)}
-            for k in self.obs_keys:
-                batch[k] = take_into(self.small_buffers, obs_a[k], sel)
-            if want_pad:
-                batch["pad"] = take_into(self.small_buffers, pad_a, sel)
+            rows = cols["row"][sel]
+            batch: dict[str, Any] = {k: take_into(self.small_buffers, cols[k], sel) for k in keys}
             if self.pipeline is None:
-                batch["X"] = self._raw_x(pool, r)
+                batch["X"] = self._raw_x(pool, rows)
             else:
-                ip, ix, dx = gather_rows_csr(pool, r, np.float32, np.int32, self.csr_buffers)
-                out = self._run_pipeline(CSRBlock(ip, ix, dx, self.store.n_genes), batch["index"])
+                ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
+                out = self._run_pipeline(CSRBlock(ip, ix, dx, self.n_genes), batch["index"])
                 for key, value in out.items():
                     batch[key] = self._finish_x(value) if key == "X" else value
             batches.append(batch)
@@ -177,20 +191,14 @@ class BufferReader:
         out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself
         return self.pipeline(block, index, out=out)
 
-    def _obs_needed(self, plan: BufferPlan) -> list[str]:
-        keys = list(self.obs_keys)
-        if plan.balance is not None and plan.balance.key not in keys:
-            keys.append(plan.balance.key)
-        return keys
-
-    def _raw_x(self, pool, rows):
+    def _raw_x(self, pool: CSRRows, rows: np.ndarray):
         if self.output == "dense":
-            return gather_rows_dense(pool, rows, self.store.n_genes, self.dense_buffers)
+            return gather_rows_dense(pool, rows, self.n_genes, self.dense_buffers)
         ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
         dt = _index_dtype(ip)  # torch wants indptr and indices of one signed dtype
         indptr = self.small_buffers.empty(len(ip), dt)
         indptr[:] = ip
-        return CSRBlock(indptr, ix.astype(dt, copy=False), dx, self.store.n_genes)
+        return CSRBlock(indptr, ix.astype(dt, copy=False), dx, self.n_genes)
 
     def _finish_x(self, x):
         if not isinstance(x, CSRBlock):
@@ -250,7 +258,7 @@ def reader_actor_class():
             consumer is done with."""
             if self.arena is None:
                 return {"buffers": [self.reader.read(p) for p in plans], "dropped": []}
-            r = self.reader
+            r = self.reader.cutter
             self.arena.begin(released)
             saved = r.dense_buffers, r.csr_buffers, r.small_buffers
             r.dense_buffers = r.small_buffers = self.arena  # dense X (raw or from the pipeline), ids, obs codes
@@ -258,7 +266,7 @@ def reader_actor_class():
                 r.csr_buffers = self.arena
             ok = False
             try:
-                out = self.arena.share([r.read(p) for p in plans])
+                out = self.arena.share([self.reader.read(p) for p in plans])
                 ok = True
             finally:
                 r.dense_buffers, r.csr_buffers, r.small_buffers = saved

@@ -88,7 +88,7 @@ def test_dense_batches_kept_by_the_consumer_stay_intact(tiny_store):
         assert np.array_equal(batch["X"][1].numpy(), block)
     # the pool was really used (counted when taken: the next epoch's first buffers, read ahead, may hold every
     # returned base when the pass ends)
-    assert loader._reader.dense_buffers.reused > 0
+    assert loader._reader.cutter.dense_buffers.reused > 0
 
 
 @pytest.mark.parametrize("buffers_per_call", [2, 3])
