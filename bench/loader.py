@@ -854,17 +854,18 @@ def measure_mixing(kw: dict) -> dict:
     shares = []
     for r in range(kw["rounds"] + 1):  # round 0 warms up
         for name, loader in loaders.items():
-            t0, cells, counts = time.perf_counter(), 0, np.zeros(len(MIX_WEIGHTS), dtype=np.int64)
+            t0, cells, sources = time.perf_counter(), 0, []
             while cells < MIX_EPOCH - 2 * BATCH:  # the mix: one epoch; the plain Loader: as many cells
                 for batch in loader:
                     cells += batch["X"].shape[0]
                     if name == "mixed":
-                        counts += np.bincount(batch["source"].numpy(), minlength=len(counts))
+                        sources.append(batch["source"].numpy().copy())  # counted once the clock has stopped
                     if name == "plain" and cells >= MIX_EPOCH:
                         break
             if r:
                 rates[name].append(cells / (time.perf_counter() - t0))
                 if name == "mixed":
+                    counts = np.bincount(np.concatenate(sources), minlength=len(MIX_WEIGHTS))
                     shares.append(counts / counts.sum())
     for loader in loaders.values():
         loader.close()
