@@ -243,6 +243,12 @@ class MixSampler(Sampler):
         self.mix, self.sources = mix, sources
         self.block_base = np.concatenate([[0], np.cumsum([s.n_blocks for s in sources])]).astype(np.int64)
         self.shard_base = mix.shard_base
+        # the sources' block tables laid end to end: per virtual shard, its first global block, block size and cells
+        self._block_offsets = np.concatenate(
+            [s.block_offsets[:-1] + b for s, b in zip(sources, self.block_base)] + [self.block_base[-1:]]
+        )
+        self._block_size = np.concatenate([np.full(len(s.shard_cells), s.config.block_size) for s in sources])
+        self._shard_cells = np.concatenate([s.shard_cells for s in sources])
         self.quota = quotas(mix, sources)
         self.n_split_cells = int(self.quota.sum())
         self.epoch, self.batches_done = 0, 0
@@ -251,12 +257,9 @@ class MixSampler(Sampler):
     def blocks(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global block ids -> (virtual shard, start, stop)."""
         ids = np.asarray(ids, dtype=np.int64)
-        src = np.searchsorted(self.block_base, ids, side="right") - 1
-        shard, start, stop = (np.empty(len(ids), dtype=np.int64) for _ in range(3))
-        for s in np.unique(src):
-            at = src == s
-            sh, shard_start, shard_stop = self.sources[s].blocks(ids[at] - self.block_base[s])
-            shard[at], start[at], stop[at] = sh + self.shard_base[s], shard_start, shard_stop
+        shard = np.searchsorted(self._block_offsets, ids, side="right") - 1  # as each source's Sampler.blocks
+        start = (ids - self._block_offsets[shard]) * self._block_size[shard]
+        stop = np.minimum(start + self._block_size[shard], self._shard_cells[shard])
         return shard, start, stop
 
     def _draws(self, s: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
