@@ -113,6 +113,10 @@ class StoreBlocks:
         self.scratch = ScratchArrays()  # decode pools, reused: no page faults per buffer
         self.stats = {"decoded": 0, "used": 0}  # elements of X/data (= X/indices) decoded and delivered
 
+    @property
+    def cell_offsets(self) -> np.ndarray:
+        return self.store.cell_offsets
+
     def close(self) -> None:
         for r in self._arrays.values():
             if r is not None:

@@ -158,7 +158,7 @@ class Loader:
 
     def decode_stats(self) -> dict[str, int]:
         """Elements decoded and used by this process's reads (mode "local"; benchmarks report their ratio)."""
-        return self._reader.blocks_stats if self.mix is not None else dict(self._reader.blocks.stats)
+        return dict(self._reader.blocks.stats)
 
     def reader_processes(self) -> list[ReaderProcess]:
         """(pid, node id) of each reader actor (mode "ray"); empty when threads of this process read."""

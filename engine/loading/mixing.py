@@ -28,18 +28,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
-from engine.loading.chunks import PoolRead, ScratchArrays
-from engine.loading.readers import BatchCutter, BufferReader, build_pipeline, single_threaded_kernels
+from engine.loading.chunks import PoolRead, ScratchArrays, StoreBlocks
+from engine.loading.readers import BatchCutter, build_pipeline, collect, single_threaded_kernels
 from engine.loading.sampler import (
     Balance,
     BufferPlan,
@@ -319,106 +321,93 @@ class MixSampler(Sampler):
         }
 
 
-class MixedReader:
-    """Reads a mix's buffers: each source's cells with its own `BufferReader` (decoded, in stream order), mapped
-    onto the run's genes and obs categories, then shuffled and cut into batches as `BufferReader.read` does."""
+class MixBlocks:
+    """A mix's stores read as one store's `StoreBlocks` (what `engine.loading.readers.collect` reads): segments name
+    virtual shards (`OpenMix.shard_base`), a cell's global index is its index within its source, and obs codes come
+    in the run's categories.
 
-    def __init__(
-        self,
-        mix: OpenMix | Mix,
-        transforms: Any,
-        output: str,
-        obs_keys: Sequence[str],
-        direct_io: bool = True,
-        extra: Sequence[str] = (),  # obs keys read beside obs_keys (balance_by's)
-    ):
-        mix = mix.open() if isinstance(mix, Mix) else mix  # a reader actor opens the mix itself
-        self.mix, self.obs_keys = mix, tuple(obs_keys)
-        keys = tuple(dict.fromkeys(self.obs_keys + tuple(extra)))
-        for k in keys:
-            mix.categories(k)  # every source has the column
-        self.readers = [BufferReader(st, None, "csr", keys, direct_io) for st in mix.stores]
-        self.code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
-        pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
-        self.cutter = BatchCutter(output, pipeline, mix.n_genes, ("index", "source", *self.obs_keys))
+    `read_pool` decodes every source of a buffer into one pool, in one decoding call (`ChunkBatch`), so a batch is
+    gathered out of decoded chunks in one pass, as for one store. A source of another vocabulary or count dtype is
+    decoded on its own, and its cells (remapped, cast) copied in behind them."""
+
+    def __init__(self, mix: OpenMix, code_maps: list[dict[str, np.ndarray | None]], direct_io: bool = True):
+        self.mix, self.code_maps = mix, code_maps
+        self.parts = [StoreBlocks(st, direct=direct_io) for st in mix.stores]
+        self.cell_offsets = np.concatenate([st.cell_offsets[:-1] for st in mix.stores])  # within each source
         self.scratch = ScratchArrays()  # the buffers' pools
+        self._obs = {}  # (virtual shard, key) -> codes in the run's categories (only where a source's differ)
+        self._lock = threading.Lock()
 
     @property
-    def blocks_stats(self) -> dict[str, int]:
-        return {k: sum(r.blocks.stats[k] for r in self.readers) for k in ("decoded", "used")}
+    def stats(self) -> dict[str, int]:
+        return {k: sum(p.stats[k] for p in self.parts) for k in ("decoded", "used")}
 
     def close(self) -> None:
-        for r in self.readers:
-            r.close()
+        for p in self.parts:
+            p.close()
 
-    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
-        """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
-        single_threaded_kernels()
-        cols = self._gather(plan)
-        return self.cutter.cut(plan, cols.pop("pool"), cols)
+    def _source(self, shard: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self.mix.shard_base, shard, side="right") - 1)
+        return s, int(shard - self.mix.shard_base[s])
 
-    def _gather(self, plan: BufferPlan) -> dict[str, Any]:
-        """Each source's cells of the buffer as one CSR `pool` in the run's genes, plus per stream position: its row
-        in the pool, index within its source, source, pad flag and obs codes in the run's categories.
+    def obs_codes(self, shard: int, key: str) -> np.ndarray:
+        s, local = self._source(shard)
+        codes, m = self.parts[s].obs_codes(local, key), self.code_maps[s][key]
+        if m is None:
+            return codes
+        with self._lock:
+            if (shard, key) not in self._obs:
+                if len(self._obs) >= 64:  # bounded, as StoreBlocks' own cache
+                    self._obs.pop(next(iter(self._obs)))
+                self._obs[(shard, key)] = m[codes]
+            return self._obs[(shard, key)]
 
-        The sources read directly in the run's vocabulary decode into one pool, in one decoding call (`ChunkBatch`):
-        a batch is then gathered out of decoded chunks in one pass, as for one store. A source of another vocabulary
-        or dtype is decoded on its own, and its cells (remapped, cast) copied in behind them."""
+    def read_pool(self, segments: np.ndarray) -> CSRRows:
+        """Cells of `segments` (virtual shard, start, stop) in order, in the run's genes, as one `CSRRows`."""
         base = self.mix.shard_base
-        seg = plan.segments
-        src = np.searchsorted(base, seg[:, 0], side="right") - 1
-        cell_src = np.repeat(src, seg[:, 4])  # per stream position
-        parts = []  # per source: its stream positions, its plan, its planned read
+        src = np.searchsorted(base, segments[:, 0], side="right") - 1
+        reads = []  # per source: its segments' positions, its planned read
         for s in np.unique(src):
-            own = seg[src == s].copy()
+            own = segments[src == s].copy()
             own[:, 0] -= base[s]
-            at = np.flatnonzero(cell_src == s)  # its cells' stream positions, in order
-            sub = dataclasses.replace(plan, segments=own, n_batches=1, batch_size=len(at), balance=None, columns=None)
-            parts.append((int(s), at, sub, self.readers[s].blocks.plan_read(own[:, :3])))
-        dt_i, dt_d = common = self._pool_dtypes([(s, read) for s, _, _, read in parts])
-        in_place = [self._in_place(s, read, common) for s, _, _, read in parts]
-        copied = {}  # source -> (its cells compacted into CSR arrays, their stream columns)
-        for (s, _, sub, read), keep in zip(parts, in_place):
+            reads.append((int(s), np.flatnonzero(src == s), self.parts[s].plan_read(own)))
+        common = self._pool_dtypes([(s, read) for s, _, read in reads])
+        in_place = [self._in_place(s, read, common) for s, _, read in reads]
+        copied = {}  # source -> its cells, compacted into CSR arrays of the run's genes and the pool's dtypes
+        for (s, _, read), keep in zip(reads, in_place):
+            if not keep:
+                pool = read if isinstance(read, CSRRows) else self.parts[s].decode(read)
+                rows = np.arange(pool.n_cells, dtype=np.int64)
+                block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
+                if self.mix.gene_maps[s] is not None:
+                    block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
+                copied[s] = block
+        size = sum(read.size for (_, _, read), keep in zip(reads, in_place) if keep)
+        size += sum(len(block.data) for block in copied.values())
+        pool_i, pool_d = self.scratch.get("indices", size, common[0]), self.scratch.get("data", size, common[1])
+        batch, pos, row_start, row_len, order = ChunkBatch(), 0, [], [], []
+        for (s, at, read), keep in zip(reads, in_place):
             if keep:
-                continue
-            pool = read if isinstance(read, CSRRows) else self.readers[s].blocks.decode(read)
-            pool, rows, *cols = self.readers[s].collect(sub, pool)
-            block = CSRBlock(*gather_rows_csr(pool, rows, np.float32, np.int32), self.mix.stores[s].n_genes)
-            if self.mix.gene_maps[s] is not None:
-                block = remap_genes(block, self.mix.gene_maps[s], self.mix.n_genes)
-            copied[s] = (block, cols)
-        size = sum(read.size for (_, _, _, read), keep in zip(parts, in_place) if keep)
-        size += sum(len(block.data) for block, _ in copied.values())
-        pool_i, pool_d = self.scratch.get("indices", size, dt_i), self.scratch.get("data", size, dt_d)
-        batch, pos, row_start, row_len, columns, n_rows = ChunkBatch(), 0, [], [], [], 0
-        for (s, at, sub, read), keep in zip(parts, in_place):
-            if keep:
-                self.readers[s].blocks.decode_into(read, batch, pool_i, pool_d, pos)
-                starts, lens = read.row_start + pos, read.row_len
+                self.parts[s].decode_into(read, batch, pool_i, pool_d, pos)
+                row_start.append(read.row_start + pos)
+                row_len.append(read.row_len)
                 pos += read.size
-                rows, *cols = self.readers[s].collect(sub, CSRRows(pool_i, pool_d, starts, lens))[1:]
             else:
-                block, cols = copied[s]
-                nnz = len(block.data)
+                block, nnz = copied[s], len(copied[s].data)
                 pool_i[pos : pos + nnz], pool_d[pos : pos + nnz] = block.indices, block.data
-                starts, lens = block.indptr[:-1] + pos, np.diff(block.indptr)
+                row_start.append(block.indptr[:-1] + pos)
+                row_len.append(np.diff(block.indptr))
                 pos += nnz
-                rows = np.arange(len(at), dtype=np.int64)
-            gidx, pad, obs = cols
-            for k, m in self.code_maps[s].items():
-                if m is not None:
-                    obs[k] = m[obs[k]]
-            columns.append((at, {"row": rows + n_rows, "index": gidx, "pad": pad, **obs}))
-            row_start.append(starts)
-            row_len.append(lens)
-            n_rows += len(starts)
+            order.append(at)
         batch.run()
-        out = {"source": cell_src, "pool": CSRRows(pool_i, pool_d, np.concatenate(row_start), np.concatenate(row_len))}
-        for k in columns[0][1]:  # each column in stream order: every source's values put at its positions
-            out[k] = np.empty(len(cell_src), dtype=np.result_type(*(c[k] for _, c in columns)))
-            for at, c in columns:
-                out[k][at] = c[k]
-        return out
+        # the cells so far lie source after source; put them back in the segments' order
+        n = segments[:, 2] - segments[:, 1]
+        by_source = np.concatenate(order)
+        first = np.empty(len(n), dtype=np.int64)  # each segment's first cell, source after source
+        first[by_source] = np.cumsum(n[by_source]) - n[by_source]
+        start, length = np.empty(int(n.sum()), dtype=np.int64), np.empty(int(n.sum()), dtype=np.int64)
+        _in_segment_order(np.concatenate(row_start), np.concatenate(row_len), first, n, start, length)
+        return CSRRows(pool_i, pool_d, start, length)
 
     def _pool_dtypes(self, reads: list[tuple[int, PoolRead | CSRRows]]) -> tuple[np.dtype, np.dtype]:
         """The buffer's pool dtypes: those of the first source that can decode into it in place, when every other
@@ -438,3 +427,51 @@ class MixedReader:
             and read.dtypes == read.cast
             and (dtypes is None or read.dtypes == dtypes)
         )
+
+
+class MixedReader:
+    """Reads a mix's buffers as `BufferReader` reads one store's: its cells collected through `MixBlocks` (the run's
+    genes and obs categories), then shuffled and cut into batches, each cell with its "source"."""
+
+    def __init__(
+        self,
+        mix: OpenMix | Mix,
+        transforms: Any,
+        output: str,
+        obs_keys: Sequence[str],
+        direct_io: bool = True,
+        extra: Sequence[str] = (),  # obs keys read beside obs_keys (balance_by's)
+    ):
+        mix = mix.open() if isinstance(mix, Mix) else mix  # a reader actor opens the mix itself
+        self.mix, self.obs_keys = mix, tuple(obs_keys)
+        keys = tuple(dict.fromkeys(self.obs_keys + tuple(extra)))
+        for k in keys:
+            mix.categories(k)  # every source has the column
+        code_maps = [{k: mix.code_map(s, k) for k in keys} for s in range(len(mix.stores))]
+        self.blocks = MixBlocks(mix, code_maps, direct_io)
+        pipeline = build_pipeline(transforms, mix.vocabulary_store) if transforms is not None else None
+        self.cutter = BatchCutter(output, pipeline, mix.n_genes, ("index", "source", *self.obs_keys))
+
+    def close(self) -> None:
+        self.blocks.close()
+
+    def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
+        single_threaded_kernels()
+        pool, cols = collect(plan, self.blocks, self.obs_keys)
+        src = np.searchsorted(self.mix.shard_base, plan.segments[:, 0], side="right") - 1
+        cols["source"] = np.repeat(src, plan.segments[:, 4])
+        return self.cutter.cut(plan, pool, cols)
+
+
+@numba.njit(nogil=True, cache=True)
+def _in_segment_order(start, length, first, n, out_start, out_length):
+    """Cells laid out source after source (segment i's from first[i]) into the segments' order, in one call: a
+    handful of numpy calls would each give up the GIL, and the other reader thread takes it."""
+    o = 0
+    for i in range(n.shape[0]):
+        a = first[i]
+        for k in range(n[i]):
+            out_start[o + k] = start[a + k]
+            out_length[o + k] = length[a + k]
+        o += n[i]

@@ -1,10 +1,11 @@
 """Execute a rank's read plan: fetch a buffer's blocks, shuffle, cut batches, run the transform pipeline.
 
-`BufferReader.read(plan)` is the one implementation; the Loader runs it through one of two readings with one
-interface (`submit(plan) -> InFlight`, `batch(job, b)`, `processes()`, `close()`): `ThreadReading`, threads of its
-own process (mode="local"), or `ActorReading`, `ReaderActor`s on its node (mode="ray"), so both modes give identical
-batches. A batch is a dict of numpy arrays (and, for CSR, a `CSRBlock`); beside its consumer an actor hands it over
-in shared memory (engine/loading/shm.py), and the Loader turns it into torch tensors.
+`collect` (a buffer's cells, out of one store's blocks or a mix's) and `BatchCutter` (its batches) are the one
+implementation, behind `BufferReader.read(plan)` and `MixedReader.read`. The Loader runs it through one of two
+readings with one interface (`submit(plan) -> InFlight`, `batch(job, b)`, `processes()`, `close()`): `ThreadReading`,
+threads of its own process (mode="local"), or `ActorReading`, `ReaderActor`s on its node (mode="ray"), so both modes
+give identical batches. A batch is a dict of numpy arrays (and, for CSR, a `CSRBlock`); beside its consumer an actor
+hands it over in shared memory (engine/loading/shm.py), and the Loader turns it into torch tensors.
 """
 
 from __future__ import annotations
@@ -73,6 +74,46 @@ def buffer_pick(plan: BufferPlan, obs: dict[str, np.ndarray], n: int) -> np.ndar
     return rng.permutation(n) if plan.shuffle else np.arange(n)
 
 
+def collect(plan: BufferPlan, blocks: Any, obs_keys: Sequence[str]) -> tuple[CSRRows, dict[str, np.ndarray]]:
+    """A buffer's cells, unshuffled: the pool `blocks.read_pool` decodes them into, and per cell in stream order its
+    "row" in the pool, "index" (global: `blocks.cell_offsets` per shard), "pad" flag, and the codes of `obs_keys` (and
+    of the balance key). `blocks`: a store's `StoreBlocks`, or a mix's `MixBlocks`."""
+    segs = plan.segments
+    offsets = blocks.cell_offsets
+    pool = blocks.read_pool(segs[:, :3])
+    keys = list(dict.fromkeys([*obs_keys, *([plan.balance.key] if plan.balance is not None else [])]))
+    # rows of the concatenated read that belong to the buffer, in stream order, with their global index
+    rows, gidx, pad, obs = [], [], [], {k: [] for k in keys}
+    base = 0
+    for shard, start, stop, skip, take, is_pad in segs:
+        first = int(offsets[shard] + start)
+        local = np.arange(stop - start, dtype=np.int64)
+        if plan.filtered:
+            local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
+        local = local[skip : skip + take]
+        if len(local) != take:
+            raise LoaderError(
+                f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}"
+            )
+        rows.append(base + local)
+        gidx.append(first + local)
+        pad.append(np.full(take, bool(is_pad)))
+        for k in obs:
+            obs[k].append(blocks.obs_codes(int(shard), k)[start:stop][local])
+        base += stop - start
+    cols = {
+        "row": np.concatenate(rows) if rows else np.empty(0, np.int64),
+        "index": np.concatenate(gidx) if gidx else np.empty(0, np.int64),
+        "pad": np.concatenate(pad) if pad else np.empty(0, bool),
+        **{k: np.concatenate(v) for k, v in obs.items()},
+    }
+    if len(cols["row"]) != plan.n_cells:
+        raise LoaderError(
+            f"plan/store mismatch: buffer {plan.index} has {len(cols['row'])} cells, plan says {plan.n_cells}"
+        )
+    return pool, cols
+
+
 class BufferReader:
     """Reads buffers of one store. Thread-safe: the Loader's local mode shares one across threads."""
 
@@ -99,53 +140,10 @@ class BufferReader:
     def close(self) -> None:
         self.blocks.close()
 
-    def collect(
-        self, plan: BufferPlan, pool: CSRRows | None = None
-    ) -> tuple[CSRRows, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """The buffer's cells, unshuffled: the decoded pool (read here unless given, as `read_pool` reads it), then
-        per cell in stream order its row in the pool, global index, pad flag, and codes of the obs keys read."""
-        segs = plan.segments
-        offsets = self.store.cell_offsets
-        pool = self.blocks.read_pool(segs[:, :3]) if pool is None else pool
-        # rows of the concatenated read that belong to the buffer, in stream order, with their global index
-        rows, gidx, pad, obs = [], [], [], {k: [] for k in self._obs_needed(plan)}
-        base = 0
-        for shard, start, stop, skip, take, is_pad in segs:
-            first = int(offsets[shard] + start)
-            local = np.arange(stop - start, dtype=np.int64)
-            if plan.filtered:
-                local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
-            local = local[skip : skip + take]
-            if len(local) != take:
-                raise LoaderError(
-                    f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}"
-                )
-            rows.append(base + local)
-            gidx.append(first + local)
-            pad.append(np.full(take, bool(is_pad)))
-            for k in obs:
-                obs[k].append(self.blocks.obs_codes(int(shard), k)[start:stop][local])
-            base += stop - start
-        rows_a = np.concatenate(rows) if rows else np.empty(0, np.int64)
-        gidx_a = np.concatenate(gidx) if gidx else np.empty(0, np.int64)
-        pad_a = np.concatenate(pad) if pad else np.empty(0, bool)
-        obs_a = {k: np.concatenate(v) for k, v in obs.items()}
-        n = plan.n_cells
-        if len(rows_a) != n:
-            raise LoaderError(f"plan/store mismatch: buffer {plan.index} has {len(rows_a)} cells, plan says {n}")
-        return pool, rows_a, gidx_a, pad_a, obs_a
-
     def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
         """The plan's batches, in order."""
         single_threaded_kernels()
-        pool, rows, gidx, pad, obs = self.collect(plan)
-        return self.cutter.cut(plan, pool, {"row": rows, "index": gidx, "pad": pad, **obs})
-
-    def _obs_needed(self, plan: BufferPlan) -> list[str]:
-        keys = list(self.obs_keys)
-        if plan.balance is not None and plan.balance.key not in keys:
-            keys.append(plan.balance.key)
-        return keys
+        return self.cutter.cut(plan, *collect(plan, self.blocks, self.obs_keys))
 
 
 class BatchCutter:

@@ -169,6 +169,20 @@ def test_sources_of_other_count_dtypes_keep_their_values(tiny_h5ads, tmp_path, f
     assert any((x % 1).any() for x in own[at_float].values())  # the halves are there to lose
 
 
+def test_a_mix_read_through_zarr_gives_the_batches_of_direct_reads(stores):
+    """With direct reads off every source is read through zarr-python and copied into the buffer's pool, where
+    direct reads decode the sources of the run's vocabulary in place: the batches are the same, cell for cell."""
+    plan = SamplerConfig(batch_size=64, **PLAN)
+    mix = mix_of(stores, epoch_cells=EPOCH)
+    direct = list(Loader(mix, plan, mode="local", output="dense"))
+    through_zarr = list(Loader(mix, plan, mode="local", output="dense", reading=ReadOptions(direct_io=False)))
+    assert len(direct) == len(through_zarr) == EPOCH // 64
+    for a, b in zip(direct, through_zarr):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["source"], b["source"])
+        assert torch.equal(a["X"], b["X"])
+    assert any(b["X"].any() for b in direct)
+
+
 def test_balance_by_over_the_union_of_categories_with_ranks_and_readers(stores):
     """Each store holds one dataset: their categories are mapped onto the union, and balance_by equalises them
     whatever the weights, on every rank."""
