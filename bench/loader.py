@@ -909,7 +909,7 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write this run's table into README.md")
     ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
-    ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store of the same cells")
+    ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store, vs unweighted")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
