@@ -78,12 +78,12 @@ class PoolRead:
     def size(self) -> int:
         return int(self.bases[-1])
 
-    def rows(self, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> CSRRows:
-        """The cells, once decoded into pool_i/pool_d from element `at` on."""
+    def rows(self, pool_i: np.ndarray, pool_d: np.ndarray) -> CSRRows:
+        """The cells, once decoded into pool_i/pool_d (of the store's dtypes, cast where the chunks' differ)."""
         return CSRRows(
             pool_i.astype(self.cast[0], copy=False),
             pool_d.astype(self.cast[1], copy=False),
-            self.row_start + at,
+            self.row_start,
             self.row_len,
         )
 
@@ -195,7 +195,7 @@ class StoreBlocks:
         batch = ChunkBatch()  # every chunk of the buffer in one call: one GIL release per buffer, not per run
         self.decode_into(read, batch, pool_i, pool_d, 0)
         batch.run()
-        return read.rows(pool_i, pool_d, 0)
+        return read.rows(pool_i, pool_d)
 
     def plan_read(self, segments: np.ndarray) -> PoolRead | CSRRows:
         """What `read_pool` decodes for `segments`: its chunk runs and where each cell lands in a pool of
