@@ -107,9 +107,11 @@ class Loader:
         self.obs_keys = tuple(obs_keys)
         self.reading = reading or ReadOptions()
         k = self.config.buffer_batches
-        # read ahead: two buffers, or two calls' worth of buffers for each reader actor (mode "ray": with one, an
-        # actor sat idle from the end of its call until the consumer had fetched it and called again)
-        default = k * (2 * self.reading.readers * self.reading.buffers_per_call if mode == "ray" else 2)
+        # read ahead: a buffer for each reader thread and one more, queued for whichever thread finishes first (with
+        # only one each, a thread that finished sat idle until the consumer had taken an older buffer's batches); or
+        # two calls' worth of buffers for each reader actor (mode "ray": the same idling, per call)
+        r = self.reading.readers
+        default = k * (2 * r * self.reading.buffers_per_call if mode == "ray" else r + 1)
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = device
         self.metrics = LoaderMetrics()

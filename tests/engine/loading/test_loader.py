@@ -195,16 +195,17 @@ def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_lo
     loader.close()
 
 
-def test_ray_mode_reads_two_calls_ahead_per_actor_and_calls_the_least_loaded(tiny_store):
-    """An actor has its next call queued when it finishes one (default read-ahead: two calls' worth per actor), and
-    a call goes to the actor with the fewest cells queued, in turn on ties (pure bookkeeping: no actor starts)."""
+def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_store):
+    """Default read-ahead: an actor has its next call queued when it finishes one (two calls' worth per actor), a
+    reader thread a buffer (one per thread and one more); a call goes to the actor with the fewest cells queued, in
+    turn on ties (pure bookkeeping: no actor starts)."""
     from engine.loading.readers import ActorReading
 
     reading = ReadOptions(readers=3, buffers_per_call=2)
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="ray", reading=reading) as loader:
         assert loader.prefetch == 2 * 3 * 2 * loader.config.buffer_batches
-    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local") as loader:
-        assert loader.prefetch == 2 * loader.config.buffer_batches  # two buffers
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", reading=reading) as loader:
+        assert loader.prefetch == (3 + 1) * loader.config.buffer_batches  # a buffer per reader thread, one queued
     actors = ActorReading(lambda: None, reading)
     actors._actors, actors._queued = [None] * 3, [4096, 100, 100]
     assert actors._least_loaded() == 1
