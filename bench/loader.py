@@ -6,6 +6,7 @@
     python bench/loader.py --profile STORE [STORE ...]                          one reader thread, profiled
     python bench/loader.py --s3 [--quick] [--readme]                            from a bucket (bench/s3bench.py)
     python bench/loader.py --mixing [--rounds N] [--readme]                     3 stores mixed 0.5/0.3/0.2
+    python bench/loader.py --read-ahead [--rounds N] [--readme]                 the Loader's read-ahead, 2-4 buffers
     python bench/loader.py --threads [--quick] [--readme]                       reader threads vs processes
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
@@ -802,6 +803,75 @@ def multinode(args) -> None:
                       "ratio": round(three / one, 3), "load_average": round(os.getloadavg()[0], 1)}))  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------ read-ahead
+
+READ_AHEAD = (2, 3, 4)  # buffers read ahead of the consumer; the default with 2 reader threads is 3
+READ_AHEAD_CELLS = {"a_synth_200k": 2_000_000, "b_tahoe_like_40k": 300_000, "c_kang": 400_000,
+                    "d_synth_640k_64shards": 2_000_000}  # fmt: skip
+
+
+def read_ahead(args) -> None:
+    """--read-ahead: the Loader (local mode, 2 reader threads, CSR) with 2, 3 and 4 buffers read ahead of its
+    consumer, on each dataset, taking turns in one fresh process: cells/s and CPU per cell, medians of the rounds."""
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    specs = [("a_synth_200k", 200_000, 2_000, 100, None), ("b_tahoe_like_40k", 40_000, 20_000, 1_500, None),
+             ("c_kang", 0, 0, 0, None), ("d_synth_640k_64shards", 640_000, 2_000, 100, 10_000)]  # fmt: skip
+    stores = {name: str(prepare(name, n, g, nnz, chunk, sc)[0]) for name, n, g, nnz, sc in specs if name != "c_kang"
+              or real_kang()}  # fmt: skip
+    kw = {"stores": stores, "rounds": args.rounds or 5}
+    out = subprocess.run([sys.executable, __file__, "--measure-read-ahead", json.dumps(kw)], capture_output=True,
+                         text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"read-ahead run failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [
+        "| dataset | " + " | ".join(f"{n} buffers ahead" for n in READ_AHEAD) + " | 3 vs 2 | 4 vs 2 |",
+        "|---|" + "---|" * (len(READ_AHEAD) + 2),
+    ]
+    for name, rows in r.items():
+        cells = [f"{fmt_rate(rows[str(n)]['cells_per_s'])} ({rows[str(n)]['cpu_us']:.2f} µs)" for n in READ_AHEAD]
+        base = rows["2"]["cells_per_s"]
+        ratios = [f"{rows[str(n)]['cells_per_s'] / base:.2f}x" for n in READ_AHEAD[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+    print("\n".join(lines))
+    if args.readme:
+        write_readme("loader-read-ahead", lines, machine_note())
+    print(json.dumps({"bench": "loader-read-ahead", "rows": r}))
+
+
+def measure_read_ahead(kw: dict) -> dict:
+    """The child of `read_ahead`: per dataset, rounds of each read-ahead in turn (the first round warms up)."""
+    from engine.loading.loader import Loader
+    from engine.loading.readers import ReadOptions
+    from engine.loading.sampler import SamplerConfig
+
+    out = {}
+    for name, store in kw["stores"].items():
+        plan = SamplerConfig(batch_size=BATCH)
+        k = Loader(store, plan, mode="local").config.buffer_batches
+        loaders = {n: Loader(store, plan, mode="local", output="csr", reading=ReadOptions(readers=2, prefetch=n * k))
+                   for n in READ_AHEAD}  # fmt: skip
+        want = READ_AHEAD_CELLS[name]
+        samples: dict[int, list[tuple[float, float]]] = {n: [] for n in READ_AHEAD}
+        for r in range(kw["rounds"] + 1):
+            for n, loader in loaders.items():
+                t0, c0, cells = time.perf_counter(), time.process_time(), 0
+                while cells < want:
+                    for batch in loader:
+                        cells += batch["X"].shape[0]
+                        if cells >= want:
+                            break
+                if r:
+                    samples[n].append((cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6))
+        for loader in loaders.values():
+            loader.close()
+        out[name] = {str(n): {"cells_per_s": median([x for x, _ in v]), "cpu_us": median([c for _, c in v])}
+                     for n, v in samples.items()}  # fmt: skip
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ mixing
 
 MIX_WEIGHTS = (0.5, 0.3, 0.2)
@@ -881,6 +951,9 @@ def measure_mixing(kw: dict) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-read-ahead":  # the child process of read_ahead
+        print(json.dumps(measure_read_ahead(json.loads(sys.argv[2]))))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-mixing":  # the child process of mixing
         print(json.dumps(measure_mixing(json.loads(sys.argv[2]))))
         return
@@ -910,6 +983,7 @@ def main() -> None:
     ap.add_argument("--profile", nargs="+", metavar="STORE", help="one reader thread's CPU per cell and its profile")
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
     ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store, vs unweighted")
+    ap.add_argument("--read-ahead", action="store_true", help="the Loader with 2, 3 and 4 buffers read ahead")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
@@ -918,6 +992,9 @@ def main() -> None:
         return
     if args.threads:
         thread_scaling(args)
+        return
+    if args.read_ahead:
+        read_ahead(args)
         return
     if args.profile:
         profile(args.profile)
