@@ -39,6 +39,7 @@ README.md with this run's figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -803,6 +804,19 @@ def multinode(args) -> None:
                       "ratio": round(three / one, 3), "load_average": round(os.getloadavg()[0], 1)}))  # fmt: skip
 
 
+def timed_read(loader, want: int | None = None, keep=None) -> tuple[float, float]:
+    """Batches of a Loader until `want` cells, across epochs (None: to the end of one epoch, so the Loader keeps what
+    it read ahead for the next): (cells/s, CPU µs per cell of this process). `keep(batch)` sees each batch."""
+    t0, c0, cells = time.perf_counter(), time.process_time(), 0
+    for batch in iter(loader) if want is None else itertools.chain.from_iterable(itertools.repeat(loader)):
+        cells += batch["X"].shape[0]
+        if keep is not None:
+            keep(batch)
+        if want is not None and cells >= want:
+            break
+    return cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6
+
+
 # ------------------------------------------------------------------------------------------------ read-ahead
 
 READ_AHEAD = (2, 3, 4)  # buffers read ahead of the consumer; the default with 2 reader threads is 3
@@ -857,14 +871,9 @@ def measure_read_ahead(kw: dict) -> dict:
         samples: dict[int, list[tuple[float, float]]] = {n: [] for n in READ_AHEAD}
         for r in range(kw["rounds"] + 1):
             for n, loader in loaders.items():
-                t0, c0, cells = time.perf_counter(), time.process_time(), 0
-                while cells < want:
-                    for batch in loader:
-                        cells += batch["X"].shape[0]
-                        if cells >= want:
-                            break
+                rate_cpu = timed_read(loader, want)
                 if r:
-                    samples[n].append((cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6))
+                    samples[n].append(rate_cpu)
         for loader in loaders.values():
             loader.close()
         out[name] = {str(n): {"cells_per_s": median([x for x, _ in v]), "cpu_us": median([c for _, c in v])}
@@ -930,16 +939,13 @@ def measure_mixing(kw: dict) -> dict:
     shares = []
     for r in range(kw["rounds"] + 1):  # round 0 warms up
         for name, loader in loaders.items():
-            t0, cells, sources = time.perf_counter(), 0, []
-            while cells < MIX_EPOCH - 2 * BATCH:  # the mix: one epoch; the others: as many cells
-                for batch in loader:
-                    cells += batch["X"].shape[0]
-                    if name == "mixed":
-                        sources.append(batch["source"].numpy().copy())  # counted once the clock has stopped
-                    if name != "mixed" and cells >= MIX_EPOCH:
-                        break
+            sources = []  # each cell's source, counted once the clock has stopped
+            if name == "mixed":  # one epoch
+                rate, _ = timed_read(loader, keep=lambda b, into=sources: into.append(b["source"].numpy().copy()))
+            else:  # as many cells
+                rate, _ = timed_read(loader, MIX_EPOCH)
             if r:
-                rates[name].append(cells / (time.perf_counter() - t0))
+                rates[name].append(rate)
                 if name == "mixed":
                     counts = np.bincount(np.concatenate(sources), minlength=len(MIX_WEIGHTS))
                     shares.append(counts / counts.sum())

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 INDPTR_CACHE_BYTES = 64 * 2**20  # decoded indptr chunks kept per reader: all of them for stores up to ~8M cells
 
 
-class _LRU(OrderedDict):
+class LRU(OrderedDict):
+    """A dict of at most `capacity` entries, the least recently used dropped first."""
+
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
@@ -107,8 +109,8 @@ class StoreBlocks:
         self.strict = store.manifest.version >= 2  # v2 writes every chunk: a missing one is corruption
         self._arrays: dict[tuple[int, str], ArrayReader | None] = {}
         self._indptr_bytes = indptr_cache_bytes
-        self._indptr: _LRU | None = None  # (shard, chunk) -> decoded indptr chunk; sized on first use
-        self._obs: _LRU = _LRU(cache_shards)
+        self._indptr: LRU | None = None  # (shard, chunk) -> decoded indptr chunk; sized on first use
+        self._obs: LRU = LRU(cache_shards)
         self._lock = threading.Lock()
         self.scratch = ScratchArrays()  # decode pools, reused: no page faults per buffer
         self.stats = {"decoded": 0, "used": 0}  # elements of X/data (= X/indices) decoded and delivered
@@ -147,7 +149,7 @@ class StoreBlocks:
         key = (shard, c)
         with self._lock:
             if self._indptr is None:
-                self._indptr = _LRU(max(4, self._indptr_bytes // (8 * reader.layout.chunk_elems)))
+                self._indptr = LRU(max(4, self._indptr_bytes // (8 * reader.layout.chunk_elems)))
             if key in self._indptr:
                 self._indptr.move_to_end(key)
                 return self._indptr[key]

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from engine.errors import LoaderError, SamplerError
-from engine.loading.chunks import PoolRead, ScratchArrays, StoreBlocks
+from engine.loading.chunks import LRU, PoolRead, ScratchArrays, StoreBlocks
 from engine.loading.readers import BatchCutter, build_pipeline, collect, single_threaded_kernels
 from engine.loading.sampler import (
     Balance,
@@ -161,6 +161,10 @@ class OpenMix:
         """Virtual shard of each source's first shard: its shards follow those of the sources before it."""
         return np.concatenate([[0], np.cumsum([st.n_shards for st in self.stores])]).astype(np.int64)
 
+    def source_of(self, shards: np.ndarray) -> np.ndarray:
+        """The source each virtual shard belongs to."""
+        return np.searchsorted(self.shard_base, shards, side="right") - 1
+
     @property
     def vocabulary_store(self) -> Store | None:
         """A source whose vocabulary is the run's (its statistics bind a transform pipeline), if any."""
@@ -244,7 +248,6 @@ class MixSampler(Sampler):
         self.config, self.rank, self.world_size, self.balance = config, rank, world_size, balance
         self.mix, self.sources = mix, sources
         self.block_base = np.concatenate([[0], np.cumsum([s.n_blocks for s in sources])]).astype(np.int64)
-        self.shard_base = mix.shard_base
         # the sources' block tables laid end to end: per virtual shard, its first global block, block size and cells
         self._block_offsets = np.concatenate(
             [s.block_offsets[:-1] + b for s, b in zip(sources, self.block_base)] + [self.block_base[-1:]]
@@ -335,7 +338,7 @@ class MixBlocks:
         self.parts = [StoreBlocks(st, direct=direct_io) for st in mix.stores]
         self.cell_offsets = np.concatenate([st.cell_offsets[:-1] for st in mix.stores])  # within each source
         self.scratch = ScratchArrays()  # the buffers' pools
-        self._obs = {}  # (virtual shard, key) -> codes in the run's categories (only where a source's differ)
+        self._obs = LRU(64)  # (virtual shard, key) -> codes in the run's categories (only where a source's differ)
         self._lock = threading.Lock()
 
     @property
@@ -346,26 +349,18 @@ class MixBlocks:
         for p in self.parts:
             p.close()
 
-    def _source(self, shard: int) -> tuple[int, int]:
-        s = int(np.searchsorted(self.mix.shard_base, shard, side="right") - 1)
-        return s, int(shard - self.mix.shard_base[s])
-
     def obs_codes(self, shard: int, key: str) -> np.ndarray:
-        s, local = self._source(shard)
-        codes, m = self.parts[s].obs_codes(local, key), self.code_maps[s][key]
+        s = int(self.mix.source_of(shard))
+        codes, m = self.parts[s].obs_codes(shard - int(self.mix.shard_base[s]), key), self.code_maps[s][key]
         if m is None:
             return codes
         with self._lock:
-            if (shard, key) not in self._obs:
-                if len(self._obs) >= 64:  # bounded, as StoreBlocks' own cache
-                    self._obs.pop(next(iter(self._obs)))
-                self._obs[(shard, key)] = m[codes]
-            return self._obs[(shard, key)]
+            return self._obs.get_or((shard, key), lambda: m[codes])
 
     def read_pool(self, segments: np.ndarray) -> CSRRows:
         """Cells of `segments` (virtual shard, start, stop) in order, in the run's genes, as one `CSRRows`."""
         base = self.mix.shard_base
-        src = np.searchsorted(base, segments[:, 0], side="right") - 1
+        src = self.mix.source_of(segments[:, 0])
         reads = []  # per source: its segments' positions, its planned read
         for s in np.unique(src):
             own = segments[src == s].copy()
@@ -459,8 +454,7 @@ class MixedReader:
         """The plan's batches, in order (each with "source": the cell's position in the mix's sources)."""
         single_threaded_kernels()
         pool, cols = collect(plan, self.blocks, self.obs_keys)
-        src = np.searchsorted(self.mix.shard_base, plan.segments[:, 0], side="right") - 1
-        cols["source"] = np.repeat(src, plan.segments[:, 4])
+        cols["source"] = np.repeat(self.mix.source_of(plan.segments[:, 0]), plan.segments[:, 4])
         return self.cutter.cut(plan, pool, cols)
 
 

@@ -7,7 +7,7 @@ with the GIL released. Chunks are given as addresses (in mapped files, into pool
 `engine.store.chunkfile.ChunkBatch` builds them), so a whole loader buffer, every block of both arrays of any
 shards, is one call: one release of the GIL per buffer instead of one per run, which is what lets two reader threads
 use both cores (`python bench/loader.py --threads`: two threads at 1.5x one thread's cells/s with a call per run,
-1.9x with one per buffer). Each chunk is checked before a byte of it is decoded: its crc32c (format v2), then its
+1.8-1.9x with one per buffer). Each chunk is checked before a byte of it is decoded: its crc32c (format v2), then its
 blosc header (decoded size = the chunk's size, compressed size = the bytes it has in the file, so the decoder reads
 nothing outside the chunk); the decoder must return the chunk's size. At the first failure it returns that chunk's
 position, and the caller reads that chunk again on the Python path, which raises the error naming it.

@@ -174,7 +174,10 @@ def test_a_mix_read_through_zarr_gives_the_batches_of_direct_reads(stores):
     direct reads decode the sources of the run's vocabulary in place: the batches are the same, cell for cell."""
     plan = SamplerConfig(batch_size=64, **PLAN)
     mix = mix_of(stores, epoch_cells=EPOCH)
-    direct = list(Loader(mix, plan, mode="local", output="dense"))
+    direct_loader = Loader(mix, plan, mode="local", output="dense")
+    direct = list(direct_loader)
+    stats = direct_loader.decode_stats()  # every source's decoding, summed
+    assert stats["decoded"] >= stats["used"] > 0
     through_zarr = list(Loader(mix, plan, mode="local", output="dense", reading=ReadOptions(direct_io=False)))
     assert len(direct) == len(through_zarr) == EPOCH // 64
     for a, b in zip(direct, through_zarr):
