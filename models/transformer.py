@@ -31,7 +31,9 @@ Objectives (``loss`` returns their weighted sum and each term):
   (``value_loss="ce"``) or bin / (n_bins - 1) by MSE (``"mse"``). Rank: the masked gene ids by cross-entropy
   over the vocabulary (Geneformer).
 - ``mvc``, a cell-level reconstruction from the cell embedding (scGPT's MVC / GEPC): every vocabulary gene's
-  value predicted as <c, q_g> + b_g, q_g from the gene's embedding. Target (``mvc_target``): ``"expression"``, every
+  value predicted as m_g + <c, q_g> + b_g, q_g from the gene's embedding, m_g the running mean of the gene's target
+  over the training batches (a buffer: the embedding carries how a cell differs from the mean profile, not the
+  profile itself). Target (``mvc_target``): ``"expression"``, every
   gene's log-normalized expression (the batch's X, which the tokenisers keep: log-normalized in the binned recipe,
   logged here for rank input, whose X is normalized counts), or ``"token"``, the tokens' own values scattered into
   the vocabulary, zeros elsewhere (binned: bin / (n_bins - 1), scGPT's; rank: log1p(x / gene median)). Token values
@@ -187,6 +189,12 @@ class Transformer(nn.Module):
         # mvc: gene queries from the gene embeddings, dotted with the cell embedding, plus a per-gene bias
         self.mvc_query = nn.Linear(c.d_model, c.d_model)
         self.mvc_bias = nn.Parameter(torch.zeros(c.n_genes))
+        # each gene's mean mvc target over the training batches seen (a buffer, like BatchNorm's running mean): the
+        # mvc prediction is this + <c, q_g> + b_g, so neither the embedding nor the first steps have to learn the mean
+        # expression profile (Adam moves b_g by ~lr a step: 300 steps could not reach gene means of 1-3)
+        self.register_buffer("mvc_mean", torch.zeros(c.n_genes))
+        self.register_buffer("mvc_batches", torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_zero_mvc_mean)
         self.apply(_init_weights)
         # The feed-forward branches start at zero: each token starts as its gene + value embedding plus what
         # attention mixes in (linear in the cell's tokens), so the pooled vector starts as a bag of gene
@@ -349,7 +357,14 @@ class Transformer(nn.Module):
         # unit-scale queries, small cell projection: the product starts near the bias yet learns at once (with
         # both factors small, as GPT-style init makes them, the gradient of each is the other: it stalls at zero)
         q = F.layer_norm(self.mvc_query(self.gene_embedding.weight[: self.config.n_genes]), (self.config.d_model,))
-        return cell @ q.T.to(cell.dtype) + self.mvc_bias
+        return cell @ q.T.to(cell.dtype) + self.mvc_bias + self.mvc_mean
+
+    @torch.no_grad()
+    def _track_mvc_mean(self, target: torch.Tensor) -> None:
+        """The running mean of the mvc target: the mean of every batch so far for 100 batches, then an EMA (0.01)."""
+        n = int(self.mvc_batches)
+        self.mvc_mean.lerp_(target.mean(0).to(self.mvc_mean.dtype), max(1.0 / (n + 1), 0.01))
+        self.mvc_batches += 1
 
     def loss(self, batch: dict, step: int | None = None) -> Loss:
         c = self.config
@@ -384,8 +399,10 @@ class Transformer(nn.Module):
             terms["mlm"] = float(mlm.detach())
             total = total + c.mlm_weight * mlm
         # cell-level reconstruction from the cell embedding
-        pred = self._mvc(self.cell_embedding(h, keep)).float()
         target = self._target(batch)
+        if self.training:
+            self._track_mvc_mean(target)
+        pred = self._mvc(self.cell_embedding(h, keep)).float()
         mvc = F.mse_loss(pred, target)
         terms["mvc"] = float(mvc.detach())
         terms["mvc_r"] = float(_row_pearson(pred.detach(), target).mean())
@@ -410,6 +427,13 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def _zero_mvc_mean(state_dict, prefix, *args) -> None:
+    """Checkpoints made before the running mean existed: a zero mean, which is what those models predicted with."""
+    if prefix + "mvc_bias" in state_dict and prefix + "mvc_mean" not in state_dict:
+        state_dict[prefix + "mvc_mean"] = torch.zeros_like(state_dict[prefix + "mvc_bias"])
+        state_dict[prefix + "mvc_batches"] = torch.zeros((), dtype=torch.long)
 
 
 def _row_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,30 @@ def test_transformer_mvc_target_is_the_expression_not_the_token_values():
         TransformerConfig.debug(mvc_target="bin")
 
 
+def test_transformer_mvc_predicts_from_the_running_mean_of_its_target():
+    """Training steps track each gene's mean mvc target (the mean of every batch so far, then an EMA), evaluation
+    leaves it, the mvc prediction starts from it, and a checkpoint saved before the buffer existed loads with a zero
+    mean (what such a model predicted with)."""
+    from models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.debug(n_genes=64))
+    batches = [synthetic_batch(n_cells=64, seed=s) for s in range(3)]
+    for b in batches:
+        model.loss(b)
+    targets = torch.cat([model._target(b) for b in batches])
+    assert torch.allclose(model.mvc_mean, targets.mean(0), atol=1e-5) and int(model.mvc_batches) == 3
+    cell = torch.zeros(2, model.config.d_model)
+    assert torch.allclose(model._mvc(cell), (model.mvc_mean + model.mvc_bias).expand(2, -1))
+    model.eval()
+    model.loss(synthetic_batch(n_cells=64, seed=9))
+    assert int(model.mvc_batches) == 3  # held-out losses do not move it
+    old = {k: v for k, v in model.state_dict().items() if k not in ("mvc_mean", "mvc_batches")}
+    again = Transformer(TransformerConfig.debug(n_genes=64))
+    again.load_state_dict(old)
+    assert not again.mvc_mean.any() and torch.equal(again.mvc_bias, model.mvc_bias)
+
+
 def test_transformer_embeds_with_its_inference_context():
     """embed_max_len: training and validation see max_len expressed genes of a cell, `embed` up to embed_max_len of
     them (every one here), the same embedding whatever the batch; rank tokens have max_len positions, so only binned
