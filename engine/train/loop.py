@@ -147,6 +147,13 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     loader.close()
     if val_loader is not None:
         val_loader.close()
+    if world > 1:
+        # DDP hands rank 0's buffers to every rank at each forward, which then updates its own (running means): end
+        # on rank 0's, as the next forward would, so every rank holds the model rank 0 checkpoints
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
     trace.final(model)
 
 
