@@ -147,14 +147,18 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     loader.close()
     if val_loader is not None:
         val_loader.close()
+    _buffers_of_rank0(model, world)
+    trace.final(model)
+
+
+def _buffers_of_rank0(model: torch.nn.Module, world: int) -> None:
+    """DDP hands rank 0's buffers to every rank at each forward, and each rank then updates its own (running means):
+    after the last step, end on rank 0's, as the next forward would, so every rank holds the model rank 0 saves."""
     if world > 1:
-        # DDP hands rank 0's buffers to every rank at each forward, which then updates its own (running means): end
-        # on rank 0's, as the next forward would, so every rank holds the model rank 0 checkpoints
         import torch.distributed as dist
 
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-    trace.final(model)
 
 
 def _resume(checkpointer: Checkpointer, state: TrainState, rank: int) -> bool:
