@@ -22,9 +22,10 @@ the same call. Held-out reconstruction: each model's loss terms averaged over th
 never trained on). Cost: training seconds per 1,000 cells seen and embedding seconds per 1,000 cells (1 torch
 thread in-process unless --threads), and the baseline's seconds per 1,000 cells.
 
-Models (specs in MODELS below; every config a `small()` preset):
+Models (specs in model_specs below; every config a `small()` preset):
 - vae: raw counts;
-- transformer-binned (scGPT): normalize_total + log1p + HVG + 51 value bins; masked-bin cross-entropy + mvc;
+- transformer-binned (scGPT-like): normalize_total + log1p + HVG + 51 value bins, a cell's 128 highest bins in
+  context, each token with its value x its gene's vector; masked-bin cross-entropy + mvc;
 - transformer-rank (Geneformer): normalize_total + HVG + rank tokens (x / gene median); masked-gene cross-entropy + mvc;
 - probe: a supervised classifier of the label on log1p counts (a ceiling, not a peer: it is trained on the labels).
 Last line: one JSON object.
@@ -112,6 +113,11 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
     specs["transformer-binned-ctx512"] = dict(binned, config=TransformerConfig.small(max_len=512))
+    # binned input without the per-gene value vectors, and rank input with them (log1p(x / gene median))
+    specs["transformer-binned-nogenevalues"] = dict(binned, config=TransformerConfig.small(gene_values=False))
+    specs["transformer-rank-genevalues"] = dict(
+        specs["transformer-rank"], config=TransformerConfig.small(input="rank", gene_values=True)
+    )
     specs["transformer-binned-3x"] = dict(binned, steps=3 * binned["steps"])
     specs["transformer-binned-mvc50"] = dict(binned, config=TransformerConfig.small(mvc_weight=50.0))
     specs["transformer-binned-mvconly"] = dict(binned, config=TransformerConfig.small(mlm_weight=0.0))
@@ -119,6 +125,11 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-binned-b256"] = dict(binned, config=TransformerConfig.small(max_len=64), batch=256)
     # the context past a cell's expressed genes filled with unexpressed ones (scGPT's include_zero_gene)
     specs["transformer-binned-zeros"] = dict(binned, config=TransformerConfig.small(zero_genes=True))
+    # the default before 2026-12-04: a random subset of a cell's expressed genes when it has more than max_len
+    # (scGPT's), not its highest bins, and no per-gene value vectors; then the highest bins without them
+    specs["transformer-binned-random"] = dict(
+        binned, config=TransformerConfig.small(context="random", gene_values=False)
+    )
     specs["transformer-binned-cls"] = dict(binned, config=TransformerConfig.small(pooling="cls"))
     # trained on 128 expressed genes a step, embedded with up to 2,048 (every expressed HVG of nearly every cell)
     specs["transformer-binned-embedall"] = dict(binned, config=TransformerConfig.small(embed_max_len=2048))
@@ -133,6 +144,16 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["transformer-rank-mvc30"] = dict(rank, config=TransformerConfig.small(input="rank", mvc_weight=30.0))
     specs["transformer-rank-mvconly"] = dict(rank, config=TransformerConfig.small(input="rank", mlm_weight=0.0))
     specs["transformer-rank-b128"] = dict(rank, batch=128)
+    # liu, where the rank transformer is furthest from PCA: twice the learning rate, more steps, a shorter context
+    # for more steps at the same cost
+    specs["transformer-rank-lr6"] = dict(rank, lr=6e-3)
+    specs["transformer-rank-2x"] = dict(rank, steps=2 * rank["steps"])
+    specs["transformer-rank-6x"] = dict(rank, steps=6 * rank["steps"])
+    specs["transformer-rank-ctx64-6x"] = dict(
+        rank, steps=6 * rank["steps"], config=TransformerConfig.small(input="rank", max_len=64)
+    )
+    # the top 256 ranks, not 128 (liu's cells express a median of 344 of its 1,000 genes)
+    specs["transformer-rank-ctx256"] = dict(rank, config=TransformerConfig.small(input="rank", max_len=256))
     # without gradient clipping (the loop's default clips the norm at 1.0, which these models' gradients exceed)
     specs["transformer-rank-noclip"] = dict(rank, grad_clip=0.0)
     specs["transformer-binned-noclip"] = dict(binned, grad_clip=0.0)

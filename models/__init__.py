@@ -42,10 +42,12 @@ def get(name: str) -> type[nn.Module]:
         raise ModelError(f"unknown model {name!r}: expected one of {names()}") from None
 
 
-def make_config(name: str, config: dict[str, Any] | None = None) -> Any:
-    """``get(name).Config(**config)`` with a clear error for unknown keys or wrong values."""
+def make_config(name: str, config: dict[str, Any] | None = None, saved: bool = False) -> Any:
+    """``get(name).Config(**config)`` with a clear error for unknown keys or wrong values. `saved`: a config a
+    checkpoint wrote, whose missing fields take ``Config.FORMER_DEFAULTS`` (the values of fields whose default changed
+    after that checkpoint was written) before the current defaults."""
     cls = get(name).Config
-    config = dict(config or {})
+    config = {**getattr(cls, "FORMER_DEFAULTS", {}), **(config or {})} if saved else dict(config or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -56,11 +58,11 @@ def make_config(name: str, config: dict[str, Any] | None = None) -> Any:
         raise ModelError(f"model {name!r}: {e}") from e
 
 
-def build(name: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
-    """A fresh model from a registry name and a config (dict or the model's Config)."""
+def build(name: str, config: dict[str, Any] | Any | None = None, saved: bool = False) -> nn.Module:
+    """A fresh model from a registry name and a config (dict or the model's Config; `saved`: see make_config)."""
     cls = get(name)
     if not isinstance(config, cls.Config):
-        config = make_config(name, config)
+        config = make_config(name, config, saved)
     return cls(config)
 
 

@@ -329,7 +329,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str,
     ckpt = latest_checkpoint(path)
     meta = read_meta(ckpt)
     try:
-        model = models.build(meta["model"]["name"], meta["model"]["config"])
+        model = models.build(meta["model"]["name"], meta["model"]["config"], saved=True)
     except (KeyError, TypeError) as e:
         raise TrainError(f"{ckpt / META_FILE}: no model name and config ({one_line(e)})") from None
     try:

@@ -247,6 +247,66 @@ def test_transformer_zero_genes_fill_the_context_after_every_expressed_gene():
         TransformerConfig.debug(input="rank", zero_genes=True)
 
 
+def test_transformer_highest_context_keeps_a_cells_highest_bins():
+    """context='highest' (the default): a cell with more expressed genes than max_len keeps its highest bins (ties
+    broken at random in training, by hash at inference), where 'random' draws any of its expressed genes."""
+    from models.transformer import Transformer, TransformerConfig
+
+    genes = torch.arange(64).expand(4, -1)
+    values = torch.arange(64).remainder(10).add(1).expand(4, -1).clone()  # bins 1..10, 64 expressed genes a cell
+    batch = {"genes": genes, "values": values, "index": torch.arange(4), "X": values / 4.0}
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.debug(max_len=16, context="highest"))
+    for training in (True, False):
+        model.train(training)
+        g, v, _ = model.tokens(batch)
+        assert g.shape[1] == 16 and bool((v >= 8).all())  # 18 genes have bins 8-10: the 16 come from them
+        assert bool(((v == 10).sum(1) == 6).all()) and bool(((v == 9).sum(1) == 6).all())  # every 10 and 9
+    model.eval()
+    assert torch.equal(model.tokens(batch)[0][1:3], model.tokens({k: x[1:3] for k, x in batch.items()})[0])
+    random = Transformer(TransformerConfig.debug(max_len=16, context="random"))
+    random.eval()
+    assert bool((random.tokens(batch)[1] < 8).any())
+    # a checkpoint written before the field existed sampled at random, and loads that way
+    assert models.make_config("transformer", {"n_genes": 64}, saved=True).context == "random"
+    assert models.make_config("transformer", {"n_genes": 64}).context == "highest"
+    with pytest.raises(ValueError, match="context is 'top'"):
+        TransformerConfig.debug(context="top")
+
+
+def test_transformer_gene_values_encode_each_visible_value_by_its_gene():
+    """gene_values (on for binned input by default): each token adds bin / (n_bins - 1) x its gene's vector, the same
+    token without it is otherwise unchanged, and a masked token's value stays hidden. Off by default for rank input,
+    and for checkpoints written before the field existed."""
+    from models.transformer import Transformer, TransformerConfig
+
+    def tokens_in(model, values, mask=None):  # the tokens the first block sees
+        seen = []
+        hook = model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        model._encode(genes, values, mask)
+        hook.remove()
+        return seen[0][:, 1:]  # without CLS
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.debug(max_len=16))
+    off = Transformer(TransformerConfig.debug(max_len=16, gene_values=False))
+    off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("gene_value.")})
+    assert model.gene_values and not off.gene_values
+    assert not Transformer(TransformerConfig.debug(input="rank")).gene_values
+    genes = torch.arange(8).expand(2, -1)
+    values = torch.tensor([[5, 1, 9, 0, 3, 7, 2, 10], [4, 4, 4, 4, 4, 4, 4, 4]])
+    extra = tokens_in(model, values) - tokens_in(off, values)
+    expected = values[..., None] / 10 * model.gene_value.weight[genes]
+    assert torch.allclose(extra, expected, atol=1e-6)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 2] = True
+    extra = tokens_in(model, values, mask) - tokens_in(off, values, mask)
+    assert torch.allclose(extra[:, 2], torch.zeros(2, 32)) and torch.allclose(extra[:, 3:], expected[:, 3:], atol=1e-6)
+    assert not models.make_config("transformer", {"n_genes": 64}, saved=True).gene_values
+    with pytest.raises(RuntimeError, match="gene_value"):
+        model.load_state_dict(off.state_dict())
+
+
 def test_registry_and_config_errors():
     assert models.names() == ["probe", "transformer", "vae"]
     assert models.get("vae") is models.VAE
