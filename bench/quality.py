@@ -108,6 +108,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # the VAE as scVI users run it on data with batches: the batch as covariate of encoder and decoder
     specs["vae-batch"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"]))
     specs["vae-30"] = dict(specs["vae"], config=VAEConfig.small(n_latent=30))  # a wider latent, with and without
+    # the batch in the encoder too (scVI's encode_covariates=True; cellray's only mode before 2026-12-04)
+    specs["vae-batch-encoded"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], encode_batch=True))
     specs["vae-batch-30"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], n_latent=30))
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps

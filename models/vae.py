@@ -1,15 +1,17 @@
 """An scVI-style variational autoencoder on raw counts.
 
 The math follows scvi-tools (`module/_vae.py`, `distributions/_negative_binomial.py`): the encoder sees
-log1p(x) (and the batch covariate); the library size is observed (l = log sum x); the decoder maps (z, batch)
-to gene proportions, mu = exp(l) * softmax(decoder); counts follow NB(mu, theta) with one inverse dispersion
-per gene, or a zero-inflated NB; loss = NLL + kl_weight * KL(q(z|x) || N(0, I)), kl_weight warmed up linearly.
+log1p(x) (and the batch covariate with ``encode_batch``, scVI's encode_covariates); the library size is observed
+(l = log sum x); the decoder maps (z, batch) to gene proportions, mu = exp(l) * softmax(decoder); counts follow
+NB(mu, theta) with one inverse dispersion per gene, or a zero-inflated NB; loss = NLL + kl_weight * KL(q(z|x) ||
+N(0, I)), kl_weight warmed up linearly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +75,15 @@ class VAEConfig:
     dropout: float = 0.1
     likelihood: str = "nb"  # nb | zinb
     norm: str = "layer"  # layer | batch | none (layer norm keeps DDP ranks free of buffer syncing)
-    batch_key: str | None = None  # an obs key used as batch covariate in encoder and decoder
+    batch_key: str | None = None  # an obs key used as batch covariate of the decoder (and encoder: encode_batch)
+    encode_batch: bool = False  # the encoder sees the batch too (scVI's encode_covariates; off, as scVI's default)
     n_batch: int = 0  # categories of batch_key + 1 slot for missing; filled in from the store's obs schema
     batch_representation: str = "one-hot"  # one-hot | embedding
     batch_embedding_dim: int = 8
     kl_warmup_steps: int = 400  # kl_weight goes 0 -> 1 linearly over these optimizer steps
+
+    # what checkpoints written before these fields existed did
+    FORMER_DEFAULTS: ClassVar[dict] = {"encode_batch": True}
 
     def __post_init__(self):
         if self.likelihood not in ("nb", "zinb"):
@@ -126,7 +132,7 @@ class VAE(nn.Module):
                 n_cov = c.batch_embedding_dim
             else:
                 n_cov = c.n_batch
-        self.encoder = mlp(c.n_genes + n_cov, c.n_hidden, c.n_layers, c.dropout, c.norm)
+        self.encoder = mlp(c.n_genes + (n_cov if c.encode_batch else 0), c.n_hidden, c.n_layers, c.dropout, c.norm)
         self.z_mean = nn.Linear(c.n_hidden, c.n_latent)
         self.z_logvar = nn.Linear(c.n_hidden, c.n_latent)
         self.decoder = mlp(c.n_latent + n_cov, c.n_hidden, c.n_layers, 0.0, c.norm)
@@ -147,7 +153,7 @@ class VAE(nn.Module):
         return x if cov is None else torch.cat([x, cov.to(x.dtype)], dim=-1)
 
     def encode(self, x: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(self._cat(torch.log1p(x), cov))
+        h = self.encoder(self._cat(torch.log1p(x), cov if self.config.encode_batch else None))
         return self.z_mean(h), self.z_logvar(h).clamp(-12, 12)
 
     def loss(self, batch: dict, step: int | None = None) -> Loss:
@@ -184,7 +190,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
-        """The latent mean of q(z | x, batch)."""
+        """The latent mean of q(z | x) (q(z | x, batch) with encode_batch)."""
         x = dense_x(batch)
         mean, _ = self.encode(x, self._covariate(batch))
         return mean.float()

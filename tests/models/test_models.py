@@ -59,6 +59,7 @@ def debug_model(name: str, **kw):
         ("vae", {}),
         ("vae", {"likelihood": "zinb", "batch_key": "batch", "n_batch": 3}),
         ("vae", {"batch_key": "batch", "n_batch": 3, "batch_representation": "embedding", "norm": "batch"}),
+        ("vae", {"batch_key": "batch", "n_batch": 3, "encode_batch": True}),
         ("transformer", {}),
         ("transformer", {"input": "rank", "pooling": "mean"}),
         ("probe", {}),
@@ -87,6 +88,27 @@ def test_model_trains_and_embeds(name, kw):
     emb = model.embed(batch)
     assert emb.shape[0] == 256 and emb.dtype == torch.float32 and torch.isfinite(emb).all()
     assert torch.equal(emb, model.embed(batch)), "embed must be deterministic in eval mode"
+
+
+def test_vae_batch_conditions_the_decoder_and_the_encoder_only_when_asked():
+    """batch_key: the decoder sees the batch, the encoder (so the embedding) only with encode_batch (scVI's
+    encode_covariates), which checkpoints written before the field existed had."""
+    torch.manual_seed(0)
+    batch = synthetic_batch()
+    other = dict(batch, batch=(batch["batch"] + 1) % 3)  # every cell moved to another batch
+    decoded = debug_model("vae", batch_key="batch", n_batch=3)
+    both = debug_model("vae", batch_key="batch", n_batch=3, encode_batch=True)
+    for m in (decoded, both):
+        m.eval()
+    assert torch.equal(decoded.embed(batch), decoded.embed(other))
+    assert not torch.allclose(both.embed(batch), both.embed(other))
+    losses = []
+    for b in (batch, batch, other):
+        torch.manual_seed(1)  # the same draw of z each time
+        losses.append(float(decoded.loss(b).loss))
+    assert losses[0] == losses[1] != losses[2]  # the decoder reads the batch
+    assert models.make_config("vae", {"batch_key": "batch"}, saved=True).encode_batch
+    assert not models.make_config("vae", {"batch_key": "batch"}).encode_batch
 
 
 def test_vae_embed_is_latent_mean_and_kl_warms_up():
