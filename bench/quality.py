@@ -105,7 +105,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
             "batch": 64,
         },
     }
-    # the VAE as scVI users run it on data with batches: the batch as covariate of encoder and decoder
+    # the VAE as scVI users run it on data with batches: the batch as covariate of the decoder (scVI's default)
     specs["vae-batch"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"]))
     specs["vae-30"] = dict(specs["vae"], config=VAEConfig.small(n_latent=30))  # a wider latent, with and without
     # the batch in the encoder too (scVI's encode_covariates=True; cellray's only mode before 2026-12-04)
@@ -128,7 +128,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # the context past a cell's expressed genes filled with unexpressed ones (scGPT's include_zero_gene)
     specs["transformer-binned-zeros"] = dict(binned, config=TransformerConfig.small(zero_genes=True))
     # the default before 2026-12-04: a random subset of a cell's expressed genes when it has more than max_len
-    # (scGPT's), not its highest bins, and no per-gene value vectors; then the highest bins without them
+    # (scGPT's), not its highest bins, and no per-gene value vectors
     specs["transformer-binned-random"] = dict(
         binned, config=TransformerConfig.small(context="random", gene_values=False)
     )
