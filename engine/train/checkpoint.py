@@ -16,6 +16,7 @@ newest complete one there and downloads it once into the node's cache (`CELLRAY_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -155,9 +156,11 @@ class Checkpointer:
             state.optimizer.load_state_dict(saved["optimizer"])
             state.scheduler.load_state_dict(saved["scheduler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            changes = _config_changes(state.model, d)
+            cause = f"its model config differs ({changes})" if changes else "it holds another model's training"
             raise TrainError(
-                f"{self.output}: its checkpoint {d.name} does not fit this run's model ({one_line(e)}): it holds "
-                "another model's training; use another train.output"
+                f"{self.output}: its checkpoint {d.name} does not fit this run's model ({one_line(e)}): {cause}; "
+                "use another train.output, or the model config it was trained with (its meta.json)"
             ) from None
         state.loader.load_state_dict(own["loader"])
         if mine.exists():
@@ -222,6 +225,24 @@ def torch_load(path: Path, weights_only: bool = False) -> Any:
         raise TrainError(f"{path}: missing (an incomplete checkpoint)") from None
     except Exception as e:  # pickle, zipfile and torch raise many types for bad bytes
         raise TrainError(f"{path}: not a readable checkpoint file, garbage or truncated ({one_line(e)})") from None
+
+
+def _config_changes(model: torch.nn.Module, checkpoint: Path) -> str:
+    """The fields in which this run's model config differs from the one a checkpoint was trained with (a field that
+    did not exist then shows as absent); '' when either is unknown."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    try:
+        saved = read_meta(checkpoint)["model"]["config"]
+    except (TrainError, KeyError, TypeError):
+        return ""
+    if not dataclasses.is_dataclass(config) or not isinstance(saved, dict):
+        return ""
+    mine = json.loads(json.dumps(dataclasses.asdict(config)))  # as meta.json holds it (tuples -> lists)
+    return "; ".join(
+        f"{k}: {v!r} here, " + (f"{saved[k]!r} there" if k in saved else "absent there")
+        for k, v in mine.items()
+        if k not in saved or saved[k] != v
+    )
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

@@ -566,13 +566,16 @@ def test_embed_with_a_damaged_checkpoint(action, expect, chunky, chunky_checkpoi
 
 
 def test_resuming_from_another_models_checkpoint(chunky_store, chunky_checkpoint, tmp_path, capsys, monkeypatch):
-    """A run whose output holds another model's checkpoint: its whole cause in one line, exit 2, no retries."""
+    """A run whose output holds another model's checkpoint: its whole cause in one line (the config fields that
+    differ), exit 2, no retries."""
     side = tmp_path / "side"
     run = Path(shutil.copytree(chunky_checkpoint, side / "run"))
     raw = spec(str(chunky_store), **{"model.config": {"n_latent": 9}, "train.max_steps": 4, "train.output": str(run),
                                      "resources": {"workers": 0}})  # fmt: skip
     err = run_case(lambda d, s: ["run", str(write_spec(side, raw))], chunky_store, tmp_path, capsys, monkeypatch)
     assert "does not fit this run's model" in err and "size mismatch" in err, err
+    trained = json.loads((first_checkpoint(run) / "meta.json").read_text())["model"]["config"]["n_latent"]
+    assert f"its model config differs (n_latent: 9 here, {trained} there)" in err, err
     assert "attempt" not in err and "lost a process" not in err
 
 
