@@ -62,6 +62,7 @@ def debug_model(name: str, **kw):
         ("vae", {"batch_key": "batch", "n_batch": 3, "encode_batch": True}),
         ("transformer", {}),
         ("transformer", {"input": "rank", "pooling": "mean"}),
+        ("transformer", {"input": "rank", "gene_values": True}),
         ("probe", {}),
     ],
 )

@@ -35,6 +35,40 @@ def test_zarr_output_is_plain_anndata_in_store_order(reference_embedding, vae_ch
     np.testing.assert_allclose(a.obsm[OBSM_KEY], direct, rtol=1e-5, atol=1e-5)
 
 
+def test_a_checkpoint_from_before_a_config_field_embeds_as_it_was_trained(
+    vae_checkpoint, tiny_store, tmp_path, helpers
+):
+    """A checkpoint whose meta.json predates `encode_batch` (cellray's VAE then fed the batch to its encoder too):
+    load_checkpoint builds that model, FORMER_DEFAULTS, so its weights fit and `cellray embed` serves it; today's
+    default, a decoder-only covariate, would not fit them."""
+    import shutil
+
+    import anndata as ad
+    import torch
+
+    import models
+    from engine.train.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+
+    run = Path(shutil.copytree(vae_checkpoint, tmp_path / "old"))
+    ckpt = latest_checkpoint(run)
+    meta = read_meta(ckpt)
+    config = {k: v for k, v in meta["model"]["config"].items() if k != "encode_batch"}
+    meta["model"]["config"] = config
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    old = models.build("vae", dict(config, encode_batch=True))  # the model such a checkpoint holds
+    torch.save(old.state_dict(), ckpt / "model.pt")
+    model, _ = load_checkpoint(run)
+    assert model.config.encode_batch and model.config.batch_key == "batch"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        models.build("vae", config).load_state_dict(old.state_dict())  # read with today's default
+    embed(run, tiny_store, tmp_path / "e.h5ad")
+    old.eval()
+    direct = helpers.direct_vae_embedding(run, Store.open(tiny_store))  # the batch reaches the encoder
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "e.h5ad").obsm[OBSM_KEY], direct, rtol=1e-5, atol=1e-5)
+
+
 def test_commit_records_match_the_written_parts(vae_checkpoint, tiny_store, tmp_path):
     import anndata as ad
 
