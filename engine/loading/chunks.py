@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from engine.errors import StoreError
@@ -68,7 +69,7 @@ class PoolRead:
     """A planned read of cells: the chunk runs (shard, first, last chunk) to decode, one after another, into a pool
     of `size` elements, and where each cell's non-zeros then lie in it."""
 
-    runs: list[tuple[int, int, int]]
+    runs: np.ndarray  # (shard, first chunk, last chunk) per run, int64, sorted by shard and first chunk
     bases: np.ndarray  # each run's first element in the pool; bases[-1] is the pool's size
     row_start: np.ndarray  # per cell, int64
     row_len: np.ndarray
@@ -202,59 +203,76 @@ class StoreBlocks:
     def plan_read(self, segments: np.ndarray) -> PoolRead | CSRRows:
         """What `read_pool` decodes for `segments`: its chunk runs and where each cell lands in a pool of
         `PoolRead.size` elements. A layout the direct reader does not handle is read at once (a `CSRRows`)."""
-        n_seg = segments.shape[0]
+        segments = np.ascontiguousarray(segments[:, :3], dtype=np.int64)
         if self.store.remote and self.direct:
             self._prefetch_indptr(segments)
-        nnz_lo, nnz_hi, starts, lens = [], [], [], []
-        for shard, start, stop in segments:
-            ip = self.indptr_range(int(shard), int(start), int(stop))
-            nnz_lo.append(int(ip[0]))
-            nnz_hi.append(int(ip[-1]))
-            starts.append(ip[:-1])
-            lens.append(np.diff(ip))
-        readers = [(self._array(int(sh), "indices"), self._array(int(sh), "data")) for sh, _, _ in segments]
-        direct = n_seg > 0 and all(ri is not None and rd is not None for ri, rd in readers)
-        if direct:
-            chunk = readers[0][0].layout.chunk_elems
-            direct = all(ri.layout.chunk_elems == chunk == rd.layout.chunk_elems for ri, rd in readers)
-        if not direct:
-            return self._read_pool_zarr(segments, nnz_lo, nnz_hi, starts, lens)
-
-        # chunk runs per segment, merged per shard where they overlap or touch: each chunk decoded once per call
-        need = sorted(
-            (int(segments[i, 0]), lo // chunk, (hi - 1) // chunk, i)
-            for i, (lo, hi) in enumerate(zip(nnz_lo, nnz_hi))
-            if hi > lo
+        ip = self._indptr_of(segments)  # each segment's indptr[start : stop + 1], one after another
+        shards = dict.fromkeys(segments[:, 0].tolist())
+        readers = [(self._array(sh, "indices"), self._array(sh, "data")) for sh in shards]
+        chunk = readers[0][0].layout.chunk_elems if readers and readers[0][0] is not None else 0
+        direct = bool(readers) and all(
+            ri is not None and rd is not None and ri.layout.chunk_elems == chunk == rd.layout.chunk_elems
+            for ri, rd in readers
         )
-        runs: list[list[int]] = []  # [shard, c0, c1]
-        run_of = np.zeros(n_seg, dtype=np.int64)
-        for shard, c0, c1, i in need:
-            if runs and runs[-1][0] == shard and c0 <= runs[-1][2] + 1:
-                runs[-1][2] = max(runs[-1][2], c1)
-            else:
-                runs.append([shard, c0, c1])
-            run_of[i] = len(runs) - 1
-        sizes = np.array([(c1 - c0 + 1) * chunk for _, c0, c1 in runs], dtype=np.int64)
-        bases = np.zeros(len(runs) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=bases[1:])
+        n_cells = int((segments[:, 2] - segments[:, 1]).sum())
+        row_start, row_len = np.empty(n_cells, np.int64), np.empty(n_cells, np.int64)
+        runs, bases = np.empty((len(segments), 3), np.int64), np.zeros(len(segments) + 1, np.int64)
+        n_runs, used = _plan_pool(segments, ip, chunk if direct else 0, row_start, row_len, runs, bases)
+        if not direct:
+            return self._read_pool_zarr(segments, ip, row_start, row_len)
+        runs, bases = runs[:n_runs], bases[: n_runs + 1]
         if self.store.remote:
-            self._prefetch([(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs for a in ("indices", "data")])
-        shift = [int(bases[run_of[i]] - runs[run_of[i]][1] * chunk) if runs else 0 for i in range(n_seg)]
+            jobs = [(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs.tolist() for a in ("indices", "data")]
+            self._prefetch(jobs)
         return PoolRead(
-            runs=[tuple(r) for r in runs],
+            runs=runs,
             bases=bases,
-            row_start=np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64),
-            row_len=np.concatenate(lens).astype(np.int64),
-            used=sum(hi - lo for lo, hi in zip(nnz_lo, nnz_hi)),
+            row_start=row_start,
+            row_len=row_len,
+            used=used,
             dtypes=(readers[0][0].layout.dtype, readers[0][1].layout.dtype),
             cast=(np.dtype(self.store.manifest.index_dtype), np.dtype(self.store.manifest.count_dtype)),
         )
 
+    def _indptr_of(self, segments: np.ndarray) -> np.ndarray:
+        """indptr[start : stop + 1] of every segment (shard, start, stop), one after another (int64): slices of the
+        cached chunks, looked up under one lock for the whole buffer."""
+        if not len(segments):
+            return np.empty(0, np.int64)
+        readers = {sh: self._array(sh, "indptr") for sh in dict.fromkeys(segments[:, 0].tolist())}
+        per = {sh: r.layout.chunk_elems for sh, r in readers.items() if r is not None}  # None: zarr-python's path
+        parts: list[np.ndarray | None] = []
+        with self._lock:
+            cache = self._indptr
+            for sh, a, b in segments.tolist():
+                n = per.get(sh)
+                c = a // n if n else -1
+                got = cache.get((sh, c)) if cache is not None and n and c == b // n else None
+                if got is not None:
+                    cache.move_to_end((sh, c))
+                    got = got[a - c * n : b - c * n + 1]
+                parts.append(got)
+        for i, part in enumerate(parts):  # the rest decoded (and cached) outside the lock
+            if part is None:
+                parts[i] = self.indptr_range(*(int(v) for v in segments[i]))
+        return np.concatenate(parts)
+
     def decode_into(self, read: PoolRead, batch: ChunkBatch, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> None:
         """Adds `read`'s runs to `batch`, decoding into pool_i/pool_d from element `at` on (when the batch runs)."""
-        for r, (shard, c0, c1) in enumerate(read.runs):
-            batch.add(self._array(shard, "indices"), c0, c1, pool_i, at + int(read.bases[r]))
-            batch.add(self._array(shard, "data"), c0, c1, pool_d, at + int(read.bases[r]))
+        runs, to = read.runs, at + read.bases[:-1]
+        shards = runs[:, 0].tolist()
+        i = 0
+        while i < len(shards):  # one add per array of each shard (its runs are consecutive: sorted by shard)
+            j = i + 1
+            while j < len(shards) and shards[j] == shards[i]:
+                j += 1
+            if j == i + 1:  # one run: plain ints
+                c0, c1, pos = int(runs[i, 1]), int(runs[i, 2]), int(to[i])
+            else:
+                c0, c1, pos = runs[i:j, 1], runs[i:j, 2], to[i:j]
+            batch.add(self._array(shards[i], "indices"), c0, c1, pool_i, pos)
+            batch.add(self._array(shards[i], "data"), c0, c1, pool_d, pos)
+            i = j
         with self._lock:
             self.stats["decoded"] += read.size
             self.stats["used"] += read.used
@@ -286,23 +304,22 @@ class StoreBlocks:
                         jobs.append((reader, (c, c)))
         self._prefetch(jobs)
 
-    def _read_pool_zarr(self, segments, nnz_lo, nnz_hi, starts, lens) -> CSRRows:
-        """The reference path through zarr-python (checked reads): one read per segment and array, concatenated."""
-        parts_i, parts_d, shift, pos = [], [], [], 0
-        for (shard, _, _), lo, hi in zip(segments, nnz_lo, nnz_hi):
-            parts_i.append(self.store.read_array(int(shard), "indices", lo, hi))
-            parts_d.append(self.store.read_array(int(shard), "data", lo, hi))
-            shift.append(pos - lo)
-            pos += hi - lo
+    def _read_pool_zarr(self, segments, ip, row_start, row_len) -> CSRRows:
+        """The reference path through zarr-python (checked reads): one read per segment and array, concatenated
+        (`_plan_pool` placed each segment's cells after the previous segment's non-zeros)."""
+        ends = np.cumsum(segments[:, 2] - segments[:, 1] + 1)
+        parts_i, parts_d = [], []
+        for (shard, _, _), end, n in zip(segments.tolist(), ends.tolist(), (segments[:, 2] - segments[:, 1]).tolist()):
+            lo, hi = int(ip[end - n - 1]), int(ip[end - 1])
+            parts_i.append(self.store.read_array(shard, "indices", lo, hi))
+            parts_d.append(self.store.read_array(shard, "data", lo, hi))
         dt_i = np.dtype(self.store.manifest.index_dtype)
         dt_d = np.dtype(self.store.manifest.count_dtype)
         return CSRRows(
             np.concatenate(parts_i) if parts_i else np.empty(0, dt_i),
             np.concatenate(parts_d) if parts_d else np.empty(0, dt_d),
-            np.concatenate([st + sh for st, sh in zip(starts, shift)]).astype(np.int64)
-            if starts
-            else np.empty(0, np.int64),
-            np.concatenate(lens).astype(np.int64) if lens else np.empty(0, np.int64),
+            row_start,
+            row_len,
         )
 
     def read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -310,3 +327,55 @@ class StoreBlocks:
         pool = self.read_pool(segments)
         rows = np.arange(pool.n_cells, dtype=np.int64)
         return gather_rows_csr(pool, rows, data_dtype=pool.data.dtype, index_dtype=pool.indices.dtype)
+
+
+@numba.njit(nogil=True, cache=True)
+def _plan_pool(segments, ip, chunk, row_start, row_len, runs, bases):
+    """`StoreBlocks.plan_read` in one call: per cell its non-zeros' start in the pool and their count, from `ip`
+    (each segment's indptr[start : stop + 1], one after another). chunk > 0: the chunks each segment needs, merged
+    per shard into runs where they overlap or touch (each chunk decoded once), laid out run after run (bases[r]: run
+    r's first element); chunk 0: the segments' non-zeros one after another. Returns (runs, non-zeros of the cells)."""
+    n_seg = segments.shape[0]
+    lo, hi, first = np.empty(n_seg, np.int64), np.empty(n_seg, np.int64), np.empty(n_seg, np.int64)
+    o, c, used = 0, 0, 0
+    for i in range(n_seg):
+        m = segments[i, 2] - segments[i, 1]
+        lo[i], hi[i], first[i] = ip[o], ip[o + m], c
+        for j in range(m):
+            row_start[c + j] = ip[o + j]
+            row_len[c + j] = ip[o + j + 1] - ip[o + j]
+        o += m + 1
+        c += m
+        used += hi[i] - lo[i]
+    shift = np.zeros(n_seg, np.int64)
+    n_runs = 0
+    if chunk == 0:
+        pos = 0
+        for i in range(n_seg):
+            shift[i] = pos - lo[i]
+            pos += hi[i] - lo[i]
+    else:
+        top = 0
+        for i in range(n_seg):
+            top = max(top, hi[i] // chunk + 1)
+        order = np.argsort(segments[:, 0] * top + lo // chunk, kind="mergesort")  # by shard, then first chunk
+        run_of = np.zeros(n_seg, np.int64)
+        for i in order:
+            if hi[i] <= lo[i]:
+                continue
+            shard, c0, c1 = segments[i, 0], lo[i] // chunk, (hi[i] - 1) // chunk
+            if n_runs > 0 and runs[n_runs - 1, 0] == shard and c0 <= runs[n_runs - 1, 2] + 1:
+                runs[n_runs - 1, 2] = max(runs[n_runs - 1, 2], c1)
+            else:
+                runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2] = shard, c0, c1
+                n_runs += 1
+            run_of[i] = n_runs - 1
+        for r in range(n_runs):
+            bases[r + 1] = bases[r] + (runs[r, 2] - runs[r, 1] + 1) * chunk
+        if n_runs > 0:
+            for i in range(n_seg):  # a segment of empty cells keeps run 0's shift: its cells read nothing
+                shift[i] = bases[run_of[i]] - runs[run_of[i], 1] * chunk
+    for i in range(n_seg):
+        for j in range(first[i], first[i] + segments[i, 2] - segments[i, 1]):
+            row_start[j] += shift[i]
+    return n_runs, used

@@ -10,6 +10,7 @@ hands it over in shared memory (engine/loading/shm.py), and the Loader turns it 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from engine.config import Config
 from engine.errors import LoaderError, cellray_cause
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
-from engine.loading.sampler import BufferPlan, split_mask
+from engine.loading.sampler import BufferPlan
 from engine.store.csr import CSRRows, gather_dense, gather_rows_csr, gather_rows_dense
 from engine.store.format import CSRBlock, Store
 
@@ -79,38 +80,19 @@ def collect(plan: BufferPlan, blocks: Any, obs_keys: Sequence[str]) -> tuple[CSR
     "row" in the pool, "index" (global: `blocks.cell_offsets` per shard), "pad" flag, and the codes of `obs_keys` (and
     of the balance key). `blocks`: a store's `StoreBlocks`, or a mix's `MixBlocks`."""
     segs = plan.segments
-    offsets = blocks.cell_offsets
+    row, index, pad = plan.cells(blocks.cell_offsets)  # before the read: a plan that does not fit reads nothing
     pool = blocks.read_pool(segs[:, :3])
     keys = list(dict.fromkeys([*obs_keys, *([plan.balance.key] if plan.balance is not None else [])]))
-    # rows of the concatenated read that belong to the buffer, in stream order, with their global index
-    rows, gidx, pad, obs = [], [], [], {k: [] for k in keys}
-    base = 0
-    for shard, start, stop, skip, take, is_pad in segs:
-        first = int(offsets[shard] + start)
-        local = np.arange(stop - start, dtype=np.int64)
-        if plan.filtered:
-            local = local[split_mask(first, int(stop - start), plan.split, plan.val_fraction)]
-        local = local[skip : skip + take]
-        if len(local) != take:
-            raise LoaderError(
-                f"plan/store mismatch: segment {shard}:{start}-{stop} has {len(local)} cells, plan says {take}"
-            )
-        rows.append(base + local)
-        gidx.append(first + local)
-        pad.append(np.full(take, bool(is_pad)))
-        for k in obs:
-            obs[k].append(blocks.obs_codes(int(shard), k)[start:stop][local])
-        base += stop - start
-    cols = {
-        "row": np.concatenate(rows) if rows else np.empty(0, np.int64),
-        "index": np.concatenate(gidx) if gidx else np.empty(0, np.int64),
-        "pad": np.concatenate(pad) if pad else np.empty(0, bool),
-        **{k: np.concatenate(v) for k, v in obs.items()},
-    }
-    if len(cols["row"]) != plan.n_cells:
-        raise LoaderError(
-            f"plan/store mismatch: buffer {plan.index} has {len(cols['row'])} cells, plan says {plan.n_cells}"
-        )
+    cols = {"row": row, "index": index, "pad": pad}
+    if keys:  # each segment's cells are a run of `row`: their codes are a slice of their shard's, picked the same way
+        ends = np.cumsum(segs[:, 4])
+        bases = np.cumsum(segs[:, 2] - segs[:, 1]) - (segs[:, 2] - segs[:, 1])
+        for k in keys:
+            parts = [
+                blocks.obs_codes(int(shard), k)[start + row[end - take : end] - base]
+                for (shard, start, _, _, take, _), end, base in zip(segs, ends, bases)
+            ]
+            cols[k] = np.concatenate(parts) if parts else np.empty(0, np.int64)
     return pool, cols
 
 
@@ -155,6 +137,12 @@ class BatchCutter:
         if output not in ("dense", "csr"):
             raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         self.output, self.pipeline, self.n_genes, self.keys = output, pipeline, n_genes, tuple(keys)
+        from engine.preprocess.transforms import Pipeline
+
+        # cellray's pipeline takes the store's dtypes (uint16 counts: half the bytes gathered, no sign check);
+        # another callable gets float32 counts and int32 indices, as it always has
+        self.native = isinstance(pipeline, Pipeline)
+        self.pipeline_out = getattr(pipeline, "dense", False) and "out" in inspect.signature(pipeline).parameters
         self.dense_buffers = BatchBuffers()
         self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it
         self.small_buffers = BatchBuffers()  # cell ids, obs codes, indptrs
@@ -171,7 +159,8 @@ class BatchCutter:
             if self.pipeline is None:
                 batch["X"] = self._raw_x(pool, rows)
             else:
-                ip, ix, dx = gather_rows_csr(pool, rows, np.float32, np.int32, self.csr_buffers)
+                dtypes = (pool.data.dtype, pool.indices.dtype) if self.native else (np.float32, np.int32)
+                ip, ix, dx = gather_rows_csr(pool, rows, *dtypes, self.csr_buffers)
                 out = self._run_pipeline(CSRBlock(ip, ix, dx, self.n_genes), batch["index"])
                 for key, value in out.items():
                     batch[key] = self._finish_x(value) if key == "X" else value
@@ -180,10 +169,7 @@ class BatchCutter:
 
     def _run_pipeline(self, block: CSRBlock, index: np.ndarray) -> dict[str, Any]:
         """The pipeline, writing a dense X into a reused buffer when it can (`Pipeline(..., out=)`)."""
-        import inspect
-
-        dense = getattr(self.pipeline, "dense", False) and "out" in inspect.signature(self.pipeline).parameters
-        if not dense:
+        if not self.pipeline_out:
             return self.pipeline(block, index)
         n_out = self.pipeline.n_genes_out
         out, _ = self.dense_buffers.get((block.n_cells, n_out))  # the pipeline clears a reused buffer itself

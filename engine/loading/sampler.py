@@ -57,7 +57,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from engine.config import Config
-from engine.errors import SamplerError
+from engine.errors import LoaderError, SamplerError
 from engine.hashing import mix64
 from engine.store.format import Store
 
@@ -241,6 +241,55 @@ class BufferPlan:
     @property
     def filtered(self) -> bool:
         return self.split != "all" and self.val_fraction > 0.0
+
+    def cells(self, cell_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per cell of the plan in stream order: its row in the segments' cells read one after another, its global
+        index (`cell_offsets[shard] + row in shard`), and its pad flag; one kernel call for every segment (no Python
+        per segment). A segment that does not hold the cells it says is a `SamplerError` (the plan and the store
+        disagree)."""
+        segs = np.ascontiguousarray(self.segments, dtype=np.int64)
+        n = int(segs[:, 4].sum()) if len(segs) else 0
+        if n != self.n_cells:
+            raise LoaderError(f"plan/store mismatch: buffer {self.index} has {n} cells, plan says {self.n_cells}")
+        row, index, pad = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.bool_)
+        threshold = _threshold(self.val_fraction) if self.filtered else np.uint64(0)
+        bad = _segment_cells(
+            segs, np.asarray(cell_offsets, dtype=np.int64), self.filtered, threshold, self.split == "val", row, index,
+            pad,
+        )  # fmt: skip
+        if bad >= 0:
+            shard, start, stop, _, take, _ = (int(v) for v in segs[bad])
+            raise LoaderError(
+                f"plan/store mismatch: segment {shard}:{start}-{stop} has fewer than the {take} cells the plan says"
+            )
+        return row, index, pad
+
+
+@numba.njit(nogil=True, cache=True)
+def _segment_cells(segments, cell_offsets, filtered, threshold, want_val, row, index, pad):
+    """`BufferPlan.cells`: each segment's cells of the split, `take` of them after the first `skip`. Returns -1, or
+    the first segment with fewer than `take` such cells."""
+    o = 0
+    base = 0  # the segment's first row among all the segments' cells
+    for i in range(segments.shape[0]):
+        shard, start, stop, skip, take, is_pad = segments[i]
+        first = cell_offsets[shard] + start
+        seen = 0  # cells of the split so far in this segment
+        got = 0
+        for j in range(stop - start):
+            if got == take:
+                break
+            if filtered and (_split_hash(np.uint64(first + j)) < threshold) != want_val:
+                continue
+            if seen >= skip:
+                row[o], index[o], pad[o] = base + j, first + j, is_pad != 0
+                o += 1
+                got += 1
+            seen += 1
+        if got != take:
+            return i
+        base += stop - start
+    return -1
 
 
 @dataclass

@@ -348,7 +348,7 @@ class Pipeline:
         cell_index = np.asarray(cell_index, dtype=np.int64)
         if len(cell_index) != block.n_cells:
             raise TransformError(f"{self._where}: cell_index has {len(cell_index)} entries for {block.n_cells} cells")
-        if self.do_log and block.data.dtype.kind == "f" and kernels.any_negative(block.data):
+        if self.do_log and block.data.dtype.kind in "fi" and kernels.any_negative(block.data):
             raise TransformError(
                 f"{self._where}: log1p on a batch with negative values (cells {cell_index[0]}..{cell_index[-1]}): "
                 "counts must be >= 0"

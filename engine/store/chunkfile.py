@@ -176,17 +176,15 @@ class MappedFile(NamedTuple):
 
 
 class _Part(NamedTuple):
-    """The chunks of one run that lie in one file, and where they go."""
+    """Chunks of one array that lie in one file, and where each goes."""
 
-    n: int  # chunks
-    dest: int  # the first one's address in the pool
-    chunk_bytes: int
-    tail: int  # bytes of crc32c each chunk ends in (0 or 4)
     reader: ArrayReader
-    chunk: int  # the first one's number in the array
+    chunks: np.ndarray  # their numbers in the array
     pool: np.ndarray
-    at: int  # the first one's element in the pool
+    at: np.ndarray  # each one's first element in the pool
     file: MappedFile  # kept alive while the batch holds addresses into its map
+    src: np.ndarray  # each one's address and byte count in the map (`MappedFile.src`, `.size`)
+    size: np.ndarray
 
 
 class ChunkBatch:
@@ -201,31 +199,51 @@ class ChunkBatch:
     def __init__(self) -> None:
         self._parts: list[_Part] = []
 
-    def add(self, reader: ArrayReader, c0: int, c1: int, pool: np.ndarray, at: int) -> None:
+    def add(self, reader: ArrayReader, c0, c1, pool: np.ndarray, at) -> None:
         """Chunks [c0, c1] of `reader` into pool[at : at + (c1 - c0 + 1) * chunk_elems] (a contiguous array of the
-        reader's dtype)."""
-        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
-
+        reader's dtype); c0, c1 and at are ints, or int64 arrays of them: many runs of the array at once (a few array
+        operations per array of a buffer, not Python per run)."""
         lay = reader.layout
-        chunk, per_file = lay.chunk_elems, reader._per_file
+        chunk = lay.chunk_elems
         if pool.dtype.itemsize != lay.dtype.itemsize or not pool.flags.c_contiguous:
             raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
-        if at < 0 or at + (c1 - c0 + 1) * chunk > len(pool):
-            raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0}-{c1} at {at}")
-        fast = lay.codec == "blosc" and chunk_kernel.available()
-        base, chunk_bytes, tail = pool.ctypes.data, chunk * pool.itemsize, 4 if lay.checksum else 0
-        c = c0
-        while c <= c1:
-            file_id = c // per_file
-            n = min(per_file - c % per_file, c1 - c + 1)  # chunks of the run in this file
-            start = at + (c - c0) * chunk
-            f = reader.mapped_file(file_id)
-            if fast and f.buf is not None:
-                self._parts.append(_Part(n, base + start * pool.itemsize, chunk_bytes, tail, reader, c, pool, start, f))
-            else:
-                for j in range(n):
-                    reader.decode(c + j, pool[start + j * chunk : start + (j + 1) * chunk])
-            c += n
+        if isinstance(c0, np.ndarray):
+            n = c1 - c0 + 1
+            if at.min() < 0 or (at + n * chunk).max() > len(pool):
+                r = int(np.flatnonzero((at < 0) | (at + n * chunk > len(pool)))[0])
+                raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0[r]}-{c1[r]} at {at[r]}")
+            # every run's chunks, one after another, and each one's place in the pool
+            chunks = np.repeat(c0 - np.cumsum(n) + n, n) + np.arange(int(n.sum()), dtype=np.int64)
+            pos = np.repeat(at - c0 * chunk, n) + chunks * chunk
+        else:
+            c0, c1, at = int(c0), int(c1), int(at)
+            if at < 0 or at + (c1 - c0 + 1) * chunk > len(pool):
+                raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0}-{c1} at {at}")
+            chunks = np.arange(c0, c1 + 1, dtype=np.int64)
+            pos = chunks * chunk + (at - c0 * chunk)
+        if not len(chunks):
+            return
+        per_file = reader._per_file
+        first, last = int(chunks[0]) // per_file, int(chunks[-1]) // per_file
+        if first == last:  # a run, or the runs, in one file
+            self._add_file(reader, first, chunks, pool, pos)
+            return
+        files = chunks // per_file
+        for file_id in np.unique(files).tolist():
+            mine = files == file_id
+            self._add_file(reader, file_id, chunks[mine], pool, pos[mine])
+
+    def _add_file(self, reader: ArrayReader, file_id: int, chunks: np.ndarray, pool: np.ndarray, pos: np.ndarray):
+        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
+
+        f = reader.mapped_file(file_id)
+        if reader.layout.codec == "blosc" and f.buf is not None and chunk_kernel.available():
+            k = chunks - file_id * reader._per_file
+            self._parts.append(_Part(reader, chunks, pool, pos, f, f.src[k], f.size[k]))
+            return
+        chunk = reader.layout.chunk_elems
+        for c, p in zip(chunks.tolist(), pos.tolist()):
+            reader.decode(c, pool[p : p + chunk])
 
     def run(self) -> None:
         """Decode every chunk added (raising the error of the first bad one)."""
@@ -233,21 +251,20 @@ class ChunkBatch:
             return
         from engine.store import chunk_kernel
 
-        # per chunk: its part's values and its place in the part (a few array operations per batch, not per part)
-        counts, dest, chunk_bytes, tail = (np.array(v, dtype=np.int64) for v in list(zip(*self._parts))[:4])
+        parts = self._parts
+        counts = np.array([len(p.chunks) for p in parts], dtype=np.int64)
         firsts = np.cumsum(counts) - counts
-        chunk_bytes, tail = np.repeat(chunk_bytes, counts), np.repeat(tail, counts)
-        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(firsts, counts)
-        dest = (np.repeat(dest, counts) + within * chunk_bytes).astype(np.uint64)
-        k0 = [p.chunk % p.reader._per_file for p in self._parts]
-        src = np.concatenate([p.file.src[k : k + p.n] for k, p in zip(k0, self._parts)])
-        size = np.concatenate([p.file.size[k : k + p.n] for k, p in zip(k0, self._parts)])
+        chunk_bytes = np.repeat([p.reader.layout.chunk_elems * p.pool.itemsize for p in parts], counts)
+        tail = np.repeat([4 if p.reader.layout.checksum else 0 for p in parts], counts)
+        dest = np.concatenate([p.pool.ctypes.data + p.at * p.pool.itemsize for p in parts]).astype(np.uint64)
+        src = np.concatenate([p.src for p in parts])
+        size = np.concatenate([p.size for p in parts])
         k = 0
         while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, chunk_bytes, VERIFY_CHECKSUMS, k)) >= 0:
             i = int(np.searchsorted(firsts, k, side="right")) - 1
-            p, j = self._parts[i], k - int(firsts[i])
+            p, j = parts[i], k - int(firsts[i])
             chunk = p.reader.layout.chunk_elems
-            p.reader.decode(p.chunk + j, p.pool[p.at + j * chunk : p.at + (j + 1) * chunk])
+            p.reader.decode(int(p.chunks[j]), p.pool[p.at[j] : p.at[j] + chunk])
             k += 1
         self._parts.clear()
 

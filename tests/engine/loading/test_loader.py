@@ -303,9 +303,23 @@ def test_transform_pipeline_runs_in_the_readers(tiny_store, ray_local):
         loader.close()
         assert batch["X"].dtype == torch.float32 and batch["X"].layout == torch.strided
         shard, local = store.locate(batch["index"].numpy())
-        row = store.read_csr(int(shard[3]), int(local[3]), int(local[3]) + 1).to_scipy().toarray()[0].astype(np.float64)
-        want = np.log1p(row / row.sum() * 1e4)
-        np.testing.assert_allclose(batch["X"][3].numpy(), want, rtol=1e-5, atol=1e-5)
+        for i in range(len(shard)):  # every cell (cellray's pipeline takes the store's own uint counts)
+            row = store.read_csr(int(shard[i]), int(local[i]), int(local[i]) + 1).to_scipy().toarray()[0]
+            want = np.log1p(row.astype(np.float64) / row.sum() * 1e4)
+            np.testing.assert_allclose(batch["X"][i].numpy(), want, rtol=1e-5, atol=1e-5)
+    seen = []
+
+    def callable_pipeline(block, index):  # any other callable gets float32 counts and int32 indices
+        seen.append((block.data.dtype, block.indices.dtype))
+        return {"X": block.to_scipy().toarray()}
+
+    loader = Loader(store, plan(32, **SMALL), transforms=callable_pipeline, mode="local")
+    batch = next(iter(loader))
+    loader.close()
+    assert store.manifest.count_dtype != "float32" and set(seen) == {(np.dtype(np.float32), np.dtype(np.int32))}
+    shard, local = store.locate(batch["index"].numpy())
+    row = store.read_csr(int(shard[0]), int(local[0]), int(local[0]) + 1).to_scipy().toarray()[0]
+    np.testing.assert_array_equal(batch["X"][0].numpy(), row)
 
 
 def test_bad_options_get_clear_errors(tiny_store):

@@ -181,3 +181,33 @@ def test_default_block_holds_about_65536_non_zeros_and_at_least_one_chunk():
         assert block == auto_block_size(n_cells, n_cells * per_cell, 65_536)  # small chunks leave the block alone
     assert auto_block_size(200_000, 200_000 * 500, 1 << 20) * 500 >= 1 << 19  # a big chunk: a block spans about one
     assert auto_block_size(1_000, 1_000, 16_384) == 4096 and auto_block_size(10, 10**9, 16_384) == 32  # the bounds
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplerConfig(batch_size=50, block_size=17, buffer_blocks=3, val_fraction=0.3),
+        SamplerConfig(batch_size=20, block_size=64, buffer_blocks=2, val_fraction=0.3, split="val", remainder="pad"),
+        SamplerConfig(batch_size=32, block_size=64, buffer_blocks=3, split="all"),
+    ],
+)
+def test_a_plans_cells_in_one_kernel_call_are_the_segments_cells(cfg):
+    """`BufferPlan.cells` (what a reader reads, in one call) is the reference expansion of each segment: its split's
+    cells, `take` of them after `skip`; and a segment that lacks the cells its plan says is refused, naming it."""
+    sampler = Sampler(SHARDS, cfg, rank=1, world_size=2)
+    cells, pads = expand(sampler, epoch=1)
+    plans = sampler.plan(1)
+    got = [plan.cells(sampler.cell_offsets) for plan in plans]
+    assert np.array_equal(np.concatenate([index for _, index, _ in got]), np.concatenate(cells))
+    assert np.array_equal(np.concatenate([pad for _, _, pad in got]), pads)
+    for plan, (row, index, _) in zip(plans, got):  # each row is the cell's place among the segments' cells
+        starts = np.cumsum(plan.segments[:, 2] - plan.segments[:, 1]) - (plan.segments[:, 2] - plan.segments[:, 1])
+        seg = np.repeat(np.arange(len(plan.segments)), plan.segments[:, 4])
+        first = sampler.cell_offsets[plan.segments[seg, 0]] + plan.segments[seg, 1]
+        assert np.array_equal(row - starts[seg], index - first)
+    bad = plans[0]
+    bad.segments = bad.segments.copy()
+    shard, start, stop = (int(v) for v in bad.segments[0, :3])
+    bad.segments[0, 3] += stop - start  # skip past every cell the segment has
+    with pytest.raises(CellrayError, match=f"segment {shard}:{start}-{stop} has fewer than"):
+        bad.cells(sampler.cell_offsets)
