@@ -37,8 +37,8 @@ cells of the stream are skipped; pad: the last global batch wraps to the stream'
 Class balance (`balance_by`) is not offered with it.
 
 Validation split: a cell is in "val" when splitmix64(global index ^ salt) < val_fraction * 2^64: stable for a
-given store and the same on every machine, and training never reads a val cell. Counting the split per
-block is one numba pass over cell *indices* (no data, ~1 ns per cell) done once per Sampler.
+given store and the same on every machine, and training never reads a val cell (engine/loading/split.py). Counting
+the split per block is one numba pass over cell *indices* (no data, ~1 ns per cell) done once per Sampler.
 
 Everything here is O(blocks) (never O(cells)) in memory, and per-epoch work is one permutation and one
 cumulative sum over blocks.
@@ -52,16 +52,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import numba
 import numpy as np
 from pydantic import Field, model_validator
 
 from engine.config import Config
 from engine.errors import LoaderError, SamplerError
-from engine.hashing import mix64
+from engine.loading.split import segment_cells, split_counts, split_threshold
 from engine.store.format import Store
-
-SPLIT_SALT = 0x5EED_CE11_0000_0001  # fixed: the split must not move when the shuffle seed does
 
 
 class SamplerConfig(Config):
@@ -161,43 +158,6 @@ def category_counts(store: Store, key: str) -> np.ndarray:
     return counts
 
 
-# ------------------------------------------------------------------------------------------------ split
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _split_hash(x):
-    return mix64(x ^ np.uint64(SPLIT_SALT))
-
-
-@numba.njit(nogil=True, cache=True)
-def _split_mask(first, n, threshold, want_val, out):
-    for i in range(n):
-        out[i] = (_split_hash(np.uint64(first + i)) < threshold) == want_val
-
-
-@numba.njit(nogil=True, cache=True)
-def _split_counts(block_first, block_len, threshold, want_val, out):
-    for b in range(block_first.shape[0]):
-        c = 0
-        f = block_first[b]
-        for i in range(block_len[b]):
-            c += (_split_hash(np.uint64(f + i)) < threshold) == want_val
-        out[b] = c
-
-
-def _threshold(val_fraction: float) -> np.uint64:
-    return np.uint64(min(2**64 - 1, int(val_fraction * 2**64)))
-
-
-def split_mask(first_global: int, n: int, split: str, val_fraction: float) -> np.ndarray:
-    """Which of the cells [first_global, first_global + n) belong to `split` (bool array)."""
-    if split == "all" or val_fraction == 0.0:
-        return np.full(n, split != "val", dtype=bool)
-    out = np.empty(n, dtype=np.bool_)
-    _split_mask(np.uint64(first_global), n, _threshold(val_fraction), split == "val", out)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -252,44 +212,16 @@ class BufferPlan:
         if n != self.n_cells:
             raise LoaderError(f"plan/store mismatch: buffer {self.index} has {n} cells, plan says {self.n_cells}")
         row, index, pad = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.bool_)
-        threshold = _threshold(self.val_fraction) if self.filtered else np.uint64(0)
-        bad = _segment_cells(
-            segs, np.asarray(cell_offsets, dtype=np.int64), self.filtered, threshold, self.split == "val", row, index,
-            pad,
-        )  # fmt: skip
+        cut = split_threshold(self.val_fraction) if self.filtered else np.uint64(0)
+        bad = segment_cells(
+            segs, np.asarray(cell_offsets, dtype=np.int64), self.filtered, cut, self.split == "val", row, index, pad
+        )
         if bad >= 0:
             shard, start, stop, _, take, _ = (int(v) for v in segs[bad])
             raise LoaderError(
                 f"plan/store mismatch: segment {shard}:{start}-{stop} has fewer than the {take} cells the plan says"
             )
         return row, index, pad
-
-
-@numba.njit(nogil=True, cache=True)
-def _segment_cells(segments, cell_offsets, filtered, threshold, want_val, row, index, pad):
-    """`BufferPlan.cells`: each segment's cells of the split, `take` of them after the first `skip`. Returns -1, or
-    the first segment with fewer than `take` such cells."""
-    o = 0
-    base = 0  # the segment's first row among all the segments' cells
-    for i in range(segments.shape[0]):
-        shard, start, stop, skip, take, is_pad = segments[i]
-        first = cell_offsets[shard] + start
-        seen = 0  # cells of the split so far in this segment
-        got = 0
-        for j in range(stop - start):
-            if got == take:
-                break
-            if filtered and (_split_hash(np.uint64(first + j)) < threshold) != want_val:
-                continue
-            if seen >= skip:
-                row[o], index[o], pad[o] = base + j, first + j, is_pad != 0
-                o += 1
-                got += 1
-            seen += 1
-        if got != take:
-            return i
-        base += stop - start
-    return -1
 
 
 @dataclass
@@ -375,7 +307,7 @@ class Sampler:
         if c.split == "all" or c.val_fraction == 0.0:
             return sizes
         out = np.empty(self.n_blocks, dtype=np.int64)
-        _split_counts(self.cell_offsets[shard] + start, sizes, _threshold(c.val_fraction), c.split == "val", out)
+        split_counts(self.cell_offsets[shard] + start, sizes, split_threshold(c.val_fraction), c.split == "val", out)
         return out
 
     # -- epochs

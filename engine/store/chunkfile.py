@@ -203,8 +203,7 @@ class ChunkBatch:
         """Chunks [c0, c1] of `reader` into pool[at : at + (c1 - c0 + 1) * chunk_elems] (a contiguous array of the
         reader's dtype); c0, c1 and at are ints, or int64 arrays of them: many runs of the array at once (a few array
         operations per array of a buffer, not Python per run)."""
-        lay = reader.layout
-        chunk = lay.chunk_elems
+        lay, chunk = reader.layout, reader.layout.chunk_elems
         if pool.dtype.itemsize != lay.dtype.itemsize or not pool.flags.c_contiguous:
             raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
         if isinstance(c0, np.ndarray):
@@ -241,9 +240,8 @@ class ChunkBatch:
             k = chunks - file_id * reader._per_file
             self._parts.append(_Part(reader, chunks, pool, pos, f, f.src[k], f.size[k]))
             return
-        chunk = reader.layout.chunk_elems
-        for c, p in zip(chunks.tolist(), pos.tolist()):
-            reader.decode(c, pool[p : p + chunk])
+        for c, p in zip(chunks.tolist(), pos.tolist()):  # other codecs, and v1 files never written
+            reader.decode(c, pool[p : p + reader.layout.chunk_elems])
 
     def run(self) -> None:
         """Decode every chunk added (raising the error of the first bad one)."""

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from engine.errors import CellrayError, SamplerError
-from engine.loading.sampler import Sampler, SamplerConfig, auto_block_size, split_mask
+from engine.loading.sampler import Sampler, SamplerConfig, auto_block_size
+from engine.loading.split import split_mask
 
 SHARDS = [401, 333, 97, 652]  # odd sizes, 1,483 cells
 
