@@ -307,10 +307,10 @@ class StoreBlocks:
     def _read_pool_zarr(self, segments, ip, row_start, row_len) -> CSRRows:
         """The reference path through zarr-python (checked reads): one read per segment and array, concatenated
         (`_plan_pool` placed each segment's cells after the previous segment's non-zeros)."""
-        ends = np.cumsum(segments[:, 2] - segments[:, 1] + 1)
+        n = segments[:, 2] - segments[:, 1]
+        first = np.cumsum(n + 1) - (n + 1)  # each segment's indptr[start] in ip
         parts_i, parts_d = [], []
-        for (shard, _, _), end, n in zip(segments.tolist(), ends.tolist(), (segments[:, 2] - segments[:, 1]).tolist()):
-            lo, hi = int(ip[end - n - 1]), int(ip[end - 1])
+        for shard, lo, hi in zip(segments[:, 0].tolist(), ip[first].tolist(), ip[first + n].tolist()):
             parts_i.append(self.store.read_array(shard, "indices", lo, hi))
             parts_d.append(self.store.read_array(shard, "data", lo, hi))
         dt_i = np.dtype(self.store.manifest.index_dtype)

@@ -128,6 +128,12 @@ class BufferReader:
         return self.cutter.cut(plan, *collect(plan, self.blocks, self.obs_keys))
 
 
+def _is_cellray_pipeline(pipeline: Any) -> bool:
+    from engine.preprocess.transforms import Pipeline  # only with a pipeline: raw reads import no transforms
+
+    return isinstance(pipeline, Pipeline)
+
+
 class BatchCutter:
     """Cuts a buffer's batches out of its decoded pool: the plan's pick of its cells (`buffer_pick`), batch after
     batch, each with `keys` of the buffer's stream columns (and "pad" where the plan pads) and X, gathered straight
@@ -137,11 +143,9 @@ class BatchCutter:
         if output not in ("dense", "csr"):
             raise LoaderError(f"output is {output!r}: expected 'dense' or 'csr'")
         self.output, self.pipeline, self.n_genes, self.keys = output, pipeline, n_genes, tuple(keys)
-        from engine.preprocess.transforms import Pipeline
-
         # cellray's pipeline takes the store's dtypes (uint16 counts: half the bytes gathered, no sign check);
         # another callable gets float32 counts and int32 indices, as it always has
-        self.native = isinstance(pipeline, Pipeline)
+        self.native = pipeline is not None and _is_cellray_pipeline(pipeline)
         self.pipeline_out = getattr(pipeline, "dense", False) and "out" in inspect.signature(pipeline).parameters
         self.dense_buffers = BatchBuffers()
         self.csr_buffers = BatchBuffers()  # a pool of its own: CSR arrays never crowd dense batches out of it

@@ -205,7 +205,7 @@ class BufferPlan:
     def cells(self, cell_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per cell of the plan in stream order: its row in the segments' cells read one after another, its global
         index (`cell_offsets[shard] + row in shard`), and its pad flag; one kernel call for every segment (no Python
-        per segment). A segment that does not hold the cells it says is a `SamplerError` (the plan and the store
+        per segment). A segment that does not hold the cells it says is a `LoaderError` (the plan and the store
         disagree)."""
         segs = np.ascontiguousarray(self.segments, dtype=np.int64)
         n = int(segs[:, 4].sum()) if len(segs) else 0

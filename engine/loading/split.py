@@ -18,12 +18,6 @@ def _split_hash(x):
 
 
 @numba.njit(nogil=True, cache=True)
-def _split_mask(first, n, threshold, want_val, out):
-    for i in range(n):
-        out[i] = (_split_hash(np.uint64(first + i)) < threshold) == want_val
-
-
-@numba.njit(nogil=True, cache=True)
 def split_counts(block_first, block_len, threshold, want_val, out):
     """out[b] = cells of the split among block b's `block_len[b]` cells from global index `block_first[b]` on."""
     for b in range(block_first.shape[0]):
@@ -37,15 +31,6 @@ def split_counts(block_first, block_len, threshold, want_val, out):
 def split_threshold(val_fraction: float) -> np.uint64:
     """The hash below which a cell is in "val"."""
     return np.uint64(min(2**64 - 1, int(val_fraction * 2**64)))
-
-
-def split_mask(first_global: int, n: int, split: str, val_fraction: float) -> np.ndarray:
-    """Which of the cells [first_global, first_global + n) belong to `split` (bool array)."""
-    if split == "all" or val_fraction == 0.0:
-        return np.full(n, split != "val", dtype=bool)
-    out = np.empty(n, dtype=np.bool_)
-    _split_mask(np.uint64(first_global), n, split_threshold(val_fraction), split == "val", out)
-    return out
 
 
 @numba.njit(nogil=True, cache=True)

@@ -208,7 +208,7 @@ class ChunkBatch:
             raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
         if isinstance(c0, np.ndarray):
             n = c1 - c0 + 1
-            if at.min() < 0 or (at + n * chunk).max() > len(pool):
+            if len(n) and (at.min() < 0 or (at + n * chunk).max() > len(pool)):  # no runs: nothing to add, below
                 r = int(np.flatnonzero((at < 0) | (at + n * chunk > len(pool)))[0])
                 raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0[r]}-{c1[r]} at {at[r]}")
             # every run's chunks, one after another, and each one's place in the pool

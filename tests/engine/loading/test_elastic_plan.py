@@ -13,7 +13,7 @@ import pytest
 from engine.errors import CellrayError, SamplerError
 from engine.loading.loader import Loader
 from engine.loading.sampler import Sampler, SamplerConfig
-from engine.loading.split import split_mask
+from tests.engine.loading.conftest import split_mask
 
 SHARDS = [401, 333, 97, 652]  # odd sizes, 1,483 cells
 

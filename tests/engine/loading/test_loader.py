@@ -14,6 +14,7 @@ from engine.errors import CellrayError
 from engine.loading.loader import Loader
 from engine.loading.readers import ReadOptions
 from engine.loading.sampler import SamplerConfig
+from engine.preprocess.transforms import Pipeline
 from engine.store.format import Store
 
 SMALL = dict(block_size=64, buffer_blocks=4)  # tiny store: several blocks per shard, several buffers per rank
@@ -308,6 +309,18 @@ def test_transform_pipeline_runs_in_the_readers(tiny_store, ray_local):
             want = np.log1p(row.astype(np.float64) / row.sum() * 1e4)
             np.testing.assert_allclose(batch["X"][i].numpy(), want, rtol=1e-5, atol=1e-5)
     seen = []
+
+    class Recording(Pipeline):  # cellray's pipeline gets the store's own dtypes (uint16 counts: half the bytes)
+        def __call__(self, block, cell_index, out=None):
+            seen.append((block.data.dtype, block.indices.dtype))
+            return super().__call__(block, cell_index, out=out)
+
+    loader = Loader(store, plan(32, **SMALL), transforms=Recording.from_spec(spec, store), mode="local")
+    native = next(iter(loader))
+    loader.close()
+    assert set(seen) == {(np.dtype(store.manifest.count_dtype), np.dtype(store.manifest.index_dtype))}, seen
+    assert torch.equal(native["X"], batch["X"])  # the same batch as the spec's pipeline gave above
+    seen.clear()
 
     def callable_pipeline(block, index):  # any other callable gets float32 counts and int32 indices
         seen.append((block.data.dtype, block.indices.dtype))

@@ -79,6 +79,9 @@ def test_chunk_kernel_decodes_runs_across_files_like_zarr_python(tmp_path):
     assert np.array_equal(pool[:400], values[1_400:1_800]) and np.array_equal(pool[1_000:1_200], values[300:500])
     assert np.array_equal(pool[1_500:1_600], values[2_000:2_100])
     assert not pool[400:1_000].any() and not pool[1_200:1_500].any() and not pool[1_600:].any()
+    none = np.empty(0, dtype=np.int64)
+    batch.add(reader, none, none, pool, none)  # no runs: nothing added
+    assert batch._parts == []
     with pytest.raises(ValueError, match="no room for chunks 20-20 at 1950"):
         ChunkBatch().add(reader, runs[:, 0], runs[:, 1], pool, np.array([0, 1_000, 1_950]))
     for lo, hi in [(0, 10_000), (750, 1_650), (799, 801), (9_950, 10_000)]:
