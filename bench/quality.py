@@ -159,6 +159,11 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # without gradient clipping (the loop's default clips the norm at 1.0, which these models' gradients exceed)
     specs["transformer-rank-noclip"] = dict(rank, grad_clip=0.0)
     specs["transformer-binned-noclip"] = dict(binned, grad_clip=0.0)
+    # the gene embeddings' random start (GPT-2's), the default before 2026-12-04's start from the data's principal
+    # axes (gene_init: pca)
+    specs["transformer-binned-randominit"] = dict(binned, config=TransformerConfig.small(gene_init="random"))
+    specs["transformer-rank-randominit"] = dict(rank, config=TransformerConfig.small(input="rank", gene_init="random"))
+    specs["transformer-binned-3x-randominit"] = dict(specs["transformer-binned-randominit"], steps=3 * binned["steps"])
     return specs
 
 

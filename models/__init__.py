@@ -3,7 +3,9 @@
 Every model is an ``nn.Module`` built from a frozen config dataclass (``Model.Config``) with
 
 - ``loss(batch, step=None) -> Loss``: the training objective and its named terms, from a loader batch dict;
-- ``embed(batch) -> Tensor``: one row per cell.
+- ``embed(batch) -> Tensor``: one row per cell;
+- optionally ``init_cells`` (an int) and ``init_from_data(batch)``: a start from the data, which the training loop
+  gives one batch of ``init_cells`` training cells before the first step (the transformer's gene embeddings).
 
 - ``Config.resolve(DataSummary) -> Config``: the sizes that come from the data filled in;
 - ``Config.obs_keys()``: the obs columns the model reads from a batch.

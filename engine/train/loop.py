@@ -63,6 +63,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     # model and optimizer: the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(t.seed)
     model = models.build(cfg.model.name, ctx.model_config)
+    _init_from_data(ctx, model)
     objective = _Objective(model)
     if world > 1 or device.type == "cuda":
         objective = ray.train.torch.prepare_model(objective)
@@ -287,6 +288,23 @@ def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_reader
             f"cells of the {split} split per epoch: lower data.batch_size or resources.workers"
         )
     return loader
+
+
+def _init_from_data(ctx: LoopContext, model: torch.nn.Module) -> None:
+    """A model's start from its data (`init_cells` > 0: `init_from_data`, the transformer's gene embeddings): one
+    batch of that many training cells as the loop reads them (transforms included), the same on every rank (the
+    whole split, as one rank reads it, with the spec's seed; a smaller split repeats cells), before DDP copies rank
+    0's weights. A resumed run then loads its checkpoint over it."""
+    n = getattr(model, "init_cells", 0)
+    if not n:
+        return
+    d = ctx.config.data
+    plan = sampler_config(d, "train").model_copy(update={"batch_size": n, "remainder": "pad", "global_batch": False})
+    t0 = time.perf_counter()
+    with Loader(ctx.store, plan, transforms=ctx.pipeline, obs_keys=tuple(d.obs_keys), mode="local") as loader:
+        batch = next(iter(loader))
+    model.init_from_data(batch)
+    log.info("model initialised from %d training cells in %.1f s", len(batch["index"]), time.perf_counter() - t0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -330,6 +330,33 @@ def test_transformer_gene_values_encode_each_visible_value_by_its_gene():
         model.load_state_dict(off.state_dict())
 
 
+def test_transformer_gene_init_pca_starts_each_gene_on_the_principal_axes_of_the_data():
+    """gene_init "pca" (the default): `init_from_data` sets each expressed gene's embedding to its loadings on the
+    top d_model principal axes of the mvc target (the batch's X for binned input), so the embedding matrix has
+    orthonormal columns whose first ones span the data's dominant axes; a gene the cells never express keeps its
+    random start. "random" asks for no cells; checkpoints written before the field existed started at random."""
+    from models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    n, g, r = 512, 64, 3
+    axes = torch.linalg.qr(torch.randn(g - 1, r)).Q  # the data's dominant axes over the expressed genes
+    x = 3.0 + (torch.randn(n, r) * torch.tensor([6.0, 4.0, 3.0])) @ axes.T + 0.05 * torch.randn(n, g - 1)
+    x = torch.cat([x, torch.zeros(n, 1)], 1)  # the last gene is never expressed
+    model = Transformer(TransformerConfig.debug(n_genes=g))
+    assert model.init_cells == 4096 and Transformer(TransformerConfig.debug(gene_init="random")).init_cells == 0
+    before = model.gene_embedding.weight.detach().clone()
+    model.init_from_data({"X": x})
+    w = model.gene_embedding.weight.detach()
+    assert torch.equal(w[g - 1], before[g - 1]) and torch.equal(w[g:], before[g:])  # unexpressed, special tokens
+    gram = w[: g - 1].T @ w[: g - 1]
+    assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-3), "orthonormal loadings"
+    overlap = torch.linalg.svdvals(axes.T @ w[: g - 1, :r])  # cosines between the two r-dim subspaces
+    assert overlap.min() > 0.99, overlap
+    assert models.make_config("transformer", {"n_genes": 64}, saved=True).gene_init == "random"
+    with pytest.raises(ValueError, match="gene_init is 'svd'"):
+        TransformerConfig.debug(gene_init="svd")
+
+
 def test_registry_and_config_errors():
     assert models.names() == ["probe", "transformer", "vae"]
     assert models.get("vae") is models.VAE

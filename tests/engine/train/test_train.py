@@ -164,6 +164,24 @@ def test_transformer_two_workers(tiny_store, ray_local, tmp_path):
     assert meta["model"]["config"]["n_bins"] == 11 and meta["model"]["config"]["input"] == "binned"
 
 
+def test_transformer_gene_embeddings_start_from_the_training_cells(tiny_store, ray_local, tmp_path):
+    """gene_init "pca" (the default): before the first step the loop reads `init_cells` training cells through the
+    spec's transforms and the transformer's gene embeddings start as the principal axes of their expression
+    (orthonormal columns); "random" keeps GPT-2's small random start. One step at a negligible learning rate keeps
+    the start in the checkpoint."""
+
+    def start(gene_init: str) -> torch.Tensor:
+        config = {"gene_init": gene_init, "init_cells": 512}
+        spec = make_spec(tiny_store, tmp_path / gene_init, "transformer", config, workers=0, max_steps=1, lr=1e-9)
+        model, _ = load_checkpoint(pretrain(spec).output)
+        w = model.gene_embedding.weight[: model.config.n_genes].detach()
+        return w.T @ w
+
+    eye = torch.eye(32)
+    assert torch.allclose(start("pca"), eye, atol=0.05)
+    assert not torch.allclose(start("random"), eye, atol=0.5)
+
+
 def test_local_mode_probe_with_accumulation_validation_and_rerun(tiny_store, ray_local, tmp_path):
     """workers: 0 runs the loop in-process; grad accumulation, validation; a rerun resumes, not restarts."""
     spec = make_spec(tiny_store, tmp_path / "run", model="probe", workers=0, grad_accum=2, val_every=6, lr=3e-2)
