@@ -92,7 +92,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
                 {"select_genes": "hvg"},
                 {"rank_tokens": {"max_len": 2048}},
             ],
-            "lr": 3e-3,
+            "lr": 1.5e-3,  # 3e-3 before the gene embeddings started from the data (then the better of the two)
             "steps": 300,
             "batch": 64,
         },
@@ -162,7 +162,10 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # the gene embeddings' random start (GPT-2's), the default before 2026-12-04's start from the data's principal
     # axes (gene_init: pca)
     specs["transformer-binned-randominit"] = dict(binned, config=TransformerConfig.small(gene_init="random"))
-    specs["transformer-rank-randominit"] = dict(rank, config=TransformerConfig.small(input="rank", gene_init="random"))
+    specs["transformer-rank-randominit"] = dict(
+        rank, config=TransformerConfig.small(input="rank", gene_init="random"), lr=3e-3
+    )
+    specs["transformer-rank-lr3"] = dict(rank, lr=3e-3)  # the start from the data at the earlier learning rate
     specs["transformer-binned-3x-randominit"] = dict(specs["transformer-binned-randominit"], steps=3 * binned["steps"])
     return specs
 
