@@ -92,7 +92,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
                 {"select_genes": "hvg"},
                 {"rank_tokens": {"max_len": 2048}},
             ],
-            "lr": 1.5e-3,  # 3e-3 before the gene embeddings started from the data (then the better of the two)
+            "lr": 1.5e-3,  # 3e-3 before gene_init: pca (transformer-rank-lr3)
             "steps": 300,
             "batch": 64,
         },
@@ -166,7 +166,7 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
         rank, config=TransformerConfig.small(input="rank", gene_init="random"), lr=3e-3
     )
     specs["transformer-rank-lr3"] = dict(rank, lr=3e-3)  # the start from the data at the earlier learning rate
-    specs["transformer-binned-3x-randominit"] = dict(specs["transformer-binned-randominit"], steps=3 * binned["steps"])
+    specs["transformer-binned-lr15"] = dict(binned, lr=1.5e-3)  # the rank preset's learning rate, on binned input
     return specs
 
 

@@ -63,7 +63,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     # model and optimizer: the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(t.seed)
     model = models.build(cfg.model.name, ctx.model_config)
-    _init_from_data(ctx, model)
+    _init_from_data(ctx, model, rank)
     objective = _Objective(model)
     if world > 1 or device.type == "cuda":
         objective = ray.train.torch.prepare_model(objective)
@@ -290,13 +290,13 @@ def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_reader
     return loader
 
 
-def _init_from_data(ctx: LoopContext, model: torch.nn.Module) -> None:
+def _init_from_data(ctx: LoopContext, model: torch.nn.Module, rank: int) -> None:
     """A model's start from its data (`init_cells` > 0: `init_from_data`, the transformer's gene embeddings): one
-    batch of that many training cells as the loop reads them (transforms included), the same on every rank (the
-    whole split, as one rank reads it, with the spec's seed; a smaller split repeats cells), before DDP copies rank
-    0's weights. A resumed run then loads its checkpoint over it."""
+    batch of that many training cells as the loop reads them (transforms included; the whole training split as one
+    rank reads it, with the spec's seed; a smaller split repeats cells). Rank 0 only: DDP's wrapping then copies its
+    weights to every rank, and a resumed run loads its checkpoint over them."""
     n = getattr(model, "init_cells", 0)
-    if not n:
+    if not n or rank > 0:
         return
     d = ctx.config.data
     plan = sampler_config(d, "train").model_copy(update={"batch_size": n, "remainder": "pad", "global_batch": False})
