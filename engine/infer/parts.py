@@ -165,8 +165,15 @@ class PartsOutput:
         with quiet_zarr():
             ad.io.write_elem(g, "uns", uns)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for orphan in self._record_temporaries():  # a writer lost mid-commit: its part was redone by another
+            orphan.unlink(missing_ok=True)
 
     # -- records (driver)
+
+    def _record_temporaries(self) -> list[Path]:
+        """Half-written commit records (`.<k>.json.tmp-*`): orphans whenever no writer runs, as before a run's
+        parts start and after they are all committed."""
+        return list(self.records.glob(".*.tmp-*")) if self.records.is_dir() else []
 
     def committed(self, fingerprint: str) -> dict[int, dict[str, Any]]:
         """Parts with a valid commit record of this run."""
@@ -181,13 +188,17 @@ class PartsOutput:
         return done
 
     def clean(self, todo: list[int], rows: list[str]) -> int:
-        """Remove orphans before parts `todo` are (re)done: every temporary of a killed writer, stray temporaries
-        of zarr's own writes, and the chunk files of uncommitted parts. Returns how many were removed."""
+        """Remove orphans before parts `todo` are (re)done: every temporary of a killed writer (its part's files
+        and its half-written record), stray temporaries of zarr's own writes, and the chunk files of uncommitted
+        parts. Returns how many were removed."""
         removed = 0
         if self.tmp.is_dir():
             for d in self.tmp.iterdir():
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
                 removed += 1
+        for orphan in self._record_temporaries():
+            orphan.unlink(missing_ok=True)
+            removed += 1
         for path in rows:
             meta = self.array_meta(path)
             for part in todo:

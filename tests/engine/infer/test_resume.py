@@ -36,6 +36,7 @@ def _assert_equals_reference(out: Path, reference) -> None:
     records = sorted((out / ".cellray" / "parts").glob("*.json"))
     assert len(records) == N_PARTS
     assert sum(json.loads(r.read_text())["rows"] for r in records) == a.n_obs
+    assert not list(out.rglob(".*.tmp-*"))  # no half-written file of a lost writer outlives the run
 
 
 def _unfinished_copy(reference_dir: Path, out: Path) -> Path:
@@ -92,6 +93,7 @@ def test_part_without_commit_record_is_redone(
     (staging / ".cellray" / "parts" / "00004.json").unlink()  # part 4 was written but never committed
     zarr.open_array(str(staging / "obsm" / OBSM_KEY), mode="r+")[600:750] = 7.0  # ... and holds garbage
     (staging / ".cellray" / "tmp" / "00004.dead").mkdir(parents=True)  # an orphan of its killed writer
+    (staging / ".cellray" / "parts" / ".00004.json.tmp-1@host-0123abcd.json").write_text('{"par')  # its record, cut
     res = embed(vae_checkpoint, tiny_store, out, part_cells=150)  # in-process (a small store)
     assert res.parts_run == 1
     _assert_equals_reference(out, reference_embedding)
@@ -201,3 +203,22 @@ def test_driver_memory_does_not_grow_with_the_store(vae_checkpoint, tiny_store, 
 
     a = ad.read_zarr(out)
     assert a.n_obs == 200_000 and a.obs_names[-1] == "big:cell199999" and np.isfinite(a.obsm[OBSM_KEY]).all()
+
+
+def test_finishing_removes_the_half_written_record_of_a_lost_writer(tmp_path):
+    """An actor runs two parts at once: lost while committing one, it leaves that record's temporary behind, and
+    Ray redoes the part elsewhere. The finished output keeps the redone record, not the temporary."""
+    import zarr
+
+    from engine.atomic import temporary_sibling
+    from engine.infer.parts import PartsOutput
+
+    zarr.open_group(str(tmp_path / "o.zarr"), mode="w")
+    output = PartsOutput(tmp_path / "o.zarr")
+    output.records.mkdir(parents=True)
+    record = output.records / "00002.json"
+    cut = temporary_sibling(record, ".json")
+    cut.write_text('{"par')
+    record.write_text('{"part": 2}')
+    output.finish({"cellray": {}})
+    assert not cut.exists() and record.read_text() == '{"part": 2}'
