@@ -54,6 +54,21 @@ def killed_by_signal(exit_code: int | None) -> bool:
     return exit_code is not None and (exit_code < 0 or exit_code > 128)
 
 
+def after_end(stop_reason: str | None, status: str, error: str | None, exit_code: int | None, can_retry: bool) -> str:
+    """What becomes of a job whose Ray job ended with `status`: "preempted" or "resized" (requeued to resume),
+    "retry" (requeued after a lost process, when retries are left), or the state it ends in. A job stopped by
+    the scheduler may finish before the stop lands: its work is done, so it succeeds rather than run again."""
+    if stop_reason in ("preempt", "resize") and status != "SUCCEEDED":
+        return "preempted" if stop_reason == "preempt" else "resized"
+    if stop_reason == "user" or status == "STOPPED":
+        return STOPPED
+    if status == "SUCCEEDED":
+        return SUCCEEDED
+    if (error in LOST_ERRORS or killed_by_signal(exit_code)) and can_retry:
+        return "retry"
+    return FAILED
+
+
 class Scheduler:
     """The queue. Methods are called from the CLI (`cellray job ...`) through Ray; the loop runs in a thread."""
 
@@ -250,16 +265,17 @@ class Scheduler:
                 continue
             changed = True
             error = getattr(info.error_type, "value", info.error_type)
-            if job.stop_reason == "preempt":
+            outcome = after_end(job.stop_reason, status, error, info.driver_exit_code, job.retries < job.max_retries)
+            if outcome == "preempted":
                 self._requeue(job, f"preempted (attempt {job.attempts}); requeued to resume", preempted=True)
-            elif job.stop_reason == "resize" and status != "SUCCEEDED":  # it may end before the stop lands
+            elif outcome == "resized":
                 job.resizes += 1
                 self._requeue(job, f"stopped to resize (from {job.workers} workers); requeued to resume")
-            elif job.stop_reason == "user" or status == "STOPPED":
+            elif outcome == STOPPED:
                 self._finish(job, STOPPED, "stopped" if job.stop_reason == "user" else "stopped through Ray")
-            elif status == "SUCCEEDED":
+            elif outcome == SUCCEEDED:
                 self._finish(job, SUCCEEDED, "")
-            elif (error in LOST_ERRORS or killed_by_signal(info.driver_exit_code)) and job.retries < job.max_retries:
+            elif outcome == "retry":
                 job.retries += 1
                 self.metrics.retry(job)
                 self._requeue(

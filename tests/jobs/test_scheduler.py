@@ -280,7 +280,9 @@ def test_preempted_pretraining_resumes_from_checkpoint_exactly(head, store, tmp_
     ref_spec = tmp_path / "ref.yaml"
     ref_spec.write_text(yaml.safe_dump(pretrain_spec(store, tmp_path / "ref", None, steps)))
     low_spec = tmp_path / "low.yaml"
-    low_spec.write_text(yaml.safe_dump(pretrain_spec(store, tmp_path / "low", tmp_path / "trace", steps)))
+    paced = pretrain_spec(store, tmp_path / "low", tmp_path / "trace", steps)
+    paced["debug"]["min_step_seconds"] = 0.1  # 12 s of steps at least: preempted before its end on a busy machine
+    low_spec.write_text(yaml.safe_dump(paced))
 
     low = head.submit(low_spec)
     head.running(low)
