@@ -3,7 +3,7 @@ the same cells from the same run.
 
     python bench/quality.py [--quick] [--models vae,transformer-binned,transformer-rank,probe]
                             [--datasets liu,zeisel,cbmc,worm] [--workers 0] [--threads 1] [--steps-scale 1.0]
-                            [--eval-cells 10000]
+                            [--min-passes 2] [--eval-cells 10000]
 
 Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tmp/cellray-data):
 - from bench/fetch_labelled.sh (label `cell_type`, batch `batch`): liu (Liu 2021 COVID PBMC, 30,534 cells x 1,000
@@ -14,7 +14,8 @@ Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tm
   round(expm1(raw.X) * n_counts / 1e4)) and kang (13,999 cells, label = condition: every model scores ~0.99).
 Each dataset is ingested into a store and summarised (`cellray stats --hvg N`); every model is pretrained with
 `engine.train.pretrain` (the real loop: the Loader and its transforms, AdamW with warm-up + cosine; `--workers 0`
-runs it in this process, N > 0 on Ray Train with N DDP workers), embedded with `engine.infer.embed.embed`, and scored
+runs it in this process, N > 0 on Ray Train with N DDP workers) for its preset's steps or two passes over the
+training cells, whichever is more (`--min-passes`; liu's transformers: 859 steps, not 300), embedded with `engine.infer.embed.embed`, and scored
 by `engine.infer.evaluate.evaluate_embedding` (what `cellray evaluate` runs): scib-metrics' Benchmarker (bio
 conservation; batch correction where the dataset has batches) and 5-fold kNN (k=15) label accuracy, on up to
 --eval-cells cells, beside HVG-PCA-50 (normalize_total 1e4, log1p, 2,000 HVG, PCA 50) of the same cells computed in
@@ -45,6 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VAL_FRACTION = 0.1
+# Every run gets its preset's steps or this many passes over the training cells, whichever is more: a model that
+# saw a large dataset's cells less than once is under-trained, not compared (liu: 300 steps of 64 are 0.7 passes).
+# --min-passes 0 gives the presets' steps alone (the protocol of the README's figures before 2026-12-04's last).
+MIN_PASSES = 2
 NORM_LOG = [{"normalize_total": {"target_sum": 1e4}}, "log1p"]
 
 # dataset -> input files, label and batch obs columns, HVG count of the store's stats, the VAE's cells per batch
@@ -349,6 +354,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="Ray Train DDP workers (0: the loop in this process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process loop (2 cores, shared)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's optimizer steps")
+    ap.add_argument("--min-passes", type=int, default=MIN_PASSES, help="passes over the training cells, at least")
     ap.add_argument("--eval-cells", type=int, default=10_000, help="cells scored per dataset (a random sample)")
     args = ap.parse_args()
     import logging
@@ -357,6 +363,7 @@ def main() -> None:
     import torch
 
     from engine.infer.config import EvalConfig
+    from engine.store.format import Store
 
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -385,12 +392,14 @@ def main() -> None:
             label, batch = ds["label"], ds["batch"]
             keys = [k for k in (label, batch) if k]
             store = prepare(dataset, inputs, keys, ds["hvg"], work, ds.get("flavor", "seurat_v3"))
+            n_train = round(Store.open(store).n_cells * (1 - VAL_FRACTION))
             evaluation = EvalConfig(label_key=label, batch_key=batch, max_cells=args.eval_cells)
             rows: dict[str, dict] = {}
             for name, run in model_specs(ds, label).items():
                 if name not in wanted:
                     continue
-                run = dict(run, steps=max(10, int(run["steps"] * scale)))
+                steps = max(run["steps"], -(-args.min_passes * n_train // run["batch"]))
+                run = dict(run, steps=max(10, int(steps * scale)))
                 row = run_model(name, run, dataset, store, evaluation, work, args.workers)
                 pca = row.pop("baseline")
                 if "pca50" not in rows:
