@@ -11,7 +11,12 @@ TEST_WORKERS ?= 2
 
 .PHONY: env test lint demo bench peers clean
 
+# A venv whose editable install points at another checkout (this one moved or copied) is pointed back here.
 env: $(VENV)/.installed
+	@(cd / && $(abspath $(BIN))/python -c "import importlib.util as u, sys; s = u.find_spec('jobs'); \
+	  sys.exit(s is None or not s.origin.startswith('$(CURDIR)/'))" 2>/dev/null) || \
+	  { echo "$(VENV): cellray was installed from another checkout; installing this one"; \
+	    $(BIN)/pip install -q --no-deps -e .; }
 
 # torch first, so the project's `torch>=...` is already met and pip pulls no other build:
 # a CPU-only machine gets the CPU wheel (from the local wheel cache, else PyTorch's CPU index);
