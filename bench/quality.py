@@ -15,13 +15,13 @@ Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tm
 Each dataset is ingested into a store and summarised (`cellray stats --hvg N`); every model is pretrained with
 `engine.train.pretrain` (the real loop: the Loader and its transforms, AdamW with warm-up + cosine; `--workers 0`
 runs it in this process, N > 0 on Ray Train with N DDP workers) for its preset's steps or two passes over the
-training cells, whichever is more (`--min-passes`; liu's transformers: 859 steps, not 300), embedded with `engine.infer.embed.embed`, and scored
-by `engine.infer.evaluate.evaluate_embedding` (what `cellray evaluate` runs): scib-metrics' Benchmarker (bio
-conservation; batch correction where the dataset has batches) and 5-fold kNN (k=15) label accuracy, on up to
---eval-cells cells, beside HVG-PCA-50 (normalize_total 1e4, log1p, 2,000 HVG, PCA 50) of the same cells computed in
-the same call. Held-out reconstruction: each model's loss terms averaged over the validation split (10% of cells,
-never trained on). Cost: training seconds per 1,000 cells seen and embedding seconds per 1,000 cells (1 torch
-thread in-process unless --threads), and the baseline's seconds per 1,000 cells.
+training cells, whichever is more (`--min-passes`; liu's transformers: 859 steps, not 300), embedded with
+`engine.infer.embed.embed`, and scored by `engine.infer.evaluate.evaluate_embedding` (what `cellray evaluate` runs):
+scib-metrics' Benchmarker (bio conservation; batch correction where the dataset has batches) and 5-fold kNN (k=15)
+label accuracy, on up to --eval-cells cells, beside HVG-PCA-50 (normalize_total 1e4, log1p, 2,000 HVG, PCA 50) of
+the same cells computed in the same call. Held-out reconstruction: each model's loss terms averaged over the
+validation split (10% of cells, never trained on). Cost: training seconds per 1,000 cells seen and embedding seconds
+per 1,000 cells (1 torch thread in-process unless --threads), and the baseline's seconds per 1,000 cells.
 
 Models (specs in model_specs below; every config a `small()` preset):
 - vae: raw counts;
@@ -172,6 +172,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     )
     specs["transformer-rank-lr3"] = dict(rank, lr=3e-3)  # the start from the data at the earlier learning rate
     specs["transformer-binned-lr15"] = dict(binned, lr=1.5e-3)  # the rank preset's learning rate, on binned input
+    # dropout 0.1 on attention and residual branches (small() has none; scGPT trains with 0.2)
+    specs["transformer-binned-drop10"] = dict(binned, config=TransformerConfig.small(dropout=0.1))
     return specs
 
 
