@@ -13,8 +13,9 @@ TEST_WORKERS ?= 2
 
 # A venv whose editable install points at another checkout (this one moved or copied) is pointed back here.
 env: $(VENV)/.installed
-	@(cd / && $(abspath $(BIN))/python -c "import importlib.util as u, sys; s = u.find_spec('jobs'); \
-	  sys.exit(s is None or not s.origin.startswith('$(CURDIR)/'))" 2>/dev/null) || \
+	@(cd / && $(abspath $(BIN))/python -c "import importlib.util as u, os, sys; s = u.find_spec('jobs'); \
+	  sys.exit(s is None or not os.path.realpath(s.origin).startswith(os.path.realpath('$(CURDIR)') + os.sep))" \
+	  2>/dev/null) || \
 	  { echo "$(VENV): cellray was installed from another checkout; installing this one"; \
 	    $(BIN)/pip install -q --no-deps -e .; }
 
