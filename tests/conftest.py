@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -17,7 +18,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 # The local S3 endpoint of the `s3` fixture, in the standard AWS environment before Ray starts, so every worker
-# process sees it as a user's would; and a node cache of this session's own.
+# process sees it as a user's would; and a node cache of this process's own, removed when it exits (every process
+# that imports this file makes one: pytest's, each xdist worker's, a test's helper process).
+CACHE_DIR = tempfile.mkdtemp(prefix="cellray-cache-")
+atexit.register(shutil.rmtree, CACHE_DIR, True)
 S3_BUCKET = "cellray-test"
 S3_ACCESS_KEY = "cellray-test-key"
 S3_SECRET = "cellray-test-secret-do-not-print"
@@ -27,7 +31,7 @@ os.environ.update(
     AWS_SECRET_ACCESS_KEY=S3_SECRET,
     AWS_REGION="us-east-1",
     AWS_ALLOW_HTTP="true",
-    CELLRAY_CACHE_DIR=tempfile.mkdtemp(prefix="cellray-cache-"),
+    CELLRAY_CACHE_DIR=CACHE_DIR,
 )
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -51,12 +55,6 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_cache_dir():
-    yield
-    shutil.rmtree(os.environ["CELLRAY_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
