@@ -15,7 +15,7 @@ Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tm
 Each dataset is ingested into a store and summarised (`cellray stats --hvg N`); every model is pretrained with
 `engine.train.pretrain` (the real loop: the Loader and its transforms, AdamW with warm-up + cosine; `--workers 0`
 runs it in this process, N > 0 on Ray Train with N DDP workers) for its preset's steps or two passes over the
-training cells, whichever is more (`--min-passes`; liu's transformers: 859 steps, not 300), embedded with
+training cells, whichever is more (`--min-passes`; liu's transformers: 858 steps, not 300), embedded with
 `engine.infer.embed.embed`, and scored by `engine.infer.evaluate.evaluate_embedding` (what `cellray evaluate` runs):
 scib-metrics' Benchmarker (bio conservation; batch correction where the dataset has batches) and 5-fold kNN (k=15)
 label accuracy, on up to --eval-cells cells, beside HVG-PCA-50 (normalize_total 1e4, log1p, 2,000 HVG, PCA 50) of
@@ -365,6 +365,7 @@ def main() -> None:
     import torch
 
     from engine.infer.config import EvalConfig
+    from engine.loading.sampler import Sampler, SamplerConfig
     from engine.store.format import Store
 
     warnings.filterwarnings("ignore")
@@ -394,7 +395,8 @@ def main() -> None:
             label, batch = ds["label"], ds["batch"]
             keys = [k for k in (label, batch) if k]
             store = prepare(dataset, inputs, keys, ds["hvg"], work, ds.get("flavor", "seurat_v3"))
-            n_train = round(Store.open(store).n_cells * (1 - VAL_FRACTION))
+            split = SamplerConfig(batch_size=1, split="train", val_fraction=VAL_FRACTION)
+            n_train = Sampler.for_store(Store.open(store), split).n_split_cells  # the cells pretraining reads
             evaluation = EvalConfig(label_key=label, batch_key=batch, max_cells=args.eval_cells)
             rows: dict[str, dict] = {}
             for name, run in model_specs(ds, label).items():

@@ -52,6 +52,12 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temporaries_in(directory: Path) -> list[Path]:
+    """Every writer's temporary in `directory`, whoever wrote it: orphans, when the caller knows no writer runs."""
+    directory = Path(directory)
+    return [p for p in directory.glob(".*.tmp-*") if _TEMP.search(p.name)] if directory.is_dir() else []
+
+
 def remove_stale_temporaries(dest: Path) -> list[Path]:
     """Remove the temporaries of `dest` left by dead processes of this host (a writer killed mid-write)."""
     dest = Path(dest)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.atomic import remove, write_text_atomically
+from engine.atomic import remove, temporaries_in, write_text_atomically
 from engine.errors import CellrayError, InferError
 from engine.infer.predict import OBSM_KEY
 from engine.objects import ObjectPath, exists, read_bytes
@@ -165,15 +165,10 @@ class PartsOutput:
         with quiet_zarr():
             ad.io.write_elem(g, "uns", uns)
         shutil.rmtree(self.tmp, ignore_errors=True)
-        for orphan in self._record_temporaries():  # a writer lost mid-commit: its part was redone by another
+        for orphan in temporaries_in(self.records):  # a writer lost mid-commit: its part was redone by another
             orphan.unlink(missing_ok=True)
 
     # -- records (driver)
-
-    def _record_temporaries(self) -> list[Path]:
-        """Half-written commit records (`.<k>.json.tmp-*`): orphans whenever no writer runs, as before a run's
-        parts start and after they are all committed."""
-        return list(self.records.glob(".*.tmp-*")) if self.records.is_dir() else []
 
     def committed(self, fingerprint: str) -> dict[int, dict[str, Any]]:
         """Parts with a valid commit record of this run."""
@@ -196,7 +191,7 @@ class PartsOutput:
             for d in self.tmp.iterdir():
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
                 removed += 1
-        for orphan in self._record_temporaries():
+        for orphan in temporaries_in(self.records):  # half-written commit records
             orphan.unlink(missing_ok=True)
             removed += 1
         for path in rows:

@@ -17,6 +17,7 @@ newest complete one there and downloads it once into the node's cache (`CELLRAY_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -140,7 +141,7 @@ class Checkpointer:
     def restore(self, state: TrainState) -> bool:
         """Load the newest complete checkpoint into `state` (model, optimizer, scheduler, loader, RNG, step,
         epoch); False when there is none."""
-        checkpoint = self._resume_point()
+        checkpoint = self.resume_point
         if checkpoint is None:
             return False
         with checkpoint.as_directory() as d:
@@ -168,8 +169,10 @@ class Checkpointer:
         state.step, state.epoch = saved["step"], state.loader.state_dict()["epoch"]
         return True
 
-    def _resume_point(self):
-        """The newest complete checkpoint: Ray Train's latest registered one, or a newer one on disk.
+    @functools.cached_property
+    def resume_point(self):
+        """The newest complete checkpoint: Ray Train's latest registered one, or a newer one on disk; None for a
+        fresh run. Found once per worker group (the loop asks before it builds the start, `restore` loads it).
 
         Ray registers a checkpoint when its controller next polls the workers, so a worker lost right after
         report() can leave a complete checkpoint on disk that Ray does not know yet.

@@ -63,7 +63,8 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     # model and optimizer: the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(t.seed)
     model = models.build(cfg.model.name, ctx.model_config)
-    _init_from_data(ctx, model, rank)
+    checkpointer = _checkpointer(ctx, rank, world)
+    _init_from_data(ctx, model, rank, checkpointer)
     objective = _Objective(model)
     if world > 1 or device.type == "cuda":
         objective = ray.train.torch.prepare_model(objective)
@@ -83,7 +84,6 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
     # resume from the newest complete checkpoint, at the next unseen batch
     torch.manual_seed(t.seed * 1000 + 1 + rank)  # per-rank randomness (VAE sampling, masks, dropout)
     state = TrainState(model, optimizer, scheduler, loader)
-    checkpointer = _checkpointer(ctx, rank, world)
     resumed_in_epoch = _resume(checkpointer, state, rank)
 
     attempt = _attempt(ctx, rank, world) if cfg.debug.trace_dir or cfg.resources.elastic else 0
@@ -290,13 +290,13 @@ def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_reader
     return loader
 
 
-def _init_from_data(ctx: LoopContext, model: torch.nn.Module, rank: int) -> None:
+def _init_from_data(ctx: LoopContext, model: torch.nn.Module, rank: int, checkpointer: Checkpointer) -> None:
     """A model's start from its data (`init_cells` > 0: `init_from_data`, the transformer's gene embeddings): one
     batch of that many training cells as the loop reads them (transforms included; the whole training split as one
     rank reads it, with the spec's seed; a smaller split repeats cells). Rank 0 only: DDP's wrapping then copies its
-    weights to every rank, and a resumed run loads its checkpoint over them."""
+    weights to every rank. Not when the run resumes (a restart, a resize): its checkpoint replaces the start."""
     n = getattr(model, "init_cells", 0)
-    if not n or rank > 0:
+    if not n or rank > 0 or checkpointer.resume_point is not None:
         return
     d = ctx.config.data
     plan = sampler_config(d, "train").model_copy(update={"batch_size": n, "remainder": "pad", "global_batch": False})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,18 @@ def test_transformer_gene_embeddings_start_from_the_training_cells(tiny_store, r
     eye = torch.eye(32)
     assert torch.allclose(start("pca"), eye, atol=0.05)
     assert not torch.allclose(start("random"), eye, atol=0.5)
+
+
+def test_a_resumed_run_skips_the_start_from_the_data(tiny_store, ray_local, tmp_path, caplog):
+    """The start's cells are read once per run: a rerun that resumes from a checkpoint (as a restart or a resize
+    does) loads it without reading them again. The loop says, at INFO, what the start read."""
+    config = {"init_cells": 256}
+    with caplog.at_level(logging.INFO, logger="engine.train.loop"):
+        pretrain(make_spec(tiny_store, tmp_path / "run", "transformer", config, workers=0, max_steps=2))
+        assert re.search(r"model initialised from 256 training cells in [\d.]+ s", caplog.text), caplog.text
+        caplog.clear()
+        pretrain(make_spec(tiny_store, tmp_path / "run", "transformer", config, workers=0, max_steps=4))
+    assert "resumed at step 2" in caplog.text and "model initialised" not in caplog.text, caplog.text
 
 
 def test_local_mode_probe_with_accumulation_validation_and_rerun(tiny_store, ray_local, tmp_path):
