@@ -154,6 +154,12 @@ class TransformerConfig:
         """Trains in minutes on 2 CPU cores (the bench/quality.py figures); sizes from the data."""
         return cls(**{"max_len": 128, "d_model": 64, "n_heads": 4, "n_layers": 2, **kw})
 
+    @classmethod
+    def gpu(cls, **kw) -> TransformerConfig:
+        """One GPU per worker (bf16 autocast, flash attention): scGPT's width and depth (12 layers of 512, 8 heads)
+        over a context of 1,024 expressed genes; about 38M parameters beside the gene embeddings."""
+        return cls(**{"max_len": 1024, "d_model": 512, "n_heads": 8, "n_layers": 12, **kw})
+
 
 class Block(nn.Module):
     def __init__(self, c: TransformerConfig):

@@ -31,6 +31,18 @@ def test_example_specs_validate(name):
     assert spec.train.output.startswith("runs/")
 
 
+def test_gpu_spec_is_the_gpu_preset_one_gpu_per_worker():
+    """jobs/pretrain_transformer_gpu.yaml spells out TransformerConfig.gpu(): the two cannot drift apart."""
+    import dataclasses
+
+    from models.transformer import TransformerConfig
+
+    spec = load_spec(JOBS / "pretrain_transformer_gpu.yaml")
+    preset = dataclasses.asdict(TransformerConfig.gpu(input="rank"))
+    assert {k: preset[k] for k in spec.model.config} == spec.model.config
+    assert spec.resources.gpus_per_worker == 1 and spec.train.precision == "auto"
+
+
 def edit(d: dict, path: str, value) -> dict:
     *parents, last = path.split(".")
     node = d

@@ -357,6 +357,25 @@ def test_transformer_gene_init_pca_starts_each_gene_on_the_principal_axes_of_the
         TransformerConfig.debug(gene_init="svd")
 
 
+def test_gpu_preset_is_scgpt_sized_and_trains():
+    """TransformerConfig.gpu(): 12 blocks of width 512 (about 38M parameters beside the gene embeddings) that take a
+    step on CPU too; the same run on a GPU is tests/engine/train/test_gpu.py."""
+    from models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    config = TransformerConfig.gpu(input="rank", n_genes=64)
+    assert (config.d_model, config.n_heads, config.n_layers, config.max_len) == (512, 8, 12, 1024)
+    model = Transformer(config)
+    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+    assert 37e6 < blocks < 39e6, blocks
+    batch = synthetic_batch(n_cells=8)
+    model.init_from_data(batch)  # a vocabulary narrower than d_model: loadings on every axis the data has
+    first = model.loss(batch, step=0)
+    first.loss.backward()
+    assert math.isfinite(first.loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_registry_and_config_errors():
     assert models.names() == ["probe", "transformer", "vae"]
     assert models.get("vae") is models.VAE
