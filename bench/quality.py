@@ -3,7 +3,7 @@ the same cells from the same run.
 
     python bench/quality.py [--quick] [--models vae,transformer-binned,transformer-rank,probe]
                             [--datasets liu,zeisel,cbmc,worm] [--workers 0] [--threads 1] [--steps-scale 1.0]
-                            [--min-passes 2] [--eval-cells 10000]
+                            [--min-passes 2] [--seeds 0] [--eval-cells 10000]
 
 Datasets (real, raw counts; found in $CELLRAY_DATA, ~/.cache/cellray-data or /tmp/cellray-data):
 - from bench/fetch_labelled.sh (label `cell_type`, batch `batch`): liu (Liu 2021 COVID PBMC, 30,534 cells x 1,000
@@ -22,6 +22,8 @@ label accuracy, on up to --eval-cells cells, beside HVG-PCA-50 (normalize_total 
 the same cells computed in the same call. Held-out reconstruction: each model's loss terms averaged over the
 validation split (10% of cells, never trained on). Cost: training seconds per 1,000 cells seen and embedding seconds
 per 1,000 cells (1 torch thread in-process unless --threads), and the baseline's seconds per 1,000 cells.
+--seeds 0,1,2 trains each model once per seed (train.seed and data.seed: its start, masks, sampling and block
+order) on the same scored cells and baseline, prints each run, and reports the median of each figure.
 
 Models (specs in model_specs below; every config a `small()` preset):
 - vae: raw counts;
@@ -116,6 +118,22 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # the batch in the encoder too (scVI's encode_covariates=True; cellray's only mode before 2026-12-04)
     specs["vae-batch-encoded"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], encode_batch=True))
     specs["vae-batch-30"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], n_latent=30))
+    # scVI's other defaults, one at a time: the KL weight warmed up over the whole run (scVI: 400 epochs, its
+    # whole run), a zero-inflated likelihood, Adam's 1e-3, a wider hidden layer
+    vae = specs["vae"]
+    specs["vae-klrun"] = dict(vae, config=VAEConfig.small(kl_warmup_steps=vae["steps"]))
+    specs["vae-zinb"] = dict(vae, config=VAEConfig.small(likelihood="zinb"))
+    specs["vae-lr1"] = dict(vae, lr=1e-3)
+    specs["vae-h256"] = dict(vae, config=VAEConfig.small(n_hidden=256))
+    specs["vae-3x"] = dict(vae, steps=3 * vae["steps"])
+    specs["vae-lr1-3x"] = dict(vae, lr=1e-3, steps=3 * vae["steps"])
+    specs["vae-klrun-3x"] = dict(vae, steps=3 * vae["steps"], config=VAEConfig.small(kl_warmup_steps=3 * vae["steps"]))
+    specs["vae-batchnorm"] = dict(vae, config=VAEConfig.small(norm="batch"))  # scVI's norm (cellray's: layer)
+    specs["vae-2layers"] = dict(vae, config=VAEConfig.small(n_layers=2))
+    specs["vae-nodropout"] = dict(vae, config=VAEConfig.small(dropout=0.0))
+    specs["vae-latent16"] = dict(vae, config=VAEConfig.small(n_latent=16))
+    specs["vae-b128"] = dict(vae, batch=128, steps=2 * vae["steps"])  # scVI's 128 cells a step, the same cells
+    specs["vae-b128-3x"] = dict(vae, batch=128, steps=6 * vae["steps"])
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
@@ -253,7 +271,9 @@ def held_out(checkpoint: Path, store: Path, spec) -> dict[str, float]:
     return {k: round(v / max(1, n), 4) for k, v in sums.items() if k not in ("masked", "kl_weight")} | {"cells": n}
 
 
-def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work: Path, workers: int) -> dict:
+def run_model(
+    name: str, run: dict, dataset: str, store: Path, evaluation, work: Path, workers: int, seed: int = 0
+) -> dict:
     """Pretrain, embed and evaluate one model: its row (and the run's HVG-PCA-50 scores, under "baseline")."""
     from engine.infer.embed import embed
     from engine.infer.evaluate import BASELINE, MODEL, evaluate_embedding
@@ -272,6 +292,7 @@ def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work:
                 "transforms": run["transforms"],
                 "obs_keys": obs_keys,
                 "val_fraction": VAL_FRACTION,
+                "seed": seed,  # the sampler's block order and shuffles
             },
             "model": {"name": run["model"], "config": dataclasses.asdict(run["config"])},
             "train": {
@@ -281,7 +302,8 @@ def run_model(name: str, run: dict, dataset: str, store: Path, evaluation, work:
                 "min_lr_ratio": 0.1,
                 "checkpoint_every": steps,
                 "report_every": max(1, steps // 10),
-                "output": str(work / f"run-{dataset}-{name}"),
+                "seed": seed,  # the model's start, masks and sampling
+                "output": str(work / f"run-{dataset}-{name}-{seed}"),
                 **({"grad_clip": run["grad_clip"]} if "grad_clip" in run else {}),  # else the loop's default
             },
             "resources": {
@@ -344,6 +366,30 @@ def ratios(row: dict, pca: dict) -> dict:
     return {f"{k}_vs_pca": round(row[k] / pca[k], 3) if row[k] is not None and pca[k] else None for k in keys}
 
 
+def median_row(seeded: list[dict], seeds: list[int]) -> dict:
+    """One model's row over several seeds: each headline figure, ratio and cost the median of the seeds' (each seed's
+    kept under "seeds")."""
+    import statistics
+
+    figures = [*HEADLINE, "scib"]
+    figures += [f"{k}_vs_pca" for k in figures] + ["train_s_per_1k_cells", "embed_s_per_1k_cells"]
+    median = {k: statistics.median(r[k] for r in seeded) if seeded[0][k] is not None else None for k in figures}
+    return {**seeded[0], **median, "seeds": {s: {k: r[k] for k in figures} for s, r in zip(seeds, seeded)}}
+
+
+def print_row(name: str, row: dict) -> None:
+    print(
+        f"  {name:20s} bio {_fmt(row['scib_bio'])} {_fmt(row['scib_bio_vs_pca'], True)}  batch "
+        f"{_fmt(row['scib_batch'])} {_fmt(row['scib_batch_vs_pca'], True)}  total "
+        f"{_fmt(row['scib_total'])} {_fmt(row['scib_total_vs_pca'], True)}  scib "
+        f"{_fmt(row['scib'])} {_fmt(row['scib_vs_pca'], True)}"
+        f"  kNN {_fmt(row['knn'])} {_fmt(row['knn_vs_pca'], True)}  ({row['steps']} steps x "
+        f"{row['batch']} cells, train {row['train_s']:.0f} s, embed {row['embed_s']:.0f} s)  "
+        f"held-out {row['held_out']}",
+        flush=True,
+    )
+
+
 def _fmt(v: float | None, x: bool = False) -> str:
     return "   -  " if v is None else (f"{v:.2f}x" if x else f"{v:.3f}")
 
@@ -357,6 +403,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process loop (2 cores, shared)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's optimizer steps")
     ap.add_argument("--min-passes", type=int, default=MIN_PASSES, help="passes over the training cells, at least")
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated: each row the median of theirs")
     ap.add_argument("--eval-cells", type=int, default=10_000, help="cells scored per dataset (a random sample)")
     args = ap.parse_args()
     import logging
@@ -380,6 +427,7 @@ def main() -> None:
         return
     datasets = ["zeisel"] if args.quick else args.datasets.split(",")
     wanted = args.models.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     scale = args.steps_scale * (0.5 if args.quick else 1.0)
     summary: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="cellray-quality-") as tmp, ray_session():
@@ -404,26 +452,22 @@ def main() -> None:
                     continue
                 steps = max(run["steps"], -(-args.min_passes * n_train // run["batch"]))
                 run = dict(run, steps=max(10, int(steps * scale)))
-                row = run_model(name, run, dataset, store, evaluation, work, args.workers)
-                pca = row.pop("baseline")
-                if "pca50" not in rows:
-                    rows["pca50"] = {**pca, "s_per_1k_cells": round(pca["seconds"] / pca["cells"] * 1000, 3)}
-                    print(f"{dataset}: {label}, {pca['cells']} cells scored ({row['batch_correction']})", flush=True)
-                    print(f"  {'pca50':20s} bio {_fmt(pca['scib_bio'])}  batch {_fmt(pca['scib_batch'])}  total "
-                          f"{_fmt(pca['scib_total'])}  scib {_fmt(pca['scib'])}  kNN {_fmt(pca['knn'])}",
-                          flush=True)  # fmt: skip
-                row.update(ratios(row, rows["pca50"]))
-                rows[name] = row
-                print(
-                    f"  {name:20s} bio {_fmt(row['scib_bio'])} {_fmt(row['scib_bio_vs_pca'], True)}  batch "
-                    f"{_fmt(row['scib_batch'])} {_fmt(row['scib_batch_vs_pca'], True)}  total "
-                    f"{_fmt(row['scib_total'])} {_fmt(row['scib_total_vs_pca'], True)}  scib "
-                    f"{_fmt(row['scib'])} {_fmt(row['scib_vs_pca'], True)}"
-                    f"  kNN {_fmt(row['knn'])} {_fmt(row['knn_vs_pca'], True)}  ({row['steps']} steps x "
-                    f"{row['batch']} cells, train {row['train_s']:.0f} s, embed {row['embed_s']:.0f} s)  "
-                    f"held-out {row['held_out']}",
-                    flush=True,
-                )
+                seeded = []
+                for seed in seeds:
+                    row = run_model(name, run, dataset, store, evaluation, work, args.workers, seed)
+                    pca = row.pop("baseline")  # the same cells and baseline whatever the seed
+                    if "pca50" not in rows:
+                        rows["pca50"] = {**pca, "s_per_1k_cells": round(pca["seconds"] / pca["cells"] * 1000, 3)}
+                        print(f"{dataset}: {label}, {pca['cells']} cells scored ({row['batch_correction']})")
+                        print(f"  {'pca50':20s} bio {_fmt(pca['scib_bio'])}  batch {_fmt(pca['scib_batch'])}  total "
+                              f"{_fmt(pca['scib_total'])}  scib {_fmt(pca['scib'])}  kNN {_fmt(pca['knn'])}",
+                              flush=True)  # fmt: skip
+                    row.update(ratios(row, rows["pca50"]))
+                    seeded.append(row)
+                    print_row(name if len(seeds) == 1 else f"{name} seed {seed}", row)
+                rows[name] = seeded[0] if len(seeds) == 1 else median_row(seeded, seeds)
+                if len(seeds) > 1:
+                    print_row(f"{name} median", rows[name])
             summary[dataset] = rows
     print(json.dumps({"k": 15, "folds": 5, "workers": args.workers, "threads": args.threads, "datasets": summary}))
 
