@@ -219,8 +219,10 @@ def reader_actor_class():
         """One reader of a rank. Stateless between calls (but for reusable memory), so a restarted actor can redo
         any buffer."""
 
-        def __init__(self, make_reader: Callable[[], Any], direct_io: bool, shared: tuple[str, str] | None = None):
+        def __init__(self, recipe: list, direct_io: bool, shared: tuple[str, str] | None = None):
             from numcodecs import blosc
+
+            make_reader = ray.get(recipe[0])  # the caller's ObjectRef of it (see start_reader_actor)
 
             # reads run on this process's main thread, where blosc would start its own thread pool per chunk:
             # a reader is one thread of work by design (its CPU share is reserved), so decode on this thread
@@ -274,15 +276,19 @@ _ACTOR_CLASS = None
 
 
 def start_reader_actor(
-    make_reader: Callable[[], Any],
+    make_reader: Any,
     direct_io: bool = True,
     num_cpus: float = 0.5,
     max_restarts: int = 3,
     share_memory: str | None = None,
 ):
     """A reader actor on this node (the node of the rank it feeds; soft, so it still starts elsewhere if this node's
-    resources are gone). `make_reader` (picklable: `functools.partial(BufferReader, path, ...)`) builds its reader
-    in the actor. Ray restarts it up to `max_restarts` times and retries its in-flight reads.
+    resources are gone). `make_reader`, an ObjectRef (`ray.put`) of a picklable callable such as
+    `functools.partial(BufferReader, path, ...)`, builds its reader in the actor; the caller keeps the ref while the
+    actor lives. Ray restarts the actor up to `max_restarts` times and retries its in-flight reads; a restart builds
+    the reader again from the same ref. (A recipe passed by value would go into the object store when it is big, a
+    Pipeline bound to a wide vocabulary, and Ray keeps no lineage for such arguments of a restartable actor:
+    ray-project/ray#53727, which it logs at ERROR level.)
     `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
     segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
@@ -297,7 +303,7 @@ def start_reader_actor(
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote(make_reader, direct_io, (here, share_memory) if share_memory else None)
+    ).remote([make_reader], direct_io, (here, share_memory) if share_memory else None)  # a list: Ray keeps the ref
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -383,6 +389,7 @@ class ActorReading:
 
     def __init__(self, make_reader: Callable[[], Any], options: ReadOptions):
         self.make_reader = make_reader  # what each actor builds its reader with (see start_reader_actor)
+        self._recipe = None  # make_reader in the object store, held here while the actors live
         self.options = options
         self.buffers_per_submit = options.buffers_per_call
         self.reissued = 0
@@ -468,11 +475,16 @@ class ActorReading:
             for a in self._actors:
                 ray.kill(a)
             self._actors = []
+            self._recipe = None
         if self._views is not None:
             self._views.close()
             self._views = None
 
     def _new_actor(self):
+        import ray
+
+        if self._recipe is None:
+            self._recipe = ray.put(self.make_reader)
         return start_reader_actor(
-            self.make_reader, self.options.direct_io, self.options.cpus_per_reader, share_memory=self._views.prefix
+            self._recipe, self.options.direct_io, self.options.cpus_per_reader, share_memory=self._views.prefix
         )

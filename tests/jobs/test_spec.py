@@ -24,7 +24,7 @@ def base(store: str = "data/demo.store") -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["pretrain_vae.yaml", "pretrain_transformer.yaml", "pretrain_transformer_rank.yaml"])
+@pytest.mark.parametrize("name", ["pretrain_vae.yaml", "pretrain_transformer.yaml", "pretrain_transformer_binned.yaml"])
 def test_example_specs_validate(name):
     spec = load_spec(JOBS / name)
     assert spec.kind == "pretrain" and spec.resources.workers == 2 and spec.data.store == "data/demo.store"

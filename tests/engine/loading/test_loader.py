@@ -157,14 +157,24 @@ def test_resume_with_other_settings_is_refused(tiny_store):
 
 
 def test_killed_reader_mid_epoch_still_delivers_every_batch_once(tiny_store, ray_local):
+    """With a reader recipe too big for Ray to inline (a pipeline bound to a model's 12,000-gene list, most of them
+    absent from this store), which goes to the actors by an object reference the loader holds: a killed actor builds
+    its reader again from it."""
     import ray
 
+    store = Store.open(tiny_store)
+    model_genes = [*store.gene_ids[::2], *(f"ENSG9{g:010d}" for g in range(12_000))]
+    pipeline = Pipeline.from_spec([{"select_genes": {"genes": model_genes}}], store)
+    assert len(ray.cloudpickle.dumps(pipeline)) > 100 * 1024  # Ray's inline limit for task arguments
     sampler = plan(32, seed=4, block_size=32, buffer_blocks=2)
-    reference = epoch_indices(Loader(tiny_store, sampler, mode="local", output="csr"))
+    reference = epoch_indices(Loader(tiny_store, sampler, mode="local", output="csr", transforms=pipeline))
     # 2 batches per buffer: 4 buffers in flight
-    loader = Loader(tiny_store, sampler, mode="ray", output="csr", reading=ReadOptions(readers=2, prefetch=8))
+    loader = Loader(
+        tiny_store, sampler, mode="ray", output="csr", transforms=pipeline, reading=ReadOptions(readers=2, prefetch=8)
+    )
     got = []
     for i, batch in enumerate(loader):
+        assert batch["X"].shape[1] == len(model_genes)
         got.append(batch["index"].numpy().copy())
         if i == 2:  # readers are busy with read-ahead buffers now: kill one of them outright
             ray.kill(loader._readers._actors[0], no_restart=False)

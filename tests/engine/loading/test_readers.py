@@ -133,7 +133,8 @@ def test_reader_actor_runs_on_the_callers_node_and_survives_a_kill(chunky_store,
     store = Store.open(chunky_store)
     cfg = SamplerConfig(batch_size=32, block_size=40, buffer_blocks=2)
     plan = Sampler([s.n_cells for s in store.manifest.shards], cfg).buffer(0, 0)
-    actor = start_reader_actor(partial(BufferReader, str(chunky_store), None, "csr"), num_cpus=0.25)
+    recipe = ray.put(partial(BufferReader, str(chunky_store), None, "csr"))
+    actor = start_reader_actor(recipe, num_cpus=0.25)
     try:
         assert ray.get(actor.node_id.remote()) == ray.get_runtime_context().get_node_id()
         pid = ray.get(actor.pid.remote())
