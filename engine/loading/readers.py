@@ -288,7 +288,8 @@ def start_reader_actor(
     actor lives. Ray restarts the actor up to `max_restarts` times and retries its in-flight reads; a restart builds
     the reader again from the same ref. (A recipe passed by value would go into the object store when it is big, a
     Pipeline bound to a wide vocabulary, and Ray keeps no lineage for such arguments of a restartable actor:
-    ray-project/ray#53727, which it logs at ERROR level.)
+    ray-project/ray#53727. Ray logs an ERROR line for this reference too; engine.runtime.BENIGN_RAY_LINES keeps it
+    off a cellray command's terminal.)
     `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
     segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
@@ -303,7 +304,7 @@ def start_reader_actor(
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote([make_reader], direct_io, (here, share_memory) if share_memory else None)  # a list: Ray keeps the ref
+    ).remote([make_reader], direct_io, (here, share_memory) if share_memory else None)  # in a list: the ref itself
 
 
 # ------------------------------------------------------------------------------------------------ reading
