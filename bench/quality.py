@@ -372,7 +372,8 @@ def median_row(seeded: list[dict], seeds: list[int]) -> dict:
     import statistics
 
     figures = [*HEADLINE, "scib"]
-    figures += [f"{k}_vs_pca" for k in figures] + ["train_s_per_1k_cells", "embed_s_per_1k_cells"]
+    figures += [f"{k}_vs_pca" for k in figures]
+    figures += ["train_s", "embed_s", "train_s_per_1k_cells", "embed_s_per_1k_cells"]
     median = {k: statistics.median(r[k] for r in seeded) if seeded[0][k] is not None else None for k in figures}
     return {**seeded[0], **median, "seeds": {s: {k: r[k] for k in figures} for s, r in zip(seeds, seeded)}}
 

@@ -276,14 +276,14 @@ _ACTOR_CLASS = None
 
 
 def start_reader_actor(
-    make_reader: Any,
+    recipe: Any,
     direct_io: bool = True,
     num_cpus: float = 0.5,
     max_restarts: int = 3,
     share_memory: str | None = None,
 ):
     """A reader actor on this node (the node of the rank it feeds; soft, so it still starts elsewhere if this node's
-    resources are gone). `make_reader`, an ObjectRef (`ray.put`) of a picklable callable such as
+    resources are gone). `recipe`, an ObjectRef (`ray.put`) of a picklable callable such as
     `functools.partial(BufferReader, path, ...)`, builds its reader in the actor; the caller keeps the ref while the
     actor lives. Ray restarts the actor up to `max_restarts` times and retries its in-flight reads; a restart builds
     the reader again from the same ref. (A recipe passed by value would go into the object store when it is big, a
@@ -304,7 +304,7 @@ def start_reader_actor(
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote([make_reader], direct_io, (here, share_memory) if share_memory else None)  # in a list: the ref itself
+    ).remote([recipe], direct_io, (here, share_memory) if share_memory else None)  # in a list: the ref itself
 
 
 # ------------------------------------------------------------------------------------------------ reading

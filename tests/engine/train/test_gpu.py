@@ -1,6 +1,6 @@
-"""The CUDA paths: batches delivered on the device through pinned memory, and bf16 steps of the GPU preset. The
-CUDA cases run where a GPU exists; the suite's CPU machines skip them, saying so (the loader's case also runs on
-CPU, and tests/models/test_models.py takes the GPU preset's step in fp32 on CPU)."""
+"""The CUDA paths: batches delivered on the device through pinned memory, and bf16 steps of the GPU preset. They
+run where a GPU exists; the suite's CPU machines skip them, saying so (tests/models/test_models.py takes the GPU
+preset's step in fp32 on CPU)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_loader_delivers_every_tensor_on_the_device(tiny_store, device):
+@CUDA
+def test_loader_delivers_every_tensor_on_the_gpu(tiny_store):
+    """Each batch on the device equals the host batch: X and obs codes, through pinned memory."""
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
 
@@ -29,10 +30,10 @@ def test_loader_delivers_every_tensor_on_the_device(tiny_store, device):
         ) as loader:
             return list(loader)
 
-    on_device, on_host = batches(device), batches(None)
+    on_device, on_host = batches("cuda"), batches(None)
     assert len(on_device) == len(on_host) > 0
     for got, want in zip(on_device, on_host):
-        assert got["X"].device.type == device and got["cell_type"].device.type == device
+        assert got["X"].device.type == "cuda" and got["cell_type"].device.type == "cuda"
         assert torch.equal(got["X"].cpu(), want["X"]) and torch.equal(got["cell_type"].cpu(), want["cell_type"])
 
 
