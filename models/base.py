@@ -30,10 +30,12 @@ class DataSummary:
 
 @dataclass
 class Loss:
-    """The objective to minimise (`loss`, a scalar tensor), its named terms (detached floats) and cells seen."""
+    """The objective to minimise (`loss`, a scalar tensor), its named terms and cells seen. A term is a float or a
+    detached scalar tensor left where it was computed: reading it on the host would make a GPU step wait for the
+    device (the training loop reads terms at reports only)."""
 
     loss: torch.Tensor
-    terms: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor | float] = field(default_factory=dict)
     n_cells: int = 0
 
 

@@ -70,7 +70,7 @@ class Probe(nn.Module):
         logits = self(batch).float()
         y = obs_codes(batch, self.config.label_key, self.config.n_classes)
         loss = F.cross_entropy(logits, y)
-        acc = float((logits.argmax(1) == y).float().mean().detach())
+        acc = (logits.argmax(1) == y).float().mean().detach()
         return Loss(loss, {"accuracy": acc}, n_cells=y.shape[0])
 
     @torch.no_grad()

@@ -443,7 +443,7 @@ class Transformer(nn.Module):
             mask = torch.rand(genes.shape, device=genes.device) < c.mask_ratio
         mask = mask.bool() & real
         h, keep = self._encode(genes, values, mask)
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor | float] = {}
         total = h.new_zeros(()).float()
         # masked-token prediction
         hm = h[:, 1:][mask]
@@ -454,18 +454,18 @@ class Transformer(nn.Module):
             if c.input == "rank":
                 target = genes[mask]
                 mlm = F.cross_entropy(out, target)
-                terms["mlm_acc"] = float((out.argmax(1) == target).float().mean())
+                terms["mlm_acc"] = (out.detach().argmax(1) == target).float().mean()
             else:
                 target = values[mask].long()
                 if c.value_loss == "ce":
                     mlm = F.cross_entropy(out, target)
                     pred_bin = out.detach().argmax(1).float()
-                    terms["mlm_acc"] = float((pred_bin == target).float().mean())
+                    terms["mlm_acc"] = (pred_bin == target).float().mean()
                 else:
                     mlm = F.mse_loss(out.squeeze(-1), target.float() / (c.n_bins - 1))
                     pred_bin = out.detach().squeeze(-1) * (c.n_bins - 1)
-                terms["mlm_bin_mae"] = float((pred_bin - target.float()).abs().mean())
-            terms["mlm"] = float(mlm.detach())
+                terms["mlm_bin_mae"] = (pred_bin - target.float()).abs().mean()
+            terms["mlm"] = mlm.detach()
             total = total + c.mlm_weight * mlm
         # cell-level reconstruction from the cell embedding
         target = self._target(batch)
@@ -473,8 +473,8 @@ class Transformer(nn.Module):
             self._track_mvc_mean(target)
         pred = self._mvc(self.cell_embedding(h, keep)).float()
         mvc = F.mse_loss(pred, target)
-        terms["mvc"] = float(mvc.detach())
-        terms["mvc_r"] = float(_row_pearson(pred.detach(), target).mean())
+        terms["mvc"] = mvc.detach()
+        terms["mvc_r"] = _row_pearson(pred.detach(), target).mean()
         total = total + c.mvc_weight * mvc
         # DDP (without find_unused_parameters) needs every parameter in the graph, even those unused this step
         # (the mask token without masked positions, the mlm head): a zero-weighted sum keeps them there

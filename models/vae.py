@@ -81,6 +81,7 @@ class VAEConfig:
     batch_representation: str = "one-hot"  # one-hot | embedding
     batch_embedding_dim: int = 8
     kl_warmup_steps: int = 400  # kl_weight goes 0 -> 1 linearly over these optimizer steps
+    encode_normalized: bool = False  # the encoder sees log1p(x / library * 1e4), not scVI's log1p(x)
 
     # what checkpoints written before these fields existed did
     FORMER_DEFAULTS: ClassVar[dict] = {"encode_batch": True}
@@ -153,6 +154,8 @@ class VAE(nn.Module):
         return x if cov is None else torch.cat([x, cov.to(x.dtype)], dim=-1)
 
     def encode(self, x: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.encode_normalized:
+            x = x / x.sum(dim=1, keepdim=True).clamp(min=1.0) * 1e4
         h = self.encoder(self._cat(torch.log1p(x), cov if self.config.encode_batch else None))
         return self.z_mean(h), self.z_logvar(h).clamp(-12, 12)
 
@@ -179,7 +182,7 @@ class VAE(nn.Module):
         loss = (nll + kl_weight * kl).mean()
         return Loss(
             loss,
-            {"nll": float(nll.mean().detach()), "kl": float(kl.mean().detach()), "kl_weight": kl_weight},
+            {"nll": nll.mean().detach(), "kl": kl.mean().detach(), "kl_weight": kl_weight},
             n_cells=x.shape[0],
         )
 

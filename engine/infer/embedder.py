@@ -174,7 +174,7 @@ class Embedder:
         cuda = self.device.type == "cuda"
         if not cuda and isinstance(out["X"], CSRBlock):  # on CPU scipy densifies ~2x faster than torch's sparse CSR
             out = {**out, "X": _dense(out["X"])}
-        return to_torch({**out, **codes, "index": index}, self.obs_keys, pin=cuda, device=self.device)
+        return to_torch({**out, **codes, "index": index}, self.obs_keys, device=self.device)
 
     # -- computing
 

@@ -29,7 +29,7 @@ from engine.errors import LoaderError
 from engine.loading.mixing import Mix, MixedReader
 from engine.loading.readers import ActorReading, BufferReader, InFlight, ReaderProcess, ReadOptions, ThreadReading
 from engine.loading.sampler import Sampler, SamplerConfig
-from engine.loading.tensors import to_torch
+from engine.loading.tensors import copy_stream, to_torch
 from engine.store.format import Store
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class Loader:
     cell_index) -> dict (a built Pipeline).
     output: "dense" (float32 [B, genes]) or "csr" (torch sparse CSR, densify on the GPU with `.to_dense()`).
     mode: "local" (threads), "ray" (reader actors), or None: "ray" when Ray is initialised, else "local".
-    reading: readers, their CPUs, read-ahead. device: where batches go (pinned host memory first on CUDA).
+    reading: readers, their CPUs, read-ahead. device: where batches go (on CUDA: through pinned host memory, copied on
+    a stream of their own while the step before runs).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class Loader:
         default = k * (2 * r * self.reading.buffers_per_call if mode == "ray" else r + 1)
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = device
+        self._copy_stream = copy_stream(device)  # CUDA: a batch is copied while the step before it runs
         self.metrics = LoaderMetrics()
         # built in either mode: it checks the output, obs keys and transforms here, before any reader starts; a
         # reader actor builds its own the same way (`make_reader`)
@@ -237,10 +239,7 @@ class Loader:
         s.set_epoch(epoch + 1)
 
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        pin = self.device is not None and torch.device(self.device).type == "cuda" and torch.cuda.is_available()
-        return to_torch(batch, (*self.obs_keys, "source"), pin=pin, device=self.device)
+        return to_torch(batch, (*self.obs_keys, "source"), device=self.device, stream=self._copy_stream)
 
     def _report(self) -> None:
         """Dashboard gauges (Ray mode only), at most once a second."""

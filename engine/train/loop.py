@@ -72,8 +72,8 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
 
     # data: this rank's slice of every epoch; validation is small, so it reads with threads
     ray_readers = ray.is_initialized() and not ctx.local_mode
-    loader = _make_loader(ctx, rank, world, "train", ray_readers)
-    val_loader = _make_loader(ctx, rank, world, "val", False) if cfg.data.val_fraction > 0 else None
+    loader = _make_loader(ctx, rank, world, "train", ray_readers, device)
+    val_loader = _make_loader(ctx, rank, world, "val", False, device) if cfg.data.val_fraction > 0 else None
     total_steps = t.max_steps
     if t.epochs:
         total_steps = min(total_steps, max(1, t.epochs * len(loader) // t.grad_accum))
@@ -102,7 +102,6 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
             batch = next(batches, None)
             if batch is None:
                 break  # the epoch is over
-            batch = _to_device(batch, device)
             t_data = time.perf_counter() - t0
             micro += 1
             sync = micro % t.grad_accum == 0
@@ -120,7 +119,7 @@ def train_loop_per_worker(ctx: LoopContext) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            window.add(float(loss.detach()), terms, n_cells, t_data, time.perf_counter() - t0)
+            window.add(loss, terms, n_cells, t_data, time.perf_counter() - t0)
             if not sync:
                 continue
             state.step += 1
@@ -265,8 +264,11 @@ def _report(
         checkpointer.save(state, metrics)
 
 
-def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_readers: bool) -> Loader:
-    """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads."""
+def _make_loader(
+    ctx: LoopContext, rank: int, world: int, split: str, ray_readers: bool, device: torch.device
+) -> Loader:
+    """This rank's Loader: Ray reader actors beside the worker (resources.readers_per_worker), else threads; on
+    a GPU it delivers batches on the device (copied while the previous step runs)."""
     d, r = ctx.config.data, ctx.config.resources
     source = ctx.store.unweighted() if split == "val" and isinstance(ctx.store, Mix) else ctx.store
     loader = Loader(
@@ -280,6 +282,7 @@ def _make_loader(ctx: LoopContext, rank: int, world: int, split: str, ray_reader
         reading=ReadOptions(
             readers=max(1, r.readers_per_worker), cpus_per_reader=r.cpus_per_reader, prefetch=d.loader.prefetch
         ),
+        device=device if device.type == "cuda" else None,
     )
     if len(loader) == 0:
         loader.close()
@@ -307,12 +310,6 @@ def _init_from_data(ctx: LoopContext, model: torch.nn.Module, rank: int, checkpo
     log.info("model initialised from %d training cells in %.1f s", len(batch["index"]), time.perf_counter() - t0)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def _validate(objective, loader: Loader, step: int, device, use_bf16: bool, world: int) -> float:
     """Mean loss over this epoch's validation split, averaged over ranks; the training RNG stream is untouched."""
@@ -323,7 +320,7 @@ def _validate(objective, loader: Loader, step: int, device, use_bf16: bool, worl
         torch.manual_seed(step)
         for batch in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model.loss(_to_device(batch, device), step=None)
+                out = model.loss(batch, step=None)
             total += float(out.loss) * out.n_cells
             n += out.n_cells
     objective.train()

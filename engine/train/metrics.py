@@ -46,17 +46,20 @@ class MetricsWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.losses: list[float] = []
-        self.terms: dict[str, list[float]] = {}
+        # tensors, possibly on the GPU: read at the report, so that no step waits for the device
+        self.losses: list[torch.Tensor] = []
+        self.terms: dict[str, list[torch.Tensor | float]] = {}
         self.cells = 0
         self.t_data = 0.0
         self.t_total = 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, terms: dict[str, float], n_cells: int, t_data: float, t_step: float) -> None:
-        self.losses.append(loss)
+    def add(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor | float], n_cells: int, t_data: float, t_step: float
+    ) -> None:
+        self.losses.append(loss.detach())
         for k, v in terms.items():
-            self.terms.setdefault(k, []).append(float(v))
+            self.terms.setdefault(k, []).append(v)
         self.cells += n_cells
         self.t_data += t_data
         self.t_total += t_step
@@ -71,7 +74,8 @@ class MetricsWindow:
         per_rank = [0.0] * (2 * world)
         per_rank[rank] = self.t_data / max(self.t_total, 1e-9)
         per_rank[world + rank] = float(queue_depth)
-        s = allreduce_sum([sum(self.losses), len(self.losses), self.cells, self.t_data, self.t_total, *per_rank], world)
+        losses = [float(v) for v in self.losses]
+        s = allreduce_sum([sum(losses), len(losses), self.cells, self.t_data, self.t_total, *per_rank], world)
         m = {
             "step": step,
             "epoch": epoch,
@@ -84,7 +88,7 @@ class MetricsWindow:
             "rank_queue_depth": [int(v) for v in s[5 + world :]],
             "world_size": world,
         }
-        m.update({k: float(np.mean(v)) for k, v in self.terms.items()})
+        m.update({k: float(np.mean([float(x) for x in v])) for k, v in self.terms.items()})
         self.reset()
         return m
 

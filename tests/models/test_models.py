@@ -119,6 +119,19 @@ def test_vae_embed_is_latent_mean_and_kl_warms_up():
     assert model.loss(synthetic_batch(32), step=0).terms["kl_weight"] == 0.0
 
 
+def test_vae_encoder_on_normalized_counts_ignores_depth():
+    """encode_normalized: the encoder sees log1p(x / library * 1e4), so a cell sequenced twice as deep embeds the
+    same; scVI's log1p(x) (the default) does not."""
+    batch = synthetic_batch(32)
+    deeper = {**batch, "X": batch["X"] * 2}
+    for normalized in (True, False):
+        torch.manual_seed(0)
+        model = debug_model("vae", encode_normalized=normalized)
+        model.eval()
+        same = torch.allclose(model.embed(batch), model.embed(deeper), atol=1e-5)
+        assert same == normalized
+
+
 def test_transformer_takes_kernel_tokens():
     """genes/values/mask from the loader's kernels: padding (genes < 0) never attends and is never a target."""
     torch.manual_seed(0)

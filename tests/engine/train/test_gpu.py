@@ -1,4 +1,5 @@
-"""The CUDA paths: batches delivered on the device through pinned memory, and bf16 steps of the GPU preset. They
+"""The CUDA paths: batches delivered on the device through pinned memory, copied on a stream of their own while
+the step before runs, a pretraining run fed that way, and bf16 steps of the GPU preset. They
 run where a GPU exists; the suite's CPU machines skip them, saying so (tests/models/test_models.py takes the GPU
 preset's step in fp32 on CPU)."""
 
@@ -14,16 +15,20 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @CUDA
-def test_loader_delivers_every_tensor_on_the_gpu(tiny_store):
-    """Each batch on the device equals the host batch: X and obs codes, through pinned memory."""
+@pytest.mark.parametrize("output", ["dense", "csr"])
+def test_loader_delivers_every_tensor_on_the_gpu(tiny_store, output):
+    """Each batch on the device equals the host batch: X (dense, or sparse CSR's three parts) and obs codes."""
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
+
+    transforms = [{"normalize_total": {"target_sum": 1e4}}, "log1p"] + (["densify"] if output == "dense" else [])
 
     def batches(device):
         with Loader(
             tiny_store,
             SamplerConfig(batch_size=64),
-            transforms=[{"normalize_total": {"target_sum": 1e4}}, "log1p", "densify"],
+            transforms=transforms,
+            output=output,
             obs_keys=("cell_type",),
             mode="local",
             device=device,
@@ -34,7 +39,49 @@ def test_loader_delivers_every_tensor_on_the_gpu(tiny_store):
     assert len(on_device) == len(on_host) > 0
     for got, want in zip(on_device, on_host):
         assert got["X"].device.type == "cuda" and got["cell_type"].device.type == "cuda"
-        assert torch.equal(got["X"].cpu(), want["X"]) and torch.equal(got["cell_type"].cpu(), want["cell_type"])
+        x = got["X"].to_dense() if output == "csr" else got["X"]
+        want_x = want["X"].to_dense() if output == "csr" else want["X"]
+        assert torch.equal(x.cpu(), want_x) and torch.equal(got["cell_type"].cpu(), want["cell_type"])
+
+
+@CUDA
+def test_loader_copies_the_next_batch_while_the_step_before_runs(tiny_store):
+    """The copy runs on the loader's own stream: it is done while the model's stream is still busy with the step
+    before (a kernel of about a second), and what the model's stream reads after it is the host batch."""
+    from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
+
+    def loader(device):  # dense batches: the same sizes each time, so pinned host memory is reused, not allocated
+        return Loader(tiny_store, SamplerConfig(batch_size=64), mode="local", device=device)
+
+    with loader(None) as host:
+        want = list(host)[3]
+    with loader("cuda") as on_device:
+        batches = iter(on_device)
+        for _ in range(3):
+            next(batches)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # the step before (about a second), on the model's stream
+        got = next(batches)
+        on_device._copy_stream.synchronize()
+        assert not torch.cuda.current_stream().query(), "the copy waited for the step before it"
+        doubled = got["X"] * 2  # queued on the model's stream: after the copy, by its wait on the GPU
+        assert torch.equal(doubled.cpu(), want["X"] * 2) and torch.equal(got["index"].cpu(), want["index"])
+
+
+@CUDA
+def test_pretrain_on_the_gpu_trains_from_batches_delivered_on_the_device(tiny_store, ray_local, tmp_path):
+    """workers: 0 on a GPU: the loop's Loader hands over batches on the device; the run trains and validates."""
+    from engine.train.checkpoint import load_checkpoint
+    from engine.train.driver import pretrain
+    from tests.engine.train.test_train import make_spec
+
+    result = pretrain(make_spec(tiny_store, tmp_path / "run", "vae", workers=0, val_every=4, lr=3e-3))
+    losses = [m["loss"] for m in result.history if "loss" in m]
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert math.isfinite(result.history[-1]["val_loss"]) and 0.0 <= result.history[-1]["data_wait_frac"] < 1.0
+    model, _ = load_checkpoint(result.output)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 @CUDA
