@@ -141,6 +141,10 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs["vae-10x"] = dict(vae, steps=10 * vae["steps"])
     specs["vae-normin"] = dict(vae, config=VAEConfig.small(encode_normalized=True))
     specs["vae-h256-10x"] = dict(vae, steps=10 * vae["steps"], config=VAEConfig.small(n_hidden=256))
+    # scVI's optimizer around the VAE: no gradient clipping (the loop clips at norm 1.0), and no weight decay (scVI:
+    # 1e-6; the loop's AdamW: 0.01 on matrices)
+    specs["vae-noclip"] = dict(vae, grad_clip=0.0)
+    specs["vae-noclip-wd0"] = dict(vae, grad_clip=0.0, weight_decay=0.0)
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
@@ -311,7 +315,8 @@ def run_model(
                 "report_every": max(1, steps // 10),
                 "seed": seed,  # the model's start, masks and sampling
                 "output": str(work / f"run-{dataset}-{name}-{seed}"),
-                **({"grad_clip": run["grad_clip"]} if "grad_clip" in run else {}),  # else the loop's default
+                # else the loop's defaults
+                **{k: run[k] for k in ("grad_clip", "weight_decay") if k in run},
             },
             "resources": {
                 "workers": workers,
