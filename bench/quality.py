@@ -145,6 +145,12 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     # 1e-6; the loop's AdamW: 0.01 on matrices)
     specs["vae-noclip"] = dict(vae, grad_clip=0.0)
     specs["vae-noclip-wd0"] = dict(vae, grad_clip=0.0, weight_decay=0.0)
+    # the KL term's weight after warm-up (scVI's max_kl_weight): a freer latent, or one nearer the prior
+    specs["vae-kl05"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.5))
+    specs["vae-kl2"] = dict(vae, config=VAEConfig.small(max_kl_weight=2.0))
+    specs["vae-kl025"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.25))
+    specs["vae-kl01"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.1))
+    specs["vae-h256-kl025"] = dict(vae, config=VAEConfig.small(n_hidden=256, max_kl_weight=0.25))
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]

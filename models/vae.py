@@ -80,7 +80,8 @@ class VAEConfig:
     n_batch: int = 0  # categories of batch_key + 1 slot for missing; filled in from the store's obs schema
     batch_representation: str = "one-hot"  # one-hot | embedding
     batch_embedding_dim: int = 8
-    kl_warmup_steps: int = 400  # kl_weight goes 0 -> 1 linearly over these optimizer steps
+    kl_warmup_steps: int = 400  # kl_weight goes 0 -> max_kl_weight linearly over these optimizer steps
+    max_kl_weight: float = 1.0  # the KL term's weight after warm-up (scVI's TrainingPlan max_kl_weight)
     encode_normalized: bool = False  # the encoder sees log1p(x / library * 1e4), not scVI's log1p(x)
 
     # what checkpoints written before these fields existed did
@@ -97,6 +98,8 @@ class VAEConfig:
             )
         if self.n_latent < 1 or self.n_hidden < 1 or self.n_layers < 1:
             raise ValueError("n_latent, n_hidden and n_layers must be >= 1")
+        if self.max_kl_weight < 0:
+            raise ValueError(f"max_kl_weight is {self.max_kl_weight}, expected >= 0")
 
     def resolve(self, data: DataSummary) -> VAEConfig:
         """Fill in the sizes that come from the data: genes and batch categories."""
@@ -187,9 +190,10 @@ class VAE(nn.Module):
         )
 
     def kl_weight(self, step: int | None) -> float:
+        top = self.config.max_kl_weight
         if step is None or self.config.kl_warmup_steps <= 0:
-            return 1.0
-        return min(1.0, step / self.config.kl_warmup_steps)
+            return top
+        return top * min(1.0, step / self.config.kl_warmup_steps)
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:

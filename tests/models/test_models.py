@@ -117,6 +117,10 @@ def test_vae_embed_is_latent_mean_and_kl_warms_up():
     assert model.embed(synthetic_batch(32)).shape == (32, 5)
     assert [model.kl_weight(s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     assert model.loss(synthetic_batch(32), step=0).terms["kl_weight"] == 0.0
+    beta = debug_model("vae", kl_warmup_steps=10, max_kl_weight=0.5)  # scVI's max_kl_weight
+    assert [beta.kl_weight(s) for s in (0, 5, 10, 50, None)] == [0.0, 0.25, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="max_kl_weight"):
+        models.make_config("vae", {"max_kl_weight": -1.0})
 
 
 def test_vae_encoder_on_normalized_counts_ignores_depth():
