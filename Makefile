@@ -9,7 +9,7 @@ DEMO_STORE ?= data/demo.store
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: env test lint demo bench peers clean
+.PHONY: env test lint demo bench peers clean gpu-check
 
 # A venv whose editable install points at another checkout (this one moved or copied) is pointed back here.
 env: $(VENV)/.installed
@@ -65,6 +65,12 @@ demo: env
 	  --workers 2 --label-key dataset --overwrite  # 2 inference actors; one committed part per shard
 	@echo "demo done: embeddings runs/vae-demo/embeddings.h5ad (obsm['X_cellray']), loss curve runs/vae-demo/loss.png," \
 	  "metrics runs/vae-demo/metrics.jsonl"
+
+# On a machine with an NVIDIA GPU: the CUDA tests (skipped elsewhere) and the GPU training figures (data-wait goal)
+gpu-check: env
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU')"
+	$(BIN)/python -m pytest -q -rs tests/engine/train/test_gpu.py
+	$(BIN)/python bench/train.py --models vae,transformer
 
 clean:
 	rm -rf data runs bench/out
