@@ -61,6 +61,21 @@ class LoaderMetrics:
         }
 
 
+def _check_device(device: Any) -> Any:
+    """`device` as given, once torch knows it and can reach it (a CUDA one needs a CUDA device here)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise LoaderError(f"device is {device!r}: not a torch device ({e})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LoaderError(f"device is {device!r}, but torch sees no CUDA device on this machine")
+    return device
+
+
 class Loader:
     """Batches of one rank. See the module docstring and engine/loading/sampler.py for the plan's guarantees.
 
@@ -114,7 +129,7 @@ class Loader:
         r = self.reading.readers
         default = k * (2 * r * self.reading.buffers_per_call if mode == "ray" else r + 1)
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
-        self.device = device
+        self.device = _check_device(device)
         self._copy_stream = copy_stream(device)  # CUDA: a batch is copied while the step before it runs
         self.metrics = LoaderMetrics()
         # built in either mode: it checks the output, obs keys and transforms here, before any reader starts; a

@@ -16,7 +16,7 @@ def copy_stream(device: Any) -> Any:
     model, a batch would wait behind the step before it; on this one it is copied while that step runs."""
     import torch
 
-    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+    if device is None or torch.device(device).type != "cuda":
         return None
     return torch.cuda.Stream(device=torch.device(device))
 

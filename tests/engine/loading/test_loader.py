@@ -358,3 +358,8 @@ def test_bad_options_get_clear_errors(tiny_store):
         plan(8, class_weights={"a": 1.0})
     with pytest.raises(CellrayError, match="readers"):
         ReadOptions(readers=0)
+    with pytest.raises(CellrayError, match="device"):
+        Loader(tiny_store, plan(8), mode="local", device="tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CellrayError, match="no CUDA device"):
+            Loader(tiny_store, plan(8), mode="local", device="cuda")
