@@ -34,6 +34,7 @@ from engine.infer.predict import (
     probabilities,
 )
 from engine.infer.vocab import GeneMap, obs_codes
+from engine.loading.tensors import copy_stream, to_torch
 from engine.store.format import CSRBlock, Store
 from engine.train.checkpoint import load_checkpoint
 
@@ -116,6 +117,7 @@ class Embedder:
             log.warning("a GPU was asked for, but torch sees no CUDA device here: running on CPU")
         self.model, self.meta = load_checkpoint(plan.checkpoint)
         self.model.to(self.device)
+        self._copy_stream = copy_stream(self.device)  # CUDA: a batch is copied while the previous one computes
         self.store = Store.open(plan.store)
         self.blocks = StoreBlocks(self.store)
         chunk_kernel.warm()  # numba's start-up here, not inside the first part's time
@@ -165,8 +167,6 @@ class Embedder:
 
     def _batch(self, start: int, stop: int, codes: dict[str, np.ndarray]) -> dict:
         """Cells [start, stop) of the store (global ids), with their obs codes, as the model's torch batch."""
-        from engine.loading.tensors import to_torch
-
         indptr, indices, data = self.blocks.read(self._segments(start, stop))
         block = self.plan.genes.apply(CSRBlock(indptr=indptr, indices=indices, data=data, n_genes=self.store.n_genes))
         index = np.arange(start, stop, dtype=np.int64)
@@ -174,7 +174,7 @@ class Embedder:
         cuda = self.device.type == "cuda"
         if not cuda and isinstance(out["X"], CSRBlock):  # on CPU scipy densifies ~2x faster than torch's sparse CSR
             out = {**out, "X": _dense(out["X"])}
-        return to_torch({**out, **codes, "index": index}, self.obs_keys, device=self.device)
+        return to_torch({**out, **codes, "index": index}, self.obs_keys, device=self.device, stream=self._copy_stream)
 
     # -- computing
 
@@ -188,13 +188,15 @@ class Embedder:
         with self._compute_lock, torch.inference_mode():
             for a in range(start, stop, self.plan.batch_size):
                 b = min(stop, a + self.plan.batch_size)
+                # read on the host while the device still computes the previous batch: outputs stay where they
+                # are computed until the part's last batch is queued
                 batch = self._batch(a, b, {k: v[a - start : b - start] for k, v in codes.items()})
-                embs.append(self.model.embed(batch).float().cpu().numpy())
+                embs.append(self.model.embed(batch).float())
                 if self.head is not None:
-                    probas.append(probabilities(self.model, batch).cpu().numpy())
-        out = {OBSM_KEY: np.concatenate(embs)}
-        if probas:
-            out[PROBA_KEY] = np.concatenate(probas)
+                    probas.append(probabilities(self.model, batch))
+            out = {OBSM_KEY: torch.cat(embs).cpu().numpy()}
+            if probas:
+                out[PROBA_KEY] = torch.cat(probas).cpu().numpy()
         return out
 
     def describe(self) -> tuple[dict[str, int], Head | None]:

@@ -70,8 +70,9 @@ def test_loader_copies_the_next_batch_while_the_step_before_runs(tiny_store):
 
 
 @CUDA
-def test_pretrain_on_the_gpu_trains_from_batches_delivered_on_the_device(tiny_store, ray_local, tmp_path):
-    """workers: 0 on a GPU: the loop's Loader hands over batches on the device; the run trains and validates."""
+def test_pretrain_and_embed_on_the_gpu(tiny_store, ray_local, tmp_path):
+    """workers: 0 on a GPU: the loop's Loader hands over batches on the device; the run trains and validates; its
+    checkpoint embeds on the GPU as on the CPU."""
     from engine.train.checkpoint import load_checkpoint
     from engine.train.driver import pretrain
     from tests.engine.train.test_train import make_spec
@@ -82,6 +83,20 @@ def test_pretrain_on_the_gpu_trains_from_batches_delivered_on_the_device(tiny_st
     assert math.isfinite(result.history[-1]["val_loss"]) and 0.0 <= result.history[-1]["data_wait_frac"] < 1.0
     model, _ = load_checkpoint(result.output)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+    # the checkpoint embedded by an inference actor on the GPU (batches copied while the previous one computes,
+    # outputs read back once a part) gives the embedding a CPU actor gives
+    import anndata
+
+    from engine.infer.embed import embed
+
+    def embedding(gpus: float):
+        out = tmp_path / f"emb-{gpus}.h5ad"
+        embed(result.output, tiny_store, out, batch_size=64, resources={"workers": 1, "gpus_per_worker": gpus})
+        return anndata.read_h5ad(out).obsm["X_cellray"]
+
+    on_gpu, on_cpu = embedding(1.0), embedding(0.0)
+    assert on_gpu.shape == on_cpu.shape and np.allclose(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
 
 
 @CUDA
