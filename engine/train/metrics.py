@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.atomic import atomic_path, write_text_atomically
+from engine.errors import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class MetricsWindow:
     def reset(self) -> None:
         # tensors, possibly on the GPU: read at the report, so that no step waits for the device
         self.losses: list[torch.Tensor] = []
+        self.steps: list[int] = []  # the optimizer step each loss belongs to
         self.terms: dict[str, list[torch.Tensor | float]] = {}
         self.cells = 0
         self.t_data = 0.0
@@ -55,9 +58,16 @@ class MetricsWindow:
         self.start = time.perf_counter()
 
     def add(
-        self, loss: torch.Tensor, terms: dict[str, torch.Tensor | float], n_cells: int, t_data: float, t_step: float
+        self,
+        loss: torch.Tensor,
+        terms: dict[str, torch.Tensor | float],
+        n_cells: int,
+        t_data: float,
+        t_step: float,
+        step: int,
     ) -> None:
         self.losses.append(loss.detach())
+        self.steps.append(step)
         for k, v in terms.items():
             self.terms.setdefault(k, []).append(v)
         self.cells += n_cells
@@ -69,12 +79,20 @@ class MetricsWindow:
     ) -> dict[str, Any]:
         """The window's metrics averaged over ranks (loss) or summed (cells), and each rank's data wait and loader
         queue depth (its own slots of the same allreduce: a rank slower to get data than the others shows);
-        starts a new window."""
+        starts a new window. A loss that is not finite stops the run here, naming its step: the check reads the
+        losses back at reports, not each step (a read-back would make a GPU step wait), and every checkpoint is
+        saved after a report, so none holds the diverged weights."""
+        losses = [float(v) for v in self.losses]
+        for at, value in zip(self.steps, losses):
+            if not math.isfinite(value):
+                raise TrainError(
+                    f"the loss is {value:g} at step {at}: training diverged (lower train.lr, or check the data's "
+                    "counts and transforms)"
+                )
         elapsed = time.perf_counter() - self.start
         per_rank = [0.0] * (2 * world)
         per_rank[rank] = self.t_data / max(self.t_total, 1e-9)
         per_rank[world + rank] = float(queue_depth)
-        losses = [float(v) for v in self.losses]
         s = allreduce_sum([sum(losses), len(losses), self.cells, self.t_data, self.t_total, *per_rank], world)
         m = {
             "step": step,
