@@ -431,8 +431,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def _track_mvc_mean(self, target: torch.Tensor) -> None:
         """The running mean of the mvc target: the mean of every batch so far for 100 batches, then an EMA (0.01)."""
-        n = int(self.mvc_batches)
-        self.mvc_mean.lerp_(target.mean(0).to(self.mvc_mean.dtype), max(1.0 / (n + 1), 0.01))
+        # the weight computed on the device: reading the count back would make a GPU step wait
+        weight = (1.0 / (self.mvc_batches + 1).to(self.mvc_mean.dtype)).clamp(min=0.01)
+        self.mvc_mean.lerp_(target.mean(0).to(self.mvc_mean.dtype), weight)
         self.mvc_batches += 1
 
     def loss(self, batch: dict, step: int | None = None) -> Loss:
