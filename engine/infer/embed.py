@@ -194,7 +194,7 @@ def plan_embed(config: EmbedConfig) -> Resolved:
         raise InferError(f"{store.path}: the store has no cells")
     where = str(store.path)
     genes = map_genes(store.gene_ids, meta, where, config.min_gene_overlap)
-    transforms = inference_transforms(meta["data"].get("transforms") or [])
+    transforms = inference_transforms(meta["data"].get("transforms") or [], meta.get("vocabulary"))
     model_cfg = models.make_config(meta["model"]["name"], meta["model"]["config"])
     labels = (model_cfg.label_key,) if getattr(model_cfg, "n_classes", 0) else ()
     categories = category_maps(meta, store.manifest.obs_schema, tuple(model_cfg.obs_keys()), where, labels)

@@ -69,9 +69,17 @@ class Run:
     rows: tuple[str, ...]
 
 
-def inference_transforms(transforms: list) -> list:
-    """The training transforms minus masking: inference sees every value."""
-    return [t for t in transforms if not (t == "mask" or (isinstance(t, dict) and "mask" in t))]
+def inference_transforms(transforms: list, vocabulary: dict | None = None) -> list:
+    """The training transforms minus masking (inference sees every value); a gene selection as the checkpoint
+    recorded its genes (`selected_genes`, by id: no statistics needed to select them again)."""
+    selected = (vocabulary or {}).get("selected_genes")
+    out = []
+    for t in transforms:
+        name = t if isinstance(t, str) else next(iter(t))
+        if name == "mask":
+            continue
+        out.append({"select_genes": {"genes": selected}} if name == "select_genes" and selected else t)
+    return out
 
 
 _STATS_STEPS = ("rank_tokens", "scale")

@@ -195,10 +195,12 @@ def gene_fingerprint(gene_ids) -> str:
     return "sha256:" + hashlib.sha256("\n".join(map(str, gene_ids)).encode()).hexdigest()[:32]
 
 
-def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=()) -> dict[str, Any]:
+def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=(), pipeline: Any = None) -> dict[str, Any]:
     """What the model's inputs mean, kept in meta.json so inference can map another store onto them by name:
     the training store's gene ids in column order (+ fingerprint), and the categories of the obs keys it read
-    (a mix of stores: the run's genes and the union of the sources' categories)."""
+    (a mix of stores: the run's genes and the union of the sources' categories). With a gene selection in the
+    run's `pipeline` (select_genes: hvg, a list, a file): its genes' ids in output column order, `selected_genes`,
+    so that inference selects the same genes without the training store's statistics."""
     from engine.store.format import Store
 
     if isinstance(source, Mix):
@@ -212,7 +214,15 @@ def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=()) -> dict[st
         schema = store.manifest.obs_schema
         cats = {k: schema[k]["categories"] for k in obs_keys if "categories" in schema.get(k, {})}
         where = str(Path(source).resolve())
-    return {"store": where, "genes": genes, "fingerprint": gene_fingerprint(genes), "obs_categories": cats}
+    vocabulary = {"store": where, "genes": genes, "fingerprint": gene_fingerprint(genes), "obs_categories": cats}
+    gene_map = getattr(pipeline, "gene_map", None)
+    if gene_map is not None and len(gene_map) == len(genes) and (gene_map >= 0).sum() == pipeline.n_genes_out:
+        selected = [""] * pipeline.n_genes_out  # a listed gene the store lacks leaves its column out: not recorded
+        for gene, column in zip(genes, gene_map):
+            if column >= 0:
+                selected[column] = gene
+        vocabulary["selected_genes"] = selected
+    return vocabulary
 
 
 def one_line(error: BaseException) -> str:

@@ -211,7 +211,7 @@ def _checkpointer(ctx: LoopContext, rank: int, world: int) -> Checkpointer:
             "job": cfg.name,
             "model": {"name": cfg.model.name, "config": ctx.model_config},
             "data": cfg.data.model_dump(mode="json"),
-            "vocabulary": training_vocabulary(ctx.store, cfg.data.obs_keys),
+            "vocabulary": training_vocabulary(ctx.store, cfg.data.obs_keys, ctx.pipeline),
         },
     )
 

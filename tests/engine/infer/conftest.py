@@ -121,5 +121,8 @@ def helpers():
     import types
 
     return types.SimpleNamespace(
-        store_obs=store_obs, driver_subprocess=driver_subprocess, direct_vae_embedding=direct_vae_embedding
+        store_obs=store_obs,
+        driver_subprocess=driver_subprocess,
+        direct_vae_embedding=direct_vae_embedding,
+        pretrain=_pretrain,
     )

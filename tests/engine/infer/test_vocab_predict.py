@@ -38,6 +38,34 @@ def test_checkpoint_records_the_training_vocabulary(vae_checkpoint, tiny_store):
     assert vocab["obs_categories"] == {"batch": ["b0", "b1"]}
 
 
+def test_a_gene_selection_is_recorded_and_needs_no_training_store(tiny_store, tiny_h5ads, helpers, tmp_path):
+    """A VAE on its store's HVGs records their ids; with that store gone it embeds a store of the same genes in
+    another order as it embedded the training store: the genes selected again by id, no statistics needed."""
+    import shutil
+
+    import anndata as ad
+
+    from engine.preprocess.stats import StatsConfig, compute_stats, load_stats
+
+    train = tmp_path / "train.store"
+    shutil.copytree(tiny_store, train)
+    compute_stats(train, StatsConfig(hvg=24, executor="local"))
+    vae = {"name": "vae", "config": {"n_latent": 3, "n_hidden": 16}}
+    ckpt = helpers.pretrain(train, tmp_path / "vae", vae, [], [{"select_genes": "hvg"}])
+    genes = np.asarray(Store.open(train).gene_ids).astype(str)
+    selected = read_meta(latest_checkpoint(ckpt))["vocabulary"]["selected_genes"]
+    assert selected == list(genes[load_stats(train).highly_variable])
+
+    before = ad.read_zarr(embed(ckpt, train, tmp_path / "before.zarr").out)
+    shutil.rmtree(train)  # the training store, its statistics with it
+    permuted = _ingest_with_vocab(
+        tiny_h5ads, tmp_path / "permuted.store", list(np.random.default_rng(2).permutation(genes))
+    )
+    after = ad.read_zarr(embed(ckpt, permuted.path, tmp_path / "after.zarr").out)
+    ref = before.obsm[OBSM_KEY][before.obs_names.get_indexer(after.obs_names)]
+    np.testing.assert_allclose(after.obsm[OBSM_KEY], ref, rtol=0, atol=1e-6)
+
+
 def test_genes_in_another_order_give_identical_embeddings(
     vae_checkpoint, tiny_store, tiny_h5ads, reference_embedding, tmp_path
 ):
