@@ -24,6 +24,7 @@ and the mask are one kernel each. `pipeline(block, cell_index)` returns:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,6 +241,20 @@ class Pipeline:
         if self._n_out is None:
             raise TransformError("pipeline built without a store: n_genes_out is known after the first batch")
         return self._n_out
+
+    def selected_genes(self, gene_ids: Sequence[str]) -> list[str] | None:
+        """The ids of the output columns, in column order, when the pipeline selects genes (select_genes) of the
+        store whose vocabulary is `gene_ids`; None without a selection, or when a listed gene is not in the store
+        (its column has no id)."""
+        if self.gene_map is None or len(self.gene_map) != len(gene_ids):
+            return None
+        kept = np.flatnonzero(self.gene_map >= 0)
+        if len(kept) != self.n_genes_out:
+            return None
+        out = [""] * self.n_genes_out
+        for g in kept:
+            out[self.gene_map[g]] = str(gene_ids[g])
+        return out
 
     # -- binding to the store
 

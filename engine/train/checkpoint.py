@@ -215,12 +215,8 @@ def training_vocabulary(source: str | os.PathLike | Mix, obs_keys=(), pipeline: 
         cats = {k: schema[k]["categories"] for k in obs_keys if "categories" in schema.get(k, {})}
         where = str(Path(source).resolve())
     vocabulary = {"store": where, "genes": genes, "fingerprint": gene_fingerprint(genes), "obs_categories": cats}
-    gene_map = getattr(pipeline, "gene_map", None)
-    if gene_map is not None and len(gene_map) == len(genes) and (gene_map >= 0).sum() == pipeline.n_genes_out:
-        selected = [""] * pipeline.n_genes_out  # a listed gene the store lacks leaves its column out: not recorded
-        for gene, column in zip(genes, gene_map):
-            if column >= 0:
-                selected[column] = gene
+    selected = pipeline.selected_genes(genes) if pipeline is not None else None
+    if selected is not None:
         vocabulary["selected_genes"] = selected
     return vocabulary
 

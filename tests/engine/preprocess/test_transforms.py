@@ -130,6 +130,12 @@ def test_select_gene_list_reorders_keeps_missing_zero_and_can_normalize_after(ka
     assert (
         sparse.has_sorted_indices and max_abs(sparse[:, cols], kang_adata[:, [g for g in genes if g in vocab]].X) == 0
     )
+    # the selection's ids in column order (what a checkpoint records): none when a listed gene has no column's id
+    present = [g for g in genes if g in vocab]
+    assert Pipeline.from_spec([{"select_genes": present}], kang_store).selected_genes(vocab) == present
+    assert (
+        pipe.selected_genes(vocab) is None and Pipeline.from_spec(["log1p"], kang_store).selected_genes(vocab) is None
+    )
 
 
 def test_rank_tokens_and_binning_and_mask(kang_store, kang_adata):

@@ -77,12 +77,14 @@ def test_pretrain_and_embed_on_the_gpu(tiny_store, ray_local, tmp_path):
     from engine.train.driver import pretrain
     from tests.engine.train.test_train import make_spec
 
-    result = pretrain(make_spec(tiny_store, tmp_path / "run", "vae", workers=0, val_every=4, lr=3e-3))
+    spec = make_spec(tiny_store, tmp_path / "run", "vae", workers=0, val_every=4, lr=3e-3)
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"val_fraction": 0.2})})
+    result = pretrain(spec)
     losses = [m["loss"] for m in result.history if "loss" in m]
     assert len(losses) >= 2 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
     assert math.isfinite(result.history[-1]["val_loss"]) and 0.0 <= result.history[-1]["data_wait_frac"] < 1.0
     model, _ = load_checkpoint(result.output)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
     # the checkpoint embedded by an inference actor on the GPU (batches copied while the previous one computes,
     # outputs read back once a part) gives the embedding a CPU actor gives
