@@ -26,7 +26,7 @@ per 1,000 cells (1 torch thread in-process unless --threads), and the baseline's
 order) on the same scored cells and baseline, prints each run, and reports the median of each figure.
 
 Models (specs in model_specs below; every config a `small()` preset):
-- vae: raw counts of the store's HVGs;
+- vae: raw counts of the store's HVGs, the batch column as covariate of the decoder;
 - transformer-binned (scGPT-like): normalize_total + log1p + HVG + 51 value bins, a cell's 128 highest bins in
   context, each token with its value x its gene's vector; masked-bin cross-entropy + mvc;
 - transformer-rank (Geneformer): normalize_total + HVG + rank tokens (x / gene median); masked-gene cross-entropy + mvc;
@@ -77,7 +77,8 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     specs = {
         "vae": {
             "model": "vae",
-            "config": VAEConfig.small(),
+            # the batch as covariate of the decoder, as scVI users run it (a constant where there is one batch)
+            "config": VAEConfig.small(batch_key=ds["batch"]),
             "transforms": [{"select_genes": "hvg"}],  # raw counts of the store's HVGs, as scVI's tutorials run it
             "lr": 3e-3,
             "steps": 400,
@@ -112,45 +113,65 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
             "batch": 64,
         },
     }
+
+    # The VAE ablations below start from the preset before 2026-12-05 (10 latent, 128 hidden, KL weight 1), as
+    # the README's commands for them ran; the batch-covariate runs of 2026-12-05 chose today's preset.
+    def former(**kw) -> VAEConfig:
+        return VAEConfig.small(**{"n_latent": 10, "n_hidden": 128, "max_kl_weight": 1.0, **kw})
+
+    vae = dict(specs["vae"], config=former())
+    specs["vae-former"] = vae
+    specs["vae-nobatch"] = dict(specs["vae"], config=VAEConfig.small())  # today's preset without the covariate
     # the VAE as scVI users run it on data with batches: the batch as covariate of the decoder (scVI's default)
-    specs["vae-batch"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"]))
-    specs["vae-30"] = dict(specs["vae"], config=VAEConfig.small(n_latent=30))  # a wider latent, with and without
+    specs["vae-batch"] = dict(vae, config=former(batch_key=ds["batch"]))
+    specs["vae-30"] = dict(vae, config=former(n_latent=30))  # a wider latent, with and without
     # the batch in the encoder too (scVI's encode_covariates=True; cellray's only mode before 2026-12-04)
-    specs["vae-batch-encoded"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], encode_batch=True))
-    specs["vae-batch-30"] = dict(specs["vae"], config=VAEConfig.small(batch_key=ds["batch"], n_latent=30))
+    specs["vae-batch-encoded"] = dict(vae, config=former(batch_key=ds["batch"], encode_batch=True))
+    specs["vae-batch-30"] = dict(vae, config=former(batch_key=ds["batch"], n_latent=30))
     # scVI's other defaults, one at a time: the KL weight warmed up over the whole run (scVI: 400 epochs, its
     # whole run), a zero-inflated likelihood, Adam's 1e-3, a wider hidden layer. Run on liu, whose 1,000 genes are
     # its HVGs (the same counts with or without select_genes); vae-h256 on all four, on every gene as then
-    vae = specs["vae"]
-    specs["vae-klrun"] = dict(vae, config=VAEConfig.small(kl_warmup_steps=vae["steps"]))
-    specs["vae-zinb"] = dict(vae, config=VAEConfig.small(likelihood="zinb"))
+    specs["vae-klrun"] = dict(vae, config=former(kl_warmup_steps=vae["steps"]))
+    specs["vae-zinb"] = dict(vae, config=former(likelihood="zinb"))
     specs["vae-lr1"] = dict(vae, lr=1e-3)
-    specs["vae-h256"] = dict(vae, transforms=[], config=VAEConfig.small(n_hidden=256))
+    specs["vae-h256"] = dict(vae, transforms=[], config=former(n_hidden=256))
     specs["vae-3x"] = dict(vae, steps=3 * vae["steps"])
     specs["vae-lr1-3x"] = dict(vae, lr=1e-3, steps=3 * vae["steps"])
-    specs["vae-klrun-3x"] = dict(vae, steps=3 * vae["steps"], config=VAEConfig.small(kl_warmup_steps=3 * vae["steps"]))
-    specs["vae-batchnorm"] = dict(vae, config=VAEConfig.small(norm="batch"))  # scVI's norm (cellray's: layer)
-    specs["vae-2layers"] = dict(vae, config=VAEConfig.small(n_layers=2))
-    specs["vae-nodropout"] = dict(vae, config=VAEConfig.small(dropout=0.0))
-    specs["vae-latent16"] = dict(vae, config=VAEConfig.small(n_latent=16))
+    specs["vae-klrun-3x"] = dict(vae, steps=3 * vae["steps"], config=former(kl_warmup_steps=3 * vae["steps"]))
+    specs["vae-batchnorm"] = dict(vae, config=former(norm="batch"))  # scVI's norm (cellray's: layer)
+    specs["vae-2layers"] = dict(vae, config=former(n_layers=2))
+    specs["vae-nodropout"] = dict(vae, config=former(dropout=0.0))
+    specs["vae-latent16"] = dict(vae, config=former(n_latent=16))
     specs["vae-b128"] = dict(vae, batch=128, steps=2 * vae["steps"])  # scVI's 128 cells a step, the same cells
     specs["vae-b128-3x"] = dict(vae, batch=128, steps=6 * vae["steps"])
     # every gene of the store (the preset before 2026-12-04's night; zeisel and worm have more genes than HVGs);
     # 10x the steps (scVI's default for 30,000 cells is 261 epochs); the encoder on log-normalized counts
     specs["vae-allgenes"] = dict(vae, transforms=[])
     specs["vae-10x"] = dict(vae, steps=10 * vae["steps"])
-    specs["vae-normin"] = dict(vae, config=VAEConfig.small(encode_normalized=True))
-    specs["vae-h256-10x"] = dict(vae, steps=10 * vae["steps"], config=VAEConfig.small(n_hidden=256))
+    specs["vae-normin"] = dict(vae, config=former(encode_normalized=True))
+    specs["vae-h256-10x"] = dict(vae, steps=10 * vae["steps"], config=former(n_hidden=256))
     # scVI's optimizer around the VAE: no gradient clipping (the loop clips at norm 1.0), and no weight decay (scVI:
     # 1e-6; the loop's AdamW: 0.01 on matrices)
     specs["vae-noclip"] = dict(vae, grad_clip=0.0)
     specs["vae-noclip-wd0"] = dict(vae, grad_clip=0.0, weight_decay=0.0)
     # the KL term's weight after warm-up (scVI's max_kl_weight): a freer latent, or one nearer the prior
-    specs["vae-kl05"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.5))
-    specs["vae-kl2"] = dict(vae, config=VAEConfig.small(max_kl_weight=2.0))
-    specs["vae-kl025"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.25))
-    specs["vae-kl01"] = dict(vae, config=VAEConfig.small(max_kl_weight=0.1))
-    specs["vae-h256-kl025"] = dict(vae, config=VAEConfig.small(n_hidden=256, max_kl_weight=0.25))
+    specs["vae-kl05"] = dict(vae, config=former(max_kl_weight=0.5))
+    specs["vae-kl2"] = dict(vae, config=former(max_kl_weight=2.0))
+    specs["vae-kl025"] = dict(vae, config=former(max_kl_weight=0.25))
+    specs["vae-kl01"] = dict(vae, config=former(max_kl_weight=0.1))
+    specs["vae-h256-kl025"] = dict(vae, config=former(n_hidden=256, max_kl_weight=0.25))
+    # the batch covariate (scIB's batch mixing) with a lighter KL term or a wider layer (liu's labels kept);
+    # with all three and 16 latent dimensions it is today's preset, `vae`
+    batch = ds["batch"]
+    specs["vae-batch-kl05"] = dict(vae, config=former(batch_key=batch, max_kl_weight=0.5))
+    specs["vae-batch-kl025"] = dict(vae, config=former(batch_key=batch, max_kl_weight=0.25))
+    specs["vae-batch-h256"] = dict(vae, config=former(batch_key=batch, n_hidden=256))
+    specs["vae-batch-h256-kl025"] = dict(vae, config=former(batch_key=batch, n_hidden=256, max_kl_weight=0.25))
+    specs["vae-batch-h256-kl01"] = dict(vae, config=former(batch_key=batch, n_hidden=256, max_kl_weight=0.1))
+    specs["vae-batch-h512-kl025"] = dict(vae, config=former(batch_key=batch, n_hidden=512, max_kl_weight=0.25))
+    specs["vae-batch-h256-kl025-2x"] = dict(
+        vae, steps=2 * vae["steps"], config=former(batch_key=batch, n_hidden=256, max_kl_weight=0.25)
+    )
     # ablations toward a transformer that beats PCA (run only when named in --models): a longer context of
     # expressed genes (small() keeps 128 of a cell's expressed HVGs; PCA sees all of them), and 3x the steps
     binned = specs["transformer-binned"]
