@@ -204,6 +204,9 @@ def model_specs(ds: dict, label: str) -> dict[str, dict]:
     )
     specs["transformer-rank-3x"] = dict(specs["transformer-rank"], steps=3 * specs["transformer-rank"]["steps"])
     rank = specs["transformer-rank"]
+    # each batch's own per-gene offset in the mvc reconstruction (scGPT's batch-conditioned MVC decoder)
+    specs["transformer-rank-batch"] = dict(rank, config=TransformerConfig.small(input="rank", batch_key=ds["batch"]))
+    specs["transformer-binned-batch"] = dict(binned, config=TransformerConfig.small(batch_key=ds["batch"]))
     specs["transformer-rank-mvc30"] = dict(rank, config=TransformerConfig.small(input="rank", mvc_weight=30.0))
     specs["transformer-rank-mvconly"] = dict(rank, config=TransformerConfig.small(input="rank", mlm_weight=0.0))
     specs["transformer-rank-b128"] = dict(rank, batch=128)

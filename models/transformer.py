@@ -40,14 +40,15 @@ Objectives (``loss`` returns their weighted sum and each term):
 - ``mvc``, a cell-level reconstruction from the cell embedding (scGPT's MVC / GEPC): every vocabulary gene's
   value predicted as m_g + <c, q_g> + b_g, q_g from the gene's embedding, m_g the running mean of the gene's target
   over the training batches (a buffer: the embedding carries how a cell differs from the mean profile, not the
-  profile itself). Target (``mvc_target``): ``"expression"``, every
-  gene's log-normalized expression (the batch's X, which the tokenisers keep: log-normalized in the binned recipe,
-  logged here for rank input, whose X is normalized counts), or ``"token"``, the tokens' own values scattered into
-  the vocabulary, zeros elsewhere (binned: bin / (n_bins - 1), scGPT's; rank: log1p(x / gene median)). Token values
-  keep no gene-to-gene magnitude: a cell's bins are its ranks (ties where it has ~15 expressed genes at one count
-  each) and x / median is ~1 for every gene a shallow cell expresses. An embedding trained to rebuild them
-  classified worm neurons at 0.43 / 0.27 kNN (binned / rank, bench/quality.py) where one trained on the expression
-  reached 0.55 / 0.81.
+  profile itself); with ``batch_key``, plus the cell's batch's own offset of gene g (scGPT's batch-conditioned MVC
+  decoder: the embedding need not carry batch shifts, and never reads the batch). Target (``mvc_target``):
+  ``"expression"``, every gene's log-normalized expression (the batch's X, which the tokenisers keep:
+  log-normalized in the binned recipe, logged here for rank input, whose X is normalized counts), or ``"token"``,
+  the tokens' own values scattered into the vocabulary, zeros elsewhere (binned: bin / (n_bins - 1), scGPT's;
+  rank: log1p(x / gene median)). Token values keep no gene-to-gene magnitude: a cell's bins are its ranks (ties
+  where it has ~15 expressed genes at one count each) and x / median is ~1 for every gene a shallow cell expresses.
+  An embedding trained to rebuild them classified worm neurons at 0.43 / 0.27 kNN (binned / rank,
+  bench/quality.py) where one trained on the expression reached 0.55 / 0.81.
   It is what trains the embedding: masked-token prediction alone leaves the pooled vector untrained, and at CPU
   scale such embeddings classify cells barely above chance (kNN 0.34 on pbmc68k where PCA-50 gets 0.79).
 """
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import DataSummary, Loss, dense_x
+from models.base import DataSummary, Loss, dense_x, obs_codes
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class TransformerConfig:
     # (the training loop reads them before the first step: `init_from_data`), or "random" (GPT-2's N(0, 0.02))
     gene_init: str = "pca"
     init_cells: int = 4096
+    # an obs key whose categories each get their own per-gene offset in the mvc reconstruction (scGPT's
+    # batch-conditioned MVC decoder): the cell embedding need not carry how a batch's profile differs
+    batch_key: str | None = None
+    n_batch: int = 0  # categories of batch_key + 1 slot for missing; filled in from the store's obs schema
 
     # what checkpoints written before these fields existed did
     FORMER_DEFAULTS: ClassVar[dict] = {"context": "random", "gene_values": False, "gene_init": "random"}
@@ -132,6 +137,8 @@ class TransformerConfig:
     def resolve(self, data: DataSummary) -> TransformerConfig:
         """Vocabulary size (token ids are vocabulary positions + the tokeniser's offset), bins and input kind."""
         updates: dict = {"n_genes": self.n_genes or data.n_genes + data.token_offset}
+        if self.batch_key and not self.n_batch:
+            updates["n_batch"] = data.n_categories(self.batch_key, "batch_key")
         if data.tokeniser == "binning":
             updates["input"] = "binned"
             updates["n_bins"] = data.n_bins or self.n_bins
@@ -140,7 +147,7 @@ class TransformerConfig:
         return dataclasses.replace(self, **updates)
 
     def obs_keys(self) -> tuple[str, ...]:
-        return ()
+        return (self.batch_key,) if self.batch_key else ()
 
     @classmethod
     def debug(cls, n_genes: int = 64, **kw) -> TransformerConfig:
@@ -230,6 +237,10 @@ class Transformer(nn.Module):
         self.register_buffer("mvc_batches", torch.zeros((), dtype=torch.long))
         self._register_load_state_dict_pre_hook(_zero_mvc_mean)
         self.apply(_init_weights)
+        self.use_batch = c.batch_key is not None and c.n_batch > 0
+        if self.use_batch:  # per batch, per gene, added to the mvc prediction; batches start at the running mean
+            self.mvc_batch = nn.Embedding(c.n_batch, c.n_genes)
+            nn.init.zeros_(self.mvc_batch.weight)
         # The feed-forward branches start at zero: each token starts as its gene + value embedding plus what
         # attention mixes in (linear in the cell's tokens), so the pooled vector starts as a bag of gene
         # embeddings, which the linear cell head + mvc turn into a PCA-like embedding within ~100 steps.
@@ -421,12 +432,16 @@ class Transformer(nn.Module):
             pooled = (h[:, 1:] * w).sum(1) / w.sum(1).clamp(min=1)
         return self.cell_head(pooled)
 
-    def _mvc(self, cell: torch.Tensor) -> torch.Tensor:
-        """Every vocabulary gene's predicted value from the cell embedding: (B, n_genes)."""
+    def _mvc(self, cell: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Every vocabulary gene's predicted value from the cell embedding (and its batch's offsets): (B, n_genes)."""
         # unit-scale queries, small cell projection: the product starts near the bias yet learns at once (with
         # both factors small, as GPT-style init makes them, the gradient of each is the other: it stalls at zero)
-        q = F.layer_norm(self.mvc_query(self.gene_embedding.weight[: self.config.n_genes]), (self.config.d_model,))
-        return cell @ q.T.to(cell.dtype) + self.mvc_bias + self.mvc_mean
+        c = self.config
+        q = F.layer_norm(self.mvc_query(self.gene_embedding.weight[: c.n_genes]), (c.d_model,))
+        pred = cell @ q.T.to(cell.dtype) + self.mvc_bias + self.mvc_mean
+        if self.use_batch:
+            pred = pred + self.mvc_batch(obs_codes(batch, c.batch_key, c.n_batch)).to(pred.dtype)
+        return pred
 
     @torch.no_grad()
     def _track_mvc_mean(self, target: torch.Tensor) -> None:
@@ -472,7 +487,7 @@ class Transformer(nn.Module):
         target = self._target(batch)
         if self.training:
             self._track_mvc_mean(target)
-        pred = self._mvc(self.cell_embedding(h, keep)).float()
+        pred = self._mvc(self.cell_embedding(h, keep), batch).float()
         mvc = F.mse_loss(pred, target)
         terms["mvc"] = mvc.detach()
         terms["mvc_r"] = _row_pearson(pred.detach(), target).mean()

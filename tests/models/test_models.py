@@ -63,6 +63,7 @@ def debug_model(name: str, **kw):
         ("transformer", {}),
         ("transformer", {"input": "rank", "pooling": "mean"}),
         ("transformer", {"input": "rank", "gene_values": True}),
+        ("transformer", {"input": "rank", "batch_key": "batch", "n_batch": 3}),
         ("probe", {}),
     ],
 )
@@ -110,6 +111,27 @@ def test_vae_batch_conditions_the_decoder_and_the_encoder_only_when_asked():
     assert losses[0] == losses[1] != losses[2]  # the decoder reads the batch
     assert models.make_config("vae", {"batch_key": "batch"}, saved=True).encode_batch
     assert not models.make_config("vae", {"batch_key": "batch"}).encode_batch
+
+
+def test_transformer_batch_offsets_the_mvc_reconstruction_not_the_embedding():
+    """batch_key: each batch's own per-gene offset in the mvc prediction (scGPT's batch-conditioned MVC decoder);
+    the cell embedding never reads the batch."""
+    torch.manual_seed(0)
+    batch = synthetic_batch()
+    other = dict(batch, batch=(batch["batch"] + 1) % 3)
+    model = debug_model("transformer", input="rank", batch_key="batch", n_batch=3)
+    assert models.make_config("transformer", {"batch_key": "batch"}).obs_keys() == ("batch",)
+    with torch.no_grad():
+        model.mvc_batch.weight.normal_()  # trained offsets (they start at zero: every batch at the running mean)
+    model.eval()
+    assert torch.equal(model.embed(batch), model.embed(other))
+    losses = []
+    for b in (batch, batch, other):
+        torch.manual_seed(1)  # the same mask each time
+        losses.append(float(model.loss(b).terms["mvc"]))
+    assert losses[0] == losses[1] != losses[2]
+    plain = debug_model("transformer", input="rank")
+    assert not hasattr(plain, "mvc_batch") and plain.config.obs_keys() == ()
 
 
 def test_vae_embed_is_latent_mean_and_kl_warms_up():
@@ -217,7 +239,7 @@ def test_transformer_mvc_predicts_from_the_running_mean_of_its_target():
     targets = torch.cat([model._target(b) for b in batches])
     assert torch.allclose(model.mvc_mean, targets.mean(0), atol=1e-5) and int(model.mvc_batches) == 3
     cell = torch.zeros(2, model.config.d_model)
-    assert torch.allclose(model._mvc(cell), (model.mvc_mean + model.mvc_bias).expand(2, -1))
+    assert torch.allclose(model._mvc(cell, {}), (model.mvc_mean + model.mvc_bias).expand(2, -1))
     model.eval()
     model.loss(synthetic_batch(n_cells=64, seed=9))
     assert int(model.mvc_batches) == 3  # held-out losses do not move it

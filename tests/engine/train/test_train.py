@@ -13,6 +13,7 @@ import torch
 from engine.errors import TrainError
 from engine.loading.loader import Loader
 from engine.loading.sampler import SamplerConfig
+from engine.store.format import Store
 from engine.train.checkpoint import latest_checkpoint, load_checkpoint
 from engine.train.config import DebugConfig
 from engine.train.driver import pretrain
@@ -182,6 +183,19 @@ def test_transformer_gene_embeddings_start_from_the_training_cells(tiny_store, r
     eye = torch.eye(32)
     assert torch.allclose(start("pca"), eye, atol=0.05)
     assert not torch.allclose(start("random"), eye, atol=0.5)
+
+
+def test_transformer_batch_offsets_train_from_the_stores_batch_column(tiny_store, ray_local, tmp_path):
+    """model.config.batch_key: the loop hands the model the column's codes, its categories come from the store's obs
+    schema (plus one slot for cells without one: an input of the tiny store has no batch column), and each batch's
+    mvc offsets train apart from their start at zero."""
+    spec = make_spec(tiny_store, tmp_path / "run", "transformer", {"batch_key": "batch"}, workers=0, max_steps=4)
+    model, _ = load_checkpoint(pretrain(spec).output)
+    categories = Store.open(tiny_store).manifest.obs_schema["batch"]["categories"]
+    assert model.config.n_batch == len(categories) + 1
+    offsets = model.mvc_batch.weight.detach()
+    assert offsets.abs().amax(1).min() > 0
+    assert not torch.allclose(offsets[0], offsets[1]) and not torch.allclose(offsets[0], offsets[-1])
 
 
 def test_a_resumed_run_skips_the_start_from_the_data(tiny_store, ray_local, tmp_path, caplog):
