@@ -79,21 +79,24 @@ class MetricsWindow:
     ) -> dict[str, Any]:
         """The window's metrics averaged over ranks (loss) or summed (cells), and each rank's data wait and loader
         queue depth (its own slots of the same allreduce: a rank slower to get data than the others shows);
-        starts a new window. A loss that is not finite stops the run here, naming its step: the check reads the
-        losses back at reports, not each step (a read-back would make a GPU step wait), and every checkpoint is
-        saved after a report, so none holds the diverged weights."""
+        starts a new window. A loss that is not finite on any rank stops every rank here, together (the sum of
+        losses over ranks is not finite: no rank is left waiting in a collective), naming the step where this rank
+        saw it. The check reads the losses back at reports, not each step (a read-back would make a GPU step wait),
+        and every checkpoint is saved after a report, so none holds the diverged weights."""
         losses = [float(v) for v in self.losses]
-        for at, value in zip(self.steps, losses):
-            if not math.isfinite(value):
-                raise TrainError(
-                    f"the loss is {value:g} at step {at}: training diverged (lower train.lr, or check the data's "
-                    "counts and transforms)"
-                )
         elapsed = time.perf_counter() - self.start
         per_rank = [0.0] * (2 * world)
         per_rank[rank] = self.t_data / max(self.t_total, 1e-9)
         per_rank[world + rank] = float(queue_depth)
         s = allreduce_sum([sum(losses), len(losses), self.cells, self.t_data, self.t_total, *per_rank], world)
+        if not math.isfinite(float(s[0])):
+            bad = next(((at, v) for at, v in zip(self.steps, losses) if not math.isfinite(v)), None)
+            where = (
+                f"the loss is {bad[1]:g} at step {bad[0]}"
+                if bad
+                else f"another rank's loss is not finite by step {step}"
+            )
+            raise TrainError(f"{where}: training diverged (lower train.lr, or check the data's counts and transforms)")
         m = {
             "step": step,
             "epoch": epoch,
