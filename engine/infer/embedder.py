@@ -35,6 +35,7 @@ from engine.infer.predict import (
 )
 from engine.infer.vocab import GeneMap, obs_codes
 from engine.loading.tensors import copy_stream, to_torch
+from engine.preprocess.transforms import Pipeline, parse_spec
 from engine.store.format import CSRBlock, Store
 from engine.train.checkpoint import load_checkpoint
 
@@ -74,11 +75,10 @@ def inference_transforms(transforms: list, vocabulary: dict | None = None) -> li
     recorded its genes (`selected_genes`, by id: no statistics needed to select them again)."""
     selected = (vocabulary or {}).get("selected_genes")
     out = []
-    for t in transforms:
-        name = t if isinstance(t, str) else next(iter(t))
-        if name == "mask":
+    for t, step in zip(transforms, parse_spec(transforms)):
+        if step.name == "mask":
             continue
-        out.append({"select_genes": {"genes": selected}} if name == "select_genes" and selected else t)
+        out.append({"select_genes": {"genes": selected}} if step.name == "select_genes" and selected else t)
     return out
 
 
@@ -87,10 +87,9 @@ _STATS_STEPS = ("rank_tokens", "scale")
 
 def needs_stats(transforms: list) -> bool:
     """Whether a transform spec reads the store's gene statistics (HVGs, moments, medians, median library size)."""
-    for t in transforms:
-        name, params = (t, {}) if isinstance(t, str) else next(iter(t.items()))
-        median_library = name == "normalize_total" and isinstance(params, dict) and params.get("target_sum", 1) is None
-        if name in _STATS_STEPS or (name == "select_genes" and params == "hvg") or median_library:
+    for step in parse_spec(transforms):
+        median_library = step.name == "normalize_total" and step.params["target_sum"] is None
+        if step.name in _STATS_STEPS or (step.name == "select_genes" and step.params["hvg"]) or median_library:
             return True
     return False
 
@@ -114,7 +113,6 @@ class Embedder:
         import torch
 
         from engine.loading.chunks import StoreBlocks
-        from engine.preprocess.transforms import Pipeline
         from engine.store import chunk_kernel
 
         if plan.threads:

@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import InferError
 from engine.infer.embed import OBSM_KEY, embed
+from engine.infer.embedder import inference_transforms, needs_stats
 from engine.infer.predict import PRED_KEY, PRED_PROB_KEY, PROBA_KEY, UNLABELLED
 from engine.infer.vocab import map_genes
 from engine.preprocess.transforms import Pipeline
@@ -64,6 +65,18 @@ def test_a_gene_selection_is_recorded_and_needs_no_training_store(tiny_store, ti
     after = ad.read_zarr(embed(ckpt, permuted.path, tmp_path / "after.zarr").out)
     ref = before.obsm[OBSM_KEY][before.obs_names.get_indexer(after.obs_names)]
     np.testing.assert_allclose(after.obsm[OBSM_KEY], ref, rtol=0, atol=1e-6)
+
+
+def test_inference_reads_the_transform_spec_as_training_parsed_it():
+    """Every spelling of a step the spec accepts: `select_genes: {hvg: true}` needs the statistics as `hvg` does,
+    a recorded selection replaces either and needs none, and inference never masks."""
+    assert needs_stats([{"select_genes": "hvg"}]) and needs_stats([{"select_genes": {"hvg": True}}])
+    assert needs_stats([{"normalize_total": {"target_sum": None}}]) and not needs_stats(["normalize_total", "log1p"])
+    spec = [{"select_genes": {"hvg": True}}, "log1p", {"binning": {"n_bins": 11}}, {"mask": {"fraction": 0.3}}]
+    assert inference_transforms(spec) == spec[:3]
+    recorded = [{"select_genes": {"genes": ["g2", "g0"]}}, *spec[1:3]]
+    assert inference_transforms(spec, {"selected_genes": ["g2", "g0"]}) == recorded
+    assert not needs_stats(inference_transforms(spec, {"selected_genes": ["g2", "g0"]}))
 
 
 def test_genes_in_another_order_give_identical_embeddings(
