@@ -62,7 +62,7 @@ class LoaderMetrics:
 
 
 def _check_device(device: Any) -> Any:
-    """`device` as given, once torch knows it and can reach it (a CUDA one needs a CUDA device here)."""
+    """`device` as given, once torch knows it and can put a tensor there (a CUDA one needs a CUDA device here)."""
     if device is None:
         return None
     import torch
@@ -73,6 +73,10 @@ def _check_device(device: Any) -> Any:
         raise LoaderError(f"device is {device!r}: not a torch device ({e})") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise LoaderError(f"device is {device!r}, but torch sees no CUDA device on this machine")
+    try:  # an index past the node's GPUs, a backend this build or machine lacks (mps, xpu)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise LoaderError(f"device is {device!r}, which torch cannot use here: {str(e).split('. ')[0]}") from None
     return device
 
 

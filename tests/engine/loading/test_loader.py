@@ -363,3 +363,9 @@ def test_bad_options_get_clear_errors(tiny_store):
     if not torch.cuda.is_available():
         with pytest.raises(CellrayError, match="no CUDA device"):
             Loader(tiny_store, plan(8), mode="local", device="cuda")
+    else:  # an index past the node's GPUs
+        with pytest.raises(CellrayError, match="torch cannot use here"):
+            Loader(tiny_store, plan(8), mode="local", device=f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():  # a backend torch knows, absent here: refused now, not at a batch
+        with pytest.raises(CellrayError, match="'mps', which torch cannot use here"):
+            Loader(tiny_store, plan(8), mode="local", device="mps")
