@@ -317,7 +317,7 @@ class ReadOptions(Config):
 
     readers: int = Field(2, gt=0)  # reader threads (mode "local") or reader actors (mode "ray")
     cpus_per_reader: float = Field(0.5, ge=0)  # each reader actor's CPU reservation
-    # batches read ahead of the consumer; default a buffer per reader thread and one more, two calls' worth per actor
+    # batches read ahead of the consumer; default two buffers per reader thread, two calls' worth per actor
     prefetch: int | None = Field(None, gt=0)
     # mode "ray": consecutive buffers one actor reads per call (a call costs ~1 ms of round trip and the actor
     # waits for the next one: measured, 2 per call keeps actors busy where 1 left them idle 20-40% of the time)

@@ -208,7 +208,7 @@ def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_lo
 
 def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_store):
     """Default read-ahead: an actor has its next call queued when it finishes one (two calls' worth per actor), a
-    reader thread a buffer (one per thread and one more); a call goes to the actor with the fewest cells queued, in
+    reader thread its next buffer (two per thread); a call goes to the actor with the fewest cells queued, in
     turn on ties (pure bookkeeping: no actor starts)."""
     from engine.loading.readers import ActorReading
 
@@ -216,7 +216,7 @@ def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_stor
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="ray", reading=reading) as loader:
         assert loader.prefetch == 2 * 3 * 2 * loader.config.buffer_batches
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", reading=reading) as loader:
-        assert loader.prefetch == (3 + 1) * loader.config.buffer_batches  # a buffer per reader thread, one queued
+        assert loader.prefetch == 2 * 3 * loader.config.buffer_batches  # per reader thread: one read, one queued
     actors = ActorReading(lambda: None, reading)
     actors._actors, actors._queued = [None] * 3, [4096, 100, 100]
     assert actors._least_loaded() == 1
@@ -224,6 +224,25 @@ def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_stor
     assert actors._least_loaded() == 2
     actors._queued = [0, 100, 100]
     assert actors._least_loaded() == 0
+
+
+def test_the_loader_plans_each_buffer_once(tiny_store):
+    """The consumer plans a buffer when it submits it, never one it then finds no room for (that doubled the planning
+    of every buffer), and two epochs give the batches two fresh passes give."""
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", output="csr") as loader:
+        planned = []
+        buffer = loader.sampler.buffer
+        loader.sampler.buffer = lambda e, j: planned.append((e, j)) or buffer(e, j)
+        got = [b["index"].tolist() for _ in range(2) for b in loader]
+        n = loader.sampler.n_buffers
+        assert len(planned) == len(set(planned)) >= 2 * n  # each once: both epochs, and some of the third's read ahead
+        assert sorted(planned)[: 2 * n] == [(e, j) for e in (0, 1) for j in range(n)]
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", output="csr") as fresh:
+        want = []
+        for epoch in (0, 1):
+            fresh.set_epoch(epoch)
+            want += [b["index"].tolist() for b in fresh]
+    assert got == want
 
 
 def test_ray_actors_count_their_queued_cells_until_fetched(tiny_store, ray_local):
