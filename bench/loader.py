@@ -425,8 +425,9 @@ def compare(args, peer: str | None) -> None:
         default_blocks = SamplerConfig.model_fields["buffer_blocks"].default
         buffer_blocks = max(args.buffer_blocks or default_blocks, -(-BATCH // block))
         probe.close()
-        # small datasets: time groups of epochs of at least ~100k cells, so per-epoch start-up does not dominate
-        group = max(1, -(-100_000 // s.n_cells))
+        # a sample is whole epochs of at least SAMPLE_CELLS, for every loader: an epoch of (a) takes cellray ~25 ms,
+        # where a stall of a few ms (Ray's own processes wake on this machine's two cores) moved one sample 20-30%
+        group = max(1, -(-SAMPLE_CELLS // s.n_cells))
         kw = dict(block_size=block, buffer_blocks=buffer_blocks, group=group)
         cases = [("CSR", dict(output="csr"), False)]
         if name.startswith("a_") and not args.no_transforms:
@@ -548,15 +549,18 @@ def scaling(args) -> None:
     for n_shards in (1, 8, 64):
         stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
                                             shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
+    # rounds outermost, every store in turn: a slow spell of the machine hits each store alike, not one store's samples
+    samples: dict[Path, dict[str, list]] = {store: {"rates": [], "cpu": []} for _, store in stores}
+    for _ in range(rounds):
+        for _, store in stores:
+            group = max(1, -(-400_000 // Store.open(store).n_cells))  # samples of >= 400k cells
+            r = time_cellray(store, "local", repeats, output="csr", block_size=args.block_size, group=group)
+            samples[store]["rates"] += r["rates"]
+            samples[store]["cpu"] += r["cpu"]
     rows = []
     for axis, store in stores:
         s = Store.open(store)
-        group = max(1, -(-400_000 // s.n_cells))  # samples of >= 400k cells
-        res = {"rates": [], "cpu": []}
-        for _ in range(rounds):
-            r = time_cellray(store, "local", repeats, output="csr", block_size=args.block_size, group=group)
-            res["rates"] += r["rates"]
-            res["cpu"] += r["cpu"]
+        res = samples[store]
         rows.append(
             {
                 "axis": axis,
@@ -828,6 +832,9 @@ def timed_epochs(loader, want: int) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ read-ahead
+
+SAMPLE_CELLS = 1_000_000  # cells per timed sample of bench/loader.py's table (whole epochs: see compare)
+
 
 READ_AHEAD = (2, 3, 4)  # buffers read ahead of the consumer; the default with 2 reader threads is 4
 # cells a sample (whole epochs, ~1 s each): a sample that stopped mid-epoch would leave its reads ahead running into
