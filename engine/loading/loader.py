@@ -128,7 +128,7 @@ class Loader:
         self.reading = reading or ReadOptions()
         k = self.config.buffer_batches
         # read ahead: two buffers per reader thread, one being read and one queued (with fewer, a thread that finished
-        # sat idle until the consumer had taken every batch of an older buffer: 3-7% of its time with 3 buffers for
+        # sat idle until the consumer had taken every batch of an older buffer: 1-7% of its time with 3 buffers for
         # 2 threads); two calls' worth of buffers per reader actor (mode "ray": the same idling, per call)
         r = self.reading.readers
         default = k * 2 * r * (self.reading.buffers_per_call if mode == "ray" else 1)
