@@ -209,21 +209,24 @@ class Loader:
         carry, self._carry = self._carry, []
         if carry and skip == 0 and (carry[0].plan.epoch, carry[0].plan.index) == (epoch, j0):
             pending.extend(carry)  # the previous pass already started reading this epoch's first buffers
-        next_e, next_j = epoch, j0 + len(pending)
+        next_e, next_j = epoch, j0
+        if pending:  # the carry may reach into later epochs: go on after its last buffer
+            next_e, next_j = pending[-1].plan.epoch, pending[-1].plan.index + 1
         in_flight = sum(job.plan.n_batches for job in pending)  # batches submitted and not yet handed out
         self.metrics = LoaderMetrics()
         group = self._readers.buffers_per_submit
         while True:
-            # read ahead while the bound allows, into the next epoch's first buffers too; actor readers take
-            # `group` buffers per call, so wait until that many fit (or no more come)
+            # read ahead while the bound allows, into the next epochs too (a small store's epoch is a few buffers,
+            # and stopping at the next epoch's end split calls and left readers idle at each epoch's turn); actor
+            # readers take `group` buffers per call, so wait until that many fit (or no more come)
             plans, room, last = [], self.prefetch - in_flight, False
             e, j = next_e, next_j
             while len(plans) < group:
                 if j >= n_buffers:
-                    if e != epoch or n_buffers == 0:
+                    if n_buffers == 0:
                         last = True
                         break
-                    e, j = epoch + 1, 0
+                    e, j = e + 1, 0
                 n = s.buffer_n_batches(j)
                 if (pending or plans) and n > room:
                     break  # planned once it fits: the consumer plans each buffer once
@@ -254,7 +257,7 @@ class Loader:
                 s.batches_done = plan.first_batch + b + 1
                 self._report()
                 yield out
-        self._carry = list(pending)  # next epoch's first buffers, kept only if the next pass starts there
+        self._carry = list(pending)  # the next epochs' first buffers, kept only if the next pass starts there
         s.set_epoch(epoch + 1)
 
     def _to_torch(self, batch: dict[str, Any]) -> dict[str, Any]:

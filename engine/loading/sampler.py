@@ -320,7 +320,7 @@ class Sampler:
             order = order[self.block_counts[order] > 0]
             cum = np.zeros(len(order) + 1, dtype=np.int64)
             np.cumsum(self.block_counts[order], out=cum[1:])
-            while len(self._cache) >= 2:  # this epoch and the next (the Loader reads ahead): O(blocks)
+            while len(self._cache) >= 2:  # the Loader plans epochs in order, reading ahead: O(blocks)
                 self._cache.pop(next(iter(self._cache)))
             self._cache[epoch] = _Epoch(order, cum)
         return self._cache[epoch]

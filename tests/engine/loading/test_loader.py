@@ -245,6 +245,28 @@ def test_the_loader_plans_each_buffer_once(tiny_store):
     assert got == want
 
 
+def test_a_store_smaller_than_the_read_ahead_is_read_epochs_ahead(tiny_store):
+    """With an epoch of two or three buffers and four epochs' worth of read-ahead, the reading runs on into later
+    epochs (it stopped at the next epoch's end, splitting calls and idling readers at each epoch's turn), and three
+    passes give the batches of three fresh epochs."""
+    with Loader(tiny_store, plan(16, block_size=16), mode="local") as probe:
+        n_blocks = probe.sampler.n_blocks
+    config = plan(16, block_size=16, buffer_blocks=n_blocks // 2, seed=3)
+    with Loader(tiny_store, config, mode="local", output="csr") as loader:
+        loader.prefetch = 4 * len(loader)  # four epochs' worth of batches
+        got, ahead = [], []
+        for _ in range(3):
+            got.append([b["index"].tolist() for b in loader])
+            ahead.append(sorted({job.plan.epoch for job in loader._carry}))
+    assert all(len(epochs) >= 2 for epochs in ahead), ahead  # each pass left buffers of two or more later epochs
+    with Loader(tiny_store, config, mode="local", output="csr") as fresh:
+        want = []
+        for epoch in range(3):
+            fresh.set_epoch(epoch)
+            want.append([b["index"].tolist() for b in fresh])
+    assert got == want
+
+
 def test_ray_actors_count_their_queued_cells_until_fetched(tiny_store, ray_local):
     """Real reader actors: each call adds its cells to its actor's queue and fetching it takes them off, and the next
     call goes to the actor with fewer cells queued, not the next in turn."""
