@@ -299,7 +299,7 @@ class MixSampler(Sampler):
                 order, counts = order[perm], counts[perm]
             cum = np.zeros(len(order) + 1, dtype=np.int64)
             np.cumsum(counts, out=cum[1:])
-            while len(self._cache) >= 2:  # this epoch and the next (the Loader reads ahead)
+            while len(self._cache) >= 2:  # the Loader plans epochs in order, reading ahead
                 self._cache.pop(next(iter(self._cache)))
             self._cache[epoch] = _Epoch(order, cum)
         return self._cache[epoch]
