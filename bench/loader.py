@@ -39,7 +39,6 @@ README.md with this run's figures.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -53,6 +52,7 @@ from bench.procs import ROOT, median, peer_python  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "loader"
 BATCH = 4096
+SAMPLE_CELLS = 1_000_000  # cells (whole epochs) per timed sample of the loader table, for every loader (compare)
 TRANSFORMS = [{"normalize_total": {"target_sum": 1.0e4}}, "log1p", "densify"]
 README = ROOT / "README.md"
 
@@ -809,32 +809,20 @@ def multinode(args) -> None:
 
 
 def timed_read(loader, want: int | None = None, keep=None) -> tuple[float, float]:
-    """Batches of a Loader until `want` cells, across epochs (None: to the end of one epoch, so the Loader keeps what
-    it read ahead for the next): (cells/s, CPU µs per cell of this process). `keep(batch)` sees each batch."""
+    """Whole epochs of a Loader until at least `want` cells (None: one epoch): (cells/s, CPU µs per cell of this
+    process). `keep(batch)` sees each batch. Each epoch ends where the Loader keeps what it read ahead for the next:
+    a sample stopped mid-epoch would start the next one cold and leave its reads ahead running into another
+    loader's sample."""
     t0, c0, cells = time.perf_counter(), time.process_time(), 0
-    for batch in iter(loader) if want is None else itertools.chain.from_iterable(itertools.repeat(loader)):
-        cells += batch["X"].shape[0]
-        if keep is not None:
-            keep(batch)
-        if want is not None and cells >= want:
-            break
-    return cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6
-
-
-def timed_epochs(loader, want: int) -> tuple[float, float]:
-    """Whole epochs of a Loader until at least `want` cells: (cells/s, CPU µs per cell of this process). Each epoch
-    ends where the Loader keeps what it read ahead for the next: no sample starts cold or leaves reads behind."""
-    t0, c0, cells = time.perf_counter(), time.process_time(), 0
-    while cells < want:
+    while cells < (want or 1):
         for batch in loader:
             cells += batch["X"].shape[0]
+            if keep is not None:
+                keep(batch)
     return cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6
 
 
 # ------------------------------------------------------------------------------------------------ read-ahead
-
-SAMPLE_CELLS = 1_000_000  # cells per timed sample of bench/loader.py's table (whole epochs: see compare)
-
 
 READ_AHEAD = (2, 3, 4)  # buffers read ahead of the consumer; the default with 2 reader threads is 4
 # cells a sample (whole epochs, ~1 s each): a sample that stopped mid-epoch would leave its reads ahead running into
@@ -860,14 +848,19 @@ def read_ahead(args) -> None:
         raise RuntimeError(f"read-ahead run failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     lines = [
-        "| dataset | " + " | ".join(f"{n} buffers ahead" for n in READ_AHEAD) + " | 3 vs 2 | 4 vs 2 |",
-        "|---|" + "---|" * (len(READ_AHEAD) + 2),
+        "| dataset | "
+        + " | ".join(f"{n} buffers ahead" for n in READ_AHEAD)
+        + " | 3 vs 2 | 4 vs 3 | readers idle "
+        + " / ".join(map(str, READ_AHEAD))
+        + " |",
+        "|---|" + "---|" * (len(READ_AHEAD) + 3),
     ]
     for name, rows in r.items():
         cells = [f"{fmt_rate(rows[str(n)]['cells_per_s'])} ({rows[str(n)]['cpu_us']:.2f} µs)" for n in READ_AHEAD]
-        base = rows["2"]["cells_per_s"]
-        ratios = [f"{rows[str(n)]['cells_per_s'] / base:.2f}x" for n in READ_AHEAD[1:]]
-        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+        rates = [rows[str(n)]["cells_per_s"] for n in READ_AHEAD]
+        ratios = [f"{b / a:.2f}x" for a, b in zip(rates, rates[1:])]
+        idle = " / ".join(f"{rows[str(n)]['idle']:.1%}" for n in READ_AHEAD)
+        lines.append(f"| {name} | " + " | ".join([*cells, *ratios, idle]) + " |")
     print("\n".join(lines))
     if args.readme:
         write_readme("loader-read-ahead", lines, machine_note())
@@ -887,15 +880,18 @@ def measure_read_ahead(kw: dict) -> dict:
         loaders = {n: Loader(store, plan, mode="local", output="csr", reading=ReadOptions(readers=2, prefetch=n * k))
                    for n in READ_AHEAD}  # fmt: skip
         want = READ_AHEAD_CELLS[name]
-        samples: dict[int, list[tuple[float, float]]] = {n: [] for n in READ_AHEAD}
+        samples: dict[int, list[tuple[float, float, float]]] = {n: [] for n in READ_AHEAD}
         for r in range(kw["rounds"] + 1):
             for n, loader in loaders.items():
-                rate_cpu = timed_epochs(loader, want)
+                busy, t0 = loader.stats()["reader_busy_s"], time.perf_counter()
+                rate, cpu = timed_read(loader, want)
+                # the share of the 2 threads' time not reading: waiting for the read-ahead to make room
+                idle = 1.0 - (loader.stats()["reader_busy_s"] - busy) / (2 * (time.perf_counter() - t0))
                 if r:
-                    samples[n].append(rate_cpu)
+                    samples[n].append((rate, cpu, idle))
         for loader in loaders.values():
             loader.close()
-        out[name] = {str(n): {"cells_per_s": median([x for x, _ in v]), "cpu_us": median([c for _, c in v])}
+        out[name] = {str(n): {key: median([x[i] for x in v]) for i, key in enumerate(("cells_per_s", "cpu_us", "idle"))}
                      for n, v in samples.items()}  # fmt: skip
     return out
 

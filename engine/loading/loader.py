@@ -176,8 +176,14 @@ class Loader:
         self.sampler.load_state_dict(state)
 
     def stats(self) -> dict[str, float]:
+        """The current pass's metrics (`LoaderMetrics.snapshot`); in local mode also `reader_busy_s`, the seconds the
+        reader threads have spent reading buffers since the Loader was made, all threads together: what they did not
+        spend of `readers` x the wall time, they waited for the read-ahead to make room."""
         self.metrics.reissued = self._readers.reissued
-        return self.metrics.snapshot()
+        out = self.metrics.snapshot()
+        if isinstance(self._readers, ThreadReading):
+            out["reader_busy_s"] = self._readers.busy_s
+        return out
 
     def decode_stats(self) -> dict[str, int]:
         """Elements decoded and used by this process's reads (mode "local"; benchmarks report their ratio)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -224,8 +226,7 @@ def reader_actor_class():
 
             make_reader = ray.get(recipe[0])  # the caller's ObjectRef of it (see start_reader_actor)
 
-            # reads run on this process's main thread, where blosc would start its own thread pool per chunk:
-            # a reader is one thread of work by design (its CPU share is reserved), so decode on this thread
+            # a reader is one thread of work by design (its CPU share is reserved): no blosc thread pool per chunk
             blosc.use_threads = False
             self.reader = make_reader()  # a BufferReader, or a mix's MixedReader
             if direct_io:
@@ -360,12 +361,20 @@ class ThreadReading:
         self.reader = reader
         self.threads = threads
         self.reissued = 0  # threads never die: nothing is re-read
+        self.busy_s, self._busy_lock = 0.0, threading.Lock()  # seconds the threads spent reading, all together
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, plans: Sequence[BufferPlan]) -> list[InFlight]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cellray-reader")
-        return [InFlight(plan, future=self._pool.submit(self.reader.read, plan)) for plan in plans]
+        return [InFlight(plan, future=self._pool.submit(self._read, plan)) for plan in plans]
+
+    def _read(self, plan: BufferPlan) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        batches = self.reader.read(plan)  # a read that fails is not counted: it ends the pass
+        with self._busy_lock:
+            self.busy_s += time.perf_counter() - t0
+        return batches
 
     def batch(self, job: InFlight, b: int) -> dict[str, Any]:
         if job.batches is None:

@@ -245,6 +245,23 @@ def test_the_loader_plans_each_buffer_once(tiny_store):
     assert got == want
 
 
+def test_local_stats_count_the_reader_threads_time_reading(tiny_store):
+    """`reader_busy_s`: the reader threads' seconds inside their reads, all threads together, growing with every
+    buffer read and never more than the threads' wall time; a Loader that has read nothing reports none."""
+    reading = ReadOptions(readers=2)
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", reading=reading) as loader:
+        assert loader.stats()["reader_busy_s"] == 0.0
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        first = loader.stats()["reader_busy_s"]
+        for _ in loader:
+            pass
+        second = loader.stats()["reader_busy_s"]
+        wall = time.perf_counter() - t0
+    assert 0.0 < first < second <= 2 * wall
+
+
 def test_a_store_smaller_than_the_read_ahead_is_read_epochs_ahead(tiny_store):
     """With an epoch of two or three buffers and four epochs' worth of read-ahead, the reading runs on into later
     epochs (it stopped at the next epoch's end, splitting calls and idling readers at each epoch's turn), and three
@@ -252,8 +269,10 @@ def test_a_store_smaller_than_the_read_ahead_is_read_epochs_ahead(tiny_store):
     with Loader(tiny_store, plan(16, block_size=16), mode="local") as probe:
         n_blocks = probe.sampler.n_blocks
     config = plan(16, block_size=16, buffer_blocks=n_blocks // 2, seed=3)
-    with Loader(tiny_store, config, mode="local", output="csr") as loader:
-        loader.prefetch = 4 * len(loader)  # four epochs' worth of batches
+    with Loader(tiny_store, config, mode="local") as probe:
+        epoch_batches = len(probe)
+    reading = ReadOptions(prefetch=4 * epoch_batches)  # four epochs' worth of batches
+    with Loader(tiny_store, config, mode="local", output="csr", reading=reading) as loader:
         got, ahead = [], []
         for _ in range(3):
             got.append([b["index"].tolist() for b in loader])
