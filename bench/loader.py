@@ -7,14 +7,15 @@
     python bench/loader.py --s3 [--quick] [--readme]                            from a bucket (bench/s3bench.py)
     python bench/loader.py --mixing [--rounds N] [--readme]                     3 stores mixed 0.5/0.3/0.2
     python bench/loader.py --read-ahead [--rounds N] [--readme]                 the Loader's read-ahead, 2-4 buffers
+    python bench/loader.py --per-call [--rounds N] [--readme]                   Ray mode, 2-16 buffers per actor call
     python bench/loader.py --threads [--quick] [--readme]                       reader threads vs processes
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
 annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block size, `preload_nchunks` = cellray's
 buffer in blocks) reads the very same shard arrays through anndata's sparse_dataset; anndata backed mode reads the
 input h5ad with sorted random indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) +
-log1p + densify (annbatch gets the same steps in numpy/scipy). Each figure is the median over several epochs
-(groups of epochs of >= 100k cells for small datasets) after a warm-up.
+log1p + densify (annbatch gets the same steps in numpy/scipy). Each figure is the median over several samples
+(samples of whole epochs, at least 2M cells: SAMPLE_CELLS) after a warm-up.
 
 Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell, one shard of 200k cells (50k with --quick);
 (b) synthetic 20k genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair; (d) synthetic
@@ -52,7 +53,7 @@ from bench.procs import ROOT, median, peer_python  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "loader"
 BATCH = 4096
-SAMPLE_CELLS = 1_000_000  # cells (whole epochs) per timed sample of the loader table, for every loader (compare)
+SAMPLE_CELLS = 2_000_000  # cells (whole epochs) per timed sample of the loader table, for every loader (compare)
 TRANSFORMS = [{"normalize_total": {"target_sum": 1.0e4}}, "log1p", "densify"]
 README = ROOT / "README.md"
 
@@ -426,7 +427,8 @@ def compare(args, peer: str | None) -> None:
         buffer_blocks = max(args.buffer_blocks or default_blocks, -(-BATCH // block))
         probe.close()
         # a sample is whole epochs of at least SAMPLE_CELLS, for every loader: an epoch of (a) takes cellray ~25 ms,
-        # where a stall of a few ms (Ray's own processes wake on this machine's two cores) moved one sample 20-30%
+        # where a stall of a few ms (Ray's own processes wake on this machine's two cores) moved one sample 20-30%;
+        # and Ray mode's batches come a call at a time (8 buffers, 131k cells of (a)), so a sample spans many calls
         group = max(1, -(-SAMPLE_CELLS // s.n_cells))
         kw = dict(block_size=block, buffer_blocks=buffer_blocks, group=group)
         cases = [("CSR", dict(output="csr"), False)]
@@ -822,6 +824,65 @@ def timed_read(loader, want: int | None = None, keep=None) -> tuple[float, float
     return cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6
 
 
+# ------------------------------------------------------------------------------------------------ per call
+
+PER_CALL = (2, 4, 8, 16)  # buffers per reader-actor call; the default is 2-8, by ReadOptions.read_ahead_bytes
+
+
+def per_call(args) -> None:
+    """--per-call: the Loader in Ray mode (2 reader actors, CSR, default plan) with 2, 4, 8 and 16 buffers per actor
+    call (each with its default read-ahead, two calls per actor), taking turns, on each dataset: cells/s and CPU per
+    cell of the consumer, its actors and the raylet, medians of the rounds (samples as --read-ahead's)."""
+    from engine.loading.loader import Loader
+    from engine.loading.readers import ReadOptions
+    from engine.loading.sampler import SamplerConfig
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    specs = [("a_synth_200k", 200_000, 2_000, 100, None), ("b_tahoe_like_40k", 40_000, 20_000, 1_500, None),
+             ("c_kang", 0, 0, 0, None), ("d_synth_640k_64shards", 640_000, 2_000, 100, 10_000)]  # fmt: skip
+    rows = {}
+    for name, n, g, nnz, sc in specs:
+        if name == "c_kang" and not real_kang():
+            continue
+        store = prepare(name, n, g, nnz, chunk, sc)[0]
+        want = READ_AHEAD_CELLS[name]
+        samples: dict[int, list[tuple[float, float]]] = {b: [] for b in PER_CALL}
+        for _ in range(args.rounds or 3):
+            for b in PER_CALL:  # one Loader at a time: 2 actors of 0.5 CPU each, on a Ray of 2 CPUs
+                loader = Loader(store, SamplerConfig(batch_size=BATCH), mode="ray", output="csr",
+                                reading=ReadOptions(buffers_per_call=b))  # fmt: skip
+                try:
+                    timed_read(loader, want // 4)  # warm: actors started, files mapped, read-ahead full
+                    procs = _ray_processes(loader)
+                    c0, t0 = _cpu_seconds(procs), time.perf_counter()
+                    cells = 0
+                    while cells < want:
+                        cells += sum(batch["X"].shape[0] for batch in loader)
+                    samples[b].append((cells / (time.perf_counter() - t0), (_cpu_seconds(procs) - c0) / cells * 1e6))
+                finally:
+                    loader.close()
+        probe = Loader(store, SamplerConfig(batch_size=BATCH), mode="ray", output="csr")  # the default's choice
+        rows[name] = {"default": probe.reading.buffers_per_call,
+                      "read_ahead_mb": probe.prefetch * BATCH * probe.bytes_per_cell() / 2**20}  # fmt: skip
+        probe.close()
+        rows[name].update({str(b): {"cells_per_s": median([x[0] for x in v]), "cpu_us": median([x[1] for x in v])}
+                           for b, v in samples.items()})  # fmt: skip
+    lines = [
+        "| dataset | " + " | ".join(f"{b} per call" for b in PER_CALL) + " | 8 vs 2 | default (read-ahead) |",
+        "|---|" + "---|" * (len(PER_CALL) + 2),
+    ]
+    for name, r in rows.items():
+        cells = [f"{fmt_rate(r[str(b)]['cells_per_s'])} ({r[str(b)]['cpu_us']:.2f} µs)" for b in PER_CALL]
+        gain = r["8"]["cells_per_s"] / r["2"]["cells_per_s"]
+        default = f"{r['default']} ({r['read_ahead_mb']:,.0f} MB)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gain:.2f}x | {default} |")
+    print("\n".join(lines))
+    if args.readme:
+        write_readme("loader-per-call", lines, machine_note())
+    print(json.dumps({"bench": "loader-per-call", "rows": rows}))
+
+
 # ------------------------------------------------------------------------------------------------ read-ahead
 
 READ_AHEAD = (2, 3, 4)  # buffers read ahead of the consumer; the default with 2 reader threads is 4
@@ -1005,6 +1066,7 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="dataset (a) from a local S3 endpoint vs disk vs annbatch")
     ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store, vs unweighted")
     ap.add_argument("--read-ahead", action="store_true", help="the Loader with 2, 3 and 4 buffers read ahead")
+    ap.add_argument("--per-call", action="store_true", help="Ray mode with 2, 4, 8 and 16 buffers per actor call")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
@@ -1033,6 +1095,10 @@ def main() -> None:
     if args.mixing:
         init_ray(num_cpus=2)  # ingest of the stores runs as Ray tasks
         mixing(args)
+        return
+    if args.per_call:
+        init_ray(num_cpus=2)
+        per_call(args)
         return
     if args.scaling:
         init_ray(num_cpus=2)  # ingest of the 1M/2M stores runs as Ray tasks

@@ -80,6 +80,18 @@ def _check_device(device: Any) -> Any:
     return device
 
 
+# Ray mode: an actor's call costs ~1 ms of round trip, and an actor that finished its calls waits for the next one;
+# more buffers per call (and so a deeper read-ahead) cut both (`python bench/loader.py --per-call`)
+BUFFERS_PER_CALL = (2, 8)  # the default's bounds
+
+
+def buffers_per_call(reading: ReadOptions, buffer_bytes: float) -> int:
+    """Ray mode's default buffers per actor call: as many as keep the read-ahead (two calls per actor) within
+    `reading.read_ahead_bytes` of batches, within BUFFERS_PER_CALL (2, the old default, where one buffer is more)."""
+    fit = int(reading.read_ahead_bytes // max(1.0, 2 * reading.readers * buffer_bytes))
+    return min(BUFFERS_PER_CALL[1], max(BUFFERS_PER_CALL[0], fit))
+
+
 class Loader:
     """Batches of one rank. See the module docstring and engine/loading/sampler.py for the plan's guarantees.
 
@@ -130,9 +142,6 @@ class Loader:
         # read ahead: two buffers per reader thread, one being read and one queued (with fewer, a thread that finished
         # sat idle until the consumer had taken every batch of an older buffer: 1-7% of its time with 3 buffers for
         # 2 threads); two calls' worth of buffers per reader actor (mode "ray": the same idling, per call)
-        r = self.reading.readers
-        default = k * 2 * r * (self.reading.buffers_per_call if mode == "ray" else 1)
-        self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self.device = _check_device(device)
         self._copy_stream = copy_stream(device)  # CUDA: a batch is copied while the step before it runs
         self.metrics = LoaderMetrics()
@@ -146,6 +155,15 @@ class Loader:
         else:
             self._reader = BufferReader(self.store, *settings)
             make_reader = partial(BufferReader, str(self.store.path), *settings)
+        per_call = 1
+        if mode == "ray":
+            rank_batch = self.config.batch_size // (world_size if self.config.global_batch else 1)
+            per_call = self.reading.buffers_per_call or buffers_per_call(
+                self.reading, k * rank_batch * self.bytes_per_cell()
+            )
+            self.reading = self.reading.model_copy(update={"buffers_per_call": per_call})
+        default = k * 2 * self.reading.readers * per_call
+        self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self._readers: ThreadReading | ActorReading = (
             ThreadReading(self._reader, self.reading.readers)
             if mode == "local"
@@ -155,6 +173,15 @@ class Loader:
         self._ray_metrics = None
 
     # -- public API
+    def bytes_per_cell(self) -> float:
+        """About how many bytes one cell of a batch takes: its X as dense float32, or as CSR (float32 values and int32
+        indices of the store's non-zeros, of the densest store of a mix)."""
+        cutter = self._reader.cutter
+        if cutter.output == "dense" or getattr(cutter.pipeline, "dense", False):
+            return 4.0 * (cutter.pipeline.n_genes_out if cutter.native else cutter.n_genes)
+        stores = self.mix.stores if self.mix is not None else [self.store]
+        return 8.0 + 8.0 * max(sum(s.nnz for s in st.manifest.shards) / max(1, st.n_cells) for st in stores)
+
     def __len__(self) -> int:
         """Batches per rank per epoch (equal on every rank)."""
         return len(self.sampler)

@@ -320,9 +320,9 @@ class ReadOptions(Config):
     cpus_per_reader: float = Field(0.5, ge=0)  # each reader actor's CPU reservation
     # batches read ahead of the consumer; default two buffers per reader thread, two calls' worth per actor
     prefetch: int | None = Field(None, gt=0)
-    # mode "ray": consecutive buffers one actor reads per call (a call costs ~1 ms of round trip and the actor
-    # waits for the next one: measured, 2 per call keeps actors busy where 1 left them idle 20-40% of the time)
-    buffers_per_call: int = Field(2, gt=0)
+    # mode "ray": buffers an actor reads per call; None: 2-8, by read_ahead_bytes (loader.buffers_per_call)
+    buffers_per_call: int | None = Field(None, gt=0)
+    read_ahead_bytes: int = Field(2**30, gt=0)
     direct_io: bool = True  # engine.store.chunkfile's checked reader; False reads through zarr-python
 
 

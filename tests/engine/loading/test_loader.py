@@ -226,6 +226,33 @@ def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_stor
     assert actors._least_loaded() == 0
 
 
+def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
+    """By default an actor reads as many buffers per call as keep the read-ahead (two calls per actor) within
+    `read_ahead_bytes` of batches, 2 to 8; a given `buffers_per_call` is kept; local mode reads two buffers per
+    thread whatever the budget. Pure bookkeeping: no actor starts."""
+    from engine.loading.loader import BUFFERS_PER_CALL
+
+    store = Store.open(tiny_store)
+    nnz_per_cell = sum(s.nnz for s in store.manifest.shards) / store.n_cells
+    p = plan(16, block_size=16, buffer_blocks=2)
+    with Loader(store, p, mode="ray", output="csr") as loader:
+        assert loader.bytes_per_cell() == pytest.approx(8 + 8 * nnz_per_cell)  # float32 values, int32 indices
+        buffer_bytes = loader.config.buffer_cells * loader.bytes_per_cell()
+        assert 2 * 2 * 8 * buffer_bytes < 2**30  # a tiny store: the whole default budget is room
+        assert loader.reading.buffers_per_call == BUFFERS_PER_CALL[1] == 8
+        assert loader.prefetch == 2 * 2 * 8 * loader.config.buffer_batches
+    for per_call, want in [(3, 3), (1, 2), (100, 8)]:  # a budget with room for `per_call` buffers per call
+        reading = ReadOptions(read_ahead_bytes=int(2 * 2 * per_call * buffer_bytes) + 1)
+        with Loader(store, p, mode="ray", output="csr", reading=reading) as loader:
+            assert loader.reading.buffers_per_call == want
+            assert loader.prefetch == 2 * 2 * want * loader.config.buffer_batches
+    with Loader(store, p, mode="ray", output="dense", reading=ReadOptions(buffers_per_call=5)) as loader:
+        assert loader.bytes_per_cell() == 4 * store.n_genes  # dense float32
+        assert loader.reading.buffers_per_call == 5
+    with Loader(store, p, mode="local", output="csr", reading=ReadOptions(read_ahead_bytes=1)) as loader:
+        assert loader.prefetch == 2 * 2 * loader.config.buffer_batches
+
+
 def test_the_loader_plans_each_buffer_once(tiny_store):
     """The consumer plans a buffer when it submits it, never one it then finds no room for (that doubled the planning
     of every buffer), and two epochs give the batches two fresh passes give."""
