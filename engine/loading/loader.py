@@ -82,14 +82,14 @@ def _check_device(device: Any) -> Any:
 
 # Ray mode: an actor's call costs ~1 ms of round trip, and an actor that finished its calls waits for the next one;
 # more buffers per call (and so a deeper read-ahead) cut both (`python bench/loader.py --per-call`)
-BUFFERS_PER_CALL = (2, 8)  # the default's bounds
+MAX_BUFFERS_PER_CALL = 8
 
 
 def buffers_per_call(reading: ReadOptions, buffer_bytes: float) -> int:
     """Ray mode's default buffers per actor call: as many as keep the read-ahead (two calls per actor) within
-    `reading.read_ahead_bytes` of batches, within BUFFERS_PER_CALL (2, the old default, where one buffer is more)."""
+    `reading.read_ahead_bytes` of batches, 1 to MAX_BUFFERS_PER_CALL (1 when even that exceeds it)."""
     fit = int(reading.read_ahead_bytes // max(1.0, 2 * reading.readers * buffer_bytes))
-    return min(BUFFERS_PER_CALL[1], max(BUFFERS_PER_CALL[0], fit))
+    return min(MAX_BUFFERS_PER_CALL, max(1, fit))
 
 
 class Loader:
@@ -174,13 +174,15 @@ class Loader:
 
     # -- public API
     def bytes_per_cell(self) -> float:
-        """About how many bytes one cell of a batch takes: its X as dense float32, or as CSR (float32 values and int32
-        indices of the store's non-zeros, of the densest store of a mix)."""
+        """About how many bytes one cell of a batch takes: X as dense float32, or as CSR (float32 values and int32
+        indices of the store's non-zeros; of the densest store of a mix), and cellray's pipeline's token arrays (a
+        callable's outputs other than X are not counted)."""
         cutter = self._reader.cutter
-        if cutter.output == "dense" or getattr(cutter.pipeline, "dense", False):
-            return 4.0 * (cutter.pipeline.n_genes_out if cutter.native else cutter.n_genes)
         stores = self.mix.stores if self.mix is not None else [self.store]
-        return 8.0 + 8.0 * max(sum(s.nnz for s in st.manifest.shards) / max(1, st.n_cells) for st in stores)
+        nnz = max(sum(s.nnz for s in st.manifest.shards) / max(1, st.n_cells) for st in stores)
+        if cutter.native:
+            return cutter.pipeline.bytes_per_cell(nnz, dense_x=cutter.output == "dense")
+        return 4.0 * cutter.n_genes if cutter.output == "dense" else 8.0 + 8.0 * nnz
 
     def __len__(self) -> int:
         """Batches per rank per epoch (equal on every rank)."""

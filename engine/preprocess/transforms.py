@@ -242,6 +242,19 @@ class Pipeline:
             raise TransformError("pipeline built without a store: n_genes_out is known after the first batch")
         return self._n_out
 
+    def bytes_per_cell(self, nnz_per_cell: float, dense_x: bool = False) -> float:
+        """About how many bytes one cell's outputs take, on a bound pipeline: X (dense float32 when the spec or
+        `dense_x` densifies it, else CSR of at most `nnz_per_cell` float32 values and their indices) and the token
+        arrays of binning (int64 bins and genes a column) or rank_tokens (int64 genes, float32 values), and mask."""
+        x = 4.0 * self.n_genes_out if self.dense or dense_x else 8.0 + 8.0 * nnz_per_cell
+        width = self.n_genes_out
+        if self.binning is not None:
+            x += 16.0 * width
+        elif self.rank is not None:
+            width = int(self.rank.params["max_len"])
+            x += 12.0 * width + 8.0
+        return x + (width if self.mask is not None else 0.0)
+
     def selected_genes(self, gene_ids: Sequence[str]) -> list[str] | None:
         """The ids of the output columns, in column order, when the pipeline selects genes (select_genes) of the
         store whose vocabulary is `gene_ids`; None without a selection, or when a listed gene is not in the store

@@ -167,6 +167,26 @@ def test_rank_tokens_and_binning_and_mask(kang_store, kang_adata):
     assert ((out["values"] == 0) == (out["X"] == 0)).all()
 
 
+def test_bytes_per_cell_bounds_the_outputs_a_cell_takes(kang_store):
+    """What a Ray-mode Loader sizes its read-ahead by: at least the bytes of every output a cell gets, token arrays
+    included, and not far above them."""
+    block = kang_store.read_csr(0, 0, 500)
+    nnz_per_cell = block.indptr[-1] / 500
+    for spec in (
+        ["normalize_total", "log1p"],
+        ["normalize_total", {"rank_tokens": {"max_len": 64}}, {"mask": {"fraction": 0.15, "seed": 1}}],
+        ["normalize_total", "log1p", {"select_genes": "hvg"}, "densify", {"binning": {"n_bins": 51}}],
+    ):
+        pipe = Pipeline.from_spec(spec, kang_store)
+        out = pipe(block, np.arange(500))
+        x = out["X"]
+        arrays = [v for k, v in out.items() if k != "X"] + (
+            [x.indptr, x.indices, x.data] if hasattr(x, "indptr") else [x]
+        )
+        taken = sum(a.nbytes for a in arrays) / 500
+        assert taken <= pipe.bytes_per_cell(nnz_per_cell) <= 1.5 * taken, spec
+
+
 def test_pipeline_pickles_for_ray_actors(kang_store):
     pipe = Pipeline.from_spec(
         ["normalize_total", "log1p", {"select_genes": "hvg"}, {"scale": {"max_value": 10}}], kang_store
