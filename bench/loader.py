@@ -826,7 +826,7 @@ def timed_read(loader, want: int | None = None, keep=None) -> tuple[float, float
 
 # ------------------------------------------------------------------------------------------------ per call
 
-PER_CALL = (2, 4, 8, 16)  # buffers per reader-actor call; the default is 2-8, by ReadOptions.read_ahead_bytes
+PER_CALL = (2, 4, 8, 16)  # buffers per reader-actor call; the default is 1-8, by read_ahead_bytes_per_reader
 
 
 def per_call(args) -> None:

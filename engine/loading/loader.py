@@ -86,9 +86,9 @@ MAX_BUFFERS_PER_CALL = 8
 
 
 def buffers_per_call(reading: ReadOptions, buffer_bytes: float) -> int:
-    """Ray mode's default buffers per actor call: as many as keep the read-ahead (two calls per actor) within
-    `reading.read_ahead_bytes` of batches, 1 to MAX_BUFFERS_PER_CALL (1 when even that exceeds it)."""
-    fit = int(reading.read_ahead_bytes // max(1.0, 2 * reading.readers * buffer_bytes))
+    """Ray mode's default buffers per actor call: as many as keep each actor's read-ahead (two calls) within
+    `reading.read_ahead_bytes_per_reader` of batches, 1 to MAX_BUFFERS_PER_CALL (1 when even that exceeds it)."""
+    fit = int(reading.read_ahead_bytes_per_reader // max(1.0, 2 * buffer_bytes))
     return min(MAX_BUFFERS_PER_CALL, max(1, fit))
 
 

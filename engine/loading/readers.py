@@ -320,9 +320,9 @@ class ReadOptions(Config):
     cpus_per_reader: float = Field(0.5, ge=0)  # each reader actor's CPU reservation
     # batches read ahead of the consumer; default two buffers per reader thread, two calls' worth per actor
     prefetch: int | None = Field(None, gt=0)
-    # mode "ray": buffers an actor reads per call; None: 1-8, by read_ahead_bytes (loader.buffers_per_call)
+    # mode "ray": buffers an actor reads per call; None: 1-8, by the bytes below (loader.buffers_per_call)
     buffers_per_call: int | None = Field(None, gt=0)
-    read_ahead_bytes: int = Field(2 * 2**30, gt=0)
+    read_ahead_bytes_per_reader: int = Field(512 * 2**20, gt=0)
     direct_io: bool = True  # engine.store.chunkfile's checked reader; False reads through zarr-python
 
 

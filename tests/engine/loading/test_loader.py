@@ -227,9 +227,9 @@ def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_stor
 
 
 def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
-    """By default an actor reads as many buffers per call as keep the read-ahead (two calls per actor) within
-    `read_ahead_bytes` of batches, 1 to 8; a given `buffers_per_call` is kept; local mode reads two buffers per
-    thread whatever the budget. Pure bookkeeping: no actor starts."""
+    """By default an actor reads as many buffers per call as keep its read-ahead (two calls) within
+    `read_ahead_bytes_per_reader` of batches, 1 to 8; a given `buffers_per_call` is kept; local mode reads two
+    buffers per thread whatever the budget. Pure bookkeeping: no actor starts."""
     from engine.loading.loader import MAX_BUFFERS_PER_CALL
 
     store = Store.open(tiny_store)
@@ -238,18 +238,18 @@ def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
     with Loader(store, p, mode="ray", output="csr") as loader:
         assert loader.bytes_per_cell() == pytest.approx(8 + 8 * nnz_per_cell)  # float32 values, int32 indices
         buffer_bytes = loader.config.buffer_cells * loader.bytes_per_cell()
-        assert 2 * 2 * 8 * buffer_bytes < ReadOptions().read_ahead_bytes  # a tiny store: the default budget is room
+        assert 2 * 8 * buffer_bytes < ReadOptions().read_ahead_bytes_per_reader  # a tiny store: the budget is room
         assert loader.reading.buffers_per_call == MAX_BUFFERS_PER_CALL == 8
         assert loader.prefetch == 2 * 2 * 8 * loader.config.buffer_batches
     for per_call, want in [(3, 3), (1.5, 1), (0.2, 1), (100, 8)]:  # a budget with room for `per_call` buffers a call
-        reading = ReadOptions(read_ahead_bytes=int(2 * 2 * per_call * buffer_bytes) + 1)
+        reading = ReadOptions(read_ahead_bytes_per_reader=int(2 * per_call * buffer_bytes) + 1)
         with Loader(store, p, mode="ray", output="csr", reading=reading) as loader:
             assert loader.reading.buffers_per_call == want
             assert loader.prefetch == 2 * 2 * want * loader.config.buffer_batches
     with Loader(store, p, mode="ray", output="dense", reading=ReadOptions(buffers_per_call=5)) as loader:
         assert loader.bytes_per_cell() == 4 * store.n_genes  # dense float32
         assert loader.reading.buffers_per_call == 5
-    with Loader(store, p, mode="local", output="csr", reading=ReadOptions(read_ahead_bytes=1)) as loader:
+    with Loader(store, p, mode="local", output="csr", reading=ReadOptions(read_ahead_bytes_per_reader=1)) as loader:
         assert loader.prefetch == 2 * 2 * loader.config.buffer_batches
 
 
