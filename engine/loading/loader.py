@@ -139,9 +139,6 @@ class Loader:
         self.obs_keys = tuple(obs_keys)
         self.reading = reading or ReadOptions()
         k = self.config.buffer_batches
-        # read ahead: two buffers per reader thread, one being read and one queued (with fewer, a thread that finished
-        # sat idle until the consumer had taken every batch of an older buffer: 1-7% of its time with 3 buffers for
-        # 2 threads); two calls' worth of buffers per reader actor (mode "ray": the same idling, per call)
         self.device = _check_device(device)
         self._copy_stream = copy_stream(device)  # CUDA: a batch is copied while the step before it runs
         self.metrics = LoaderMetrics()
@@ -162,6 +159,9 @@ class Loader:
                 self.reading, k * rank_batch * self.bytes_per_cell()
             )
             self.reading = self.reading.model_copy(update={"buffers_per_call": per_call})
+        # read ahead: two buffers per reader thread, one being read and one queued (with fewer, a thread that finished
+        # sat idle until the consumer had taken every batch of an older buffer: 1-7% of its time with 3 buffers for
+        # 2 threads); two calls' worth of buffers per reader actor (mode "ray": the same idling, per call)
         default = k * 2 * self.reading.readers * per_call
         self.prefetch = max(k, default if self.reading.prefetch is None else self.reading.prefetch)
         self._readers: ThreadReading | ActorReading = (
