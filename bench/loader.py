@@ -810,18 +810,29 @@ def multinode(args) -> None:
                       "ratio": round(three / one, 3), "load_average": round(os.getloadavg()[0], 1)}))  # fmt: skip
 
 
-def timed_read(loader, want: int | None = None, keep=None) -> tuple[float, float]:
-    """Whole epochs of a Loader until at least `want` cells (None: one epoch): (cells/s, CPU µs per cell of this
-    process). `keep(batch)` sees each batch. Each epoch ends where the Loader keeps what it read ahead for the next:
-    a sample stopped mid-epoch would start the next one cold and leave its reads ahead running into another
-    loader's sample."""
-    t0, c0, cells = time.perf_counter(), time.process_time(), 0
+def timed_read(loader, want: int | None = None, keep=None, cpu=time.process_time) -> tuple[float, float]:
+    """Whole epochs of a Loader until at least `want` cells (None: one epoch): (cells/s, CPU µs per cell by `cpu()`,
+    seconds: this process's by default). `keep(batch)` sees each batch. Each epoch ends where the Loader keeps what
+    it read ahead for the next: a sample stopped mid-epoch would start the next one cold and leave its reads ahead
+    running into another loader's sample."""
+    t0, c0, cells = time.perf_counter(), cpu(), 0
     while cells < (want or 1):
         for batch in loader:
             cells += batch["X"].shape[0]
             if keep is not None:
                 keep(batch)
-    return cells / (time.perf_counter() - t0), (time.process_time() - c0) / cells * 1e6
+    return cells / (time.perf_counter() - t0), (cpu() - c0) / cells * 1e6
+
+
+def sample_stores(args) -> dict[str, Path]:
+    """The four datasets of --read-ahead and --per-call (Kang where its files are), built once: name -> store."""
+    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
+
+    chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    specs = [("a_synth_200k", 200_000, 2_000, 100, None), ("b_tahoe_like_40k", 40_000, 20_000, 1_500, None),
+             ("c_kang", 0, 0, 0, None), ("d_synth_640k_64shards", 640_000, 2_000, 100, 10_000)]  # fmt: skip
+    return {name: prepare(name, n, g, nnz, chunk, sc)[0] for name, n, g, nnz, sc in specs
+            if name != "c_kang" or real_kang()}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ per call
@@ -836,16 +847,9 @@ def per_call(args) -> None:
     from engine.loading.loader import Loader
     from engine.loading.readers import ReadOptions
     from engine.loading.sampler import SamplerConfig
-    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
 
-    chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    specs = [("a_synth_200k", 200_000, 2_000, 100, None), ("b_tahoe_like_40k", 40_000, 20_000, 1_500, None),
-             ("c_kang", 0, 0, 0, None), ("d_synth_640k_64shards", 640_000, 2_000, 100, 10_000)]  # fmt: skip
     rows = {}
-    for name, n, g, nnz, sc in specs:
-        if name == "c_kang" and not real_kang():
-            continue
-        store = prepare(name, n, g, nnz, chunk, sc)[0]
+    for name, store in sample_stores(args).items():
         want = READ_AHEAD_CELLS[name]
         samples: dict[int, list[tuple[float, float]]] = {b: [] for b in PER_CALL}
         for _ in range(args.rounds or 3):
@@ -855,11 +859,7 @@ def per_call(args) -> None:
                 try:
                     timed_read(loader, want // 4)  # warm: actors started, files mapped, read-ahead full
                     procs = _ray_processes(loader)
-                    c0, t0 = _cpu_seconds(procs), time.perf_counter()
-                    cells = 0
-                    while cells < want:
-                        cells += sum(batch["X"].shape[0] for batch in loader)
-                    samples[b].append((cells / (time.perf_counter() - t0), (_cpu_seconds(procs) - c0) / cells * 1e6))
+                    samples[b].append(timed_read(loader, want, cpu=lambda procs=procs: _cpu_seconds(procs)))
                 finally:
                     loader.close()
         probe = Loader(store, SamplerConfig(batch_size=BATCH), mode="ray", output="csr")  # the default's choice
@@ -895,14 +895,7 @@ READ_AHEAD_CELLS = {"a_synth_200k": 8_000_000, "b_tahoe_like_40k": 1_200_000, "c
 def read_ahead(args) -> None:
     """--read-ahead: the Loader (local mode, 2 reader threads, CSR) with 2, 3 and 4 buffers read ahead of its
     consumer, on each dataset, taking turns in one fresh process: cells/s and CPU per cell, medians of the rounds."""
-    from engine.store.format import DEFAULT_CHUNK_ELEMENTS
-
-    chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    specs = [("a_synth_200k", 200_000, 2_000, 100, None), ("b_tahoe_like_40k", 40_000, 20_000, 1_500, None),
-             ("c_kang", 0, 0, 0, None), ("d_synth_640k_64shards", 640_000, 2_000, 100, 10_000)]  # fmt: skip
-    stores = {name: str(prepare(name, n, g, nnz, chunk, sc)[0]) for name, n, g, nnz, sc in specs if name != "c_kang"
-              or real_kang()}  # fmt: skip
-    kw = {"stores": stores, "rounds": args.rounds or 5}
+    kw = {"stores": {name: str(store) for name, store in sample_stores(args).items()}, "rounds": args.rounds or 5}
     out = subprocess.run([sys.executable, __file__, "--measure-read-ahead", json.dumps(kw)], capture_output=True,
                          text=True)  # fmt: skip
     if out.returncode != 0:

@@ -179,9 +179,9 @@ class Loader:
         callable's outputs other than X are not counted)."""
         cutter = self._reader.cutter
         stores = self.mix.stores if self.mix is not None else [self.store]
-        nnz = max(sum(s.nnz for s in st.manifest.shards) / max(1, st.n_cells) for st in stores)
+        nnz = max(st.nnz / max(1, st.n_cells) for st in stores)
         if cutter.native:
-            return cutter.pipeline.bytes_per_cell(nnz, dense_x=cutter.output == "dense")
+            return cutter.pipeline.bytes_per_cell(cutter.n_genes, nnz, dense_x=cutter.output == "dense")
         return 4.0 * cutter.n_genes if cutter.output == "dense" else 8.0 + 8.0 * nnz
 
     def __len__(self) -> int:

@@ -278,7 +278,7 @@ class Sampler:
         the class weights of `balance_by` read from it."""
         m = store.manifest
         if config.block_size is None:
-            block = auto_block_size(m.n_cells, sum(s.nnz for s in m.shards), m.chunk_elements)
+            block = auto_block_size(m.n_cells, store.nnz, m.chunk_elements)
             config = config.model_copy(update={"block_size": block})
         balance = None if config.balance_by is None else class_balance(store, config.balance_by, config.class_weights)
         return cls([s.n_cells for s in m.shards], config, rank, world_size, balance)

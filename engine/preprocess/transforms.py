@@ -242,12 +242,13 @@ class Pipeline:
             raise TransformError("pipeline built without a store: n_genes_out is known after the first batch")
         return self._n_out
 
-    def bytes_per_cell(self, nnz_per_cell: float, dense_x: bool = False) -> float:
-        """About how many bytes one cell's outputs take, on a bound pipeline: X (dense float32 when the spec or
-        `dense_x` densifies it, else CSR of at most `nnz_per_cell` float32 values and their indices) and the token
-        arrays of binning (int64 bins and genes a column) or rank_tokens (int64 genes, float32 values), and mask."""
-        x = 4.0 * self.n_genes_out if self.dense or dense_x else 8.0 + 8.0 * nnz_per_cell
-        width = self.n_genes_out
+    def bytes_per_cell(self, n_genes: int, nnz_per_cell: float, dense_x: bool = False) -> float:
+        """About how many bytes one cell's outputs take, for input cells of `n_genes` genes (the output's width until
+        a pipeline built without a store has seen a batch) and `nnz_per_cell` non-zeros: X (dense float32 when the
+        spec or `dense_x` densifies it, else CSR of float32 values and their indices) and the token arrays of
+        binning (int64 bins and genes a column) or rank_tokens (int64 genes, float32 values), and mask."""
+        width = self._n_out if self.bound else n_genes
+        x = 4.0 * width if self.dense or dense_x else 8.0 + 8.0 * nnz_per_cell
         if self.binning is not None:
             x += 16.0 * width
         elif self.rank is not None:

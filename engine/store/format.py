@@ -269,11 +269,15 @@ class Store:
         return len(self.manifest.shards)
 
     @property
+    def nnz(self) -> int:
+        """Non-zeros of the count matrix, all shards together."""
+        return sum(s.nnz for s in self.manifest.shards)
+
+    @property
     def x_bytes(self) -> int:
         """Uncompressed bytes of the count matrix (data + indices): the size of the work over the whole store."""
         m = self.manifest
-        per_value = np.dtype(m.count_dtype).itemsize + np.dtype(m.index_dtype).itemsize
-        return sum(s.nnz for s in m.shards) * per_value
+        return self.nnz * (np.dtype(m.count_dtype).itemsize + np.dtype(m.index_dtype).itemsize)
 
     @cached_property
     def cell_offsets(self) -> np.ndarray:

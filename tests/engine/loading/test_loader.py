@@ -233,7 +233,7 @@ def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
     from engine.loading.loader import MAX_BUFFERS_PER_CALL
 
     store = Store.open(tiny_store)
-    nnz_per_cell = sum(s.nnz for s in store.manifest.shards) / store.n_cells
+    nnz_per_cell = store.nnz / store.n_cells
     p = plan(16, block_size=16, buffer_blocks=2)
     with Loader(store, p, mode="ray", output="csr") as loader:
         assert loader.bytes_per_cell() == pytest.approx(8 + 8 * nnz_per_cell)  # float32 values, int32 indices
@@ -251,6 +251,18 @@ def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
         assert loader.reading.buffers_per_call == 5
     with Loader(store, p, mode="local", output="csr", reading=ReadOptions(read_ahead_bytes_per_reader=1)) as loader:
         assert loader.prefetch == 2 * 2 * loader.config.buffer_batches
+
+
+def test_ray_mode_sizes_an_unbound_pipelines_batches_by_the_store(tiny_store):
+    """A Pipeline built without a store learns its width from its first batch; Ray mode sizes its calls before any,
+    by the store's genes: the same estimate as the pipeline bound to the store (nothing refused at construction)."""
+    spec = ["normalize_total", "log1p", "densify"]
+    p = plan(16, block_size=16, buffer_blocks=2)
+    estimates = []
+    for pipeline in (Pipeline.from_spec(spec), Pipeline.from_spec(spec, Store.open(tiny_store))):
+        with Loader(tiny_store, p, mode="ray", transforms=pipeline) as loader:
+            estimates.append((loader.bytes_per_cell(), loader.reading.buffers_per_call))
+    assert estimates[0] == estimates[1] == (4 * Store.open(tiny_store).n_genes, 8)
 
 
 def test_the_loader_plans_each_buffer_once(tiny_store):

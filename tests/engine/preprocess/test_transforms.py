@@ -184,7 +184,7 @@ def test_bytes_per_cell_bounds_the_outputs_a_cell_takes(kang_store):
             [x.indptr, x.indices, x.data] if hasattr(x, "indptr") else [x]
         )
         taken = sum(a.nbytes for a in arrays) / 500
-        assert taken <= pipe.bytes_per_cell(nnz_per_cell) <= 1.5 * taken, spec
+        assert taken <= pipe.bytes_per_cell(kang_store.n_genes, nnz_per_cell) <= 1.5 * taken, spec
 
 
 def test_pipeline_pickles_for_ray_actors(kang_store):
