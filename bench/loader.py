@@ -8,6 +8,7 @@
     python bench/loader.py --mixing [--rounds N] [--readme]                     3 stores mixed 0.5/0.3/0.2
     python bench/loader.py --read-ahead [--rounds N] [--readme]                 the Loader's read-ahead, 2-4 buffers
     python bench/loader.py --per-call [--rounds N] [--readme]                   Ray mode, 2-16 buffers per actor call
+    python bench/loader.py --prefetch [--rounds N] [--readme]                   the batch gather, rows prefetched or not
     python bench/loader.py --threads [--quick] [--readme]                       reader threads vs processes
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
@@ -825,7 +826,8 @@ def timed_read(loader, want: int | None = None, keep=None, cpu=time.process_time
 
 
 def sample_stores(args) -> dict[str, Path]:
-    """The four datasets of --read-ahead and --per-call (Kang where its files are), built once: name -> store."""
+    """The four datasets of --read-ahead, --per-call and --prefetch (Kang where its files are), built once: name ->
+    store."""
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS
 
     chunk = args.chunk_elements or DEFAULT_CHUNK_ELEMENTS
@@ -950,6 +952,66 @@ def measure_read_ahead(kw: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ prefetch
+
+
+def prefetch(args) -> None:
+    """--prefetch: the Loader (local mode, 2 reader threads, default plan) gathering each batch with its rows asked
+    for `engine.store.csr.PREFETCH_ROWS` rows ahead (the default) and not at all (0), CSR and dense output, taking
+    turns in one fresh process on each dataset: cells/s and CPU per cell, medians of the rounds (CSR samples as
+    --read-ahead's, dense samples a quarter of them: a dense row of (b) is 80 KB)."""
+    kw = {"stores": {name: str(store) for name, store in sample_stores(args).items()}, "rounds": args.rounds or 5}
+    out = subprocess.run([sys.executable, __file__, "--measure-prefetch", json.dumps(kw)], capture_output=True,
+                         text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"prefetch run failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [
+        f"| dataset | output | rows asked ahead ({r['ahead']}) | not asked | cells/s | CPU per cell |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, outputs in r["rows"].items():
+        for output, (on, off) in outputs.items():
+            lines.append(
+                f"| {name} | {output} | {fmt_rate(on['cells_per_s'])} ({on['cpu_us']:.3f} µs) | "
+                f"{fmt_rate(off['cells_per_s'])} ({off['cpu_us']:.3f} µs) | "
+                f"{on['cells_per_s'] / off['cells_per_s']:.2f}x | {on['cpu_us'] / off['cpu_us'] - 1:+.0%} |"
+            )
+    print("\n".join(lines))
+    if args.readme:
+        write_readme("loader-prefetch", lines, machine_note())
+    print(json.dumps({"bench": "loader-prefetch", **r}))
+
+
+def measure_prefetch(kw: dict) -> dict:
+    """The child of `prefetch`: per dataset and output, one Loader, its samples taking turns between prefetching and
+    not (the order alternating by round; the first round warms up). The switch is read at each gather, so only the
+    few buffers a sample finds read ahead were gathered under the other one."""
+    import engine.store.csr as csr
+    from engine.loading.loader import Loader
+    from engine.loading.sampler import SamplerConfig
+
+    ahead = csr.PREFETCH_ROWS
+    rows: dict = {}
+    for name, store in kw["stores"].items():
+        rows[name] = {}
+        for output, want in (("csr", READ_AHEAD_CELLS[name]), ("dense", READ_AHEAD_CELLS[name] // 4)):
+            samples: dict[int, list[tuple[float, float]]] = {ahead: [], 0: []}
+            with Loader(store, SamplerConfig(batch_size=BATCH), mode="local", output=output) as loader:
+                for r in range(kw["rounds"] + 1):
+                    for setting in (ahead, 0) if r % 2 else (0, ahead):
+                        csr.PREFETCH_ROWS = setting
+                        got = timed_read(loader, want)
+                        if r:
+                            samples[setting].append(got)
+            csr.PREFETCH_ROWS = ahead
+            rows[name][output] = [
+                {"cells_per_s": median([x[0] for x in samples[k]]), "cpu_us": median([x[1] for x in samples[k]])}
+                for k in (ahead, 0)
+            ]
+    return {"ahead": ahead, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ mixing
 
 MIX_WEIGHTS = (0.5, 0.3, 0.2)
@@ -1029,6 +1091,9 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-read-ahead":  # the child process of read_ahead
         print(json.dumps(measure_read_ahead(json.loads(sys.argv[2]))))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-prefetch":  # the child process of prefetch
+        print(json.dumps(measure_prefetch(json.loads(sys.argv[2]))))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-mixing":  # the child process of mixing
         print(json.dumps(measure_mixing(json.loads(sys.argv[2]))))
         return
@@ -1060,6 +1125,7 @@ def main() -> None:
     ap.add_argument("--mixing", action="store_true", help="3 stores mixed 0.5/0.3/0.2 vs one store, vs unweighted")
     ap.add_argument("--read-ahead", action="store_true", help="the Loader with 2, 3 and 4 buffers read ahead")
     ap.add_argument("--per-call", action="store_true", help="Ray mode with 2, 4, 8 and 16 buffers per actor call")
+    ap.add_argument("--prefetch", action="store_true", help="the batch gather with rows asked ahead and without")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
@@ -1071,6 +1137,9 @@ def main() -> None:
         return
     if args.read_ahead:
         read_ahead(args)
+        return
+    if args.prefetch:
+        prefetch(args)
         return
     if args.profile:
         profile(args.profile)

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from engine.cachehints import prefetch_row, store_fence, stream_row
+
+# Rows are gathered in random order out of a pool of decoded chunks bigger than a core's L2 (a 16-block buffer of
+# (a): 5.7 MB), so each row's first lines are asked for this many rows ahead (0: not at all), and the copy finds
+# them in cache (`python bench/loader.py --prefetch` measures it)
+PREFETCH_ROWS = 8
+
 
 @dataclass
 class CSRRows:
@@ -35,8 +42,13 @@ def _rows_counts(row_len, rows, out_indptr):
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows_fill(indices, data, row_start, rows, out_indptr, out_indices, out_data):
-    for i in range(rows.shape[0]):
+def _rows_fill(indices, data, row_start, rows, out_indptr, out_indices, out_data, ahead):
+    m = rows.shape[0]
+    for i in range(min(ahead, m)):
+        prefetch_row(indices, data, row_start[rows[i]])
+    for i in range(m):
+        if ahead and i + ahead < m:
+            prefetch_row(indices, data, row_start[rows[i + ahead]])
         a = row_start[rows[i]]
         o = out_indptr[i]
         n = out_indptr[i + 1] - o
@@ -50,14 +62,29 @@ def _rows_fill(indices, data, row_start, rows, out_indptr, out_indices, out_data
 
 
 @numba.njit(nogil=True, cache=True)
-def _rows_dense(indices, data, row_start, row_len, rows, out, clear):
-    for i in range(rows.shape[0]):
-        if clear:  # a reused buffer: clear the row just before filling it (it is in cache then)
-            out[i, :] = 0
+def _rows_dense(indices, data, row_start, row_len, rows, out, clear, ahead):
+    """Rows into a dense `out`: straight into a fresh zeroed one; into a reused one (`clear`) each row is built in a
+    zeroed scratch row and streamed out whole (`stream_row`: no read of the old batch's lines before writing)."""
+    m = rows.shape[0]
+    row = np.zeros(out.shape[1] if clear else 0, dtype=out.dtype)
+    for i in range(min(ahead, m)):
+        prefetch_row(indices, data, row_start[rows[i]])
+    for i in range(m):
+        if ahead and i + ahead < m:
+            prefetch_row(indices, data, row_start[rows[i + ahead]])
         r = rows[i]
         a = row_start[r]
+        if not clear:
+            for k in range(a, a + row_len[r]):
+                out[i, indices[k]] = data[k]
+            continue
         for k in range(a, a + row_len[r]):
-            out[i, indices[k]] = data[k]
+            row[indices[k]] = data[k]
+        stream_row(out[i], row)
+        for k in range(a, a + row_len[r]):
+            row[indices[k]] = 0
+    if clear:
+        store_fence()
 
 
 def gather_rows_csr(
@@ -73,7 +100,7 @@ def gather_rows_csr(
         out_indices, out_data = np.empty(nnz, dtype=index_dtype), np.empty(nnz, dtype=data_dtype)
     else:
         out_indices, out_data = buffers.empty(nnz, index_dtype), buffers.empty(nnz, data_dtype)
-    _rows_fill(src.indices, src.data, src.row_start, rows, out_indptr, out_indices, out_data)
+    _rows_fill(src.indices, src.data, src.row_start, rows, out_indptr, out_indices, out_data, PREFETCH_ROWS)
     return out_indptr, out_indices, out_data
 
 
@@ -84,7 +111,14 @@ def gather_rows_dense(src: CSRRows, rows: np.ndarray, n_genes: int, buffers=None
     else:
         out, fresh = buffers.get((len(rows), n_genes))
     _rows_dense(
-        src.indices, src.data, src.row_start, src.row_len, np.ascontiguousarray(rows, dtype=np.int64), out, not fresh
+        src.indices,
+        src.data,
+        src.row_start,
+        src.row_len,
+        np.ascontiguousarray(rows, dtype=np.int64),
+        out,
+        not fresh,
+        PREFETCH_ROWS,
     )
     return out
 

@@ -15,6 +15,7 @@ from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
 from engine.loading.readers import BufferReader, start_reader_actor
 from engine.loading.sampler import Sampler, SamplerConfig
+from engine.store import csr
 from engine.store.csr import gather_csr, gather_dense
 from engine.store.format import Store
 
@@ -89,18 +90,36 @@ def test_corrupted_shard_file_names_the_file(chunky_store, tmp_path):
         StoreBlocks(Store.open(bad)).read(np.array([[1, 0, 5]]))
 
 
-def test_gather_kernels_match_scipy():
+@pytest.mark.parametrize("ahead", [csr.PREFETCH_ROWS, 0, 1, 64])
+@pytest.mark.parametrize("n_rows", [5, 300])
+def test_gather_kernels_match_scipy(monkeypatch, ahead, n_rows):
+    """Fewer rows than are asked for ahead, and many more: every row once, in order, whatever the prefetch distance
+    (the last rows, at the pool's end, are asked for with nothing after them)."""
     import scipy.sparse as sp
 
-    m = sp.random(50, 30, density=0.2, format="csr", random_state=0, dtype=np.float64)
+    monkeypatch.setattr(csr, "PREFETCH_ROWS", ahead)
+    m = sp.random(400, 30, density=0.2, format="csr", random_state=0, dtype=np.float64)
     m.data = np.ceil(m.data * 10).astype(np.uint16)
-    rows = np.array([4, 0, 49, 4, 17])
+    rows = np.array([4, 0, 399, 4, 17]) if n_rows == 5 else np.random.default_rng(0).integers(0, 400, n_rows)
+    rows[-1] = 399
     ip, ix, dx = gather_csr(m.indptr.astype(np.int64), m.indices.astype(np.uint16), m.data, rows)
     want = m[rows]
     assert dx.dtype == np.float32 and ix.dtype == np.int32
-    assert np.array_equal(sp.csr_matrix((dx, ix, ip), shape=(5, 30)).toarray(), want.toarray())
+    assert np.array_equal(sp.csr_matrix((dx, ix, ip), shape=(n_rows, 30)).toarray(), want.toarray())
     dense = gather_dense(m.indptr.astype(np.int64), m.indices, m.data, rows, 30)
     assert dense.dtype == np.float32 and np.array_equal(dense, want.toarray())
+    # into a reused buffer holding an older batch: each row built in scratch and streamed out whole
+    buffers = BatchBuffers()
+    old, fresh = buffers.get((n_rows, 30))
+    assert fresh
+    old[:] = 7.0
+    del old
+    src = csr.csr_rows(m.indptr.astype(np.int64), m.indices, m.data)
+    for _ in range(2):  # the second time, the first's rows are the old batch
+        again = csr.gather_rows_dense(src, rows, 30, buffers)
+        assert np.array_equal(again, want.toarray())
+        del again
+    assert buffers.reused == 2
 
 
 def test_buffer_batches_follow_the_plan(chunky_store):
