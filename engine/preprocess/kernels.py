@@ -6,7 +6,7 @@ parallel over cells. Arithmetic follows scanpy exactly where there is a scanpy c
 
 - normalize_total: library = float32(sum of float32 values, accumulated in float64); factor =
   float32(library / target) (1 where the library is 0); value = float32(x / factor).
-- log1p: float32(log1p(x)) computed in float64 (within one ulp of numpy's float32 log1p).
+- log1p: float32(log1p(x)) computed in float64 (`log1p32`; within one ulp of numpy's float32 log1p).
 - scale: (x - mean) / std in float64 with std = 1 where it is 0, clipped to [-max_value, max_value]
   (only above when not zero-centred), then float32.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from engine.cachehints import store_fence, stream_row
 from engine.hashing import splitmix64_next
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,25 @@ def row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target
 
 
 @njit(cache=True, inline="always")
+def log1p32(v):
+    """float32(log1p(v)) of a float32 v, computed in float64 through log, twice as fast as libm's log1p: u = 1 + v
+    rounds, and log(u) - (u - 1 - v) / u corrects for it (Goldberg), within an ulp of float64 log1p, so the float32
+    result is log1p's but where the two straddle a float32 rounding boundary (never in the test's million normalized
+    counts). Where u is 1 (v below 2^-53), below 1, or not finite: libm's log1p."""
+    x = np.float64(v)
+    u = 1.0 + x
+    if 1.0 < u < np.inf:
+        return np.float32(math.log(u) - ((u - 1.0) - x) / u)
+    return np.float32(np.log1p(x))
+
+
+@njit(cache=True, inline="always")
 def _value(x, factor, do_norm, do_log):
     v = np.float32(x)
     if do_norm:
         v = np.float32(np.float64(v) / factor)
     if do_log:
-        v = np.float32(np.log1p(np.float64(v)))
+        v = log1p32(v)
     return v
 
 
@@ -119,42 +134,58 @@ def _value_cached(x, factor, do_norm, do_log, table):
     return _value(xf, factor, do_norm, do_log)
 
 
+STREAM_ROWS = 64  # rows per parallel task of transform_dense: one scratch row and table each
+
+
 @njit(cache=True, parallel=True)
 def transform_dense(
     indptr, indices, data, gene_map, has_map, lib_selected, do_norm, target, do_log,
     do_scale, mean, std, max_value, zero_center, out, zeroed=False,
 ):  # fmt: skip
-    """The fused value pipeline into a dense float32 `out` (n_cells, n_out), zeroed or filled here.
+    """The fused value pipeline into a dense, C-contiguous float32 `out` (n_cells, n_out), zeroed or filled here.
 
     gene_map[g] is the output column of store gene g, or -1 to drop it (`has_map` False: identity).
     `lib_selected`: library sizes count only kept genes (select_genes ran before normalize_total).
     `mean`/`std` are indexed by output column. `max_value <= 0` disables clipping.
-    `zeroed`: `out` is known to be all zeros (fresh np.zeros), so rows need no clearing.
+    `zeroed`: `out` is known to be all zeros (fresh np.zeros), so values are written straight into it. Otherwise
+    every column is written: each row is built in a scratch row (the value of a zero everywhere else) and streamed
+    out whole (`stream_row`), so the old batch's lines are not read from memory before being overwritten.
     """
     n = len(indptr) - 1
     n_out = out.shape[1]
     memo = do_norm or do_log
-    for i in prange(n):
-        row = out[i]
-        if do_scale:
-            for c in range(n_out):
-                row[c] = _scaled(np.float32(0.0), mean[c], std[c], max_value, zero_center)
-        elif not zeroed:
-            row[:] = 0
-        factor = 1.0
-        if do_norm:
-            factor = row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
-        table = np.full(TABLE if memo else 1, np.nan, dtype=np.float32)
-        for j in range(indptr[i], indptr[i + 1]):
-            c = np.int64(indices[j])
-            if has_map:
-                c = gene_map[c]
-                if c < 0:
-                    continue
-            v = _value_cached(data[j], factor, do_norm, do_log, table) if memo else np.float32(data[j])
-            if do_scale:
-                v = _scaled(v, mean[c], std[c], max_value, zero_center)
-            row[c] = v
+    streamed = do_scale or not zeroed
+    blank = np.zeros(n_out if streamed else 0, dtype=np.float32)  # a row's columns where the cell has no count
+    if do_scale:
+        for c in range(n_out):
+            blank[c] = _scaled(np.float32(0.0), mean[c], std[c], max_value, zero_center)
+    for task in prange((n + STREAM_ROWS - 1) // STREAM_ROWS):
+        scratch = blank.copy()
+        table = np.empty(TABLE if memo else 1, dtype=np.float32)
+        for i in range(task * STREAM_ROWS, min(n, (task + 1) * STREAM_ROWS)):
+            row = scratch if streamed else out[i]
+            factor = 1.0
+            if do_norm:
+                factor = row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
+            table[:] = np.nan
+            for j in range(indptr[i], indptr[i + 1]):
+                c = np.int64(indices[j])
+                if has_map:
+                    c = gene_map[c]
+                    if c < 0:
+                        continue
+                v = _value_cached(data[j], factor, do_norm, do_log, table) if memo else np.float32(data[j])
+                if do_scale:
+                    v = _scaled(v, mean[c], std[c], max_value, zero_center)
+                row[c] = v
+            if streamed:
+                stream_row(out[i], scratch)
+                for j in range(indptr[i], indptr[i + 1]):  # back to blank, for the next row
+                    c = gene_map[np.int64(indices[j])] if has_map else np.int64(indices[j])
+                    if c >= 0:
+                        scratch[c] = blank[c]
+        if streamed:
+            store_fence()
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from engine.preprocess.kernels import TABLE, row_factor
+from engine.preprocess.kernels import TABLE, log1p32, row_factor
 
 # Medians of normalized non-zeros come from two dense histograms per gene over u = log(target / v): a coarse one
 # in the first pass locates the bin of each middle element, a fine one inside that bin in the second pass.
@@ -43,11 +43,11 @@ def _norm_log_u(x, f, log_target, table_v, table_l, table_u):
             if table_v[c] != table_v[c]:  # NaN: first time in this cell
                 v = np.float32(np.float64(xf) / f)
                 table_v[c] = v
-                table_l[c] = np.float32(np.log1p(np.float64(v)))
+                table_l[c] = log1p32(v)
                 table_u[c] = _med_u(v, log_target) if v > 0 else -1.0
             return table_v[c], table_l[c], table_u[c]
     v = np.float32(np.float64(xf) / f)
-    return v, np.float32(np.log1p(np.float64(v))), (_med_u(v, log_target) if v > 0 else -1.0)
+    return v, log1p32(v), (_med_u(v, log_target) if v > 0 else -1.0)
 
 
 @njit(cache=True)

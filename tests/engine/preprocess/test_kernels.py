@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -44,6 +45,29 @@ def dense(X, gene_map=None, n_out=None, norm=True, target=1e4, log=True, lib_sel
     return kernels.transform_dense(
         X.indptr, X.indices, X.data, gmap, has_map, lib_selected, norm, target, log, False, z, z, 0.0, True, out
     )
+
+
+@numba.njit
+def _log1p32_all(v, out):
+    for i in range(v.size):
+        out[i] = kernels.log1p32(v[i])
+    return out
+
+
+def test_log1p32_is_float64_log1p_rounded_to_float32():
+    """The kernels' log1p through log: the same float32 as float64 log1p on a million normalized counts (counts
+    1-999 over size factors of libraries of 100 to 100k counts), and on the edges libm's own answers."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 1000, 1_000_000).astype(np.float64)
+    v = (counts / (rng.integers(100, 100_000, counts.size) / 1e4).astype(np.float32)).astype(np.float32)
+    want = np.log1p(v.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(_log1p32_all(v, np.empty_like(v)), want)
+    edges = np.array(
+        [0.0, -0.0, 1e-30, 2.0**-60, 1e-12, 3e-10, 1e-7, 0.5, -0.5, -1.0, -2.0, 3.4e38, np.inf, np.nan], np.float32
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log1p(edges.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(_log1p32_all(edges, np.empty_like(edges)), want)
 
 
 @pytest.mark.parametrize("idx_dtype", [np.uint16, np.uint32])
