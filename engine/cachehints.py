@@ -36,13 +36,13 @@ def _prefetch(typingctx, addr):
 
 
 @intrinsic
-def _stream16(typingctx, dst, src):
-    """The 16 bytes at address src stored at address dst (16-byte aligned) by a non-temporal store."""
+def _stream64(typingctx, dst, src):
+    """The 64 bytes at address src stored at address dst (64-byte aligned: a cache line) by non-temporal stores."""
 
     def codegen(context, builder, signature, args):
-        vec = ir.VectorType(ir.IntType(32), 4).as_pointer()
+        vec = ir.VectorType(ir.IntType(32), 16).as_pointer()
         value = builder.load(builder.inttoptr(args[1], vec), align=4)
-        store = builder.store(value, builder.inttoptr(args[0], vec), align=16)
+        store = builder.store(value, builder.inttoptr(args[0], vec), align=64)
         store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
 
@@ -72,17 +72,17 @@ def prefetch_row(indices, data, a):
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def stream_row(dst, src):
-    """dst[:] = src (contiguous 1-D arrays of one 4-byte dtype), its 16-byte-aligned middle by non-temporal stores.
-    Call `store_fence` before another thread reads dst."""
+    """dst[:] = src (contiguous 1-D arrays of one 4-byte dtype), its whole cache lines by non-temporal stores. Call
+    `store_fence` before another thread reads dst."""
     n = dst.shape[0]
     at = dst.ctypes.data
-    head = min(n, (16 - at % 16) % 16 // 4)
+    head = min(n, (64 - at % 64) % 64 // 4)
     for k in range(head):
         dst[k] = src[k]
     k = head
     d, s = np.uint64(at), np.uint64(src.ctypes.data)
-    while k + 4 <= n:
-        _stream16(d + np.uint64(4 * k), s + np.uint64(4 * k))
-        k += 4
+    while k + 16 <= n:
+        _stream64(d + np.uint64(4 * k), s + np.uint64(4 * k))
+        k += 16
     for t in range(k, n):
         dst[t] = src[t]

@@ -161,6 +161,7 @@ def transform_dense(
             blank[c] = _scaled(np.float32(0.0), mean[c], std[c], max_value, zero_center)
     for task in prange((n + STREAM_ROWS - 1) // STREAM_ROWS):
         scratch = blank.copy()
+        written = np.empty(n_out if streamed else 0, dtype=np.int64)  # the scratch row's columns written so far
         table = np.empty(TABLE if memo else 1, dtype=np.float32)
         for i in range(task * STREAM_ROWS, min(n, (task + 1) * STREAM_ROWS)):
             row = scratch if streamed else out[i]
@@ -168,6 +169,7 @@ def transform_dense(
             if do_norm:
                 factor = row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target)
             table[:] = np.nan
+            w = 0
             for j in range(indptr[i], indptr[i + 1]):
                 c = np.int64(indices[j])
                 if has_map:
@@ -178,12 +180,16 @@ def transform_dense(
                 if do_scale:
                     v = _scaled(v, mean[c], std[c], max_value, zero_center)
                 row[c] = v
+                if streamed and w < n_out:
+                    written[w] = c
+                    w += 1
             if streamed:
                 stream_row(out[i], scratch)
-                for j in range(indptr[i], indptr[i + 1]):  # back to blank, for the next row
-                    c = gene_map[np.int64(indices[j])] if has_map else np.int64(indices[j])
-                    if c >= 0:
-                        scratch[c] = blank[c]
+                if w < n_out:  # back to blank for the next row: the columns written (a row of many genes dropped
+                    for k in range(w):  # by the map has few)
+                        scratch[written[k]] = blank[written[k]]
+                else:  # as many writes as columns (repeated genes): all of it
+                    scratch[:] = blank
         if streamed:
             store_fence()
     return out

@@ -82,6 +82,29 @@ def test_store_dtypes_give_identical_results(counts, idx_dtype, data_dtype):
     np.testing.assert_allclose(ref, expected, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_rows_streamed_into_a_used_buffer_equal_rows_written_into_zeros(scale):
+    """A reused `out` gets each row built in a scratch row and streamed out; the scratch goes back to blank between
+    rows: after a row with a value in every output column (the whole scratch reset), after a row of many genes the
+    map drops, after an empty row. Same as the direct write into fresh zeros, scaled or not."""
+    rng = np.random.default_rng(0)
+    n_genes, n_out = 50, 10
+    rows = [np.arange(n_genes), np.array([3]), np.arange(10, 50), np.array([], int), rng.choice(n_genes, 7, False)]
+    rows = [np.sort(r) for r in rows * 30]  # 150 rows: more than one parallel task of STREAM_ROWS
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.uint16)
+    data = rng.integers(1, 9, len(indices)).astype(np.uint16)
+    gene_map = np.full(n_genes, -1, dtype=np.int64)
+    gene_map[rng.choice(n_genes, n_out, replace=False)] = np.arange(n_out)
+    mean, std = rng.uniform(0, 1, n_out), rng.uniform(0.5, 2, n_out)
+    args = (indptr, indices, data, gene_map, True, False, True, 1e4, True, scale, mean, std, 3.0, True)
+    want = kernels.transform_dense(*args, np.zeros((len(rows), n_out), np.float32), not scale)
+    got = kernels.transform_dense(*args, np.full((len(rows), n_out), 7.0, np.float32), False)
+    np.testing.assert_array_equal(got, want)
+    if not scale:  # the rows are what they say: every column, at most one, none
+        assert (want[0::5] != 0).all() and (want[1::5] != 0).sum(axis=1).max() <= 1 and not want[3::5].any()
+
+
 def test_gene_map_reorders_drops_and_sorts_csr(counts):
     rng = np.random.default_rng(1)
     n_out = 150
