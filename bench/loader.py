@@ -825,6 +825,14 @@ def timed_read(loader, want: int | None = None, keep=None, cpu=time.process_time
     return cells / (time.perf_counter() - t0), (cpu() - c0) / cells * 1e6
 
 
+def in_child(flag: str, kw: dict) -> dict:
+    """A measurement run in a fresh process of this script (`main` dispatches `flag`): its last line, as JSON."""
+    out = subprocess.run([sys.executable, __file__, flag, json.dumps(kw)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{flag} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def sample_stores(args) -> dict[str, Path]:
     """The four datasets of --read-ahead, --per-call and --prefetch (Kang where its files are), built once: name ->
     store."""
@@ -898,11 +906,7 @@ def read_ahead(args) -> None:
     """--read-ahead: the Loader (local mode, 2 reader threads, CSR) with 2, 3 and 4 buffers read ahead of its
     consumer, on each dataset, taking turns in one fresh process: cells/s and CPU per cell, medians of the rounds."""
     kw = {"stores": {name: str(store) for name, store in sample_stores(args).items()}, "rounds": args.rounds or 5}
-    out = subprocess.run([sys.executable, __file__, "--measure-read-ahead", json.dumps(kw)], capture_output=True,
-                         text=True)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"read-ahead run failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = in_child("--measure-read-ahead", kw)
     lines = [
         "| dataset | "
         + " | ".join(f"{n} buffers ahead" for n in READ_AHEAD)
@@ -961,11 +965,7 @@ def prefetch(args) -> None:
     turns in one fresh process on each dataset: cells/s and CPU per cell, medians of the rounds (CSR samples as
     --read-ahead's, dense samples a quarter of them: a dense row of (b) is 80 KB)."""
     kw = {"stores": {name: str(store) for name, store in sample_stores(args).items()}, "rounds": args.rounds or 5}
-    out = subprocess.run([sys.executable, __file__, "--measure-prefetch", json.dumps(kw)], capture_output=True,
-                         text=True)  # fmt: skip
-    if out.returncode != 0:
-        raise RuntimeError(f"prefetch run failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = in_child("--measure-prefetch", kw)
     lines = [
         f"| dataset | output | rows asked ahead ({r['ahead']}) | not asked | cells/s | CPU per cell |",
         "|---|---|---:|---:|---:|---:|",
@@ -1028,10 +1028,7 @@ def mixing(args) -> None:
     stores = [make_store(f"mix{i}", [p], chunk) for i, p in enumerate(inputs)]
     combined = make_store("mix_all", inputs, chunk)
     kw = {"stores": [str(s) for s in stores], "combined": str(combined), "rounds": args.rounds or 3}
-    out = subprocess.run([sys.executable, __file__, "--measure-mixing", json.dumps(kw)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"mixing run failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = in_child("--measure-mixing", kw)
     ratio_ = r["mixed"] / r["plain"]
     shares = ", ".join(f"{w:g}: {s:.4f}" for w, s in zip(MIX_WEIGHTS, r["shares"]))
     print(f"mixed {fmt_rate(r['mixed'])} cells/s vs one store {fmt_rate(r['plain'])} ({ratio_:.2f}x), vs the 3 stores "
