@@ -79,6 +79,12 @@ def row_factor(indptr, indices, data, gene_map, has_map, lib_selected, i, target
 
 
 @njit(cache=True, inline="always")
+def _column(gene, gene_map, has_map):
+    """The output column of store gene `gene`: gene_map's (-1: dropped), or the gene itself without a map."""
+    return gene_map[np.int64(gene)] if has_map else np.int64(gene)
+
+
+@njit(cache=True, inline="always")
 def log1p32(v):
     """float32(log1p(v)) of a float32 v, computed in float64 through log, twice as fast as libm's log1p: u = 1 + v
     rounds, and log(u) - (u - 1 - v) / u corrects for it (Goldberg), within an ulp of float64 log1p, so the float32
@@ -171,11 +177,9 @@ def transform_dense(
             table[:] = np.nan
             w = 0
             for j in range(indptr[i], indptr[i + 1]):
-                c = np.int64(indices[j])
-                if has_map:
-                    c = gene_map[c]
-                    if c < 0:
-                        continue
+                c = _column(indices[j], gene_map, has_map)
+                if c < 0:
+                    continue
                 v = _value_cached(data[j], factor, do_norm, do_log, table) if memo else np.float32(data[j])
                 if do_scale:
                     v = _scaled(v, mean[c], std[c], max_value, zero_center)
@@ -222,11 +226,9 @@ def transform_csr(
         k = out_indptr[i]
         table = np.full(TABLE, np.nan, dtype=np.float32)
         for j in range(indptr[i], indptr[i + 1]):
-            c = np.int64(indices[j])
-            if has_map:
-                c = gene_map[c]
-                if c < 0:
-                    continue
+            c = _column(indices[j], gene_map, has_map)
+            if c < 0:
+                continue
             out_indices[k] = c
             out_data[k] = _value_cached(data[j], factor, do_norm, do_log, table)
             k += 1
