@@ -13,6 +13,10 @@ Two scenarios: all genes densified, and 2,000 selected genes (normalize_total + 
 scanpy and scipy subset columns after log1p). Single thread (numba set to 1 thread) and all cores; contenders
 take turns in each repeat; median of repeats after one warm-up call.
 "CSR GB/s per core" counts the input bytes (data + indices + indptr) per second per thread.
+Then log1p alone on a million normalized counts (counts 1-999 over size factors of libraries of 100 to 100k): the
+kernels' `log1p32` (through log, Goldberg's correction) against libm's float64 log1p, both in a numba loop, and
+numpy's float32 `np.log1p` over the array (the peer); ns a value, median of repeats, and how many results differ
+from libm's rounded to float32.
 Last line: one JSON object.
 """
 
@@ -68,6 +72,44 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
             fn()
             ts[k].append(time.perf_counter() - t0)
     return {k: median(v) for k, v in ts.items()}
+
+
+def log1p_timing(repeats: int) -> dict:
+    """log1p32 vs libm's log1p (numba loops) vs numpy's float32 log1p, on the same million values."""
+    import numba
+
+    from engine.preprocess import kernels
+
+    @numba.njit
+    def with_log1p32(v, out):
+        for i in range(v.size):
+            out[i] = kernels.log1p32(v[i])
+
+    @numba.njit
+    def with_libm(v, out):
+        for i in range(v.size):
+            out[i] = np.float32(np.log1p(np.float64(v[i])))
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 1000, 1_000_000).astype(np.float64)
+    v = (counts / (rng.integers(100, 100_000, counts.size) / 1e4).astype(np.float32)).astype(np.float32)
+    out = {name: np.empty_like(v) for name in ("log1p32", "libm", "numpy")}
+    secs = timed(
+        {
+            "log1p32": lambda: with_log1p32(v, out["log1p32"]),
+            "libm": lambda: with_libm(v, out["libm"]),
+            "numpy": lambda: np.log1p(v, out=out["numpy"]),
+        },
+        repeats,
+    )
+    ns = {k: t / v.size * 1e9 for k, t in secs.items()}
+    differ = int((out["log1p32"] != out["libm"]).sum())
+    print(
+        f"log1p of 1M normalized counts: log1p32 {ns['log1p32']:.2f} ns, libm log1p {ns['libm']:.2f} ns "
+        f"({ns['libm'] / ns['log1p32']:.1f}x), numpy float32 {ns['numpy']:.2f} ns; {differ} of 1M differ from libm's",
+        flush=True,
+    )
+    return {"ns_per_value": ns, "differ_from_libm": differ}
 
 
 def main() -> None:
@@ -167,6 +209,7 @@ def main() -> None:
             results["by_genes"][f"{n_genes}_{scenario}"] = row
             del buf
         del X
+    results["log1p"] = log1p_timing(repeats)
     results["load_average_1min"] = os.getloadavg()[0]  # this machine is shared: context for the numbers
     print(json.dumps(results))
 

@@ -86,10 +86,11 @@ def _column(gene, gene_map, has_map):
 
 @njit(cache=True, inline="always")
 def log1p32(v):
-    """float32(log1p(v)) of a float32 v, computed in float64 through log, twice as fast as libm's log1p: u = 1 + v
-    rounds, and log(u) - (u - 1 - v) / u corrects for it (Goldberg), within an ulp of float64 log1p, so the float32
-    result is log1p's but where the two straddle a float32 rounding boundary (never in the test's million normalized
-    counts). Where u is 1 (v below 2^-53), below 1, or not finite: libm's log1p."""
+    """float32(log1p(v)) of a float32 v, computed in float64 through log (faster than libm's log1p: `python
+    bench/kernels.py` times both): u = 1 + v rounds, and log(u) - (u - 1 - v) / u corrects for it (Goldberg), within
+    an ulp of float64 log1p, so the float32 result is log1p's but where the two straddle a float32 rounding boundary
+    (never in the test's or the bench's million normalized counts). Where u is 1 (v below 2^-53), below 1, or not
+    finite: libm's log1p."""
     x = np.float64(v)
     u = 1.0 + x
     if 1.0 < u < np.inf:
@@ -192,7 +193,7 @@ def transform_dense(
                 if w < n_out:  # back to blank for the next row: the columns written (a row of many genes dropped
                     for k in range(w):  # by the map has few)
                         scratch[written[k]] = blank[written[k]]
-                else:  # as many writes as columns (repeated genes): all of it
+                else:  # as many writes as columns (a value in every column, or genes repeated): all of it
                     scratch[:] = blank
         if streamed:
             store_fence()
