@@ -21,7 +21,8 @@ import numba
 import numpy as np
 
 from engine.errors import StoreError
-from engine.store.chunkfile import ArrayReader, ChunkBatch
+from engine.store.chunkbatch import ChunkBatch
+from engine.store.chunkfile import ArrayReader
 from engine.store.csr import CSRRows, gather_rows_csr
 from engine.store.format import Store
 
@@ -129,6 +130,8 @@ class StoreBlocks:
         """The direct reader of X/`name` of a shard, or None (zarr-python path). Its shape is checked against the
         manifest first, so a shard that disagrees with the manifest is refused before any read."""
         key = (shard, name)
+        if key in self._arrays:  # no lock to look one up: entries are only ever added
+            return self._arrays[key]
         with self._lock:
             if key not in self._arrays:
                 reader = None
@@ -260,19 +263,9 @@ class StoreBlocks:
     def decode_into(self, read: PoolRead, batch: ChunkBatch, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> None:
         """Adds `read`'s runs to `batch`, decoding into pool_i/pool_d from element `at` on (when the batch runs)."""
         runs, to = read.runs, at + read.bases[:-1]
-        shards = runs[:, 0].tolist()
-        i = 0
-        while i < len(shards):  # one add per array of each shard (its runs are consecutive: sorted by shard)
-            j = i + 1
-            while j < len(shards) and shards[j] == shards[i]:
-                j += 1
-            if j == i + 1:  # one run: plain ints
-                c0, c1, pos = int(runs[i, 1]), int(runs[i, 2]), int(to[i])
-            else:
-                c0, c1, pos = runs[i:j, 1], runs[i:j, 2], to[i:j]
-            batch.add(self._array(shards[i], "indices"), c0, c1, pool_i, pos)
-            batch.add(self._array(shards[i], "data"), c0, c1, pool_d, pos)
-            i = j
+        shards, owner = np.unique(runs[:, 0], return_inverse=True)  # one add per array name for every shard's runs
+        for name, pool in (("indices", pool_i), ("data", pool_d)):
+            batch.add_runs([self._array(sh, name) for sh in shards.tolist()], owner, runs[:, 1], runs[:, 2], pool, to)
         with self._lock:
             self.stats["decoded"] += read.size
             self.stats["used"] += read.used

@@ -52,7 +52,7 @@ from engine.loading.sampler import (
     check_rank,
     given_balance,
 )
-from engine.store.chunkfile import ChunkBatch
+from engine.store.chunkbatch import ChunkBatch
 from engine.store.csr import CSRRows, gather_rows_csr
 from engine.store.format import CSRBlock, Store
 

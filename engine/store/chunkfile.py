@@ -16,9 +16,10 @@ Every chunk is checked before it is decoded: its crc32c (format v2), its presenc
 entry marked missing is corruption in v2, where every chunk is written; v1 stores read it as the fill value, as
 zarr does), and that it decodes. A failure is a `StoreError` naming the store, shard, array and chunk. Chunks are
 decompressed straight from the page cache into their destination (blosc and zstd release the GIL, so reader threads
-overlap). A batch of blosc chunk runs (`ChunkBatch`: a loader buffer's, of any arrays and shards) is checked and
-decoded in one numba call (`engine.store.chunk_kernel`): the same checks, no Python per chunk. `Store.read_array`
-and the loader's `StoreBlocks` both read through `ArrayReader`; any other layout falls back to zarr-python.
+overlap). A batch of blosc chunk runs (`engine.store.chunkbatch.ChunkBatch`: a loader buffer's, of any arrays and
+shards) is checked and decoded in one numba call (`engine.store.chunk_kernel`): the same checks, no Python per chunk.
+`Store.read_array` and the loader's `StoreBlocks` both read through `ArrayReader`; any other layout falls back to
+zarr-python.
 """
 
 from __future__ import annotations
@@ -175,98 +176,6 @@ class MappedFile(NamedTuple):
         return cls(None, None, missing, missing)
 
 
-class _Part(NamedTuple):
-    """Chunks of one array that lie in one file, and where each goes."""
-
-    reader: ArrayReader
-    chunks: np.ndarray  # their numbers in the array
-    pool: np.ndarray
-    at: np.ndarray  # each one's first element in the pool
-    file: MappedFile  # kept alive while the batch holds addresses into its map
-    src: np.ndarray  # each one's address and byte count in the map (`MappedFile.src`, `.size`)
-    size: np.ndarray
-
-
-class ChunkBatch:
-    """Chunk runs of one or more arrays (`ArrayReader`s of any shards), each to decode into its place in a pool:
-    every blosc chunk of the batch is checked and decoded in one `chunk_kernel` call, with the GIL released
-    throughout, so reader threads overlap instead of taking turns once per run. Other codecs decode chunk by chunk
-    in `add`. A chunk the kernel stops at (missing, failing a check) is decoded again by its reader's `decode`, which
-    raises the error naming it (or, in a v1 store, fills a chunk never written), and the kernel goes on after it.
-    Bytes of an array in a bucket must be fetched first (`ArrayReader.prefetch`); a chunk whose bytes are not is
-    refetched by `decode`."""
-
-    def __init__(self) -> None:
-        self._parts: list[_Part] = []
-
-    def add(self, reader: ArrayReader, c0, c1, pool: np.ndarray, at) -> None:
-        """Chunks [c0, c1] of `reader` into pool[at : at + (c1 - c0 + 1) * chunk_elems] (a contiguous array of the
-        reader's dtype); c0, c1 and at are ints, or int64 arrays of them: many runs of the array at once (a few array
-        operations per array of a buffer, not Python per run)."""
-        lay, chunk = reader.layout, reader.layout.chunk_elems
-        if pool.dtype.itemsize != lay.dtype.itemsize or not pool.flags.c_contiguous:
-            raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
-        if isinstance(c0, np.ndarray):
-            n = c1 - c0 + 1
-            if len(n) and (at.min() < 0 or (at + n * chunk).max() > len(pool)):  # no runs: nothing to add, below
-                r = int(np.flatnonzero((at < 0) | (at + n * chunk > len(pool)))[0])
-                raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0[r]}-{c1[r]} at {at[r]}")
-            # every run's chunks, one after another, and each one's place in the pool
-            chunks = np.repeat(c0 - np.cumsum(n) + n, n) + np.arange(int(n.sum()), dtype=np.int64)
-            pos = np.repeat(at - c0 * chunk, n) + chunks * chunk
-        else:
-            c0, c1, at = int(c0), int(c1), int(at)
-            if at < 0 or at + (c1 - c0 + 1) * chunk > len(pool):
-                raise ValueError(f"pool of {len(pool)} elements: no room for chunks {c0}-{c1} at {at}")
-            chunks = np.arange(c0, c1 + 1, dtype=np.int64)
-            pos = chunks * chunk + (at - c0 * chunk)
-        if not len(chunks):
-            return
-        per_file = reader._per_file
-        first, last = int(chunks[0]) // per_file, int(chunks[-1]) // per_file
-        if first == last:  # a run, or the runs, in one file
-            self._add_file(reader, first, chunks, pool, pos)
-            return
-        files = chunks // per_file
-        for file_id in np.unique(files).tolist():
-            mine = files == file_id
-            self._add_file(reader, file_id, chunks[mine], pool, pos[mine])
-
-    def _add_file(self, reader: ArrayReader, file_id: int, chunks: np.ndarray, pool: np.ndarray, pos: np.ndarray):
-        from engine.store import chunk_kernel  # here: importing numba costs every CLI command ~0.5 s otherwise
-
-        f = reader.mapped_file(file_id)
-        if reader.layout.codec == "blosc" and f.buf is not None and chunk_kernel.available():
-            k = chunks - file_id * reader._per_file
-            self._parts.append(_Part(reader, chunks, pool, pos, f, f.src[k], f.size[k]))
-            return
-        for c, p in zip(chunks.tolist(), pos.tolist()):  # other codecs, and v1 files never written
-            reader.decode(c, pool[p : p + reader.layout.chunk_elems])
-
-    def run(self) -> None:
-        """Decode every chunk added (raising the error of the first bad one)."""
-        if not self._parts:
-            return
-        from engine.store import chunk_kernel
-
-        parts = self._parts
-        counts = np.array([len(p.chunks) for p in parts], dtype=np.int64)
-        firsts = np.cumsum(counts) - counts
-        chunk_bytes = np.repeat([p.reader.layout.chunk_elems * p.pool.itemsize for p in parts], counts)
-        tail = np.repeat([4 if p.reader.layout.checksum else 0 for p in parts], counts)
-        dest = np.concatenate([p.pool.ctypes.data + p.at * p.pool.itemsize for p in parts]).astype(np.uint64)
-        src = np.concatenate([p.src for p in parts])
-        size = np.concatenate([p.size for p in parts])
-        k = 0
-        while (k := chunk_kernel.decode_blosc_at(src, size, tail, dest, chunk_bytes, VERIFY_CHECKSUMS, k)) >= 0:
-            i = int(np.searchsorted(firsts, k, side="right")) - 1
-            p, j = parts[i], k - int(firsts[i])
-            chunk = p.reader.layout.chunk_elems
-            p.reader.decode(int(p.chunks[j]), p.pool[p.at[j] : p.at[j] + chunk])
-            k += 1
-        self._parts.clear()
-
-
 class ArrayReader:
     """Element ranges of one 1-D zarr v3 array on a local filesystem or in a bucket, every chunk verified.
 
@@ -289,7 +198,7 @@ class ArrayReader:
         self.layout = layout
         self.strict = strict
         self.placement = placement
-        self._per_file = layout.file_elems // layout.chunk_elems
+        self.per_file = layout.file_elems // layout.chunk_elems  # chunks a file holds (1: unsharded)
         self._max_open = max_open_files
         # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one, and evicting
         # the oldest, does.
@@ -327,8 +236,7 @@ class ArrayReader:
 
     def _open_file(self, file_id: int) -> MappedFile:
         """The file mapped, its chunk index read and checked. An unsharded file is one chunk spanning the file."""
-        lay = self.layout
-        per_file = lay.file_elems // lay.chunk_elems
+        lay, per_file = self.layout, self.per_file
         first = file_id * per_file
         name = f"{lay.key_prefix}{file_id}"
         cached = None
@@ -400,7 +308,7 @@ class ArrayReader:
         """Whether every file of this array is mapped and wholly in the node's cache (or local): nothing to fetch."""
         if not self.remote:
             return True
-        n_files = -(-self.layout.n_chunks // self._per_file)
+        n_files = -(-self.layout.n_chunks // self.per_file)
         files = [self._files.get(f) for f in range(n_files)]
         return all(f is not None and (f.cached is None or f.cached.complete) for f in files)
 
@@ -413,8 +321,8 @@ class ArrayReader:
         for c0, c1 in runs:
             c = c0
             while c <= c1:
-                file_id, k0 = divmod(c, self._per_file)
-                k1 = min(self._per_file - 1, k0 + c1 - c)
+                file_id, k0 = divmod(c, self.per_file)
+                k1 = min(self.per_file - 1, k0 + c1 - c)
                 per_file.setdefault(file_id, []).append((k0, k1))
                 c += k1 - k0 + 1
         for file_id, spans in per_file.items():
@@ -434,7 +342,7 @@ class ArrayReader:
         """(chunk c's compressed bytes, its checksum verified and removed; the map; their offset in it), or None for
         a v1 chunk never written. blosc runs go through `chunk_kernel` instead; this is the path of other codecs
         (X/indptr), of v1 stores' missing chunks, and of the chunk the kernel stopped at (to name its fault)."""
-        file_id, k = divmod(c, self._per_file)
+        file_id, k = divmod(c, self.per_file)
         f = self.mapped_file(file_id)
         mm, buf, offsets, nbytes = f.map, f.buf, f.offsets, f.nbytes
         off, n = int(offsets[k]), int(nbytes[k])
@@ -461,7 +369,7 @@ class ArrayReader:
             self.prefetch([(c, c)])
             return self._decode(c, dest)
         except StoreError:
-            file_id, k = divmod(c, self._per_file)
+            file_id, k = divmod(c, self.per_file)
             f = self.mapped_file(file_id)
             if f.cached is None or f.offsets[k] < 0:
                 raise
@@ -494,6 +402,8 @@ class ArrayReader:
         c0, c1 = lo // chunk, (hi - 1) // chunk
         pool = np.empty((c1 - c0 + 1) * chunk, dtype=self.layout.dtype)
         self.prefetch([(c0, c1)])
+        from engine.store.chunkbatch import ChunkBatch  # which imports this module
+
         batch = ChunkBatch()
         batch.add(self, c0, c1, pool, 0)
         batch.run()
