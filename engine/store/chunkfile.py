@@ -29,6 +29,8 @@ import mmap
 import os
 import struct
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,10 @@ _U32 = struct.Struct("<I")
 # Only bench/loader.py turns these off, to measure their cost.
 VERIFY_CHECKSUMS = True
 VERIFY_PLACEMENT = True
+# Files mapped at once by all the readers of a process. Linux allows a process 65,530 maps (vm.max_map_count), and a
+# store of a billion cells at the default shard size has ~60,000 chunk files, every one of which a reader that visits
+# every shard would otherwise keep mapped.
+MAX_OPEN_FILES = 16_384
 
 
 def tail_crc(path: Path) -> str:
@@ -176,6 +182,28 @@ class MappedFile(NamedTuple):
         return cls(None, None, missing, missing)
 
 
+class _OpenFiles:
+    """The files every `ArrayReader` of the process has mapped, in the order they were opened: past `MAX_OPEN_FILES`
+    the oldest is dropped from its reader (its map closes once no read in flight holds it; a later read maps it
+    again). A closed reader's entries age out like the others."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[tuple[int, int], weakref.ref[ArrayReader]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def opened(self, reader: ArrayReader, file_id: int) -> None:
+        with self._lock:
+            self._order[(id(reader), file_id)] = weakref.ref(reader)
+            while len(self._order) > MAX_OPEN_FILES:
+                (_, oldest), ref = self._order.popitem(last=False)
+                owner = ref()
+                if owner is not None:
+                    owner._files.pop(oldest, None)  # lookups take no lock: a dict's pop is atomic
+
+
+_OPEN_FILES = _OpenFiles()
+
+
 class ArrayReader:
     """Element ranges of one 1-D zarr v3 array on a local filesystem or in a bucket, every chunk verified.
 
@@ -190,7 +218,6 @@ class ArrayReader:
         path: Path | ObjectPath,
         layout: ChunkLayout,
         strict: bool = True,
-        max_open_files: int = 64,
         placement: Sequence[str] | None = None,
     ):
         self.path = path
@@ -199,9 +226,8 @@ class ArrayReader:
         self.strict = strict
         self.placement = placement
         self.per_file = layout.file_elems // layout.chunk_elems  # chunks a file holds (1: unsharded)
-        self._max_open = max_open_files
-        # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one, and evicting
-        # the oldest, does.
+        # file id -> its map and chunk index; lookups take no lock (dict reads are atomic); opening one does, and
+        # `_OPEN_FILES` drops the process's oldest past its bound
         self._files: dict[int, MappedFile] = {}
         self._lock = threading.Lock()
 
@@ -222,16 +248,16 @@ class ArrayReader:
         return f"{self.path}: chunk {chunk} (file {self.layout.key_prefix}{file_id})"
 
     def mapped_file(self, file_id: int) -> MappedFile:
-        """File `file_id` of the array mapped, its chunk index read and checked (kept open; the oldest closes first)."""
+        """File `file_id` of the array mapped, its chunk index read and checked (kept open, up to the process's
+        `MAX_OPEN_FILES`: the oldest closes first)."""
         entry = self._files.get(file_id)
         if entry is None:
             with self._lock:
                 entry = self._files.get(file_id)
                 if entry is None:
                     entry = self._open_file(file_id)
-                    while len(self._files) >= self._max_open:
-                        self._files.pop(next(iter(self._files)))  # the oldest: maps close when unused
                     self._files[file_id] = entry
+                    _OPEN_FILES.opened(self, file_id)
         return entry
 
     def _open_file(self, file_id: int) -> MappedFile:
@@ -259,7 +285,10 @@ class ArrayReader:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 raise StoreError(f"{self.path}: chunk file {name} is empty (truncated)")
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:  # ENOMEM: the process's maps are spent (vm.max_map_count)
+                raise StoreError(f"{self.path}: chunk file {name} cannot be mapped ({e.strerror})") from None
         buf = np.frombuffer(mm, dtype=np.uint8)
         if not lay.sharded:
             if cached is not None:

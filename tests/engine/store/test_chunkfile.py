@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from engine.errors import StoreError
-from engine.store import chunk_kernel
+from engine.store import chunk_kernel, chunkfile
 from engine.store.chunkfile import ArrayReader
 from tests.engine.store.conftest import blosc_store_array
 
@@ -64,3 +64,27 @@ def test_chunk_kernel_stops_at_a_bad_chunk_and_the_reader_names_it(tmp_path, dam
     with pytest.raises(StoreError, match=r"chunk 5 \(file c/0\)"):
         reader.read(0, 1_600)
     assert np.array_equal(reader.read(0, 500), values[:500]) and np.array_equal(reader.read(600, 1_600), values[600:])
+
+
+def _maps_under(path) -> int:
+    """Memory maps of this process of files under `path`."""
+    return sum(str(path) in line for line in open("/proc/self/maps"))
+
+
+def test_the_process_keeps_at_most_max_open_files_mapped(tmp_path, monkeypatch):
+    """Every reader's files count against one bound per process (Linux allows 65,530 maps; a billion-cell store has
+    ~60,000 files): reading arrays of more files than the bound maps no more than it, the oldest file dropped first,
+    and a file dropped is mapped again when read again."""
+    monkeypatch.setattr(chunkfile, "MAX_OPEN_FILES", 4)
+    rng = np.random.default_rng(4)
+    values = [rng.integers(0, 50, 1_000).astype(np.uint16) for _ in range(3)]
+    for i, v in enumerate(values):
+        blosc_store_array(tmp_path / f"s{i}", v, chunk=100, per_file=2)  # 5 files each
+    readers = [ArrayReader.open(tmp_path / f"s{i}") for i in range(3)]
+    for lo in range(0, 1_000, 200):  # a file of each array in turn, as a buffer across shards reads them
+        for reader, v in zip(readers, values):
+            assert np.array_equal(reader.read(lo, lo + 200), v[lo : lo + 200])
+            assert _maps_under(tmp_path) <= 4
+    assert _maps_under(tmp_path) == 4
+    assert np.array_equal(readers[0].read(0, 1_000), values[0])  # its first files dropped long ago: mapped again
+    assert _maps_under(tmp_path) == 4
