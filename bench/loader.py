@@ -109,18 +109,25 @@ def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int
 
 
 def time_cellray(store: Path, mode: str, epochs: int, verify: bool = True, **kw) -> dict:
-    """{"rates": cells/s per sample, "cpu": CPU s per cell per sample, "decoded": elements decoded / used}.
+    """{"rates": cells/s per sample, "cpu": CPU s per cell per sample, "decoded": elements decoded / used}, from a
+    fresh process (`measure_loader`), as annbatch's are."""
+    return in_child("--measure-loader", {"store": str(store), "mode": mode, "epochs": epochs, "verify": verify, **kw})
 
-    Local mode runs in a fresh process, as annbatch does: Ray's own threads in this process would otherwise
-    share its CPU time and GIL."""
+
+def measure_loader(store: str, mode: str, epochs: int, verify: bool, **kw) -> dict:
+    """The child of `time_cellray`. No other Ray runs while a loader is timed (the parent stops the one its ingest
+    used): an idle embedded Ray, its services waking on these two cores, cost a reading process 5-15% of its
+    cells/s. Ray mode starts its own here, as a script of a user's would, and stops it after."""
+    if not verify:
+        import engine.store.chunkfile
+
+        engine.store.chunkfile.VERIFY_CHECKSUMS = False
     if mode == "local":
-        cmd = [sys.executable, __file__, "--measure-local", str(store), json.dumps({"epochs": epochs, "verify": verify,
-               **kw})]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"cellray local run failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    return _time_loader(store, mode, epochs, **kw)
+        return _time_loader(Path(store), mode, epochs, **kw)
+    from engine.runtime import ray_session
+
+    with ray_session(num_cpus=2):
+        return _time_loader(Path(store), mode, epochs, **kw)
 
 
 def _ray_processes(loader) -> list:
@@ -405,6 +412,7 @@ def machine_note() -> str:
 def compare(args, peer: str | None) -> None:
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
+    from engine.runtime import ray_session
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
@@ -417,9 +425,11 @@ def compare(args, peer: str | None) -> None:
         if real_kang():
             datasets.append(("c_kang", "(c) Kang", 0, 0, 0, None))
         datasets.append(("d_synth_640k_64shards", "(d) synthetic 640k x 2k, 64 shards", 640_000, 2_000, 100, 10_000))
+    with ray_session(num_cpus=2):  # ingest runs as Ray tasks; that Ray stops before anything is timed
+        prepared = [prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
+                    for name, _, n_cells, n_genes, nnz, shard_cells in datasets]  # fmt: skip
     rows = []
-    for name, label, n_cells, n_genes, nnz, shard_cells in datasets:
-        store, inputs = prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
+    for (name, label, *_), (store, inputs) in zip(datasets, prepared):
         s = Store.open(store)
         probe = Loader(store, SamplerConfig(batch_size=BATCH, block_size=args.block_size), mode="local")
         block = probe.config.block_size
@@ -537,6 +547,7 @@ def compare(args, peer: str | None) -> None:
 
 def scaling(args) -> None:
     """CPU per cell over store size (default --shard-size) and over shard count (one 2M-cell input)."""
+    from engine.runtime import ray_session
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
@@ -545,13 +556,14 @@ def scaling(args) -> None:
     parts = [synthetic_input(f"scale_part{i}_500k", 500_000, 2_000, 100, seed=10 + i) for i in range(4)]
     small = {n: synthetic_input(f"scale_{n // 1000}k", n, 2_000, 100, seed=1) for n in (10_000, 50_000, 200_000)}
     stores = []  # (axis, store)
-    for n in (10_000, 50_000, 200_000):
-        stores.append(("cells", make_store(f"scale_{n // 1000}k", [small[n]], chunk_elements)))
-    stores.append(("cells", make_store("scale_1000k", parts[:2], chunk_elements)))
-    stores.append(("cells", make_store("scale_2000k", parts, chunk_elements)))
-    for n_shards in (1, 8, 64):
-        stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
-                                            shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
+    with ray_session(num_cpus=2):  # ingest runs as Ray tasks; that Ray stops before anything is timed
+        for n in (10_000, 50_000, 200_000):
+            stores.append(("cells", make_store(f"scale_{n // 1000}k", [small[n]], chunk_elements)))
+        stores.append(("cells", make_store("scale_1000k", parts[:2], chunk_elements)))
+        stores.append(("cells", make_store("scale_2000k", parts, chunk_elements)))
+        for n_shards in (1, 8, 64):
+            stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
+                                                shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
     # rounds outermost, every store in turn: a slow spell of the machine hits each store alike, not one store's samples
     samples: dict[Path, dict[str, list]] = {store: {"rates": [], "cpu": []} for _, store in stores}
     for _ in range(rounds):
@@ -1097,13 +1109,8 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--measure-reads":  # the child process of thread_scaling
         print(json.dumps(measure_reads(Path(sys.argv[2]), **json.loads(sys.argv[3]))))
         return
-    if len(sys.argv) == 4 and sys.argv[1] == "--measure-local":  # the child process of time_cellray
-        kw = json.loads(sys.argv[3])
-        if not kw.pop("verify"):
-            import engine.store.chunkfile
-
-            engine.store.chunkfile.VERIFY_CHECKSUMS = False
-        print(json.dumps(_time_loader(Path(sys.argv[2]), "local", kw.pop("epochs"), **kw)))
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-loader":  # the child process of time_cellray
+        print(json.dumps(measure_loader(**json.loads(sys.argv[2]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -1160,13 +1167,11 @@ def main() -> None:
         per_call(args)
         return
     if args.scaling:
-        init_ray(num_cpus=2)  # ingest of the 1M/2M stores runs as Ray tasks
         scaling(args)
         return
     peer = peer_python()
     if peer is None:
         print("note: annbatch not measured (no Python >= 3.12 peers venv; run `make peers`)")
-    init_ray(num_cpus=2)
     compare(args, peer)
 
 
