@@ -49,8 +49,8 @@ _U32 = struct.Struct("<I")
 VERIFY_CHECKSUMS = True
 VERIFY_PLACEMENT = True
 # Files mapped at once by all the readers of a process. Linux allows a process 65,530 maps (vm.max_map_count), and a
-# store of a billion cells at the default shard size has ~60,000 chunk files, every one of which a reader that visits
-# every shard would otherwise keep mapped.
+# store of a billion cells (~100 non-zeros each) at the default shard size has ~65,000 chunk files, every one of which
+# a reader that visits every shard would otherwise keep mapped.
 MAX_OPEN_FILES = 16_384
 
 

@@ -73,7 +73,7 @@ def _maps_under(path) -> int:
 
 def test_the_process_keeps_at_most_max_open_files_mapped(tmp_path, monkeypatch):
     """Every reader's files count against one bound per process (Linux allows 65,530 maps; a billion-cell store has
-    ~60,000 files): reading arrays of more files than the bound maps no more than it, the oldest file dropped first,
+    ~65,000 files): reading arrays of more files than the bound maps no more than it, the oldest file dropped first,
     and a file dropped is mapped again when read again."""
     monkeypatch.setattr(chunkfile, "MAX_OPEN_FILES", 4)
     rng = np.random.default_rng(4)
