@@ -218,17 +218,15 @@ def reader_actor_class():
 
     @ray.remote
     class ReaderActor:
-        """One reader of a rank. Stateless between calls (but for reusable memory), so a restarted actor can redo
-        any buffer."""
+        """One reader of a rank, built on its first call from the recipe every call carries (`start_reader_actor`).
+        Stateless between calls (but for reusable memory), so a restarted actor can redo any buffer."""
 
-        def __init__(self, recipe: list, direct_io: bool, shared: tuple[str, str] | None = None):
+        def __init__(self, direct_io: bool, shared: tuple[str, str] | None = None):
             from numcodecs import blosc
-
-            make_reader = ray.get(recipe[0])  # the caller's ObjectRef of it (see start_reader_actor)
 
             # a reader is one thread of work by design (its CPU share is reserved): no blosc thread pool per chunk
             blosc.use_threads = False
-            self.reader = make_reader()  # a BufferReader, or a mix's MixedReader
+            self.reader = None  # a BufferReader, or a mix's MixedReader
             if direct_io:
                 from engine.store import chunk_kernel
 
@@ -239,17 +237,23 @@ def reader_actor_class():
 
                 self.arena = Arena.create(shared[1])
 
-        def read(self, plan: BufferPlan) -> list[dict[str, Any]]:
-            """A buffer's batches, through the object store."""
-            return self.reader.read(plan)
+        def _reader(self, recipe: list):
+            if self.reader is None:
+                self.reader = ray.get(recipe[0])()  # the caller's ObjectRef of its recipe
+            return self.reader
 
-        def read_many(self, plans: list[BufferPlan], released: list[str]) -> dict[str, Any]:
+        def read(self, recipe: list, plan: BufferPlan) -> list[dict[str, Any]]:
+            """A buffer's batches, through the object store."""
+            return self._reader(recipe).read(plan)
+
+        def read_many(self, recipe: list, plans: list[BufferPlan], released: list[str]) -> dict[str, Any]:
             """Consecutive buffers' batches: {"buffers": [batches per plan], "dropped": [...]}. Beside the consumer,
             their big arrays lie in shared segments (`engine.loading.shm`); `released` names the segments the
             consumer is done with."""
+            reader = self._reader(recipe)
             if self.arena is None:
-                return {"buffers": [self.reader.read(p) for p in plans], "dropped": []}
-            r = self.reader.cutter
+                return {"buffers": [reader.read(p) for p in plans], "dropped": []}
+            r = reader.cutter
             self.arena.begin(released)
             saved = r.dense_buffers, r.csr_buffers, r.small_buffers
             r.dense_buffers = r.small_buffers = self.arena  # dense X (raw or from the pipeline), ids, obs codes
@@ -257,7 +261,7 @@ def reader_actor_class():
                 r.csr_buffers = self.arena
             ok = False
             try:
-                out = self.arena.share([self.reader.read(p) for p in plans])
+                out = self.arena.share([reader.read(p) for p in plans])
                 ok = True
             finally:
                 r.dense_buffers, r.csr_buffers, r.small_buffers = saved
@@ -277,20 +281,18 @@ _ACTOR_CLASS = None
 
 
 def start_reader_actor(
-    recipe: Any,
     direct_io: bool = True,
     num_cpus: float = 0.5,
     max_restarts: int = 3,
     share_memory: str | None = None,
 ):
     """A reader actor on this node (the node of the rank it feeds; soft, so it still starts elsewhere if this node's
-    resources are gone). `recipe`, an ObjectRef (`ray.put`) of a picklable callable such as
-    `functools.partial(BufferReader, path, ...)`, builds its reader in the actor; the caller keeps the ref while the
-    actor lives. Ray restarts the actor up to `max_restarts` times and retries its in-flight reads; a restart builds
-    the reader again from the same ref. (A recipe passed by value would go into the object store when it is big, a
-    Pipeline bound to a wide vocabulary, and Ray keeps no lineage for such arguments of a restartable actor:
-    ray-project/ray#53727. Ray logs an ERROR line for this reference too; engine.runtime.BENIGN_RAY_LINES keeps it
-    off a cellray command's terminal.)
+    resources are gone). Each call passes its reader's recipe as `[ref]` (in a list: Ray hands the ref over, not its
+    value), an ObjectRef (`ray.put`) of a picklable callable such as `functools.partial(BufferReader, path, ...)` that
+    the caller keeps while the actor lives; the actor builds its reader from it on its first call. Ray restarts the
+    actor up to `max_restarts` times and retries its in-flight reads, the restarted actor building its reader again
+    from the retried call's recipe. (For a restartable actor with a constructor argument in the object store, Ray's
+    driver logs an ERROR line to the terminal, ray-project/ray#53727: calls carry the recipe instead.)
     `share_memory` (a prefix from `engine.loading.shm.new_prefix`): `read_many` hands batches over in shared memory
     segments of that name when the actor runs on the caller's node."""
     global _ACTOR_CLASS
@@ -305,7 +307,7 @@ def start_reader_actor(
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True),
-    ).remote([recipe], direct_io, (here, share_memory) if share_memory else None)  # in a list: the ref itself
+    ).remote(direct_io, (here, share_memory) if share_memory else None)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -435,7 +437,7 @@ class ActorReading:
 
     def _call(self, plans: list[BufferPlan], reader: int) -> ActorCall:
         # `released` hands back the shared segments this process is done with
-        ref = self._actors[reader].read_many.remote(plans, self._views.released(reader))
+        ref = self._actors[reader].read_many.remote([self._recipe], plans, self._views.released(reader))
         self._inflight.add(ref)
         return ActorCall(plans, ref, reader)
 
@@ -495,6 +497,4 @@ class ActorReading:
 
         if self._recipe is None:
             self._recipe = ray.put(self.make_reader)
-        return start_reader_actor(
-            self._recipe, self.options.direct_io, self.options.cpus_per_reader, share_memory=self._views.prefix
-        )
+        return start_reader_actor(self.options.direct_io, self.options.cpus_per_reader, share_memory=self._views.prefix)
