@@ -16,7 +16,9 @@ annbatch's `Loader` (zarrs codec pipeline on, `chunk_size` = cellray's block siz
 buffer in blocks) reads the very same shard arrays through anndata's sparse_dataset; anndata backed mode reads the
 input h5ad with sorted random indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) +
 log1p + densify (annbatch gets the same steps in numpy/scipy). Each figure is the median over several samples
-(samples of whole epochs, at least 2M cells: SAMPLE_CELLS) after a warm-up.
+(samples of whole epochs, at least 2M cells: SAMPLE_CELLS) after a warm-up. Every loader is timed in a fresh
+process with nothing of the bench's own running beside it: the stores are ingested under a Ray that stops first,
+and Ray mode starts its own Ray in its process (`measure_loader`).
 
 Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell, one shard of 200k cells (50k with --quick);
 (b) synthetic 20k genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair; (d) synthetic
