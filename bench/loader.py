@@ -9,6 +9,7 @@
     python bench/loader.py --read-ahead [--rounds N] [--readme]                 the Loader's read-ahead, 2-4 buffers
     python bench/loader.py --per-call [--rounds N] [--readme]                   Ray mode, 2-16 buffers per actor call
     python bench/loader.py --prefetch [--rounds N] [--readme]                   the batch gather, rows prefetched or not
+    python bench/loader.py --idle-ray [--rounds N] [--readme]                   in-process reading beside an idle Ray
     python bench/loader.py --threads [--quick] [--readme]                       reader threads vs processes
 
 Same bytes for everyone: each dataset is ingested once into a cellray store (default --shard-size unless said);
@@ -17,8 +18,8 @@ buffer in blocks) reads the very same shard arrays through anndata's sparse_data
 input h5ad with sorted random indices. Random order, batches of 4,096 cells, CSR output; then normalize_total(1e4) +
 log1p + densify (annbatch gets the same steps in numpy/scipy). Each figure is the median over several samples
 (samples of whole epochs, at least 2M cells: SAMPLE_CELLS) after a warm-up. Every loader is timed in a fresh
-process with nothing of the bench's own running beside it: the stores are ingested under a Ray that stops first,
-and Ray mode starts its own Ray in its process (`measure_loader`).
+process with nothing of the bench's own running beside it: ingest starts and stops its own Ray, and Ray mode
+starts its own in its process (`measure_loader`); `--idle-ray` measures what an idle Ray beside a loader costs.
 
 Datasets: (a) synthetic 200k cells x 2,000 genes, ~100 non-zeros/cell, one shard of 200k cells (50k with --quick);
 (b) synthetic 20k genes, ~1,500 non-zeros/cell (Tahoe-like; 40k cells); (c) the real Kang PBMC pair; (d) synthetic
@@ -110,20 +111,16 @@ def prepare(name: str, n_cells: int, n_genes: int, nnz: int, chunk_elements: int
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def time_cellray(store: Path, mode: str, epochs: int, verify: bool = True, **kw) -> dict:
+def time_cellray(store: Path, mode: str, epochs: int, **kw) -> dict:
     """{"rates": cells/s per sample, "cpu": CPU s per cell per sample, "decoded": elements decoded / used}, from a
     fresh process (`measure_loader`), as annbatch's are."""
-    return in_child("--measure-loader", {"store": str(store), "mode": mode, "epochs": epochs, "verify": verify, **kw})
+    return in_child("--measure-loader", {"store": str(store), "mode": mode, "epochs": epochs, **kw})
 
 
-def measure_loader(store: str, mode: str, epochs: int, verify: bool, **kw) -> dict:
-    """The child of `time_cellray`. No other Ray runs while a loader is timed (the parent stops the one its ingest
-    used): an idle embedded Ray, its services waking on these two cores, cost a reading process 5-15% of its
-    cells/s. Ray mode starts its own here, as a script of a user's would, and stops it after."""
-    if not verify:
-        import engine.store.chunkfile
-
-        engine.store.chunkfile.VERIFY_CHECKSUMS = False
+def measure_loader(store: str, mode: str, epochs: int, **kw) -> dict:
+    """The child of `time_cellray`. No other Ray runs while a loader is timed (the parent starts none; ingest starts
+    and stops its own): an idle embedded Ray, its services waking on these two cores, slows a reading process
+    (`--idle-ray` measures it). Ray mode starts its own here, as a script of a user's would, and stops it after."""
     if mode == "local":
         return _time_loader(Path(store), mode, epochs, **kw)
     from engine.runtime import ray_session
@@ -414,7 +411,6 @@ def machine_note() -> str:
 def compare(args, peer: str | None) -> None:
     from engine.loading.loader import Loader
     from engine.loading.sampler import SamplerConfig
-    from engine.runtime import ray_session
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
@@ -427,9 +423,8 @@ def compare(args, peer: str | None) -> None:
         if real_kang():
             datasets.append(("c_kang", "(c) Kang", 0, 0, 0, None))
         datasets.append(("d_synth_640k_64shards", "(d) synthetic 640k x 2k, 64 shards", 640_000, 2_000, 100, 10_000))
-    with ray_session(num_cpus=2):  # ingest runs as Ray tasks; that Ray stops before anything is timed
-        prepared = [prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
-                    for name, _, n_cells, n_genes, nnz, shard_cells in datasets]  # fmt: skip
+    prepared = [prepare(name, n_cells, n_genes, nnz, chunk_elements, shard_cells)
+                for name, _, n_cells, n_genes, nnz, shard_cells in datasets]  # fmt: skip
     rows = []
     for (name, label, *_), (store, inputs) in zip(datasets, prepared):
         s = Store.open(store)
@@ -549,7 +544,6 @@ def compare(args, peer: str | None) -> None:
 
 def scaling(args) -> None:
     """CPU per cell over store size (default --shard-size) and over shard count (one 2M-cell input)."""
-    from engine.runtime import ray_session
     from engine.store.format import DEFAULT_CHUNK_ELEMENTS, Store
 
     repeats, rounds = args.repeats or 3, args.rounds or 2
@@ -558,14 +552,13 @@ def scaling(args) -> None:
     parts = [synthetic_input(f"scale_part{i}_500k", 500_000, 2_000, 100, seed=10 + i) for i in range(4)]
     small = {n: synthetic_input(f"scale_{n // 1000}k", n, 2_000, 100, seed=1) for n in (10_000, 50_000, 200_000)}
     stores = []  # (axis, store)
-    with ray_session(num_cpus=2):  # ingest runs as Ray tasks; that Ray stops before anything is timed
-        for n in (10_000, 50_000, 200_000):
-            stores.append(("cells", make_store(f"scale_{n // 1000}k", [small[n]], chunk_elements)))
-        stores.append(("cells", make_store("scale_1000k", parts[:2], chunk_elements)))
-        stores.append(("cells", make_store("scale_2000k", parts, chunk_elements)))
-        for n_shards in (1, 8, 64):
-            stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
-                                                shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
+    for n in (10_000, 50_000, 200_000):
+        stores.append(("cells", make_store(f"scale_{n // 1000}k", [small[n]], chunk_elements)))
+    stores.append(("cells", make_store("scale_1000k", parts[:2], chunk_elements)))
+    stores.append(("cells", make_store("scale_2000k", parts, chunk_elements)))
+    for n_shards in (1, 8, 64):
+        stores.append(("shards", make_store(f"scale_2000k_{n_shards}shards", parts, chunk_elements,
+                                            shard_cells=-(-2_000_000 // n_shards))))  # fmt: skip
     # rounds outermost, every store in turn: a slow spell of the machine hits each store alike, not one store's samples
     samples: dict[Path, dict[str, list]] = {store: {"rates": [], "cpu": []} for _, store in stores}
     for _ in range(rounds):
@@ -970,6 +963,52 @@ def measure_read_ahead(kw: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ idle Ray
+
+IDLE_RAY_STORES = ("a_synth_200k", "d_synth_640k_64shards")
+
+
+def idle_ray(args) -> None:
+    """--idle-ray: what an idle embedded Ray (started by this process, dashboard on, having served a Ray-mode Loader
+    for two epochs: what the loader table's parent kept until 2026-12-05) costs the in-process Loader beside it (2
+    reader threads, CSR, default plan): on (a) and (d), samples as the loader table's (a fresh process, whole epochs
+    of at least SAMPLE_CELLS) with no Ray running and beside the idle one, taking turns; cells/s and CPU per cell,
+    medians of the rounds."""
+    import contextlib
+
+    from engine.runtime import ray_session
+    from engine.store.format import Store
+
+    stores = {name: store for name, store in sample_stores(args).items() if name in IDLE_RAY_STORES}
+    samples: dict[tuple[str, bool], list[tuple[float, float]]] = {(n, i): [] for n in stores for i in (False, True)}
+    for r in range(args.rounds or 3):
+        for name, store in stores.items():
+            group = max(1, -(-SAMPLE_CELLS // Store.open(store).n_cells))
+            for idle in (False, True) if r % 2 else (True, False):
+                with ray_session(num_cpus=2) if idle else contextlib.nullcontext():
+                    if idle:  # the Ray has served a Ray-mode Loader first, as the old table's parent's had
+                        _time_loader(store, "ray", 1, output="csr")
+                    res = time_cellray(store, "local", 3, output="csr", group=group)
+                samples[(name, idle)] += list(zip(res["rates"], res["cpu"]))
+    lines = [
+        "| dataset | no Ray running | an idle Ray beside | idle vs none | CPU µs/cell, none / idle |",
+        "|---|---:|---:|---:|---|",
+    ]
+    rows = {}
+    for name in stores:
+        none, idle = ([median([x[k] for x in samples[(name, i)]]) for k in (0, 1)] for i in (False, True))
+        rows[name] = {"none": {"cells_per_s": none[0], "cpu_us": none[1] * 1e6},
+                      "idle": {"cells_per_s": idle[0], "cpu_us": idle[1] * 1e6}}  # fmt: skip
+        lines.append(
+            f"| {name} | {fmt_rate(none[0])} | {fmt_rate(idle[0])} | {idle[0] / none[0]:.2f}x | "
+            f"{none[1] * 1e6:.3f} / {idle[1] * 1e6:.3f} |"
+        )
+    print("\n".join(lines))
+    if args.readme:
+        write_readme("loader-idle-ray", lines, machine_note())
+    print(json.dumps({"bench": "loader-idle-ray", "rows": rows}))
+
+
 # ------------------------------------------------------------------------------------------------ prefetch
 
 
@@ -1037,13 +1076,10 @@ def mixing(args) -> None:
     """The mixing row: 3 stores mixed 0.5/0.3/0.2 (epochs of 1M cells) vs the plain Loader over one store of the
     same three inputs, and vs the same 3 stores unweighted (each cell once an epoch), CSR batches, local mode, in one
     fresh process taking turns; plus the realized weights."""
-    from engine.runtime import ray_session
-
     chunk = args.chunk_elements or 16384
     inputs = [synthetic_input(f"mix{i}", n, 2000, 100, seed=i) for i, n in enumerate(MIX_CELLS)]
-    with ray_session(num_cpus=2):  # ingest runs as Ray tasks; that Ray stops before anything is timed
-        stores = [make_store(f"mix{i}", [p], chunk) for i, p in enumerate(inputs)]
-        combined = make_store("mix_all", inputs, chunk)
+    stores = [make_store(f"mix{i}", [p], chunk) for i, p in enumerate(inputs)]
+    combined = make_store("mix_all", inputs, chunk)
     kw = {"stores": [str(s) for s in stores], "combined": str(combined), "rounds": args.rounds or 3}
     r = in_child("--measure-mixing", kw)
     ratio_ = r["mixed"] / r["plain"]
@@ -1135,6 +1171,7 @@ def main() -> None:
     ap.add_argument("--read-ahead", action="store_true", help="the Loader with 2, 3 and 4 buffers read ahead")
     ap.add_argument("--per-call", action="store_true", help="Ray mode with 2, 4, 8 and 16 buffers per actor call")
     ap.add_argument("--prefetch", action="store_true", help="the batch gather with rows asked ahead and without")
+    ap.add_argument("--idle-ray", action="store_true", help="the in-process Loader with no Ray running vs an idle one")
     ap.add_argument("--placement", action="store_true", help="what the chunk-placement check costs a reader (a, d)")
     ap.add_argument("--threads", action="store_true", help="reader threads vs reader processes, reads only, on (a)")
     args = ap.parse_args()
@@ -1149,6 +1186,9 @@ def main() -> None:
         return
     if args.prefetch:
         prefetch(args)
+        return
+    if args.idle_ray:
+        idle_ray(args)
         return
     if args.profile:
         profile(args.profile)

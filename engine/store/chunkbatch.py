@@ -64,6 +64,12 @@ class ChunkBatch:
         lay, chunk = readers[0].layout, readers[0].layout.chunk_elems
         if pool.dtype.itemsize != lay.dtype.itemsize or not pool.flags.c_contiguous:
             raise ValueError(f"pool: a contiguous array of {lay.dtype.itemsize}-byte elements, got {pool.dtype}")
+        for r in readers:  # one pool, one place per chunk: a chunk of another size or element would land wrong
+            if r.layout.chunk_elems != chunk or r.layout.dtype.itemsize != lay.dtype.itemsize:
+                raise ValueError(
+                    f"{r.path}: chunks of {r.layout.chunk_elems} {r.layout.dtype} elements, where {readers[0].path} "
+                    f"has {chunk} {lay.dtype}: one call takes arrays of one chunk size and element size"
+                )
         n = c1 - c0 + 1
         if at.min() < 0 or (at + n * chunk).max() > len(pool):
             r = int(np.flatnonzero((at < 0) | (at + n * chunk > len(pool)))[0])

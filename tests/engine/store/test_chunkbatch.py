@@ -77,6 +77,10 @@ def test_runs_of_several_arrays_in_one_add_equal_each_arrays_values(tmp_path):
     assert not pool[~written].any()  # nothing outside the places asked for
     with pytest.raises(ValueError, match="no room for chunks 19-19 at 1950"):
         ChunkBatch().add_runs(readers, runs[:, 0], runs[:, 1], runs[:, 2], pool, np.array([0, 400, 500, 1_000, 1_950]))
+    blosc_store_array(tmp_path / "wide", np.arange(2_000, dtype=np.uint16), chunk=200, per_file=4)
+    with pytest.raises(ValueError, match="chunks of 200 uint16 elements, where .* has 100 uint16"):
+        ChunkBatch().add_runs([*readers, ArrayReader.open(tmp_path / "wide")], runs[:, 0], runs[:, 1], runs[:, 2],
+                              pool, runs[:, 3])  # fmt: skip
 
 
 def test_chunks_of_another_codec_decode_beside_the_kernels(tmp_path):

@@ -3,6 +3,9 @@ and the layouts it leaves to zarr-python. Corrupted chunks: tests/engine/loading
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import zarr
@@ -10,6 +13,7 @@ import zarr
 from engine.errors import StoreError
 from engine.store import chunk_kernel, chunkfile
 from engine.store.chunkfile import ArrayReader
+from tests.conftest import ROOT
 from tests.engine.store.conftest import blosc_store_array
 
 
@@ -88,3 +92,28 @@ def test_the_process_keeps_at_most_max_open_files_mapped(tmp_path, monkeypatch):
     assert _maps_under(tmp_path) == 4
     assert np.array_equal(readers[0].read(0, 1_000), values[0])  # its first files dropped long ago: mapped again
     assert _maps_under(tmp_path) == 4
+
+
+def test_a_file_that_cannot_be_mapped_is_a_store_error_naming_it(tmp_path):
+    """A map the kernel refuses (ENOMEM: the address space, or the process's vm.max_map_count, spent) is one line
+    naming the file, not a raw OSError. The refusal is real: a child process whose address space is capped 16 GB
+    above what it uses maps a chunk file grown (sparse) to 64 GB."""
+    blosc_store_array(tmp_path / "a", np.arange(800, dtype=np.uint16), chunk=100, per_file=8)
+    with open(tmp_path / "a" / "c" / "0", "r+b") as f:
+        f.truncate(64 * 2**30)
+    code = f"""
+import os, resource
+from pathlib import Path
+from engine.errors import StoreError
+from engine.store.chunkfile import ArrayReader
+reader = ArrayReader.open(Path({str(tmp_path / "a")!r}))
+used = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (used + 16 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    reader.mapped_file(0)
+except StoreError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{tmp_path / 'a'}: chunk file c/0 cannot be mapped (Cannot allocate memory)"
