@@ -328,14 +328,26 @@ class ReadOptions(Config):
     direct_io: bool = True  # engine.store.chunkfile's checked reader; False reads through zarr-python
 
 
+def least_loaded(load: Sequence[int], turn: int) -> int:
+    """The reader with the least `load` (cells it has still to read); ties go in turn from `turn`. Calls differ in
+    size (an epoch's last buffer is short, a mix's buffers differ) and actors in speed (they share the cores with
+    their consumer): a call should not queue behind a long one while another actor has less to do."""
+    n = len(load)
+    return min(((turn + i) % n for i in range(n)), key=lambda a: load[a])
+
+
 @dataclass
 class ActorCall:
     """One `read_many` call: consecutive buffers read by one actor, fetched together."""
 
     plans: list[BufferPlan]
-    ref: Any  # the call's ObjectRef, until its result is fetched
     reader: int  # the actor that reads it
+    ref: Any = None  # the call's ObjectRef, until its result is fetched
     buffers: list | None = None  # fetched: batches per plan
+
+    @property
+    def cells(self) -> int:
+        return sum(p.n_cells for p in self.plans)
 
 
 @dataclass
@@ -408,8 +420,7 @@ class ActorReading:
         self._actors: list = []
         self._views = None  # engine.loading.shm.SharedViews
         self._calls = 0
-        self._inflight: set = set()  # read calls not fetched yet (close lets them finish: no retry noise)
-        self._queued: list[int] = []  # per actor: cells of its calls not fetched yet
+        self._open: list[ActorCall] = []  # calls issued and not fetched yet, oldest first
 
     def submit(self, plans: Sequence[BufferPlan]) -> list[InFlight]:
         if not self._actors:
@@ -417,29 +428,38 @@ class ActorReading:
 
             self._views = SharedViews()
             self._actors = [self._new_actor() for _ in range(self.options.readers)]
-            self._queued = [0] * len(self._actors)
         jobs = []
         per = self.options.buffers_per_call
         for at in range(0, len(plans), per):
-            group = list(plans[at : at + per])
-            call = self._call(group, self._least_loaded())
-            self._queued[call.reader] += sum(p.n_cells for p in group)
+            call = ActorCall(list(plans[at : at + per]), self._least_loaded())
+            self._issue(call)
+            self._open.append(call)
             self._calls += 1
             jobs += [InFlight(plan, call=call, slot=k) for k, plan in enumerate(call.plans)]
         return jobs
 
     def _least_loaded(self) -> int:
-        """The actor with the fewest cells called for and not fetched yet (ties: in turn): calls differ in size (an
-        epoch's last buffer is short, a mix's buffers differ), and a call should not queue behind a long one while
-        another actor has less to do."""
-        n = len(self._actors)
-        return min(((self._calls + i) % n for i in range(n)), key=lambda a: self._queued[a])
+        return least_loaded(self.unread_cells(), self._calls)
 
-    def _call(self, plans: list[BufferPlan], reader: int) -> ActorCall:
+    def unread_cells(self) -> list[int]:
+        """Per actor, the cells of its calls it has not finished reading. A call finished but not fetched yet is no
+        work of its actor's: batches are handed out in call order, and counting it kept an actor that ran ahead
+        idle while this process waited for the other's call."""
+        import ray
+
+        load = [0] * len(self._actors)
+        if self._open:
+            refs = [c.ref for c in self._open]
+            done = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
+            for c in self._open:
+                if c.ref not in done:
+                    load[c.reader] += c.cells
+        return load
+
+    def _issue(self, call: ActorCall) -> None:
         # `released` hands back the shared segments this process is done with
-        ref = self._actors[reader].read_many.remote([self._recipe], plans, self._views.released(reader))
-        self._inflight.add(ref)
-        return ActorCall(plans, ref, reader)
+        actor = self._actors[call.reader]
+        call.ref = actor.read_many.remote([self._recipe], call.plans, self._views.released(call.reader))
 
     def batch(self, job: InFlight, b: int) -> dict[str, Any]:
         import ray
@@ -449,10 +469,9 @@ class ActorReading:
             try:
                 if job.batches is None:
                     if call.buffers is None:
-                        self._inflight.discard(call.ref)
                         res = ray.get(call.ref)
+                        self._open.remove(call)
                         call.buffers = self._views.attach(res["buffers"], call.reader, res["dropped"])
-                        self._queued[call.reader] -= sum(p.n_cells for p in call.plans)
                     job.batches, call.buffers[job.slot] = call.buffers[job.slot], None
                 out, job.batches[b] = job.batches[b], None
                 return out
@@ -462,8 +481,7 @@ class ActorReading:
                 log.warning("reader for buffer %d of epoch %d died (%s); re-issuing it", plan.index, plan.epoch, e)
                 self._actors[call.reader] = self._new_actor()
                 self._views.forget(call.reader)
-                again = self._call(call.plans, call.reader)
-                call.ref = again.ref
+                self._issue(call)
                 self.reissued += 1
             except ray.exceptions.RayTaskError as e:
                 cause = cellray_cause(e)
@@ -481,9 +499,10 @@ class ActorReading:
         if self._actors:
             import ray
 
-            if self._inflight:  # let reads under way finish (a buffer each), rather than kill them mid-task
-                ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=5.0)
-                self._inflight.clear()
+            if self._open:  # let reads under way finish (a call each), rather than kill them mid-task
+                refs = [c.ref for c in self._open]
+                ray.wait(refs, num_returns=len(refs), timeout=5.0)
+                self._open = []
             for a in self._actors:
                 ray.kill(a)
             self._actors = []

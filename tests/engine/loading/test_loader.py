@@ -208,22 +208,19 @@ def test_slow_consumer_keeps_read_ahead_at_the_prefetch_bound(tiny_store, ray_lo
 
 def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_store):
     """Default read-ahead: an actor has its next call queued when it finishes one (two calls' worth per actor), a
-    reader thread its next buffer (two per thread); a call goes to the actor with the fewest cells queued, in
-    turn on ties (pure bookkeeping: no actor starts)."""
-    from engine.loading.readers import ActorReading
+    reader thread its next buffer (two per thread); a call goes to the actor with the fewest cells still to read,
+    in turn on ties (pure bookkeeping: no actor starts)."""
+    from engine.loading.readers import least_loaded
 
     reading = ReadOptions(readers=3, buffers_per_call=2)
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="ray", reading=reading) as loader:
         assert loader.prefetch == 2 * 3 * 2 * loader.config.buffer_batches
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", reading=reading) as loader:
         assert loader.prefetch == 2 * 3 * loader.config.buffer_batches  # per reader thread: one read, one queued
-    actors = ActorReading(lambda: None, reading)
-    actors._actors, actors._queued = [None] * 3, [4096, 100, 100]
-    assert actors._least_loaded() == 1
-    actors._calls = 2  # the turn starts at actor 2 now
-    assert actors._least_loaded() == 2
-    actors._queued = [0, 100, 100]
-    assert actors._least_loaded() == 0
+    assert least_loaded([4096, 100, 100], turn=0) == 1
+    assert least_loaded([4096, 100, 100], turn=2) == 2  # the turn starts at actor 2 now
+    assert least_loaded([0, 100, 100], turn=2) == 0
+    assert [least_loaded([0, 0, 0], turn=t) for t in range(4)] == [0, 1, 2, 0]
 
 
 def test_ray_mode_sizes_its_calls_by_the_read_ahead_budget(tiny_store):
@@ -325,30 +322,35 @@ def test_a_store_smaller_than_the_read_ahead_is_read_epochs_ahead(tiny_store):
     assert got == want
 
 
-def test_ray_actors_count_their_queued_cells_until_fetched(tiny_store, ray_local):
-    """Real reader actors: each call adds its cells to its actor's queue and fetching it takes them off, and the next
-    call goes to the actor with fewer cells queued, not the next in turn."""
+def test_ray_actors_count_the_cells_they_have_still_to_read(tiny_store, ray_local):
+    """Real reader actors: a call counts as its actor's work until the actor has finished it, fetched or not
+    (batches are handed out in call order: an actor that ran ahead must get the next call, not idle), and an
+    actor's finished calls still hand over their batches in order when fetched."""
     from functools import partial
+
+    import ray
 
     from engine.loading.readers import ActorReading, BufferReader
 
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local") as loader:
         plans = [loader.sampler.buffer(0, j) for j in range(5)]
-    c = plans[0].n_cells
-    assert all(p.n_cells == c for p in plans)  # full buffers: only the queues decide
+        want = [loader._reader.read(p)[0]["index"].tolist() for p in plans]
     reading = ActorReading(
         partial(BufferReader, str(tiny_store), None, "csr"), ReadOptions(readers=2, buffers_per_call=1)
     )
     try:
         jobs = reading.submit(plans[:3])
-        assert [j.call.reader for j in jobs] == [0, 1, 0] and reading._queued == [2 * c, c]
-        assert reading.batch(jobs[1], 0)["X"].n_cells == 16  # actor 1's call fetched
-        assert reading._queued == [2 * c, 0]
-        more = reading.submit(plans[3:5])  # in turn they would go to actors 1 and 0; by queue, both to actor 1
-        assert [j.call.reader for j in more] == [1, 1] and reading._queued == [2 * c, 2 * c]
-        for job in jobs[::2] + more:
-            reading.batch(job, 0)
-        assert reading._queued == [0, 0]
+        assert [j.call.reader for j in jobs] == [0, 1, 0]  # an idle pair: in turn
+        ray.wait([j.call.ref for j in jobs], num_returns=3, timeout=60)
+        assert reading.unread_cells() == [0, 0]  # all three read, none fetched: no actor has work left
+        assert len(reading._open) == 3
+        assert reading.batch(jobs[1], 0)["index"].tolist() == want[1]  # actor 1's call fetched
+        more = reading.submit(plans[3:5])
+        # in turn (actor 1), then actor 0: counting fetched-or-not calls would have given both to actor 1
+        assert [j.call.reader for j in more] == [1, 0]
+        for job, expect in zip([jobs[0], jobs[2], *more], [want[0], want[2], want[3], want[4]]):
+            assert reading.batch(job, 0)["index"].tolist() == expect
+        assert reading._open == [] and reading.unread_cells() == [0, 0]
     finally:
         reading.close()
 
