@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.procs import median  # noqa: E402
+from bench.procs import median, normalized_counts  # noqa: E402
 
 N_CELLS = 4096
 NNZ_PER_CELL = 2000
@@ -90,9 +90,7 @@ def log1p_timing(repeats: int) -> dict:
         for i in range(v.size):
             out[i] = np.float32(np.log1p(np.float64(v[i])))
 
-    rng = np.random.default_rng(0)
-    counts = rng.integers(1, 1000, 1_000_000).astype(np.float64)
-    v = (counts / (rng.integers(100, 100_000, counts.size) / 1e4).astype(np.float32)).astype(np.float32)
+    v = normalized_counts()
     out = {name: np.empty_like(v) for name in ("log1p32", "libm", "numpy")}
     secs = timed(
         {

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.procs import ROOT, median, peer_python  # noqa: E402
+from bench.procs import ROOT, median, peer_python, speed_probe  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "loader"
 BATCH = 4096
@@ -392,16 +392,22 @@ def write_readme(marker: str, lines: list[str], note: str) -> None:
     print(f"README.md: table {marker} rewritten")
 
 
+PROBE_AT_START: float | None = None  # `speed_probe()` when the run began (`main`)
+
+
 def machine_note() -> str:
+    """The README table's comment: the date, the machine, its load and its speed (`speed_probe`) at the start and
+    the end of the run."""
     import platform
 
     import psutil
 
     load = os.getloadavg()[0]
+    probe = f"{PROBE_AT_START:.2f} / " if PROBE_AT_START is not None else ""
     return (
         f"<!-- {time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, load average {load:.1f} at the end "
-        "of the run -->"
+        f"of the run, speed probe {probe}{speed_probe():.2f} ns (start / end; usual: 0.34) -->"
     )
 
 
@@ -1153,6 +1159,8 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-loader":  # the child process of time_cellray
         print(json.dumps(measure_loader(**json.loads(sys.argv[2]))))
         return
+    global PROBE_AT_START
+    PROBE_AT_START = speed_probe()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scaling", action="store_true", help="CPU per cell over store size and shard count")

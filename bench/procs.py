@@ -16,6 +16,33 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def normalized_counts(n: int = 1_000_000):
+    """float32 counts divided by cells' size factors (scaled to 10,000): what log1p sees in a pipeline."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 1000, n).astype(np.float64)
+    return (counts / (rng.integers(100, 100_000, n) / 1e4).astype(np.float32)).astype(np.float32)
+
+
+def speed_probe() -> float:
+    """This machine's speed now: ns per value of numpy's float32 log1p over `normalized_counts()`, the median of 7
+    (`bench/kernels.py`'s "numpy float32" figure). These 2-core VMs have run 3-4x slower than usual for hours at a
+    time (0.34 ns in the kernels run of a usual day, 1.09 on such a one), and a run's figures compare with
+    another's only at like probes."""
+    import numpy as np
+
+    v = normalized_counts()
+    out = np.empty_like(v)
+    np.log1p(v, out=out)
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        np.log1p(v, out=out)
+        ts.append(time.perf_counter() - t0)
+    return median(ts) / v.size * 1e9
+
+
 def peer_python() -> str | None:
     """The Python >= 3.12 venv that holds annbatch (`make peers`), if any."""
     for p in (ROOT / ".venv-peers" / "bin" / "python", Path("/tmp/venvpeer/bin/python")):
