@@ -115,7 +115,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
 # Ray logs one at ERROR level from C++ for every restartable actor with a constructor argument in the object store
 # (ray-project/ray#53727: Ray keeps no lineage for such arguments, so a restart could miss them): every Ray Train run's
 # controller for Ray Train's own PreemptionWatcher. (cellray's reader actors take their recipe in each call instead:
-# engine.loading.readers.start_reader_actor.) They stay in Ray's log files.
+# engine.loading.actors.start_reader_actor.) They stay in Ray's log files.
 BENIGN_RAY_LINES = re.compile(
     r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"
 )

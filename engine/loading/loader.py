@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import LoaderError
+from engine.loading.actors import ActorReading
 from engine.loading.mixing import Mix, MixedReader
-from engine.loading.readers import ActorReading, BufferReader, InFlight, ReaderProcess, ReadOptions, ThreadReading
+from engine.loading.readers import BufferReader, InFlight, ReaderProcess, ReadOptions, ThreadReading
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.loading.tensors import copy_stream, to_torch
 from engine.store.format import Store

@@ -210,7 +210,7 @@ def test_readers_find_work_queued_and_ray_calls_go_to_the_least_loaded(tiny_stor
     """Default read-ahead: an actor has its next call queued when it finishes one (two calls' worth per actor), a
     reader thread its next buffer (two per thread); a call goes to the actor with the fewest cells still to read,
     in turn on ties (pure bookkeeping: no actor starts)."""
-    from engine.loading.readers import least_loaded
+    from engine.loading.actors import least_loaded
 
     reading = ReadOptions(readers=3, buffers_per_call=2)
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="ray", reading=reading) as loader:
@@ -330,7 +330,8 @@ def test_ray_actors_count_the_cells_they_have_still_to_read(tiny_store, ray_loca
 
     import ray
 
-    from engine.loading.readers import ActorReading, BufferReader
+    from engine.loading.actors import ActorReading
+    from engine.loading.readers import BufferReader
 
     with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local") as loader:
         plans = [loader.sampler.buffer(0, j) for j in range(5)]

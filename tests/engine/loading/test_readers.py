@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from engine.errors import StoreError
+from engine.loading.actors import start_reader_actor
 from engine.loading.buffers import BatchBuffers
 from engine.loading.chunks import StoreBlocks
-from engine.loading.readers import BufferReader, start_reader_actor
+from engine.loading.readers import BufferReader
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.store import csr
 from engine.store.csr import gather_csr, gather_dense
