@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,17 +52,15 @@ def reader_actor_class():
                 self.reader = ray.get(recipe[0])()  # the caller's ObjectRef of its recipe
             return self.reader
 
-        def read(self, recipe: list, plan: BufferPlan) -> list[dict[str, Any]]:
-            """A buffer's batches, through the object store."""
-            return self._reader(recipe).read(plan)
-
         def read_many(self, recipe: list, plans: list[BufferPlan], released: list[str]) -> dict[str, Any]:
-            """Consecutive buffers' batches: {"buffers": [batches per plan], "dropped": [...]}. Beside the consumer,
-            their big arrays lie in shared segments (`engine.loading.shm`); `released` names the segments the
-            consumer is done with."""
+            """Consecutive buffers' batches: {"buffers": [batches per plan], "dropped": [...], "busy_s": seconds
+            spent reading them}. Beside the consumer, their big arrays lie in shared segments (`engine.loading.shm`);
+            `released` names the segments the consumer is done with."""
+            t0 = time.perf_counter()
             reader = self._reader(recipe)
             if self.arena is None:
-                return {"buffers": [reader.read(p) for p in plans], "dropped": []}
+                out = [reader.read(p) for p in plans]
+                return {"buffers": out, "dropped": [], "busy_s": time.perf_counter() - t0}
             r = reader.cutter
             self.arena.begin(released)
             saved = r.dense_buffers, r.csr_buffers, r.small_buffers
@@ -75,7 +74,7 @@ def reader_actor_class():
             finally:
                 r.dense_buffers, r.csr_buffers, r.small_buffers = saved
                 dropped = self.arena.end(ok)
-            return {"buffers": out, "dropped": dropped}
+            return {"buffers": out, "dropped": dropped, "busy_s": time.perf_counter() - t0}
 
         def pid(self) -> int:
             return os.getpid()
@@ -153,6 +152,7 @@ class ActorReading:
         self.options = options
         self.buffers_per_submit = options.buffers_per_call
         self.reissued = 0
+        self.busy_s = 0.0  # seconds the actors spent in the calls fetched so far, all together
         self._actors: list = []
         self._views = None  # engine.loading.shm.SharedViews
         self._calls = 0
@@ -167,15 +167,12 @@ class ActorReading:
         jobs = []
         per = self.options.buffers_per_call
         for at in range(0, len(plans), per):
-            call = ActorCall(list(plans[at : at + per]), self._least_loaded())
+            call = ActorCall(list(plans[at : at + per]), least_loaded(self.unread_cells(), self._calls))
             self._issue(call)
             self._open.append(call)
             self._calls += 1
             jobs += [InFlight(plan, call=call, slot=k) for k, plan in enumerate(call.plans)]
         return jobs
-
-    def _least_loaded(self) -> int:
-        return least_loaded(self.unread_cells(), self._calls)
 
     def unread_cells(self) -> list[int]:
         """Per actor, the cells of its calls it has not finished reading. A call finished but not fetched yet is no
@@ -207,6 +204,7 @@ class ActorReading:
                     if call.buffers is None:
                         res = ray.get(call.ref)
                         self._open.remove(call)
+                        self.busy_s += res["busy_s"]
                         call.buffers = self._views.attach(res["buffers"], call.reader, res["dropped"])
                     job.batches, call.buffers[job.slot] = call.buffers[job.slot], None
                 out, job.batches[b] = job.batches[b], None

@@ -206,14 +206,11 @@ class Loader:
         self.sampler.load_state_dict(state)
 
     def stats(self) -> dict[str, float]:
-        """The current pass's metrics (`LoaderMetrics.snapshot`); in local mode also `reader_busy_s`, the seconds the
-        reader threads have spent reading buffers since the Loader was made, all threads together: what they did not
-        spend of `readers` x the wall time, they waited for the read-ahead to make room."""
+        """The current pass's metrics (`LoaderMetrics.snapshot`) and `reader_busy_s`, the seconds the readers have
+        spent reading buffers since the Loader was made, all together (reader threads; in Ray mode the actors, in
+        the calls fetched so far): what they did not spend of `readers` x the wall time, they waited for work."""
         self.metrics.reissued = self._readers.reissued
-        out = self.metrics.snapshot()
-        if isinstance(self._readers, ThreadReading):
-            out["reader_busy_s"] = self._readers.busy_s
-        return out
+        return {**self.metrics.snapshot(), "reader_busy_s": self._readers.busy_s}
 
     def decode_stats(self) -> dict[str, int]:
         """Elements decoded and used by this process's reads (mode "local"; benchmarks report their ratio)."""

@@ -281,11 +281,13 @@ def test_the_loader_plans_each_buffer_once(tiny_store):
     assert got == want
 
 
-def test_local_stats_count_the_reader_threads_time_reading(tiny_store):
-    """`reader_busy_s`: the reader threads' seconds inside their reads, all threads together, growing with every
-    buffer read and never more than the threads' wall time; a Loader that has read nothing reports none."""
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_stats_count_the_readers_time_reading(tiny_store, ray_local, mode):
+    """`reader_busy_s`: the readers' seconds inside their reads (threads, or actors in the calls fetched), all
+    together, growing with every buffer read and never more than the readers' wall time; a Loader that has read
+    nothing reports none."""
     reading = ReadOptions(readers=2)
-    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode="local", reading=reading) as loader:
+    with Loader(tiny_store, plan(16, block_size=16, buffer_blocks=2), mode=mode, reading=reading) as loader:
         assert loader.stats()["reader_busy_s"] == 0.0
         t0 = time.perf_counter()
         for _ in loader:

@@ -161,10 +161,10 @@ def test_reader_actor_runs_on_the_callers_node_and_survives_a_kill(chunky_store,
     try:
         assert ray.get(actor.node_id.remote()) == ray.get_runtime_context().get_node_id()
         pid = ray.get(actor.pid.remote())
-        first = [b["index"] for b in ray.get(actor.read.remote(recipe, plan))]
+        first = [b["index"] for b in ray.get(actor.read_many.remote(recipe, [plan], []))["buffers"][0]]
         assert "constructor arguments" not in capfd.readouterr().err
         os.kill(pid, 9)  # a crash, not a polite exit: Ray restarts it and retries the call
-        again = ray.get(actor.read.remote(recipe, plan))
+        again = ray.get(actor.read_many.remote(recipe, [plan], []))["buffers"][0]
         assert len(first) == len(again) == plan.n_batches
         assert all(np.array_equal(a, b["index"]) for a, b in zip(first, again))
         assert ray.get(actor.pid.remote()) != pid
