@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.cluster.local import temp_dir_for
 from tests.conftest import ROOT
 
 WORKER = Path(__file__).with_name("cli_worker.py")
@@ -150,4 +152,9 @@ def running_head(tmp_path_factory, *start_args: str, env_vars: dict[str, str] | 
     finally:
         cli("cluster", "stop", timeout=120)
         cli.close()
+        # the pytest state dir is too long for Ray's socket paths: Ray's logs went to /tmp/cellray-<hash> (kept
+        # after a stop, as Ray keeps its own), which no tmp_path cleanup reaches
+        outside = temp_dir_for(state)
+        if state not in outside.parents:
+            shutil.rmtree(outside, ignore_errors=True)
     assert not (state / "cluster.json").exists()
