@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,7 @@ class StoreBlocks:
             if r is not None:
                 r.close()
 
-    def _array(self, shard: int, name: str) -> ArrayReader | None:
+    def array(self, shard: int, name: str) -> ArrayReader | None:
         """The direct reader of X/`name` of a shard, or None (zarr-python path). Its shape is checked against the
         manifest first, so a shard that disagrees with the manifest is refused before any read."""
         key = (shard, name)
@@ -165,7 +166,7 @@ class StoreBlocks:
 
     def indptr_range(self, shard: int, start: int, stop: int) -> np.ndarray:
         """indptr[start : stop + 1] of a shard (int64), from its cached, verified chunks."""
-        reader = self._array(shard, "indptr")
+        reader = self.array(shard, "indptr")
         if reader is None:
             return self.store.read_array(shard, "indptr", start, stop + 1).astype(np.int64, copy=False)
         per = reader.layout.chunk_elems
@@ -209,40 +210,22 @@ class StoreBlocks:
         segments = np.ascontiguousarray(segments[:, :3], dtype=np.int64)
         if self.store.remote and self.direct:
             self._prefetch_indptr(segments)
-        ip = self._indptr_of(segments)  # each segment's indptr[start : stop + 1], one after another
-        shards = dict.fromkeys(segments[:, 0].tolist())
-        readers = [(self._array(sh, "indices"), self._array(sh, "data")) for sh in shards]
-        chunk = readers[0][0].layout.chunk_elems if readers and readers[0][0] is not None else 0
-        direct = bool(readers) and all(
-            ri is not None and rd is not None and ri.layout.chunk_elems == chunk == rd.layout.chunk_elems
-            for ri, rd in readers
-        )
-        n_cells = int((segments[:, 2] - segments[:, 1]).sum())
-        row_start, row_len = np.empty(n_cells, np.int64), np.empty(n_cells, np.int64)
-        runs, bases = np.empty((len(segments), 3), np.int64), np.zeros(len(segments) + 1, np.int64)
-        n_runs, used = _plan_pool(segments, ip, chunk if direct else 0, row_start, row_len, runs, bases)
-        if not direct:
-            return self._read_pool_zarr(segments, ip, row_start, row_len)
-        runs, bases = runs[:n_runs], bases[: n_runs + 1]
+        ip = self.indptr_of(segments)  # each segment's indptr[start : stop + 1], one after another
+        cast = (np.dtype(self.store.manifest.index_dtype), np.dtype(self.store.manifest.count_dtype))
+        read = plan_pool(segments, ip, self.array, cast)
+        if read is None:
+            return self._read_pool_zarr(segments, ip)
         if self.store.remote:
-            jobs = [(self._array(sh, a), (c0, c1)) for sh, c0, c1 in runs.tolist() for a in ("indices", "data")]
+            jobs = [(self.array(sh, a), (c0, c1)) for sh, c0, c1 in read.runs.tolist() for a in ("indices", "data")]
             self._prefetch(jobs)
-        return PoolRead(
-            runs=runs,
-            bases=bases,
-            row_start=row_start,
-            row_len=row_len,
-            used=used,
-            dtypes=(readers[0][0].layout.dtype, readers[0][1].layout.dtype),
-            cast=(np.dtype(self.store.manifest.index_dtype), np.dtype(self.store.manifest.count_dtype)),
-        )
+        return read
 
-    def _indptr_of(self, segments: np.ndarray) -> np.ndarray:
+    def indptr_of(self, segments: np.ndarray) -> np.ndarray:
         """indptr[start : stop + 1] of every segment (shard, start, stop), one after another (int64): slices of the
         cached chunks, looked up under one lock for the whole buffer."""
         if not len(segments):
             return np.empty(0, np.int64)
-        readers = {sh: self._array(sh, "indptr") for sh in dict.fromkeys(segments[:, 0].tolist())}
+        readers = {sh: self.array(sh, "indptr") for sh in dict.fromkeys(segments[:, 0].tolist())}
         per = {sh: r.layout.chunk_elems for sh, r in readers.items() if r is not None}  # None: zarr-python's path
         parts: list[np.ndarray | None] = []
         with self._lock:
@@ -262,10 +245,7 @@ class StoreBlocks:
 
     def decode_into(self, read: PoolRead, batch: ChunkBatch, pool_i: np.ndarray, pool_d: np.ndarray, at: int) -> None:
         """Adds `read`'s runs to `batch`, decoding into pool_i/pool_d from element `at` on (when the batch runs)."""
-        runs, to = read.runs, at + read.bases[:-1]
-        shards, owner = np.unique(runs[:, 0], return_inverse=True)  # one add per array name for every shard's runs
-        for name, pool in (("indices", pool_i), ("data", pool_d)):
-            batch.add_runs([self._array(sh, name) for sh in shards.tolist()], owner, runs[:, 1], runs[:, 2], pool, to)
+        add_pool_runs(batch, read, self.array, pool_i, pool_d, at)
         with self._lock:
             self.stats["decoded"] += read.size
             self.stats["used"] += read.used
@@ -289,7 +269,7 @@ class StoreBlocks:
     def _prefetch_indptr(self, segments: np.ndarray) -> None:
         jobs = []
         for shard, start, stop in segments:
-            reader = self._array(int(shard), "indptr")
+            reader = self.array(int(shard), "indptr")
             if reader is not None:
                 per = reader.layout.chunk_elems
                 for c in range(int(start) // per, int(stop) // per + 1):
@@ -297,9 +277,10 @@ class StoreBlocks:
                         jobs.append((reader, (c, c)))
         self._prefetch(jobs)
 
-    def _read_pool_zarr(self, segments, ip, row_start, row_len) -> CSRRows:
-        """The reference path through zarr-python (checked reads): one read per segment and array, concatenated
-        (`_plan_pool` placed each segment's cells after the previous segment's non-zeros)."""
+    def _read_pool_zarr(self, segments: np.ndarray, ip: np.ndarray) -> CSRRows:
+        """The reference path through zarr-python (checked reads): one read per segment and array, concatenated,
+        each segment's cells after the previous segment's non-zeros."""
+        row_start, row_len, _, _, _ = _plan(segments, ip, 0)
         n = segments[:, 2] - segments[:, 1]
         first = np.cumsum(n + 1) - (n + 1)  # each segment's indptr[start] in ip
         parts_i, parts_d = [], []
@@ -320,6 +301,55 @@ class StoreBlocks:
         pool = self.read_pool(segments)
         rows = np.arange(pool.n_cells, dtype=np.int64)
         return gather_rows_csr(pool, rows, data_dtype=pool.data.dtype, index_dtype=pool.indices.dtype)
+
+
+def plan_pool(
+    segments: np.ndarray,
+    ip: np.ndarray,
+    array: Callable[[int, str], ArrayReader | None],
+    cast: tuple[np.dtype, np.dtype],
+) -> PoolRead | None:
+    """The chunk runs of `segments` (shard, start, stop; `ip`: each one's indptr[start : stop + 1], one after
+    another) and where their cells land in a pool, for shards whose X/indices and X/data `array(shard, name)` reads
+    directly, all in chunks of one size and one dtype per array; None where any does not (zarr-python's path). `cast`:
+    the dtypes the store's manifest gives indices and data."""
+    readers = [(array(sh, "indices"), array(sh, "data")) for sh in dict.fromkeys(segments[:, 0].tolist())]
+    if not readers or any(ri is None or rd is None for ri, rd in readers):
+        return None
+
+    def layout(ri: ArrayReader, rd: ArrayReader) -> tuple:
+        return ri.layout.chunk_elems, rd.layout.chunk_elems, ri.layout.dtype, rd.layout.dtype
+
+    chunk, _, dt_i, dt_d = want = layout(*readers[0])
+    if want[1] != chunk or any(layout(ri, rd) != want for ri, rd in readers):
+        return None
+    row_start, row_len, runs, bases, used = _plan(segments, ip, chunk)
+    return PoolRead(runs, bases, row_start, row_len, used, (dt_i, dt_d), cast)
+
+
+def add_pool_runs(
+    batch: ChunkBatch,
+    read: PoolRead,
+    array: Callable[[int, str], ArrayReader | None],
+    pool_i: np.ndarray,
+    pool_d: np.ndarray,
+    at: int,
+) -> None:
+    """`read`'s runs into `batch` (of the shards `array(shard, name)` reads), to decode into pool_i/pool_d from
+    element `at` on: one `add_runs` per array name for every shard's runs."""
+    shards, owner = np.unique(read.runs[:, 0], return_inverse=True)
+    to = at + read.bases[:-1]
+    for name, pool in (("indices", pool_i), ("data", pool_d)):
+        batch.add_runs([array(sh, name) for sh in shards.tolist()], owner, read.runs[:, 1], read.runs[:, 2], pool, to)
+
+
+def _plan(segments: np.ndarray, ip: np.ndarray, chunk: int):
+    """`_plan_pool` with its arrays: (row_start, row_len, runs, bases, used)."""
+    n_cells = int((segments[:, 2] - segments[:, 1]).sum())
+    row_start, row_len = np.empty(n_cells, np.int64), np.empty(n_cells, np.int64)
+    runs, bases = np.empty((len(segments), 3), np.int64), np.zeros(len(segments) + 1, np.int64)
+    n_runs, used = _plan_pool(segments, ip, chunk, row_start, row_len, runs, bases)
+    return row_start, row_len, runs[:n_runs], bases[: n_runs + 1], int(used)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -27,7 +27,8 @@ from typing import Any
 
 from engine.errors import LoaderError
 from engine.loading.actors import ActorReading
-from engine.loading.mixing import Mix, MixedReader
+from engine.loading.mix_reader import MixedReader
+from engine.loading.mixing import Mix
 from engine.loading.readers import BufferReader, InFlight, ReaderProcess, ReadOptions, ThreadReading
 from engine.loading.sampler import Sampler, SamplerConfig
 from engine.loading.tensors import copy_stream, to_torch

@@ -158,7 +158,7 @@ def test_v1_store_without_checksums_still_reads(good_store, tmp_path):
 
     v1 = Store.open(old)
     blocks = StoreBlocks(v1)
-    reader = blocks._array(0, "data")
+    reader = blocks.array(0, "data")
     assert reader is not None and not reader.layout.checksum and not reader.strict
     segs = np.array([[s, 0, i.n_cells] for s, i in enumerate(v1.manifest.shards)])
     for got, want in zip(blocks.read(segs), StoreBlocks(Store.open(good_store), direct=False).read(segs)):

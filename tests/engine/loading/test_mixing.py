@@ -186,6 +186,42 @@ def test_a_mix_read_through_zarr_gives_the_batches_of_direct_reads(stores):
     assert any(b["X"].any() for b in direct)
 
 
+@pytest.fixture(scope="module")
+def one_vocabulary(tiny_h5ads, tmp_path_factory) -> tuple[list[Path], list]:
+    """One input's 700 cells cut into three stores of one vocabulary and dtypes, in input order; and the three parts."""
+    import anndata
+
+    d = tmp_path_factory.mktemp("one-vocabulary")
+    whole = anndata.read_h5ad(tiny_h5ads[0])
+    parts = [whole[rows].copy() for rows in np.array_split(np.arange(whole.n_obs), 3)]
+    stores = []
+    for i, part in enumerate(parts):
+        part.write_h5ad(d / f"part{i}.h5ad")
+        stores.append(ingest_one([d / f"part{i}.h5ad"], d / f"part{i}.store", shuffle=False))
+    return stores, parts
+
+
+def test_stores_of_one_vocabulary_are_read_as_one_store(one_vocabulary):
+    """Sources of the run's genes and one dtype pair are planned and decoded as one store's shards (one pool, one
+    decoding call, cells in order as decoded): every cell is its source's row, and the batches are those of
+    zarr-python's path, which copies each source into the pool."""
+    stores, parts = one_vocabulary
+    plan = SamplerConfig(batch_size=64, **PLAN)
+    mix = mix_of(stores, epoch_cells=EPOCH)
+    loader = Loader(mix, plan, mode="local", output="dense")
+    batches = list(loader)
+    assert loader._reader.blocks._joined_stats["used"] > 0  # the joined path was taken
+    assert max(len(torch.unique(b["source"])) for b in batches) == 3  # buffers of all three sources
+    for b in batches:
+        want = np.stack([parts[s].X[i].toarray()[0] for s, i in zip(b["source"].tolist(), b["index"].tolist())])
+        np.testing.assert_array_equal(b["X"].numpy(), want)
+    through_zarr = list(Loader(mix, plan, mode="local", output="dense", reading=ReadOptions(direct_io=False)))
+    assert len(batches) == len(through_zarr) == EPOCH // 64
+    for a, b in zip(batches, through_zarr):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["source"], b["source"])
+        assert torch.equal(a["X"], b["X"])
+
+
 def test_balance_by_over_the_union_of_categories_with_ranks_and_readers(stores):
     """Each store holds one dataset: their categories are mapped onto the union, and balance_by equalises them
     whatever the weights, on every rank."""

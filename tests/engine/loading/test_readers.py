@@ -47,7 +47,7 @@ def test_direct_reads_equal_zarr_python(chunky_store):
     x = store.shard_x(0)
     assert len(list((chunky_store / "shards/00000/X/data/c").iterdir())) > 1  # several zarr shard files
     direct, through_store = StoreBlocks(store), StoreBlocks(store, direct=False)
-    assert direct._array(0, "data") is not None  # the fast path is really taken
+    assert direct.array(0, "data") is not None  # the fast path is really taken
     whole = {s: {k: v[:] for k, v in store.shard_x(s).arrays()} for s in range(store.n_shards)}  # zarr-python
     for seed in range(3):
         segs = random_segments(store, 25, seed)
@@ -214,7 +214,7 @@ def test_chunked_indptr_is_decoded_directly_and_cached_within_its_bound(chunky_s
     (copy / "zarr.json").write_text(json.dumps(meta))
     store = Store.open(copy)
     blocks = StoreBlocks(store, indptr_cache_bytes=4 * 64 * 8)  # room for 4 chunks
-    reader = blocks._array(1, "indptr")
+    reader = blocks.array(1, "indptr")
     assert reader is not None and reader.layout.n_chunks > 4 and reader.layout.checksum
     reference = StoreBlocks(Store.open(chunky_store), direct=False)
     segs = np.array([[1, 100, 190], [0, 5, 9], [1, 0, 3], [1, 60, 70], [1, 250, 500]])
@@ -228,7 +228,7 @@ def test_chunked_indptr_is_decoded_directly_and_cached_within_its_bound(chunky_s
 def test_each_chunk_is_decoded_once_per_read(chunky_store):
     store = Store.open(chunky_store)
     blocks = StoreBlocks(store)
-    chunk = blocks._array(0, "data").layout.chunk_elems
+    chunk = blocks.array(0, "data").layout.chunk_elems
     ip = blocks.indptr(0)
     # three pieces of one shard that share chunks (as pieces of neighbouring blocks in one buffer can)
     segs = np.array([[0, 10, 40], [0, 40, 41], [0, 30, 60]])
