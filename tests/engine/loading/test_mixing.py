@@ -23,9 +23,8 @@ EPOCH = 2048  # a multiple of the batch: no remainder is dropped
 
 
 def ingest_one(inputs: list[Path], out: Path, shuffle: bool = True, **kw) -> Path:
-    config = IngestConfig(
-        shard_cells=200, obs_keys=("cell_type",), executor="local", chunk_elements=1024, shuffle=shuffle, **kw
-    )
+    kw = {"shard_cells": 200, "chunk_elements": 1024, **kw}
+    config = IngestConfig(obs_keys=("cell_type",), executor="local", shuffle=shuffle, **kw)
     ingest(inputs, out, config)
     return out
 
@@ -186,9 +185,11 @@ def test_a_mix_read_through_zarr_gives_the_batches_of_direct_reads(stores):
     assert any(b["X"].any() for b in direct)
 
 
-@pytest.fixture(scope="module")
-def one_vocabulary(tiny_h5ads, tmp_path_factory) -> tuple[list[Path], list]:
-    """One input's 700 cells cut into three stores of one vocabulary and dtypes, in input order; and the three parts."""
+@pytest.fixture(scope="module", params=[1024, 512], ids=["one chunk size", "another chunk size for one"])
+def one_vocabulary(request, tiny_h5ads, tmp_path_factory) -> tuple[list[Path], list]:
+    """One input's 700 cells cut into three stores of one vocabulary and dtypes, in input order, each one shard (a
+    shard smaller than a chunk has a chunk of its own size: zarr-python's path), the last one's chunks of
+    `request.param` values; and the three parts."""
     import anndata
 
     d = tmp_path_factory.mktemp("one-vocabulary")
@@ -197,20 +198,26 @@ def one_vocabulary(tiny_h5ads, tmp_path_factory) -> tuple[list[Path], list]:
     stores = []
     for i, part in enumerate(parts):
         part.write_h5ad(d / f"part{i}.h5ad")
-        stores.append(ingest_one([d / f"part{i}.h5ad"], d / f"part{i}.store", shuffle=False))
+        chunk = request.param if i == 2 else 1024
+        out = d / f"part{i}.store"
+        stores.append(ingest_one([d / f"part{i}.h5ad"], out, shuffle=False, shard_cells=1000, chunk_elements=chunk))
     return stores, parts
 
 
 def test_stores_of_one_vocabulary_are_read_as_one_store(one_vocabulary):
     """Sources of the run's genes and one dtype pair are planned and decoded as one store's shards (one pool, one
-    decoding call, cells in order as decoded): every cell is its source's row, and the batches are those of
-    zarr-python's path, which copies each source into the pool."""
+    decoding call, cells in order as decoded); a buffer with a source of another chunk size is planned source by
+    source. Either way every cell is its source's row, and the batches are those of zarr-python's path, which copies
+    each source into the pool."""
     stores, parts = one_vocabulary
     plan = SamplerConfig(batch_size=64, **PLAN)
     mix = mix_of(stores, epoch_cells=EPOCH)
     loader = Loader(mix, plan, mode="local", output="dense")
     batches = list(loader)
-    assert loader._reader.blocks._joined_stats["used"] > 0  # the joined path was taken
+    blocks = loader._reader.blocks
+    one_size = Store.open(stores[2]).manifest.chunk_elements == Store.open(stores[0]).manifest.chunk_elements
+    by_source = sum(p.stats["used"] for p in blocks.parts)  # cells decoded on the general path
+    assert blocks._joined_stats["used"] > 0 and (by_source == 0) == one_size
     assert max(len(torch.unique(b["source"])) for b in batches) == 3  # buffers of all three sources
     for b in batches:
         want = np.stack([parts[s].X[i].toarray()[0] for s, i in zip(b["source"].tolist(), b["index"].tolist())])
