@@ -50,7 +50,9 @@ def write_shard(
     x = group.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
     nnz = len(data)
-    chunk = max(1, min(chunk_elements, nnz))
+    # one chunk size in every shard, however few its non-zeros (the last chunk is padded): the loader decodes a
+    # buffer's chunks of all its shards into one pool, which takes chunks of one size
+    chunk = chunk_elements
     n_chunks = -(-max(nnz, 1) // chunk)
     file_elems = chunk * min(n_chunks, DEFAULT_CHUNKS_PER_FILE)
     # every chunk written (a missing one is corruption, not fill) and checksummed (crc32c after compression)

@@ -187,9 +187,8 @@ def test_a_mix_read_through_zarr_gives_the_batches_of_direct_reads(stores):
 
 @pytest.fixture(scope="module", params=[1024, 512], ids=["one chunk size", "another chunk size for one"])
 def one_vocabulary(request, tiny_h5ads, tmp_path_factory) -> tuple[list[Path], list]:
-    """One input's 700 cells cut into three stores of one vocabulary and dtypes, in input order, each one shard (a
-    shard smaller than a chunk has a chunk of its own size: zarr-python's path), the last one's chunks of
-    `request.param` values; and the three parts."""
+    """One input's 700 cells cut into three stores of one vocabulary and dtypes, in input order, the last one's
+    chunks of `request.param` values; and the three parts."""
     import anndata
 
     d = tmp_path_factory.mktemp("one-vocabulary")
@@ -200,7 +199,7 @@ def one_vocabulary(request, tiny_h5ads, tmp_path_factory) -> tuple[list[Path], l
         part.write_h5ad(d / f"part{i}.h5ad")
         chunk = request.param if i == 2 else 1024
         out = d / f"part{i}.store"
-        stores.append(ingest_one([d / f"part{i}.h5ad"], out, shuffle=False, shard_cells=1000, chunk_elements=chunk))
+        stores.append(ingest_one([d / f"part{i}.h5ad"], out, shuffle=False, chunk_elements=chunk))
     return stores, parts
 
 

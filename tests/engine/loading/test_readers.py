@@ -31,6 +31,30 @@ def chunky_store(tmp_path_factory, tiny_h5ads, ray_local) -> Path:
     return out
 
 
+def test_a_shard_smaller_than_a_chunk_is_decoded_with_the_others(tiny_h5ads, tmp_path):
+    """The last shard's 83 cells hold fewer non-zeros than one 4,096-value chunk: it keeps the store's chunk size
+    (its one chunk padded), so a read of cells of every shard decodes them all on the direct path, in one pool, as
+    zarr-python reads them; and the small shard is still plain AnnData."""
+    import anndata
+
+    from engine.store.ingest import IngestConfig, ingest
+
+    out = tmp_path / "tail.store"
+    ingest(tiny_h5ads, out, IngestConfig(shard_cells=700, chunk_elements=4096, executor="local", shuffle=False))
+    store = Store.open(out)
+    assert [s.n_cells for s in store.manifest.shards] == [700, 700, 83] and store.manifest.shards[2].nnz < 4096
+    direct, through_zarr = StoreBlocks(store), StoreBlocks(store, direct=False)
+    assert {direct.array(s, a).layout.chunk_elems for s in range(3) for a in ("data", "indices")} == {4096}
+    segs = np.array([[0, 10, 90], [2, 0, 83], [1, 600, 700], [2, 40, 50]], dtype=np.int64)
+    for got, want in zip(direct.read(segs), through_zarr.read(segs)):
+        assert np.array_equal(got, want)
+    used = sum(int(np.diff(store.read_array(int(sh), "indptr", a, b + 1)[[0, -1]])[0]) for sh, a, b in segs)
+    assert direct.stats["used"] == used  # decoded on the direct path, none read through zarr-python
+    small = anndata.read_zarr(out / "shards/00002").X
+    block = store.read_csr(2)
+    assert np.array_equal(small.indptr, block.indptr) and np.array_equal(small.data, block.data)
+
+
 def random_segments(store: Store, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows = []
