@@ -29,9 +29,10 @@ class MixBlocks:
     in the run's categories.
 
     `read_pool` decodes every source of a buffer into one pool, in one decoding call (`ChunkBatch`), so a batch is
-    gathered out of decoded chunks in one pass, as for one store. Sources of the run's genes and one dtype pair are
-    planned as one store's shards too (`_read_joined`: one plan, cells in order as decoded). A source of another
-    vocabulary or count dtype is decoded on its own, and its cells (remapped, cast) copied in behind the others."""
+    gathered out of decoded chunks in one pass, as for one store. Sources of the run's genes, one dtype pair and one
+    chunk size are planned as one store's shards too (`_read_joined`: one plan, cells in order as decoded). Other
+    sources are planned one by one; one of another vocabulary or count dtype is decoded on its own, and its cells
+    (remapped, cast) copied in behind the others."""
 
     def __init__(self, mix: OpenMix, code_maps: list[dict[str, np.ndarray | None]], direct_io: bool = True):
         self.mix, self.code_maps = mix, code_maps
@@ -41,11 +42,16 @@ class MixBlocks:
         self._obs = LRU(64)  # (virtual shard, key) -> codes in the run's categories (only where a source's differ)
         self._lock = threading.Lock()
         # sources read as one store (`_read_joined`): the run's genes, on this machine's disk, read directly, and
-        # the manifest dtypes of the first such source
-        casts = [(np.dtype(st.manifest.index_dtype), np.dtype(st.manifest.count_dtype)) for st in mix.stores]
+        # the manifest dtypes and chunk size of the first such source (a buffer with a source of another chunk size
+        # is planned source by source from the start, not planned whole and then again)
+        formats = [
+            (np.dtype(st.manifest.index_dtype), np.dtype(st.manifest.count_dtype), st.manifest.chunk_elements)
+            for st in mix.stores
+        ]
         local = [m is None and not st.remote and p.direct for m, st, p in zip(mix.gene_maps, mix.stores, self.parts)]
-        self._cast = next((c for c, ok in zip(casts, local) if ok), None)
-        self._joinable = np.array([ok and c == self._cast for c, ok in zip(casts, local)], dtype=bool)
+        first = next((f for f, ok in zip(formats, local) if ok), None)
+        self._cast = first[:2] if first is not None else None
+        self._joinable = np.array([ok and f == first for f, ok in zip(formats, local)], dtype=bool)
         self._joined_stats = {"decoded": 0, "used": 0}
 
     @property
@@ -135,9 +141,10 @@ class MixBlocks:
         return CSRRows(pool_i, pool_d, start, length)
 
     def _read_joined(self, segments: np.ndarray, src: np.ndarray) -> CSRRows | None:
-        """Sources of one vocabulary and dtypes, read as one store's shards: one plan, one decoding call, the cells in
-        the segments' order as they are decoded (3 sources cost a buffer 6 array additions, 3 plans and a reordering
-        of every cell otherwise). None where a shard's layout needs the general path."""
+        """Sources of one vocabulary, dtypes and chunk size, read as one store's shards: one plan, one decoding call,
+        the cells in the segments' order as they are decoded (3 sources cost a buffer 6 array additions, 3 plans and
+        a reordering of every cell otherwise). None where a shard's layout needs the general path (a small shard of a
+        store written before every shard had the store's chunk size)."""
         segments = np.ascontiguousarray(segments[:, :3], dtype=np.int64)
         read = plan_pool(segments, self.indptr_of(segments, src), self.array, self._cast)
         if read is None or read.dtypes != read.cast:

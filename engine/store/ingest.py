@@ -68,7 +68,7 @@ class IngestConfig(Config):
     allow_non_integer: bool = False
     overwrite: bool = False
     codec: Codec = Field(default_factory=Codec)
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, gt=0)  # values per compressed chunk of X/data and X/indices
     address: str | None = None  # Ray cluster; None = embedded local Ray
     # "ray": tasks on Ray; "local": the same tasks one after another in this process (no Ray start-up);
     # "auto": engine.runtime.choose_executor on the inputs' bytes of X

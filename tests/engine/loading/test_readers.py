@@ -55,6 +55,31 @@ def test_a_shard_smaller_than_a_chunk_is_decoded_with_the_others(tiny_h5ads, tmp
     assert np.array_equal(small.indptr, block.indptr) and np.array_equal(small.data, block.data)
 
 
+def test_one_pool_takes_shards_of_one_chunk_size_and_dtype_only(tiny_h5ads, tmp_path):
+    """`plan_pool` plans one pool only for shards whose chunks share a size and dtype (the pool is laid out chunk by
+    chunk); given shards of two chunk sizes (as a store written before every shard kept its store's chunk size, or
+    two stores of a mix) it returns None, and `StoreBlocks` then reads through zarr-python (as with direct reads off,
+    `test_direct_reads_equal_zarr_python`)."""
+    from engine.loading.chunks import plan_pool
+    from engine.store.ingest import IngestConfig, ingest
+
+    blocks = []
+    for chunk in (1024, 512):
+        out = tmp_path / f"c{chunk}.store"
+        ingest([tiny_h5ads[0]], out, IngestConfig(chunk_elements=chunk, executor="local", shuffle=False))
+        blocks.append(StoreBlocks(Store.open(out)))
+    segs = np.array([[0, 0, 50], [1, 100, 180]], dtype=np.int64)  # shard 0 of the first store, "shard 1" the second
+
+    def array(shard: int, name: str):
+        return blocks[shard].array(0, name)
+
+    ip = np.concatenate([blocks[0].indptr_of(segs[:1] * [0, 1, 1]), blocks[1].indptr_of(segs[1:] * [0, 1, 1])])
+    cast = (np.dtype(np.uint16), np.dtype(np.uint16))
+    assert plan_pool(segs, ip, array, cast) is None
+    one = plan_pool(segs[:1], ip[:51], array, cast)
+    assert one is not None and one.used == ip[50] - ip[0]
+
+
 def random_segments(store: Store, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows = []

@@ -142,6 +142,13 @@ def test_bad_counts_are_refused_naming_file_and_field(tmp_path, ray_local, mutat
     _assert_fails_cleanly(tmp_path, [good, _write(tmp_path, "bad.h5ad", X)], match)
 
 
+@pytest.mark.parametrize("field, value", [("chunk_elements", 0), ("chunk_elements", -16), ("shard_cells", 0)])
+def test_sizes_that_cannot_be_written_are_refused_naming_the_field(field, value):
+    """A chunk or shard of no values is a one-line error naming the field (a chunk size of 0 divided by zero)."""
+    with pytest.raises(InputError, match=rf"IngestConfig: {field}: Input should be greater than 0"):
+        IngestConfig(**{field: value})
+
+
 def test_non_integer_is_accepted_when_allowed(tmp_path, ray_local):
     X = _counts()
     X.data[:] = X.data / 3
